@@ -1,0 +1,30 @@
+"""The exceptions dbservice raises to its callers.
+
+Errors from PostgreSQL itself are not wrapped: they reach the caller as the very
+``psycopg2.errors`` class psycopg2 would raise, with ``pgcode`` and the server's
+message. The classes here are for what goes wrong around the query.
+"""
+
+
+class Error(Exception):
+    """Base class of every error raised by dbservice itself."""
+
+
+class ServiceUnavailable(Error):
+    """No daemon answers, the daemon went away, or the database cannot be reached."""
+
+
+class ServiceBusy(ServiceUnavailable):
+    """The daemon's job queue stayed full for the whole of the job's timeout."""
+
+
+class QueryTimeout(Error):
+    """The job's timeout passed; the query was cancelled on the server."""
+
+
+class JobRefused(Error):
+    """The daemon refused a job as malformed or unsafe; nothing was executed."""
+
+
+class AuthenticationError(Error):
+    """The client and the daemon do not share the same secret."""

@@ -1,0 +1,130 @@
+"""The Unix-socket protocol: framing and the shared-secret handshake.
+
+Every message is a frame: a 13-byte header (payload length, job id, message
+kind) and the payload. The job id sits outside the payload so that a job whose
+payload cannot be decoded still gets its one reply.
+
+Before any frame is decoded, the two sides prove to each other that they hold
+the same secret, in the way of ``multiprocessing.connection``'s authkey: each
+sends a random challenge and checks the HMAC the other returns. The daemon
+reads nothing but these fixed, small, raw frames from a peer that has not
+passed, and never unpickles them.
+"""
+
+import hashlib
+import hmac
+import os
+import struct
+
+from .errors import AuthenticationError, ServiceUnavailable
+
+HEADER = struct.Struct("!IQB")  # payload length, job id, kind
+
+# Message kinds, client to daemon.
+MSG_JOB = 1
+# Message kinds, daemon to client.
+MSG_RESULT = 1
+MSG_ERROR = 2
+# Handshake frames carry kind MSG_AUTH and job id 0.
+MSG_AUTH = 0
+
+PROTOCOL = b"dbservice/1"
+CHALLENGE_PREFIX = b"#CHALLENGE#" + PROTOCOL + b"#"
+WELCOME = b"#WELCOME#"
+FAILURE = b"#FAILURE#"
+MAX_AUTH_FRAME = 128
+_NONCE_BYTES = 32
+_DIGEST_BYTES = hashlib.sha256().digest_size
+
+
+class FrameError(Exception):
+    """The peer broke the framing; the connection cannot be trusted any more."""
+
+
+def encode_frame(job_id, kind, payload):
+    return HEADER.pack(len(payload), job_id, kind) + payload
+
+
+def new_challenge():
+    return CHALLENGE_PREFIX + os.urandom(_NONCE_BYTES)
+
+
+def answer_challenge(authkey, challenge):
+    if not challenge.startswith(CHALLENGE_PREFIX):
+        raise AuthenticationError(
+            "the peer does not speak %s (got %r)" % (PROTOCOL.decode(), challenge[:40])
+        )
+    return hmac.new(authkey, challenge, hashlib.sha256).digest()
+
+
+def check_answer(authkey, challenge, answer):
+    expected = hmac.new(authkey, challenge, hashlib.sha256).digest()
+    return hmac.compare_digest(expected, answer)
+
+
+# -- the blocking side, used by the client ------------------------------------
+
+
+def recv_exactly(sock, size):
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise ServiceUnavailable("the dbservice daemon closed the connection")
+        got += n
+    return buf
+
+
+def recv_frame(sock, max_size=None):
+    """Read one frame: (job_id, kind, payload)."""
+    size, job_id, kind = HEADER.unpack(recv_exactly(sock, HEADER.size))
+    if max_size is not None and size > max_size:
+        raise FrameError("frame of %d bytes exceeds the limit of %d" % (size, max_size))
+    return job_id, kind, bytes(recv_exactly(sock, size)) if size else b""
+
+
+def client_handshake(sock, authkey):
+    """Prove we hold *authkey* and check that the daemon does too."""
+    _, _, challenge = recv_frame(sock, MAX_AUTH_FRAME)
+    ours = new_challenge()
+    sock.sendall(encode_frame(0, MSG_AUTH, answer_challenge(authkey, challenge) + ours))
+    _, _, verdict = recv_frame(sock, MAX_AUTH_FRAME)
+    if not verdict.startswith(WELCOME):
+        raise AuthenticationError(
+            "the dbservice daemon refused our secret; pass the daemon's authkey "
+            "or check the secret file next to its socket"
+        )
+    if not check_answer(authkey, ours, verdict[len(WELCOME):]):
+        raise AuthenticationError("the process behind the socket does not know our secret")
+
+
+# -- the asyncio side, used by the daemon -------------------------------------
+
+
+async def read_frame(reader, max_size):
+    """Read one frame from an asyncio StreamReader; FrameError if oversized."""
+    size, job_id, kind = HEADER.unpack(await reader.readexactly(HEADER.size))
+    if size > max_size:
+        raise FrameError(
+            "frame of %d bytes exceeds the limit of %d bytes (max_frame)" % (size, max_size)
+        )
+    return job_id, kind, (await reader.readexactly(size)) if size else b""
+
+
+async def server_handshake(reader, writer, authkey):
+    """Check the peer holds *authkey* and answer its challenge; False if not."""
+    ours = new_challenge()
+    writer.write(encode_frame(0, MSG_AUTH, ours))
+    _, kind, payload = await read_frame(reader, MAX_AUTH_FRAME)
+    digest, theirs = payload[:_DIGEST_BYTES], payload[_DIGEST_BYTES:]
+    if (
+        kind != MSG_AUTH
+        or not theirs.startswith(CHALLENGE_PREFIX)
+        or not check_answer(authkey, ours, digest)
+    ):
+        writer.write(encode_frame(0, MSG_AUTH, FAILURE))
+        return False
+    writer.write(encode_frame(0, MSG_AUTH, WELCOME + answer_challenge(authkey, theirs)))
+    return True

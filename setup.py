@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dbservice",
+    version="0.1.0",
+    description="An async PostgreSQL query daemon with connection pooling",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["dbservice", "dbservice.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "psycopg2-binary>=2.9",
+        "click>=8.0",
+        "testing.postgresql>=1.3",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Database",
+        "Operating System :: POSIX :: Linux",
+    ],
+)
