@@ -1,0 +1,395 @@
+"""AsyncConnectionPool: a bounded pool of psycopg2 connections in async mode.
+
+The pool lends a connection to one job at a time. It picks the least-loaded
+connection, and among equally loaded ones the least recently used, so work is
+spread over every open connection. When none is free it opens another, one at
+a time, up to ``max_size``; connections above ``min_size`` that stay idle for
+``max_idle`` seconds are closed. When the database cannot be reached it retries
+with a capped, jittered exponential backoff and never spins.
+"""
+
+import asyncio
+import collections
+import logging
+import random
+
+import psycopg2
+import psycopg2.extensions as ext
+
+from . import types
+from .errors import QueryTimeout, ServiceUnavailable
+from .wait import wait_ready
+
+logger = logging.getLogger("dbservice.pool")
+
+
+class PooledConnection:
+    """A psycopg2 async connection and the pool's bookkeeping for it."""
+
+    __slots__ = ("pgconn", "number", "load", "last_used", "jobs_done")
+
+    def __init__(self, pgconn, number, now):
+        self.pgconn = pgconn
+        self.number = number
+        #: jobs running on this connection or handed to it and not yet started
+        self.load = 0
+        self.last_used = now
+        self.jobs_done = 0
+
+    def __repr__(self):
+        return "<PooledConnection #%d load=%d>" % (self.number, self.load)
+
+    @property
+    def usable(self):
+        return not self.pgconn.closed and (
+            self.pgconn.get_transaction_status() == ext.TRANSACTION_STATUS_IDLE
+        )
+
+
+class Backoff:
+    """Delays between reconnection attempts: doubling, capped, jittered.
+
+    The constants live on the class so tests can shorten them.
+    """
+
+    INITIAL_DELAY = 0.1
+    MAX_DELAY = 5.0
+    MULTIPLIER = 2.0
+    JITTER = 0.1  # each delay is randomly up to 10% shorter or longer
+
+    def __init__(self):
+        self._base = 0.0
+
+    def next_delay(self):
+        self._base = min(
+            self.MAX_DELAY, self._base * self.MULTIPLIER if self._base else self.INITIAL_DELAY
+        )
+        return self._base * (1 + random.uniform(-self.JITTER, self.JITTER))
+
+    def reset(self):
+        self._base = 0.0
+
+
+class AsyncConnectionPool:
+    """A pool of async psycopg2 connections for one event loop.
+
+    Use :meth:`getconn` to borrow a connection and you *must* give it back with
+    :meth:`putconn`, also when the job failed or was cancelled.
+    """
+
+    def __init__(
+        self,
+        dsn,
+        min_size=2,
+        max_size=10,
+        max_idle=300.0,
+        timeout=30.0,
+        connect_timeout=10.0,
+        name="pool",
+    ):
+        check_sizes(min_size, max_size)
+        self.dsn = dsn
+        self.min_size = min_size
+        self.max_size = max_size
+        self.max_idle = max_idle
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.name = name
+
+        self._connections = set()
+        self._idle = collections.deque()  # least recently used first
+        self._waiters = collections.deque()
+        self._opening = False
+        self._closed = True
+        self._backoff = Backoff()
+        self._retry_handle = None
+        self._maintenance = None
+        self._numbers = 0
+        self._loop = None
+        self._opened = None  # set once the first fill succeeded or failed
+
+        self.last_error = None
+        self.connections_num = 0
+        self.connections_errors = 0
+        self.connections_lost = 0
+        self.requests_waits = 0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def open(self, wait=True):
+        """Start filling the pool to ``min_size``.
+
+        With *wait*, return once ``min_size`` connections are open or the
+        first attempt failed (the pool then keeps retrying in the background).
+        """
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
+        self._opened = self._loop.create_future()
+        self._maintenance = self._loop.create_task(self._maintain())
+        self._maybe_grow()
+        if wait and self.min_size:
+            await asyncio.shield(self._opened)
+        elif not self._opened.done():
+            self._opened.set_result(None)
+
+    async def close(self):
+        """Close every idle connection now and the busy ones as they return."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._retry_handle:
+            self._retry_handle.cancel()
+        if self._maintenance:
+            self._maintenance.cancel()
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_exception(ServiceUnavailable("the pool %r is closed" % self.name))
+        while self._idle:
+            self._discard(self._idle.popleft())
+        logger.info("pool %r closed", self.name)
+
+    def resize(self, min_size, max_size):
+        """Change the bounds; excess idle connections close now, busy ones on return."""
+        check_sizes(min_size, max_size)
+        logger.info(
+            "resizing pool %r from %d-%d to %d-%d",
+            self.name, self.min_size, self.max_size, min_size, max_size,
+        )
+        self.min_size, self.max_size = min_size, max_size
+        while self._idle and len(self._connections) > max_size:
+            self._discard(self._idle.popleft())
+        self._maybe_grow()
+
+    # -- lending ---------------------------------------------------------------
+
+    async def getconn(self, deadline=None):
+        """Borrow the least-loaded connection, waiting for one up to *deadline*.
+
+        *deadline* is on the loop's clock; without one the pool's ``timeout``
+        applies. Raises QueryTimeout when no connection became free in time,
+        ServiceUnavailable when the database could not be reached meanwhile.
+        """
+        if self._closed:
+            raise ServiceUnavailable("the pool %r is closed" % self.name)
+        conn = self._pop_idle()
+        if conn is not None:
+            return conn
+        return await self._wait_for_connection(deadline)
+
+    def putconn(self, conn):
+        """Give back a connection borrowed with :meth:`getconn`.
+
+        A connection that broke, or was left inside a transaction, is closed
+        and replaced as needed; a healthy one goes to the next waiting job.
+        """
+        conn.load -= 1
+        conn.jobs_done += 1
+        conn.last_used = self._loop.time()
+        if conn.pgconn.closed and not self._closed:
+            self.connections_lost += 1
+            logger.warning("connection #%d to the database was lost; replacing it", conn.number)
+        if self._closed or not conn.usable or len(self._connections) > self.max_size:
+            self._discard(conn)
+            self._maybe_grow()
+        else:
+            self._hand_over(conn)
+
+    def _pop_idle(self):
+        while self._idle:
+            conn = self._idle.popleft()
+            if conn.pgconn.closed:
+                self.connections_lost += 1
+                self._discard(conn)
+                continue
+            conn.load += 1
+            return conn
+        return None
+
+    async def _wait_for_connection(self, deadline):
+        loop = self._loop
+        if deadline is None:
+            deadline = loop.time() + self.timeout
+        fut = loop.create_future()
+        self._waiters.append(fut)
+        self.requests_waits += 1
+        self._maybe_grow()
+        timer = loop.call_at(deadline, self._expire, fut, loop.time())
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # The connection may have been handed to us just as we were
+            # cancelled: give it to the next waiter rather than lose it.
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.putconn(fut.result())
+            raise
+        finally:
+            timer.cancel()
+            if not fut.done():
+                fut.cancel()
+            try:
+                self._waiters.remove(fut)
+            except ValueError:
+                pass
+
+    def _expire(self, fut, since):
+        if not fut.done():
+            fut.set_exception(self.wait_error(self._loop.time() - since))
+
+    def wait_error(self, waited):
+        """The error for a job that waited *waited* seconds and got no connection."""
+        if self.last_error is not None:
+            return ServiceUnavailable(
+                "the database is unreachable (waited %.2f s): %s" % (waited, _one_line(self.last_error))
+            )
+        return QueryTimeout(
+            "no connection of pool %r became free within %.2f s (%d of max_size %d busy)"
+            % (self.name, waited, len(self._connections) - len(self._idle), self.max_size)
+        )
+
+    def _hand_over(self, conn):
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                conn.load += 1
+                fut.set_result(conn)
+                return
+        self._idle.append(conn)
+
+    # -- growing and shrinking -------------------------------------------------
+
+    def _maybe_grow(self):
+        """Open one more connection if a job waits or we are below min_size."""
+        if self._closed or self._opening or self._retry_handle is not None:
+            return
+        size = len(self._connections)
+        wanted = size < self.min_size or any(not w.done() for w in self._waiters)
+        if wanted and size < self.max_size:
+            self._opening = True
+            self._loop.create_task(self._open_one())
+
+    async def _open_one(self):
+        try:
+            pgconn = await self._connect()
+        except Exception as exc:
+            self._opening = False
+            self._connect_failed(exc)
+            return
+        self._opening = False
+        self._backoff.reset()
+        self.last_error = None
+        if self._closed:
+            pgconn.close()
+            return
+        self._numbers += 1
+        self.connections_num += 1
+        conn = PooledConnection(pgconn, self._numbers, self._loop.time())
+        self._connections.add(conn)
+        logger.info(
+            "opened connection #%d; pool %r has %d (min %d, max %d)",
+            conn.number, self.name, len(self._connections), self.min_size, self.max_size,
+        )
+        self._hand_over(conn)
+        if len(self._connections) >= self.min_size and not self._opened.done():
+            self._opened.set_result(None)
+        self._maybe_grow()
+
+    async def _connect(self):
+        pgconn = psycopg2.connect(self.dsn, async_=True)
+        try:
+            await wait_ready(pgconn, self._loop.time() + self.connect_timeout)
+            types.register(pgconn)
+        except BaseException:
+            pgconn.close()
+            raise
+        return pgconn
+
+    def _connect_failed(self, exc):
+        self.connections_errors += 1
+        self.last_error = exc
+        delay = self._backoff.next_delay()
+        logger.warning(
+            "cannot connect to the database (%s); retrying in %.2f s", _one_line(exc), delay
+        )
+        if not self._opened.done():
+            self._opened.set_result(None)
+        self._retry_handle = self._loop.call_later(delay, self._retry)
+
+    def _retry(self):
+        self._retry_handle = None
+        self._maybe_grow()
+
+    def _discard(self, conn):
+        self._connections.discard(conn)
+        if not conn.pgconn.closed:
+            conn.pgconn.close()
+
+    async def _maintain(self):
+        """Close connections idle for longer than max_idle, down to min_size."""
+        interval = max(0.05, min(self.max_idle / 4, 10.0))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self._close_idle()
+                self._maybe_grow()
+            except Exception:  # a background loop logs its failure and goes on
+                logger.exception("pool maintenance failed")
+
+    def _close_idle(self):
+        now = self._loop.time()
+        while (
+            self._idle
+            and len(self._connections) > self.min_size
+            and now - self._idle[0].last_used >= self.max_idle
+        ):
+            conn = self._idle.popleft()
+            self._discard(conn)
+            logger.info(
+                "closed connection #%d, idle %.0f s; pool %r has %d",
+                conn.number, now - conn.last_used, self.name, len(self._connections),
+            )
+
+    # -- introspection ---------------------------------------------------------
+
+    @property
+    def size(self):
+        return len(self._connections)
+
+    def get_stats(self):
+        now = self._loop.time() if self._loop else 0.0
+        return {
+            "pool_min": self.min_size,
+            "pool_max": self.max_size,
+            "pool_size": len(self._connections),
+            "pool_available": len(self._idle),
+            "requests_waiting": sum(1 for w in self._waiters if not w.done()),
+            "requests_waits": self.requests_waits,
+            "connections_num": self.connections_num,
+            "connections_errors": self.connections_errors,
+            "connections_lost": self.connections_lost,
+            "database_reachable": self.last_error is None,
+            "last_error": _one_line(self.last_error) if self.last_error else None,
+            "connections": [
+                {
+                    "number": c.number,
+                    "load": c.load,
+                    "jobs_done": c.jobs_done,
+                    "idle_s": round(now - c.last_used, 3) if c.load == 0 else 0.0,
+                }
+                for c in sorted(self._connections, key=lambda c: c.number)
+            ],
+        }
+
+
+def check_sizes(min_size, max_size):
+    """Raise ValueError, saying what is wrong, unless the pool bounds make sense."""
+    if not 0 <= min_size <= max_size or max_size < 1:
+        raise ValueError(
+            "need 0 <= min_size <= max_size and max_size >= 1, got min_size=%r max_size=%r"
+            % (min_size, max_size)
+        )
+
+
+def _one_line(exc):
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())
