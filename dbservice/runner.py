@@ -1,0 +1,153 @@
+"""Running one job on one pooled connection.
+
+Async psycopg2 connections are always in autocommit, so a single statement is
+its own transaction: it commits on success and rolls back on error. A job with
+several parameter sets (``executemany``) is wrapped in BEGIN/COMMIT. Whatever
+happens, the connection is handed back idle: a timed-out query is cancelled on
+the server and drained, an open transaction is rolled back, and a connection
+that cannot be cleaned is closed.
+"""
+
+import asyncio
+import logging
+
+import psycopg2
+import psycopg2.extensions as ext
+
+from .errors import Error, JobRefused, QueryTimeout
+from .jobs import FETCH_ALL, FETCH_MANY, FETCH_ONE, FETCH_ROWCOUNT, FETCH_TABLE, FETCH_VALUE
+from .wait import wait_ready
+
+logger = logging.getLogger("dbservice.runner")
+
+#: Seconds a cancelled query or a rollback may take before the connection is dropped.
+CLEANUP_GRACE = 5.0
+
+_EMPTY = {FETCH_ALL: [], FETCH_ONE: None, FETCH_VALUE: None}
+
+
+async def run_job(pgconn, job, deadline):
+    """Run *job* on *pgconn* and return its result, or raise its error.
+
+    *deadline* is on the event loop's clock (None: no limit). On return or
+    raise, *pgconn* is idle and reusable, or closed.
+    """
+    cursor = pgconn.cursor()
+    try:
+        if job.fetch == FETCH_MANY:
+            result = await _execute_many(pgconn, cursor, job, deadline)
+        else:
+            _send(cursor, job.sql, job.params)
+            await _wait_or_cancel(pgconn, deadline)
+            result = _fetch(cursor, job.fetch)
+    except BaseException:
+        await _clean_up(pgconn)
+        raise
+    finally:
+        cursor.close()
+    if pgconn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
+        await _clean_up(pgconn)
+        raise Error(
+            "the statement left a transaction open, so it was rolled back; "
+            "a job is one transaction of its own and must not run BEGIN or COMMIT"
+        )
+    return result
+
+
+async def _execute_many(pgconn, cursor, job, deadline):
+    cursor.execute("BEGIN")
+    await _wait_or_cancel(pgconn, deadline)
+    total = 0
+    for params in job.params:
+        _send(cursor, job.sql, params)
+        await _wait_or_cancel(pgconn, deadline)
+        total += max(cursor.rowcount, 0)
+    cursor.execute("COMMIT")
+    await _wait_or_cancel(pgconn, deadline)
+    return total
+
+
+def _send(cursor, sql, params):
+    """Have psycopg2 bind *params* into *sql* and send it."""
+    try:
+        cursor.execute(sql, params)
+    except (IndexError, KeyError, TypeError, ValueError) as exc:
+        # psycopg2 binds before sending: these mean nothing reached the server.
+        raise JobRefused(
+            "the parameters do not fit the placeholders of the SQL (%s: %s); "
+            "use one %%s per positional parameter, %%(name)s per key, and %%%% for a literal %%"
+            % (type(exc).__name__, exc)
+        ) from None
+
+
+def _fetch(cursor, mode):
+    if mode == FETCH_ROWCOUNT:
+        return cursor.rowcount
+    if cursor.description is None:  # a statement that returns no rows
+        return ([], []) if mode == FETCH_TABLE else _EMPTY[mode]
+    if mode == FETCH_ALL:
+        return cursor.fetchall()
+    if mode == FETCH_TABLE:
+        return [column.name for column in cursor.description], cursor.fetchall()
+    row = cursor.fetchone()
+    if mode == FETCH_ONE:
+        return row
+    return None if row is None else row[0]
+
+
+async def _wait_or_cancel(pgconn, deadline):
+    """Wait for the query; past *deadline*, cancel it on the server.
+
+    If the query finished just as the timeout fired, its result stands: the
+    job did succeed, and saying otherwise would lie about a commit.
+    """
+    try:
+        await wait_ready(pgconn, deadline)
+    except QueryTimeout:
+        try:
+            await _cancel_and_drain(pgconn)
+        except psycopg2.errors.QueryCanceled:
+            raise QueryTimeout("the job's timeout passed; the query was cancelled") from None
+
+
+async def _cancel_and_drain(pgconn):
+    """Ask the server to cancel the running query and wait for it to end."""
+    loop = asyncio.get_running_loop()
+    # PQcancel opens a connection of its own and blocks: keep it off the loop.
+    await loop.run_in_executor(None, pgconn.cancel)
+    try:
+        await wait_ready(pgconn, loop.time() + CLEANUP_GRACE)
+    except QueryTimeout:
+        logger.warning("a cancelled query did not end within %.1f s; closing its connection", CLEANUP_GRACE)
+        pgconn.close()
+        raise
+
+
+async def _clean_up(pgconn):
+    """Bring *pgconn* back to idle, or close it: never hand back a dirty one."""
+    loop = asyncio.get_running_loop()
+    try:
+        if pgconn.closed:
+            return
+        status = pgconn.get_transaction_status()
+        if status == ext.TRANSACTION_STATUS_ACTIVE:
+            try:
+                await _cancel_and_drain(pgconn)
+            except psycopg2.Error:
+                pass  # the cancelled query's own error: expected
+            status = pgconn.get_transaction_status()
+        if status in (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR):
+            cursor = pgconn.cursor()
+            cursor.execute("ROLLBACK")
+            await wait_ready(pgconn, loop.time() + CLEANUP_GRACE)
+            cursor.close()
+        if pgconn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
+            pgconn.close()
+    except asyncio.CancelledError:
+        pgconn.close()
+        raise
+    except Exception as exc:
+        # Whatever stopped the clean-up, the connection is not safe to reuse;
+        # the job's own error is the one its caller must see.
+        logger.warning("could not clean up a connection (%s); closing it", exc)
+        pgconn.close()

@@ -1,0 +1,194 @@
+"""The engine: one job queue, a dispatcher, and the pool the jobs run on.
+
+Intakes (the multiprocessing queue, the Unix socket) hand jobs to
+:meth:`Server.submit` with a reply callback. The dispatcher takes jobs in
+order, borrows the least-loaded connection for each, and runs it in a task of
+its own, so a slow query holds one connection and nothing else. Every job gets
+exactly one reply: its result, its error, a timeout, or word that the service
+is stopping.
+"""
+
+import asyncio
+import logging
+import time
+
+import psycopg2
+
+from .errors import Error, QueryTimeout, ServiceBusy, ServiceUnavailable
+from .pool import AsyncConnectionPool
+from .runner import run_job
+from .stats import JobStats
+
+logger = logging.getLogger("dbservice.server")
+
+
+class PendingJob:
+    """A job between intake and reply; :meth:`finish` replies exactly once."""
+
+    __slots__ = ("job", "reply", "deadline", "queued_at", "done", "timer", "task")
+
+    def __init__(self, job, reply, now):
+        self.job = job
+        self.reply = reply
+        self.queued_at = now
+        self.deadline = None if job.timeout is None else now + job.timeout
+        self.done = False
+        self.timer = None
+        self.task = None
+
+    def finish(self, ok, value):
+        """Send the reply unless one was sent already; True if this one went."""
+        if self.done:
+            return False
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.reply(ok, value)
+        return True
+
+
+class Server:
+    """Queue, dispatcher and pool of one daemon, on the running event loop."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.pool = AsyncConnectionPool(
+            settings.dsn,
+            min_size=settings.min_size,
+            max_size=settings.max_size,
+            max_idle=settings.max_idle,
+            timeout=settings.pool_timeout,
+            connect_timeout=settings.connect_timeout,
+        )
+        self.stats = JobStats()
+        self.started_at = time.time()
+        self.accepting = False
+        self._queue = None
+        self._running = set()
+        self._dispatcher = None
+        self._loop = None
+
+    async def start(self):
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue(maxsize=self.settings.max_queue)
+        await self.pool.open(wait=True)
+        self._dispatcher = self._loop.create_task(self._dispatch())
+        self.accepting = True
+
+    def submit(self, job, reply):
+        """Queue *job*; ``reply(ok, value)`` is called exactly once, later or now."""
+        pending = PendingJob(job, reply, self._loop.time())
+        if not self.accepting:
+            pending.finish(False, ServiceUnavailable("the dbservice daemon is stopping"))
+            return pending
+        try:
+            self._queue.put_nowait(pending)
+        except asyncio.QueueFull:
+            self._finish(
+                pending,
+                False,
+                ServiceBusy(
+                    "the dbservice job queue is full (%d jobs, max_queue); try again later"
+                    % self._queue.qsize()
+                ),
+            )
+            return pending
+        if pending.deadline is not None:
+            pending.timer = self._loop.call_at(pending.deadline, self._expire, pending)
+        return pending
+
+    def _expire(self, pending):
+        self._finish(pending, False, self.pool.wait_error(self._loop.time() - pending.queued_at))
+
+    async def _dispatch(self):
+        while True:
+            pending = await self._queue.get()
+            if pending.done:  # timed out while queued
+                continue
+            try:
+                conn = await self.pool.getconn(pending.deadline)
+            except Error as exc:
+                self._finish(pending, False, exc)
+                continue
+            if pending.done:
+                self.pool.putconn(conn)
+                continue
+            if pending.timer is not None:
+                pending.timer.cancel()  # from now on run_job keeps the deadline
+                pending.timer = None
+            task = self._loop.create_task(self._execute(pending, conn))
+            pending.task = task
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _execute(self, pending, conn):
+        try:
+            result = await run_job(conn.pgconn, pending.job, pending.deadline)
+        except (psycopg2.Error, Error) as exc:
+            self._finish(pending, False, exc)
+        except asyncio.CancelledError:
+            self._finish(pending, False, ServiceUnavailable("the dbservice daemon stopped before the job ended"))
+            raise
+        except Exception as exc:
+            logger.exception("job %r failed inside the daemon", pending.job)
+            self._finish(pending, False, Error("dbservice internal error: %s: %s" % (type(exc).__name__, exc)))
+        else:
+            self._finish(pending, True, result)
+        finally:
+            self.pool.putconn(conn)
+
+    def _finish(self, pending, ok, value):
+        if not pending.finish(ok, value):
+            return
+        if ok:
+            outcome = "done"
+        elif isinstance(value, QueryTimeout):
+            outcome = "timed_out"
+        else:
+            outcome = "failed"
+        self.stats.record(outcome, self._loop.time() - pending.queued_at)
+
+    @property
+    def queue_depth(self):
+        return self._queue.qsize() if self._queue is not None else 0
+
+    @property
+    def running(self):
+        return len(self._running)
+
+    async def stop(self, timeout=None, force=False):
+        """Stop taking jobs; let queued and running ones finish up to *timeout*.
+
+        Whatever is left then (everything, with *force*) is answered with
+        ServiceUnavailable, so no client is left waiting.
+        """
+        self.accepting = False
+        if not force:
+            timeout = self.settings.stop_timeout if timeout is None else timeout
+            await self._drain(self._loop.time() + timeout)
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+        while not self._queue.empty():
+            pending = self._queue.get_nowait()
+            self._finish(pending, False, ServiceUnavailable("the dbservice daemon stopped before the job ran"))
+        for task in list(self._running):
+            task.cancel()
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        await self.pool.close()
+
+    async def _drain(self, deadline):
+        while (self.queue_depth or self._running) and self._loop.time() < deadline:
+            waits = list(self._running) or [self._loop.create_task(asyncio.sleep(0.01))]
+            await asyncio.wait(waits, timeout=max(0.0, deadline - self._loop.time()), return_when=asyncio.FIRST_COMPLETED)
+
+    def status(self):
+        """What ``dbserviced status`` shows: pool, queue and job figures."""
+        status = {
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "queue_depth": self.queue_depth,
+            "jobs_running": self.running,
+        }
+        status.update(self.pool.get_stats())
+        status.update(self.stats.as_dict())
+        return status

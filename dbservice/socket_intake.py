@@ -1,0 +1,160 @@
+"""Intake (b): jobs from unrelated processes over a Unix domain socket.
+
+Each client connection carries many jobs in turn, each tagged with an id and
+answered on the same connection, possibly out of order. A client first proves
+it holds the shared secret; until then nothing it sends is decoded. Job
+payloads are decoded by the restricted unpickler of :mod:`dbservice.jobs`.
+A client that stalls or sends garbage only loses its own connection.
+"""
+
+import asyncio
+import logging
+import os
+import socket
+import stat
+
+from .errors import JobRefused
+from .jobs import dumps_reply, loads_job
+from .wire import MSG_ERROR, MSG_JOB, MSG_RESULT, FrameError, encode_frame, read_frame, server_handshake
+
+logger = logging.getLogger("dbservice.socket")
+
+
+class SocketIntake:
+    """Serves the Unix socket at *path* for *server*."""
+
+    def __init__(self, server, path, authkey):
+        self.server = server
+        self.path = path
+        self.authkey = authkey
+        self.settings = server.settings
+        self._listener = None
+        self._clients = {}  # writer -> the task serving that client
+
+    async def start(self):
+        check_socket_dir(os.path.dirname(self.path))
+        remove_stale_socket(self.path)
+        old_umask = os.umask(0o177)  # the socket itself: owner only
+        try:
+            self._listener = await asyncio.start_unix_server(self._serve_client, self.path)
+        finally:
+            os.umask(old_umask)
+        logger.info("serving jobs on %s", self.path)
+
+    async def stop_listening(self):
+        """Accept no more clients; those connected keep getting their replies."""
+        if self._listener is not None:
+            # Not wait_closed(): since Python 3.12 it also waits for every
+            # client to disconnect, and those still await their replies.
+            self._listener.close()
+            self._listener = None
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    async def close(self):
+        """Stop accepting and close every client connection, once replies are flushed."""
+        await self.stop_listening()
+        tasks = list(self._clients.values())
+        for writer in list(self._clients):
+            writer.close()  # each client's reader then sees the end and returns
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+
+    @property
+    def clients(self):
+        return len(self._clients)
+
+    async def _serve_client(self, reader, writer):
+        self._clients[writer] = asyncio.current_task()
+        try:
+            try:
+                trusted = await asyncio.wait_for(
+                    server_handshake(reader, writer, self.authkey), self.settings.auth_timeout
+                )
+            except asyncio.TimeoutError:
+                logger.warning("a client did not authenticate within %.1f s; dropped", self.settings.auth_timeout)
+                return
+            if not trusted:
+                logger.warning("a client failed authentication (wrong secret); dropped")
+                return
+            await self._read_jobs(reader, writer)
+        except FrameError as exc:
+            logger.warning("dropping a client that broke the framing: %s", exc)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the client went away; its replies have nowhere to go
+        finally:
+            self._clients.pop(writer, None)
+            writer.close()
+
+    async def _read_jobs(self, reader, writer):
+        max_frame = self.settings.max_frame
+        while True:
+            try:
+                job_id, kind, payload = await read_frame(reader, max_frame)
+            except FrameError as exc:
+                # The oversized payload is not read, so the stream is lost.
+                writer.write(encode_frame(0, MSG_ERROR, dumps_reply(JobRefused(str(exc)))))
+                raise
+            reply = _Replier(writer, job_id)
+            if kind != MSG_JOB:
+                reply(False, JobRefused("unknown message kind %d" % kind))
+                continue
+            try:
+                job = loads_job(payload)
+            except JobRefused as exc:
+                logger.warning("refused a job: %s", exc)
+                reply(False, exc)
+                continue
+            self.server.submit(job, reply)
+
+
+class _Replier:
+    """Sends the one reply of one job back on its client's connection."""
+
+    __slots__ = ("writer", "job_id")
+
+    def __init__(self, writer, job_id):
+        self.writer = writer
+        self.job_id = job_id
+
+    def __call__(self, ok, value):
+        if self.writer.is_closing():
+            return
+        try:
+            payload = dumps_reply(value)
+        except Exception as exc:
+            ok, payload = False, dumps_reply(JobRefused("the result could not be sent: %s" % exc))
+        self.writer.write(encode_frame(self.job_id, MSG_RESULT if ok else MSG_ERROR, payload))
+
+
+def check_socket_dir(directory):
+    """Create the socket's directory 0700, or refuse one others can enter."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    mode = stat.S_IMODE(os.stat(directory).st_mode)
+    if mode & 0o077:
+        raise PermissionError(
+            "the socket directory %s has mode %04o; other users could reach the socket. "
+            "Run `chmod 700 %s` and start again" % (directory, mode, directory)
+        )
+
+
+def remove_stale_socket(path):
+    """Remove an old socket left at *path*; refuse to remove anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError("%s exists and is not a socket; move it away or choose another path" % path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: left behind by a daemon that died
+    else:
+        raise FileExistsError("another process already serves %s; stop it first" % path)
+    finally:
+        probe.close()

@@ -1,0 +1,52 @@
+"""Counters and latency percentiles of the jobs the daemon ran."""
+
+import collections
+import math
+
+
+class JobStats:
+    """Job counters since start and latencies of the most recent jobs."""
+
+    WINDOW = 4096
+
+    def __init__(self):
+        self.jobs_done = 0
+        self.jobs_failed = 0
+        self.jobs_timed_out = 0
+        self._latencies = collections.deque(maxlen=self.WINDOW)
+
+    def record(self, outcome, seconds):
+        """Count one finished job: outcome is "done", "failed" or "timed_out"."""
+        if outcome == "done":
+            self.jobs_done += 1
+        elif outcome == "timed_out":
+            self.jobs_timed_out += 1
+        else:
+            self.jobs_failed += 1
+        self._latencies.append(seconds)
+
+    def as_dict(self):
+        ordered = sorted(self._latencies)
+        return {
+            "jobs_done": self.jobs_done,
+            "jobs_failed": self.jobs_failed,
+            "jobs_timed_out": self.jobs_timed_out,
+            "latency_ms": {
+                "p50": _ms(percentile(ordered, 50)),
+                "p95": _ms(percentile(ordered, 95)),
+                "p99": _ms(percentile(ordered, 99)),
+                "window": len(ordered),
+            },
+        }
+
+
+def percentile(ordered, pct):
+    """The nearest-rank percentile of an already sorted sequence (None if empty)."""
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(pct / 100.0 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def _ms(seconds):
+    return None if seconds is None else round(seconds * 1000.0, 3)
