@@ -1,0 +1,26 @@
+"""dbservice: one daemon holds a bounded pool of PostgreSQL connections and runs
+everybody's SQL on them.
+
+    import dbservice
+    with dbservice.connect() as db:
+        db.fetchall("select id, name from accounts where id = %s", [42])
+"""
+
+from .client import Client, QueueClient, connect
+from .errors import AuthenticationError, Error, JobRefused, QueryTimeout, ServiceBusy, ServiceUnavailable
+from .pool import AsyncConnectionPool
+from .service import DBService
+
+__all__ = [
+    "AsyncConnectionPool",
+    "AuthenticationError",
+    "Client",
+    "DBService",
+    "Error",
+    "JobRefused",
+    "QueryTimeout",
+    "QueueClient",
+    "ServiceBusy",
+    "ServiceUnavailable",
+    "connect",
+]

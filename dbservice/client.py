@@ -1,0 +1,329 @@
+"""The client library: submit jobs to a dbservice daemon and wait for replies.
+
+:class:`Client` talks to a daemon over its Unix socket. It is thread-safe:
+each thread gets a connection of its own (opened on its first job), so threads
+never wait on each other. It is fork-safe: a child process forked after
+:func:`connect` opens its own connections rather than share the parent's.
+
+:class:`QueueClient` talks to a :class:`~dbservice.DBService` child through its
+multiprocessing queue, with a new pipe per job (the original design).
+"""
+
+import itertools
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import socket as socketlib
+import threading
+import weakref
+from multiprocessing.reduction import ForkingPickler
+
+from .config import SECRET_NAME, SOCKET_NAME, default_state_dir
+from .errors import Error, JobRefused, QueryTimeout, ServiceUnavailable
+from .jobs import (
+    FETCH_ALL,
+    FETCH_MANY,
+    FETCH_ONE,
+    FETCH_ROWCOUNT,
+    FETCH_TABLE,
+    FETCH_VALUE,
+    PICKLE_PROTOCOL,
+    Job,
+    loads_reply,
+)
+from .wire import MSG_ERROR, MSG_JOB, client_handshake, encode_frame, recv_frame
+
+#: Seconds the client waits beyond a job's timeout for the daemon's own
+#: QueryTimeout reply, before it gives up on the daemon itself.
+REPLY_GRACE = 10.0
+
+
+class _QueryMethods:
+    """The query methods of every client; subclasses provide ``_run(job)``."""
+
+    timeout = None
+
+    def fetchall(self, sql, params=None, *, timeout=None):
+        """Run *sql* and return all its rows as a list of tuples."""
+        return self._submit(sql, params, FETCH_ALL, timeout)
+
+    def fetchone(self, sql, params=None, *, timeout=None):
+        """Run *sql* and return its first row as a tuple, or None."""
+        return self._submit(sql, params, FETCH_ONE, timeout)
+
+    def fetchval(self, sql, params=None, *, timeout=None):
+        """Run *sql* and return the first column of its first row, or None."""
+        return self._submit(sql, params, FETCH_VALUE, timeout)
+
+    def fetchtable(self, sql, params=None, *, timeout=None):
+        """Run *sql* and return ``(column_names, rows)``."""
+        return self._submit(sql, params, FETCH_TABLE, timeout)
+
+    def execute(self, sql, params=None, *, timeout=None):
+        """Run *sql* and return the number of rows it affected."""
+        return self._submit(sql, params, FETCH_ROWCOUNT, timeout)
+
+    def executemany(self, sql, seq_of_params, *, timeout=None):
+        """Run *sql* once per parameter set, all in one transaction; return the total rowcount."""
+        return self._submit(sql, list(seq_of_params), FETCH_MANY, timeout)
+
+    def _submit(self, sql, params, fetch, timeout):
+        if timeout is None:
+            timeout = self.timeout
+        return self._run(Job(sql, params, fetch, timeout))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def _encode(job):
+    try:
+        return pickle.dumps(job.to_wire(), PICKLE_PROTOCOL)
+    except Exception as exc:
+        raise JobRefused("the job's parameters cannot be sent: %s" % exc) from None
+
+
+def _reply_wait(timeout):
+    return None if timeout is None else timeout + REPLY_GRACE
+
+
+class _ChannelLost(Exception):
+    """The connection to the daemon is unusable; *error* is for the caller.
+
+    *unsent* says the job never reached the daemon, so sending it again on a
+    new connection cannot run it twice.
+    """
+
+    def __init__(self, error, unsent=False):
+        super().__init__(error)
+        self.error = error
+        self.unsent = unsent
+
+
+class _Channel:
+    """One authenticated socket connection to the daemon, used by one thread."""
+
+    def __init__(self, path, authkey, connect_timeout):
+        sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+        try:
+            sock.settimeout(connect_timeout)
+            sock.connect(path)
+            client_handshake(sock, authkey)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise ServiceUnavailable(
+                "no dbservice daemon listens on %s (%s); start it with `dbserviced start`"
+                % (path, exc.strerror)
+            ) from None
+        except socketlib.timeout:
+            sock.close()
+            raise ServiceUnavailable(
+                "the dbservice daemon on %s did not answer within %.1f s" % (path, connect_timeout)
+            ) from None
+        except OSError as exc:
+            sock.close()
+            raise ServiceUnavailable("cannot connect to the dbservice daemon on %s: %s" % (path, exc)) from None
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self._ids = itertools.count(1)
+
+    def call(self, payload, timeout):
+        job_id = next(self._ids)
+        try:
+            self.sock.settimeout(None)
+            self.sock.sendall(encode_frame(job_id, MSG_JOB, payload))
+        except OSError as exc:
+            raise _ChannelLost(
+                ServiceUnavailable("cannot send to the dbservice daemon: %s" % exc), unsent=True
+            ) from None
+        self.sock.settimeout(_reply_wait(timeout))
+        try:
+            while True:
+                reply_id, kind, body = recv_frame(self.sock)
+                if reply_id == job_id:
+                    break
+                if reply_id == 0 and kind == MSG_ERROR:  # the daemon dropped us
+                    raise _ChannelLost(loads_reply(body))
+                # else: a late reply to an earlier job that timed out here; skip it
+        except socketlib.timeout:
+            raise _ChannelLost(
+                QueryTimeout("no reply from the dbservice daemon within %.1f s" % _reply_wait(timeout))
+            ) from None
+        except ServiceUnavailable as exc:  # end of stream
+            raise _ChannelLost(exc) from None
+        except OSError as exc:
+            raise _ChannelLost(
+                ServiceUnavailable("lost the connection to the dbservice daemon: %s" % exc)
+            ) from None
+        value = loads_reply(body)
+        if kind == MSG_ERROR:
+            raise value
+        return value
+
+    def close(self):
+        self.sock.close()
+
+
+_live_clients = weakref.WeakSet()
+
+
+class Client(_QueryMethods):
+    """A thread-safe, fork-safe client of a dbservice daemon's Unix socket.
+
+    Build it with :func:`connect`. Every query method takes ``timeout=``
+    (seconds, covering the wait in the daemon's queue and the query itself);
+    the client's own *timeout* is the default.
+    """
+
+    def __init__(self, socket, authkey, timeout=None, connect_timeout=10.0):
+        self.socket = socket
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._authkey = authkey
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._channels = set()
+        self.closed = False
+        _live_clients.add(self)
+
+    def __repr__(self):
+        return "<dbservice.Client %s%s>" % (self.socket, " closed" if self.closed else "")
+
+    def _channel(self):
+        channel = getattr(self._local, "channel", None)
+        if channel is None:
+            channel = _Channel(self.socket, self._authkey, self.connect_timeout)
+            self._local.channel = channel
+            with self._lock:
+                self._channels.add(channel)
+        return channel
+
+    def _drop(self, channel):
+        channel.close()
+        self._local.channel = None
+        with self._lock:
+            self._channels.discard(channel)
+
+    def _run(self, job):
+        if self.closed:
+            raise Error("this dbservice client is closed")
+        payload = _encode(job)
+        for attempt in (1, 2):
+            channel = self._channel()
+            try:
+                return channel.call(payload, job.timeout)
+            except _ChannelLost as lost:
+                self._drop(channel)
+                # A job that never left (the daemon restarted since our last
+                # one) is sent once more on a new connection; any other loss
+                # may have run it, so it is the caller's to decide.
+                if not (lost.unsent and attempt == 1):
+                    raise lost.error from None
+
+    def close(self):
+        """Close every thread's connection to the daemon."""
+        self.closed = True
+        with self._lock:
+            channels, self._channels = self._channels, set()
+        for channel in channels:
+            channel.close()
+
+    def _after_fork(self):
+        # The parent's sockets belong to the parent: forget them, close our
+        # copies of their file descriptors (that does not touch the parent's).
+        for channel in self._channels:
+            channel.close()
+        self._channels = set()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+
+def _reset_after_fork():
+    for client in list(_live_clients):
+        client._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def connect(socket=None, authkey=None, timeout=None):
+    """Connect to a dbservice daemon and return a :class:`Client`.
+
+    *socket* defaults to ``$DBSERVICE_SOCKET``, else the socket in the default
+    state directory (``$DBSERVICE_HOME`` or ``~/.local/state/dbservice``).
+    *authkey* defaults to the ``secret`` file next to the socket. *timeout* is
+    the default per-job timeout in seconds (None: no limit).
+
+    Raises ServiceUnavailable if no daemon answers there.
+    """
+    if socket is None:
+        socket = os.environ.get("DBSERVICE_SOCKET") or os.path.join(default_state_dir(), SOCKET_NAME)
+    if authkey is None:
+        authkey = read_secret(os.path.join(os.path.dirname(socket), SECRET_NAME))
+    client = Client(socket, authkey, timeout=timeout)
+    client._channel()  # fail now, not on the first query, if nobody is there
+    return client
+
+
+def read_secret(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        raise ServiceUnavailable(
+            "no secret at %s: is dbserviced running with that state directory? "
+            "Otherwise pass authkey= to connect()" % path
+        ) from None
+    except PermissionError:
+        raise ServiceUnavailable("cannot read the secret %s: run as the daemon's user" % path) from None
+
+
+class QueueClient(_QueryMethods):
+    """Submits jobs through a :class:`~dbservice.DBService` multiprocessing queue.
+
+    Each job carries the sending end of a new pipe; the reply comes back on
+    it. *sentinel* (the service process's sentinel) tells a dead service from a
+    slow one, so no caller waits forever.
+    """
+
+    def __init__(self, queue, sentinel, timeout=None):
+        self.queue = queue
+        self.sentinel = sentinel
+        self.timeout = timeout
+
+    def _run(self, job):
+        receiver, sender = multiprocessing.Pipe(duplex=False)
+        try:
+            try:
+                # Pickle here, not in the queue's feeder thread, so that our
+                # end of the pipe can be closed now: then the pipe reports EOF
+                # if the service drops it.
+                data = bytes(ForkingPickler.dumps((job.to_wire(), sender), PICKLE_PROTOCOL))
+            except Exception as exc:
+                raise JobRefused("the job's parameters cannot be sent: %s" % exc) from None
+            finally:
+                sender.close()
+            self.queue.put(data)
+            ready = multiprocessing.connection.wait([receiver, self.sentinel], _reply_wait(job.timeout))
+            if receiver in ready:
+                try:
+                    ok, value = receiver.recv()
+                except EOFError:
+                    raise ServiceUnavailable("the dbservice process dropped the job") from None
+                if not ok:
+                    raise value
+                return value
+            if ready:
+                raise ServiceUnavailable("the dbservice process has exited")
+            raise QueryTimeout("no reply from the dbservice process within %.1f s" % _reply_wait(job.timeout))
+        finally:
+            receiver.close()
+
+    def close(self):
+        """Nothing to close: every job has its own pipe."""

@@ -1,0 +1,165 @@
+"""Running the engine: in this process (:func:`serve`) or in a child (:class:`DBService`)."""
+
+import asyncio
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+
+from . import types
+from .client import QueueClient, connect
+from .config import Settings
+from .errors import ServiceUnavailable
+from .queue_intake import QueueIntake
+from .server import Server
+from .socket_intake import SocketIntake
+from .wait import new_event_loop
+
+logger = logging.getLogger("dbservice")
+
+
+def serve(settings, mp_queue=None, ready=None):
+    """Run the engine in this process until SIGTERM (graceful) or SIGINT (fast).
+
+    Jobs come from the Unix socket ``settings.socket`` and/or *mp_queue*.
+    *ready*, a multiprocessing connection, is sent ``("ready", info)`` once
+    jobs are accepted, or ``("error", message)`` if the engine cannot start.
+    """
+    loop = new_event_loop(settings.selector)
+    try:
+        loop.run_until_complete(_run(settings, mp_queue, ready))
+    finally:
+        loop.close()
+
+
+async def _run(settings, mp_queue, ready):
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    force = []
+    # Handlers only set a flag and an event; the loop does the work.
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, lambda: (force.append(True), stop.set()))
+
+    types.install_adapters()
+    server = Server(settings)
+    socket_intake = queue_intake = None
+    try:
+        await server.start()
+        if settings.socket:
+            socket_intake = SocketIntake(server, settings.socket, settings.authkey)
+            await socket_intake.start()
+        if mp_queue is not None:
+            queue_intake = QueueIntake(server, mp_queue)
+            queue_intake.start(loop)
+    except Exception as exc:
+        if ready is not None:
+            ready.send(("error", "%s: %s" % (type(exc).__name__, exc)))
+        await server.stop(force=True)
+        raise
+    logger.info("dbservice serving (pid %d, pool %d-%d)", os.getpid(), settings.min_size, settings.max_size)
+    if ready is not None:
+        ready.send(("ready", {"pid": os.getpid(), "socket": settings.socket}))
+        ready.close()
+
+    await stop.wait()
+    logger.info("dbservice stopping (%s)", "fast" if force else "graceful")
+    if socket_intake is not None:
+        await socket_intake.stop_listening()
+    await server.stop(force=bool(force))
+    if socket_intake is not None:
+        await socket_intake.close()
+    if queue_intake is not None:
+        await loop.run_in_executor(None, queue_intake.close)
+    logger.info("dbservice stopped")
+
+
+def _child_main(settings, mp_queue, ready):
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    serve(settings, mp_queue, ready)
+
+
+class DBService:
+    """The dbservice engine in a child process of this one.
+
+    With ``socket=None`` it serves intake (a): :attr:`queue` is the
+    ``multiprocessing.Queue`` and :meth:`client` submits through it. With
+    ``socket=PATH`` it serves intake (b) on that Unix socket, and :meth:`client`
+    returns ``dbservice.connect(socket=PATH, authkey=svc.authkey)``.
+    Other keyword arguments are :class:`~dbservice.config.Settings` fields.
+    """
+
+    def __init__(self, dsn, min_size=2, max_size=10, socket=None, authkey=None, **options):
+        if socket is not None and authkey is None:
+            authkey = os.urandom(32).hex().encode()
+        self.settings = Settings(
+            dsn=dsn, min_size=min_size, max_size=max_size, socket=socket, authkey=authkey, **options
+        )
+        self.queue = None
+        self.process = None
+
+    @property
+    def authkey(self):
+        return self.settings.authkey
+
+    @property
+    def socket(self):
+        return self.settings.socket
+
+    def start(self, timeout=60.0):
+        """Start the engine; return once it accepts jobs, or raise why it cannot."""
+        ctx = multiprocessing.get_context("spawn")
+        if self.settings.socket is None:
+            self.queue = ctx.Queue()
+        ready_in, ready_out = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(
+            target=_child_main, args=(self.settings, self.queue, ready_out), name="dbservice", daemon=True
+        )
+        self.process.start()
+        ready_out.close()
+        try:
+            if not multiprocessing.connection.wait([ready_in], timeout):
+                self._kill()
+                raise ServiceUnavailable("dbservice did not start within %.0f s" % timeout)
+            try:
+                state, info = ready_in.recv()
+            except EOFError:
+                self.process.join(5)
+                raise ServiceUnavailable(
+                    "dbservice exited during start (exit code %s)" % self.process.exitcode
+                ) from None
+        finally:
+            ready_in.close()
+        if state != "ready":
+            self.process.join(5)
+            raise ServiceUnavailable("dbservice could not start: %s" % info)
+        return self
+
+    def client(self, timeout=None):
+        """A client of this service, for this process or one forked from it."""
+        if self.settings.socket is None:
+            return QueueClient(self.queue, self.process.sentinel, timeout=timeout)
+        return connect(socket=self.settings.socket, authkey=self.settings.authkey, timeout=timeout)
+
+    def stop(self, force=False, timeout=None):
+        """Stop the engine: gracefully (queued and running jobs finish), or at once with *force*."""
+        if self.process is None or not self.process.is_alive():
+            return
+        os.kill(self.process.pid, signal.SIGINT if force else signal.SIGTERM)
+        limit = (self.settings.stop_timeout if timeout is None else timeout) + 10.0
+        self.process.join(limit)
+        if self.process.is_alive():
+            logger.warning("dbservice did not stop within %.0f s; killing it", limit)
+            self._kill()
+
+    def _kill(self):
+        self.process.kill()
+        self.process.join()
+
+    def __enter__(self):
+        if self.process is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
