@@ -1,0 +1,79 @@
+"""Shared fixtures: one real PostgreSQL for the whole run, and services on it."""
+
+import os
+import time
+
+import psycopg2
+import pytest
+
+import dbservice
+from dbservice.embedded import EmbeddedPostgresql
+
+
+@pytest.fixture(scope="session")
+def postgresql():
+    server = EmbeddedPostgresql()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def dsn(postgresql):
+    return postgresql.dsn_string()
+
+
+@pytest.fixture
+def admin(dsn):
+    """A plain psycopg2 connection, in autocommit, to look at the server directly."""
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def socket_path(tmp_path_factory):
+    # Unix socket paths are limited to ~107 bytes: keep them short.
+    directory = tmp_path_factory.mktemp("s", numbered=True)
+    os.chmod(directory, 0o700)
+    return str(directory / "dbservice.sock")
+
+
+def start_service(dsn, socket=None, **options):
+    return dbservice.DBService(dsn, socket=socket, **options).start()
+
+
+@pytest.fixture(params=["socket", "queue"])
+def service(request, dsn, socket_path):
+    """A running service on each intake: the Unix socket (b) and the multiprocessing queue (a)."""
+    svc = start_service(dsn, socket_path if request.param == "socket" else None, max_size=4)
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture
+def client(service):
+    with service.client(timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def socket_service(dsn, tmp_path_factory):
+    """One socket service shared by a module's tests."""
+    directory = tmp_path_factory.mktemp("m")
+    os.chmod(directory, 0o700)
+    svc = start_service(dsn, str(directory / "dbservice.sock"), max_size=4)
+    yield svc
+    svc.stop()
+
+
+def wait_until(condition, timeout=10.0, interval=0.02, message="condition"):
+    """Poll *condition* until it is true; fail the test after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail("timed out after %.1f s waiting for %s" % (timeout, message))
+        time.sleep(interval)

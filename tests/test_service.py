@@ -1,0 +1,108 @@
+"""The service end to end: dispatch, timeouts, errors, both selectors, stopping."""
+
+import concurrent.futures
+import os
+import threading
+
+import pytest
+
+import dbservice
+from conftest import start_service, wait_until
+
+
+def test_a_slow_job_does_not_hold_up_the_others(client):
+    """Bugs 1 and 4: fast jobs finish while a slow one still runs."""
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        slow = executor.submit(client.fetchval, "select pg_sleep(2)::text || 'slow'")
+        fast = [client.fetchval("select %s::int", [i]) for i in range(20)]
+        assert not slow.done()
+        assert fast == list(range(20))
+        assert slow.result(timeout=30) == "slow"
+
+
+@pytest.mark.parametrize("selector", ["epoll", "select"])
+def test_both_selector_backends_serve_concurrent_jobs(dsn, socket_path, selector):
+    with start_service(dsn, socket_path, max_size=3, selector=selector) as svc, svc.client(timeout=30) as c:
+        with concurrent.futures.ThreadPoolExecutor(8) as executor:
+            results = list(executor.map(lambda i: c.fetchval("select %s::int * 3", [i]), range(200)))
+    assert results == [i * 3 for i in range(200)]
+
+
+def _backends_running(admin, marker):
+    cur = admin.cursor()
+    cur.execute(
+        "select count(*) from pg_stat_activity where state = 'active' and query like %s"
+        " and pid <> pg_backend_pid()",
+        ["%" + marker + "%"],
+    )
+    return cur.fetchone()[0]
+
+
+def test_timed_out_query_is_cancelled_on_the_server_and_its_connection_reused(dsn, socket_path, admin):
+    with start_service(dsn, socket_path, min_size=1, max_size=1) as svc, svc.client() as c:
+        pid = c.fetchval("select pg_backend_pid()")
+        with pytest.raises(dbservice.QueryTimeout):
+            c.fetchval("select pg_sleep(30) /* marker-timeout */", timeout=0.5)
+        # cancelled, not left running: its backend went back to idle
+        wait_until(lambda: _idle(admin, pid), message="the cancelled backend to be idle")
+        assert _backends_running(admin, "marker-timeout") == 0
+        # the same (only) connection serves the next job, with no leftover
+        assert c.fetchval("select pg_backend_pid()") == pid
+        assert c.fetchval("select 41 + 1") == 42
+
+
+def _idle(admin, pid):
+    cur = admin.cursor()
+    cur.execute("select state from pg_stat_activity where pid = %s", [pid])
+    row = cur.fetchone()
+    return row is not None and row[0] == "idle"
+
+
+def test_job_waiting_in_the_queue_times_out_with_a_clear_error(dsn, socket_path, admin):
+    with start_service(dsn, socket_path, min_size=1, max_size=1) as svc, svc.client(timeout=30) as c:
+        with concurrent.futures.ThreadPoolExecutor(1) as executor:
+            slow = executor.submit(c.fetchval, "select pg_sleep(1.5) /* marker-hold */")
+            wait_until(lambda: _backends_running(admin, "marker-hold"), message="the slow job to start")
+            with pytest.raises(dbservice.QueryTimeout, match="became free"):
+                c.fetchval("select 1", timeout=0.3)
+            slow.result(timeout=30)
+        assert c.fetchval("select 2") == 2
+
+
+def test_unreachable_database_gives_service_unavailable(socket_path):
+    dsn = "host=127.0.0.1 port=1 dbname=nowhere user=nobody connect_timeout=1"
+    with start_service(dsn, socket_path, min_size=1, max_size=1) as svc, svc.client() as c:
+        with pytest.raises(dbservice.ServiceUnavailable, match="unreachable"):
+            c.fetchval("select 1", timeout=1.0)
+
+
+def test_no_daemon_is_service_unavailable(tmp_path):
+    os.chmod(tmp_path, 0o700)
+    with pytest.raises(dbservice.ServiceUnavailable, match="dbserviced start"):
+        dbservice.connect(socket=str(tmp_path / "none.sock"), authkey=b"k")
+
+
+def test_graceful_stop_lets_running_jobs_finish(dsn, socket_path, admin):
+    svc = start_service(dsn, socket_path, max_size=4)
+    c = svc.client(timeout=30)
+    with concurrent.futures.ThreadPoolExecutor(4) as executor:
+        sql = "select pg_sleep(1)::text || %s /* marker-stop */"
+        jobs = [executor.submit(c.fetchval, sql, [str(i)]) for i in range(4)]
+        wait_until(lambda: _backends_running(admin, "marker-stop") == 4, message="all jobs to run")
+        stopper = threading.Thread(target=svc.stop)
+        stopper.start()
+        results = [j.result(timeout=30) for j in jobs]
+        stopper.join(30)
+    assert sorted(results) == [str(i) for i in range(4)]
+
+
+def test_every_waiting_client_hears_when_the_service_is_killed(dsn, socket_path, admin):
+    svc = start_service(dsn, socket_path, min_size=1, max_size=3)
+    c = svc.client()
+    with concurrent.futures.ThreadPoolExecutor(3) as executor:
+        jobs = [executor.submit(c.fetchval, "select pg_sleep(30) /* marker-kill */") for _ in range(3)]
+        wait_until(lambda: _backends_running(admin, "marker-kill") == 3, message="jobs to run")
+        svc.process.kill()
+        for job in jobs:
+            with pytest.raises(dbservice.ServiceUnavailable):
+                job.result(timeout=10)
