@@ -108,7 +108,7 @@ async def read_frame(reader, max_size):
     size, job_id, kind = HEADER.unpack(await reader.readexactly(HEADER.size))
     if size > max_size:
         raise FrameError(
-            "frame of %d bytes exceeds the limit of %d bytes (max_frame)" % (size, max_size)
+            "frame of %d bytes exceeds the limit of %d bytes" % (size, max_size)
         )
     return job_id, kind, (await reader.readexactly(size)) if size else b""
 

@@ -1,0 +1,49 @@
+"""Bug 2 of the original: every job gets exactly one reply, whatever happens to it."""
+
+import collections
+import pickle
+
+import psycopg2
+
+import dbservice
+from dbservice import jobs, wire
+from test_security import raw_connect
+
+KINDS = [
+    (jobs.Job("select %s::int", [1], "value"), int),
+    (jobs.Job("select 1/0", None, "value"), psycopg2.errors.DivisionByZero),
+    (jobs.Job("selec", None, "all"), psycopg2.errors.SyntaxError),
+    (jobs.Job("select %s, %s", [1], "all"), dbservice.JobRefused),
+    (jobs.Job("select pg_sleep(5)", None, "value", 0.05), dbservice.QueryTimeout),
+    (jobs.Job("select %s::text", ["x"], "one"), tuple),
+]
+
+
+def test_pipelined_jobs_each_get_one_reply(socket_service):
+    sock = raw_connect(socket_service.socket)
+    wire.client_handshake(sock, socket_service.authkey)
+    sent = {}
+    for job_id in range(1, 61):
+        job, expected = KINDS[job_id % len(KINDS)]
+        sent[job_id] = expected
+        sock.sendall(wire.encode_frame(job_id, wire.MSG_JOB, jobs.dumps_job(job)))
+    sock.sendall(wire.encode_frame(99, wire.MSG_JOB, b"not a pickle"))
+    sent[99] = dbservice.JobRefused
+    sock.sendall(wire.encode_frame(100, 42, b""))
+    sent[100] = dbservice.JobRefused
+
+    replies = collections.Counter()
+    while sum(replies.values()) < len(sent):
+        job_id, kind, body = wire.recv_frame(sock)
+        replies[job_id] += 1
+        value = pickle.loads(body)
+        assert isinstance(value, sent[job_id]), (job_id, value)
+        assert (kind == wire.MSG_ERROR) == isinstance(value, Exception)
+    assert replies == collections.Counter(sent.keys())
+    sock.settimeout(0.3)
+    try:
+        extra = sock.recv(1)
+    except OSError:
+        extra = None
+    assert extra is None  # nothing more: no second reply for anyone
+    sock.close()

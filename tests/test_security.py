@@ -1,0 +1,160 @@
+"""Authentication, forged pickles and the restricted unpickler."""
+
+import datetime
+import decimal
+import os
+import pickle
+import socket
+import uuid
+
+import pytest
+
+import dbservice
+from dbservice import jobs, wire
+
+
+class _Forged:
+    """Pickles to a call of os.system: what an attacker would send."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def forged_pickle(marker):
+    return pickle.dumps(("select 1", [_Forged("touch %s" % marker)], "all", None))
+
+
+def raw_connect(path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(path)
+    return sock
+
+
+def test_restricted_unpickler_admits_every_parameter_type():
+    params = [
+        None, True, 1, 2**70, 1.5, "t", b"b", bytearray(b"x"), (1,), [2], {"k": "v"},
+        datetime.datetime.now(datetime.timezone.utc), datetime.date.today(), datetime.time(1),
+        datetime.timedelta(1), decimal.Decimal("1.1"), uuid.uuid4(), uuid.uuid1(),
+    ]
+    job = jobs.loads_job(pickle.dumps(("select 1", params, "all", 3.0), 5))
+    assert job.params == params
+    assert job.timeout == 3.0
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pickle.dumps(("select 1", [_Forged("true")], "all", None)),
+        pickle.dumps(("select 1", [pickle.PickleError()], "all", None)),
+        pickle.dumps(("select 1", [object()], "all", None)),
+        b"cos\nsystem\n(S'true'\ntR.",  # protocol 0, by hand
+    ],
+    ids=["os.system", "exception", "object", "protocol-0"],
+)
+def test_restricted_unpickler_refuses_other_classes(payload):
+    with pytest.raises(dbservice.JobRefused, match="may not carry"):
+        jobs.loads_job(payload)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"garbage", pickle.dumps("just a string"), pickle.dumps(("select 1", None, "bogus", None)),
+     pickle.dumps(("select 1", None, "all", -1)), pickle.dumps((1, None, "all", None)),
+     pickle.dumps(("select 1", "not params", "all", None))],
+)
+def test_malformed_jobs_are_refused_with_a_reason(payload):
+    with pytest.raises(dbservice.JobRefused):
+        jobs.loads_job(payload)
+
+
+def test_forged_pickle_from_an_authenticated_peer_executes_nothing(socket_service, tmp_path):
+    marker = tmp_path / "pwned"
+    sock = raw_connect(socket_service.socket)
+    wire.client_handshake(sock, socket_service.authkey)
+    sock.sendall(wire.encode_frame(7, wire.MSG_JOB, forged_pickle(marker)))
+    job_id, kind, body = wire.recv_frame(sock)
+    assert (job_id, kind) == (7, wire.MSG_ERROR)
+    error = pickle.loads(body)
+    assert isinstance(error, dbservice.JobRefused)
+    assert "posix.system" in str(error) or "os.system" in str(error)
+    # the same connection still serves proper jobs
+    sock.sendall(wire.encode_frame(8, wire.MSG_JOB, jobs.dumps_job(jobs.Job("select 5", None, "value"))))
+    assert wire.recv_frame(sock)[:2] == (8, wire.MSG_RESULT)
+    sock.close()
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", [wire.MSG_AUTH, wire.MSG_JOB])
+def test_unauthenticated_bytes_are_never_decoded(socket_service, tmp_path, kind):
+    marker = tmp_path / "pwned"
+    sock = raw_connect(socket_service.socket)
+    wire.recv_frame(sock)  # the daemon's challenge
+    # a pickle instead of the answer: too long for a handshake frame, so dropped
+    sock.sendall(wire.encode_frame(0, kind, forged_pickle(marker)))
+    with pytest.raises((dbservice.ServiceUnavailable, ConnectionError)):
+        wire.recv_frame(sock)
+    sock.close()
+    # a short wrong answer: refused, then dropped
+    sock = raw_connect(socket_service.socket)
+    wire.recv_frame(sock)
+    sock.sendall(wire.encode_frame(0, kind, b"\x80\x05N." + wire.new_challenge()))
+    assert wire.recv_frame(sock)[2] == wire.FAILURE
+    with pytest.raises((dbservice.ServiceUnavailable, ConnectionError)):
+        wire.recv_frame(sock)
+    sock.close()
+    assert not marker.exists()
+    with socket_service.client() as c:
+        assert c.fetchval("select 1") == 1
+
+
+def test_wrong_secret_is_refused(socket_service):
+    with pytest.raises(dbservice.AuthenticationError, match="refused our secret"):
+        dbservice.connect(socket=socket_service.socket, authkey=b"not the secret")
+
+
+def test_daemon_that_does_not_know_the_secret_is_not_trusted(tmp_path):
+    """Mutual authentication: a client does not talk to an impostor daemon."""
+    os.chmod(tmp_path, 0o700)
+    path = str(tmp_path / "fake.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    client = raw_connect(path)
+    impostor, _ = listener.accept()
+    # The impostor welcomes any answer but cannot answer the client's challenge.
+    impostor.sendall(wire.encode_frame(0, wire.MSG_AUTH, wire.new_challenge()))
+    impostor.sendall(wire.encode_frame(0, wire.MSG_AUTH, wire.WELCOME + b"\0" * 32))
+    with pytest.raises(dbservice.AuthenticationError, match="does not know our secret"):
+        wire.client_handshake(client, b"the real secret")
+    for s in (client, impostor, listener):
+        s.close()
+
+
+def test_socket_directory_open_to_others_is_refused(dsn, tmp_path):
+    directory = tmp_path / "open"
+    directory.mkdir()
+    os.chmod(directory, 0o755)
+    svc = dbservice.DBService(dsn, socket=str(directory / "s.sock"), min_size=0, max_size=1)
+    with pytest.raises(dbservice.ServiceUnavailable, match="chmod 700"):
+        svc.start()
+
+
+def test_socket_is_owner_only(socket_service):
+    assert os.stat(socket_service.socket).st_mode & 0o077 == 0
+    assert os.stat(os.path.dirname(socket_service.socket)).st_mode & 0o077 == 0
+
+
+def test_oversized_frame_is_refused_without_reading_it(socket_service):
+    sock = raw_connect(socket_service.socket)
+    wire.client_handshake(sock, socket_service.authkey)
+    sock.sendall(wire.HEADER.pack(1 << 30, 9, wire.MSG_JOB))  # claims 1 GiB, sends nothing
+    job_id, kind, body = wire.recv_frame(sock)
+    assert kind == wire.MSG_ERROR
+    assert "exceeds the limit" in str(pickle.loads(body))
+    sock.close()
+    with socket_service.client() as c:
+        assert c.fetchval("select 1") == 1
