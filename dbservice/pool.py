@@ -294,10 +294,27 @@ class AsyncConnectionPool:
             self._opened.set_result(None)
         self._maybe_grow()
 
-    async def _connect(self):
+    async def cancel(self, pgconn):
+        """Cancel the query running on *pgconn*, one of this pool's connections.
+
+        psycopg2's own ``cancel()`` runs libpq's PQcancel while holding the
+        GIL: with the network to the server stalled it would freeze the whole
+        daemon. Instead a short-lived connection asks the server to
+        ``pg_cancel_backend()``, every step bounded by ``connect_timeout``.
+        """
+        deadline = self._loop.time() + self.connect_timeout
+        canceller = await self._connect(deadline)
+        try:
+            cursor = canceller.cursor()
+            cursor.execute("select pg_cancel_backend(%s)", [pgconn.get_backend_pid()])
+            await wait_ready(canceller, deadline)
+        finally:
+            canceller.close()
+
+    async def _connect(self, deadline=None):
         pgconn = psycopg2.connect(self.dsn, async_=True)
         try:
-            await wait_ready(pgconn, self._loop.time() + self.connect_timeout)
+            await wait_ready(pgconn, deadline or self._loop.time() + self.connect_timeout)
             types.register(pgconn)
         except BaseException:
             pgconn.close()

@@ -26,27 +26,29 @@ CLEANUP_GRACE = 5.0
 _EMPTY = {FETCH_ALL: [], FETCH_ONE: None, FETCH_VALUE: None}
 
 
-async def run_job(pgconn, job, deadline):
+async def run_job(pgconn, job, deadline, cancel):
     """Run *job* on *pgconn* and return its result, or raise its error.
 
-    *deadline* is on the event loop's clock (None: no limit). On return or
-    raise, *pgconn* is idle and reusable, or closed.
+    *deadline* is on the event loop's clock (None: no limit). ``await
+    cancel(pgconn)`` must ask the server to cancel the query running on
+    *pgconn* (see AsyncConnectionPool.cancel). On return or raise, *pgconn*
+    is idle and reusable, or closed.
     """
     cursor = pgconn.cursor()
     try:
         if job.fetch == FETCH_MANY:
-            result = await _execute_many(pgconn, cursor, job, deadline)
+            result = await _execute_many(pgconn, cursor, job, deadline, cancel)
         else:
             _send(cursor, job.sql, job.params)
-            await _wait_or_cancel(pgconn, deadline)
+            await _wait_or_cancel(pgconn, deadline, cancel)
             result = _fetch(cursor, job.fetch)
     except BaseException:
-        await _clean_up(pgconn)
+        await _clean_up(pgconn, cancel)
         raise
     finally:
         cursor.close()
     if pgconn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
-        await _clean_up(pgconn)
+        await _clean_up(pgconn, cancel)
         raise Error(
             "the statement left a transaction open, so it was rolled back; "
             "a job is one transaction of its own and must not run BEGIN or COMMIT"
@@ -54,16 +56,16 @@ async def run_job(pgconn, job, deadline):
     return result
 
 
-async def _execute_many(pgconn, cursor, job, deadline):
+async def _execute_many(pgconn, cursor, job, deadline, cancel):
     cursor.execute("BEGIN")
-    await _wait_or_cancel(pgconn, deadline)
+    await _wait_or_cancel(pgconn, deadline, cancel)
     total = 0
     for params in job.params:
         _send(cursor, job.sql, params)
-        await _wait_or_cancel(pgconn, deadline)
+        await _wait_or_cancel(pgconn, deadline, cancel)
         total += max(cursor.rowcount, 0)
     cursor.execute("COMMIT")
-    await _wait_or_cancel(pgconn, deadline)
+    await _wait_or_cancel(pgconn, deadline, cancel)
     return total
 
 
@@ -95,7 +97,7 @@ def _fetch(cursor, mode):
     return None if row is None else row[0]
 
 
-async def _wait_or_cancel(pgconn, deadline):
+async def _wait_or_cancel(pgconn, deadline, cancel):
     """Wait for the query; past *deadline*, cancel it on the server.
 
     If the query finished just as the timeout fired, its result stands: the
@@ -105,25 +107,30 @@ async def _wait_or_cancel(pgconn, deadline):
         await wait_ready(pgconn, deadline)
     except QueryTimeout:
         try:
-            await _cancel_and_drain(pgconn)
+            await _cancel_and_drain(pgconn, cancel)
         except psycopg2.errors.QueryCanceled:
             raise QueryTimeout("the job's timeout passed; the query was cancelled") from None
 
 
-async def _cancel_and_drain(pgconn):
-    """Ask the server to cancel the running query and wait for it to end."""
+async def _cancel_and_drain(pgconn, cancel):
+    """Have the server cancel the running query and wait for it to end.
+
+    If either step takes longer than CLEANUP_GRACE (the network to the server
+    is down, say), the connection is closed: it can never be trusted again.
+    """
     loop = asyncio.get_running_loop()
-    # PQcancel opens a connection of its own and blocks: keep it off the loop.
-    await loop.run_in_executor(None, pgconn.cancel)
     try:
+        await cancel(pgconn)
         await wait_ready(pgconn, loop.time() + CLEANUP_GRACE)
-    except QueryTimeout:
-        logger.warning("a cancelled query did not end within %.1f s; closing its connection", CLEANUP_GRACE)
+    except (QueryTimeout, psycopg2.OperationalError) as exc:
+        if isinstance(exc, psycopg2.errors.QueryCanceled):
+            raise
+        logger.warning("could not cancel a query (%s); closing its connection", exc)
         pgconn.close()
-        raise
+        raise QueryTimeout("the job's timeout passed and its query could not be cancelled: %s" % exc) from None
 
 
-async def _clean_up(pgconn):
+async def _clean_up(pgconn, cancel):
     """Bring *pgconn* back to idle, or close it: never hand back a dirty one."""
     loop = asyncio.get_running_loop()
     try:
@@ -132,8 +139,8 @@ async def _clean_up(pgconn):
         status = pgconn.get_transaction_status()
         if status == ext.TRANSACTION_STATUS_ACTIVE:
             try:
-                await _cancel_and_drain(pgconn)
-            except psycopg2.Error:
+                await _cancel_and_drain(pgconn, cancel)
+            except (psycopg2.Error, QueryTimeout):
                 pass  # the cancelled query's own error: expected
             status = pgconn.get_transaction_status()
         if status in (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR):

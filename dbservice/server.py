@@ -123,7 +123,7 @@ class Server:
 
     async def _execute(self, pending, conn):
         try:
-            result = await run_job(conn.pgconn, pending.job, pending.deadline)
+            result = await run_job(conn.pgconn, pending.job, pending.deadline, self.pool.cancel)
         except (psycopg2.Error, Error) as exc:
             self._finish(pending, False, exc)
         except asyncio.CancelledError:
