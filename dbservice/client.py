@@ -262,13 +262,19 @@ def connect(socket=None, authkey=None, timeout=None):
 
     Raises ServiceUnavailable if no daemon answers there.
     """
+    socket, authkey = resolve_address(socket, authkey)
+    client = Client(socket, authkey, timeout=timeout)
+    client._channel()  # fail now, not on the first query, if nobody is there
+    return client
+
+
+def resolve_address(socket=None, authkey=None):
+    """The daemon's socket path and secret, from the arguments or the defaults."""
     if socket is None:
         socket = os.environ.get("DBSERVICE_SOCKET") or os.path.join(default_state_dir(), SOCKET_NAME)
     if authkey is None:
         authkey = read_secret(os.path.join(os.path.dirname(socket), SECRET_NAME))
-    client = Client(socket, authkey, timeout=timeout)
-    client._channel()  # fail now, not on the first query, if nobody is there
-    return client
+    return socket, authkey
 
 
 def read_secret(path):
