@@ -91,12 +91,17 @@ def client_handshake(sock, authkey):
     ours = new_challenge()
     sock.sendall(encode_frame(0, MSG_AUTH, answer_challenge(authkey, challenge) + ours))
     _, _, verdict = recv_frame(sock, MAX_AUTH_FRAME)
+    check_verdict(authkey, ours, verdict)
+
+
+def check_verdict(authkey, our_challenge, verdict):
+    """Raise AuthenticationError unless the daemon welcomed us and answered our challenge."""
     if not verdict.startswith(WELCOME):
         raise AuthenticationError(
             "the dbservice daemon refused our secret; pass the daemon's authkey "
             "or check the secret file next to its socket"
         )
-    if not check_answer(authkey, ours, verdict[len(WELCOME):]):
+    if not check_answer(authkey, our_challenge, verdict[len(WELCOME):]):
         raise AuthenticationError("the process behind the socket does not know our secret")
 
 
