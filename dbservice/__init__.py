@@ -6,21 +6,33 @@ everybody's SQL on them.
         db.fetchall("select id, name from accounts where id = %s", [42])
 """
 
+from .async_client import AsyncClient, connect_async
 from .client import Client, QueueClient, connect
-from .errors import AuthenticationError, Error, JobRefused, QueryTimeout, ServiceBusy, ServiceUnavailable
+from .errors import (
+    AuthenticationError,
+    Error,
+    JobCancelled,
+    JobRefused,
+    QueryTimeout,
+    ServiceBusy,
+    ServiceUnavailable,
+)
 from .pool import AsyncConnectionPool
 from .service import DBService
 
 __all__ = [
+    "AsyncClient",
     "AsyncConnectionPool",
     "AuthenticationError",
     "Client",
     "DBService",
     "Error",
+    "JobCancelled",
     "JobRefused",
     "QueryTimeout",
     "QueueClient",
     "ServiceBusy",
     "ServiceUnavailable",
     "connect",
+    "connect_async",
 ]

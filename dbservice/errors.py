@@ -22,6 +22,10 @@ class QueryTimeout(Error):
     """The job's timeout passed; the query was cancelled on the server."""
 
 
+class JobCancelled(Error):
+    """The job was cancelled before it ended (its client cancelled it or went away)."""
+
+
 class JobRefused(Error):
     """The daemon refused a job as malformed or unsafe; nothing was executed."""
 

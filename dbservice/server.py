@@ -25,7 +25,7 @@ logger = logging.getLogger("dbservice.server")
 class PendingJob:
     """A job between intake and reply; :meth:`finish` replies exactly once."""
 
-    __slots__ = ("job", "reply", "deadline", "queued_at", "done", "timer", "task")
+    __slots__ = ("job", "reply", "deadline", "queued_at", "done", "timer", "task", "cancelled_with")
 
     def __init__(self, job, reply, now):
         self.job = job
@@ -35,6 +35,7 @@ class PendingJob:
         self.done = False
         self.timer = None
         self.task = None
+        self.cancelled_with = None  # the error to reply with once the task is cancelled
 
     def finish(self, ok, value):
         """Send the reply unless one was sent already; True if this one went."""
@@ -127,7 +128,8 @@ class Server:
         except (psycopg2.Error, Error) as exc:
             self._finish(pending, False, exc)
         except asyncio.CancelledError:
-            self._finish(pending, False, ServiceUnavailable("the dbservice daemon stopped before the job ended"))
+            stopped = ServiceUnavailable("the dbservice daemon stopped before the job ended")
+            self._finish(pending, False, pending.cancelled_with or stopped)
             raise
         except Exception as exc:
             logger.exception("job %r failed inside the daemon", pending.job)
@@ -136,6 +138,19 @@ class Server:
             self._finish(pending, True, result)
         finally:
             self.pool.putconn(conn)
+
+    def cancel(self, pending, error):
+        """Cancel a job: drop it from the queue, or cancel its query on the server.
+
+        Its reply is *error*. A job that already ended is left alone.
+        """
+        if pending.done:
+            return
+        if pending.task is None:
+            self._finish(pending, False, error)  # the dispatcher skips it
+        else:
+            pending.cancelled_with = error
+            pending.task.cancel()
 
     def _finish(self, pending, ok, value):
         if not pending.finish(ok, value):

@@ -8,14 +8,15 @@ A client that stalls or sends garbage only loses its own connection.
 """
 
 import asyncio
+import functools
 import logging
 import os
 import socket
 import stat
 
-from .errors import JobRefused
+from .errors import JobCancelled, JobRefused
 from .jobs import dumps_reply, loads_job
-from .wire import MSG_ERROR, MSG_JOB, MSG_RESULT, FrameError, encode_frame, read_frame, server_handshake
+from .wire import MSG_CANCEL, MSG_ERROR, MSG_JOB, MSG_RESULT, FrameError, encode_frame, read_frame, server_handshake
 
 logger = logging.getLogger("dbservice.socket")
 
@@ -89,44 +90,61 @@ class SocketIntake:
             writer.close()
 
     async def _read_jobs(self, reader, writer):
+        client = _Client(writer)
         max_frame = self.settings.max_frame
-        while True:
-            try:
-                job_id, kind, payload = await read_frame(reader, max_frame)
-            except FrameError as exc:
-                # The oversized payload is not read, so the stream is lost.
-                writer.write(encode_frame(0, MSG_ERROR, dumps_reply(JobRefused(str(exc)))))
-                raise
-            reply = _Replier(writer, job_id)
-            if kind != MSG_JOB:
-                reply(False, JobRefused("unknown message kind %d" % kind))
-                continue
-            try:
-                job = loads_job(payload)
-            except JobRefused as exc:
-                logger.warning("refused a job: %s", exc)
-                reply(False, exc)
-                continue
-            self.server.submit(job, reply)
+        try:
+            while True:
+                try:
+                    job_id, kind, payload = await read_frame(reader, max_frame)
+                except FrameError as exc:
+                    # The oversized payload is not read, so the stream is lost.
+                    writer.write(encode_frame(0, MSG_ERROR, dumps_reply(JobRefused(str(exc)))))
+                    raise
+                if kind == MSG_JOB:
+                    self._submit(client, job_id, payload)
+                elif kind == MSG_CANCEL:
+                    pending = client.in_flight.get(job_id)
+                    if pending is not None:
+                        self.server.cancel(pending, JobCancelled("the client cancelled the job"))
+                else:
+                    client.reply(job_id, False, JobRefused("unknown message kind %d" % kind))
+        finally:
+            # Nobody is left to read these jobs' results: cancel them, so a
+            # query of a client that died does not run on for nothing.
+            for pending in list(client.in_flight.values()):
+                self.server.cancel(pending, JobCancelled("the client went away"))
+
+    def _submit(self, client, job_id, payload):
+        try:
+            job = loads_job(payload)
+        except JobRefused as exc:
+            logger.warning("refused a job: %s", exc)
+            client.reply(job_id, False, exc)
+            return
+        pending = self.server.submit(job, functools.partial(client.reply, job_id))
+        if not pending.done:
+            client.in_flight[job_id] = pending
 
 
-class _Replier:
-    """Sends the one reply of one job back on its client's connection."""
+class _Client:
+    """One authenticated client connection and the jobs it has in flight."""
 
-    __slots__ = ("writer", "job_id")
+    __slots__ = ("writer", "in_flight")
 
-    def __init__(self, writer, job_id):
+    def __init__(self, writer):
         self.writer = writer
-        self.job_id = job_id
+        self.in_flight = {}  # job id -> PendingJob
 
-    def __call__(self, ok, value):
+    def reply(self, job_id, ok, value):
+        """Send the one reply of job *job_id* back on this connection."""
+        self.in_flight.pop(job_id, None)
         if self.writer.is_closing():
             return
         try:
             payload = dumps_reply(value)
         except Exception as exc:
             ok, payload = False, dumps_reply(JobRefused("the result could not be sent: %s" % exc))
-        self.writer.write(encode_frame(self.job_id, MSG_RESULT if ok else MSG_ERROR, payload))
+        self.writer.write(encode_frame(job_id, MSG_RESULT if ok else MSG_ERROR, payload))
 
 
 def check_socket_dir(directory):

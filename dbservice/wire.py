@@ -22,6 +22,7 @@ HEADER = struct.Struct("!IQB")  # payload length, job id, kind
 
 # Message kinds, client to daemon.
 MSG_JOB = 1
+MSG_CANCEL = 3  # cancel the job with this id, if it is still in flight
 # Message kinds, daemon to client.
 MSG_RESULT = 1
 MSG_ERROR = 2

@@ -1,0 +1,122 @@
+"""The asyncio client: many jobs in flight on one connection, cancellation."""
+
+import asyncio
+
+import psycopg2.errors
+import pytest
+
+import dbservice
+from conftest import wait_until
+
+
+def active(admin, marker):
+    cur = admin.cursor()
+    cur.execute(
+        "select count(*) from pg_stat_activity where state = 'active' and query like %s"
+        " and pid <> pg_backend_pid()",
+        ["%" + marker + "%"],
+    )
+    return cur.fetchone()[0]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def test_many_jobs_in_flight_on_one_connection(socket_service):
+    async def main():
+        async with await dbservice.connect_async(socket_service.socket, socket_service.authkey) as db:
+            values = await asyncio.gather(*[db.fetchval("select %s::int * 2", [i]) for i in range(300)])
+            row = await db.fetchone("select %(a)s::text, %(b)s::int", {"a": "x", "b": 1})
+            rows = await db.fetchall("select g from generate_series(1, 3) g")
+            count = await db.execute("select 1 from generate_series(1, 4)")
+            return values, row, rows, count
+
+    values, row, rows, count = run(main())
+    assert values == [i * 2 for i in range(300)]
+    assert row == ("x", 1)
+    assert rows == [(1,), (2,), (3,)]
+    assert count == 4
+
+
+def test_jobs_of_one_connection_run_concurrently(socket_service, admin):
+    async def main():
+        db = await dbservice.connect_async(socket_service.socket, socket_service.authkey)
+        jobs = [asyncio.ensure_future(db.fetchval("select pg_sleep(2) /* marker-async-par */")) for _ in range(3)]
+        loop = asyncio.get_running_loop()
+        seen = await loop.run_in_executor(
+            None, lambda: wait_until(lambda: active(admin, "marker-async-par") == 3, message="3 queries at once")
+        )
+        await asyncio.gather(*jobs)
+        await db.close()
+        return seen
+
+    assert run(main())
+
+
+def test_errors_arrive_as_their_classes(socket_service):
+    async def main():
+        async with await dbservice.connect_async(socket_service.socket, socket_service.authkey) as db:
+            with pytest.raises(psycopg2.errors.DivisionByZero):
+                await db.fetchval("select 1 / 0")
+            with pytest.raises(dbservice.QueryTimeout):
+                await db.fetchval("select pg_sleep(10)", timeout=0.3)
+            with pytest.raises(dbservice.JobRefused):
+                await db.fetchval("select %s", [object()])
+            return await db.fetchval("select 'still fine'")
+
+    assert run(main()) == "still fine"
+
+
+def test_cancelling_the_task_cancels_the_query_on_the_server(socket_service, admin):
+    async def main():
+        db = await dbservice.connect_async(socket_service.socket, socket_service.authkey)
+        task = asyncio.ensure_future(db.fetchval("select pg_sleep(30) /* marker-async-cancel */"))
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            None, lambda: wait_until(lambda: active(admin, "marker-async-cancel") == 1, message="the query to run")
+        )
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await loop.run_in_executor(
+            None, lambda: wait_until(lambda: active(admin, "marker-async-cancel") == 0, message="the query to stop")
+        )
+        value = await db.fetchval("select 5")
+        await db.close()
+        return value
+
+    assert run(main()) == 5
+
+
+def test_reconnects_after_the_daemon_restarts(dsn, socket_path):
+    svc = dbservice.DBService(dsn, socket=socket_path, min_size=1, max_size=2).start()
+    authkey = svc.authkey
+
+    async def main():
+        db = await dbservice.connect_async(socket_path, authkey)
+        before = await db.fetchval("select 1")
+        await asyncio.get_running_loop().run_in_executor(None, svc.stop)
+        with pytest.raises(dbservice.ServiceUnavailable):
+            await db.fetchval("select 2")
+        again = dbservice.DBService(dsn, socket=socket_path, authkey=authkey, min_size=1, max_size=2)
+        await asyncio.get_running_loop().run_in_executor(None, again.start)
+        try:
+            after = await db.fetchval("select 3")
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, again.stop)
+        await db.close()
+        return before, after
+
+    assert run(main()) == (1, 3)
+
+
+def test_sync_use_is_refused(socket_service):
+    async def main():
+        db = await dbservice.connect_async(socket_service.socket, socket_service.authkey)
+        with pytest.raises(TypeError, match="async with"):
+            with db:
+                pass
+        await db.close()
+
+    run(main())
