@@ -1,5 +1,8 @@
 from setuptools import find_packages, setup
 
+# What the example web app (examples/blog) runs on; its test runs in CI too.
+BLOG_REQUIRES = ["flask>=3", "gunicorn>=21"]
+
 setup(
     name="dbservice",
     version="0.1.0",
@@ -14,7 +17,8 @@ setup(
         "testing.postgresql>=1.3",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"] + BLOG_REQUIRES,
+        "blog": BLOG_REQUIRES,
     },
     classifiers=[
         "Programming Language :: Python :: 3",

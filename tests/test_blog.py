@@ -1,0 +1,252 @@
+"""The example blog end to end: PostgreSQL, the dbservice daemon and gunicorn
+run as real processes, and the tests drive the site over HTTP."""
+
+import collections
+import concurrent.futures
+import html.parser
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import psycopg2
+import psycopg2.extensions
+import pytest
+
+import dbservice
+from conftest import wait_until
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BLOG = os.path.join(ROOT, "examples", "blog")
+PAGE_SIZE = 10
+NEWEST_FIRST = " order by published_at desc, id desc"
+
+
+@pytest.fixture(scope="module")
+def blog_dsn(dsn):
+    """A database of the blog's own in the session's PostgreSQL."""
+    admin = psycopg2.connect(dsn)
+    admin.autocommit = True
+    admin.cursor().execute("drop database if exists blog")
+    admin.cursor().execute("create database blog")
+    yield psycopg2.extensions.make_dsn(dsn, dbname="blog")
+    admin.cursor().execute("drop database blog with (force)")
+    admin.close()
+
+
+@pytest.fixture(scope="module")
+def blog_db(blog_dsn):
+    """A plain psycopg2 connection to the blog's database: what the pages should show."""
+    conn = psycopg2.connect(blog_dsn)
+    conn.autocommit = True
+    yield conn.cursor()
+    conn.close()
+
+
+@pytest.fixture(scope="module")
+def daemon(blog_dsn, tmp_path_factory):
+    """The engine on a Unix socket, with the ``secret`` file next to it as dbserviced keeps it."""
+    directory = tmp_path_factory.mktemp("blog")
+    os.chmod(directory, 0o700)
+    svc = dbservice.DBService(blog_dsn, socket=str(directory / "dbservice.sock"), min_size=2, max_size=4)
+    svc.start()
+    try:
+        fd = os.open(directory / "secret", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(svc.authkey)
+        yield svc
+    finally:
+        svc.stop()
+
+
+@pytest.fixture(scope="module")
+def site(daemon, tmp_path_factory):
+    """The blog's sample data loaded with ``flask init-db``, served by gunicorn; yields its base URL."""
+    env = dict(os.environ, DBSERVICE_SOCKET=daemon.socket)
+    init = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", os.path.join(BLOG, "app.py"), "init-db"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60,
+    )
+    assert init.returncode == 0, init.stdout.decode(errors="replace")
+    run_dir = tmp_path_factory.mktemp("gunicorn")
+    log_path = run_dir / "gunicorn.log"
+    # gunicorn >= 25.1 puts its control socket in $XDG_RUNTIME_DIR, else in ~/.gunicorn.
+    env["XDG_RUNTIME_DIR"] = str(run_dir)
+    with open(log_path, "wb") as log:
+        # Port 0: the kernel picks a free port, and gunicorn's log says which.
+        server = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", os.path.join(BLOG, "gunicorn.conf.py"), "--bind", "127.0.0.1:0"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        url = wait_until(lambda: _listening_at(server, log_path), timeout=30, message="gunicorn to listen")
+        wait_until(lambda: _get(url + "/")[0] == 200, timeout=30, message="the blog to answer")
+        yield url
+    finally:
+        _stop(server)
+
+
+def _listening_at(server, log_path):
+    log = log_path.read_text(errors="replace")
+    if server.poll() is not None:
+        pytest.fail("gunicorn exited with %s:\n%s" % (server.returncode, log))
+    found = re.search(r"Listening at: (http://\S+)", log)
+    return found and found.group(1)
+
+
+def _stop(server):
+    """Stop gunicorn gracefully, then kill whatever is left of its process group."""
+    server.terminate()
+    try:
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.wait()
+
+
+def _get(url):
+    """GET *url*: (status, body text); an HTTP error status is returned, not raised."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(errors="replace")
+    except (ConnectionError, urllib.error.URLError) as error:
+        return None, str(error)
+
+
+def _page(url):
+    status, body = _get(url)
+    assert status == 200, "%s answered %s: %s" % (url, status, body[:2000])
+    return body
+
+
+class _TextOfClass(html.parser.HTMLParser):
+    """The text of every element of one CSS class, in page order, with entities decoded."""
+
+    def __init__(self, css_class):
+        super().__init__()
+        self.css_class = css_class
+        self.found = []
+        self._inside = False
+
+    def handle_starttag(self, tag, attrs):
+        if self.css_class in (dict(attrs).get("class") or "").split():
+            self.found.append("")
+            self._inside = True
+
+    def handle_endtag(self, tag):
+        self._inside = False
+
+    def handle_data(self, data):
+        if self._inside:
+            self.found[-1] += data
+
+
+def _text_of(body, css_class):
+    parser = _TextOfClass(css_class)
+    parser.feed(body)
+    parser.close()
+    return parser.found
+
+
+def _titles(body):
+    return _text_of(body, "post-title")
+
+
+def _column(cursor, sql, params=None):
+    cursor.execute(sql, params)
+    return [row[0] for row in cursor.fetchall()]
+
+
+def test_front_page_shows_the_newest_posts_and_pages_on(site, blog_db):
+    expected = _column(blog_db, "select title from posts" + NEWEST_FIRST)
+    assert len(expected) > 5 * PAGE_SIZE
+    first = _page(site + "/")
+    assert _titles(first) == expected[:PAGE_SIZE]
+    assert 'rel="next" href="/?page=2"' in first
+    assert _titles(_page(site + "/?page=2")) == expected[PAGE_SIZE : 2 * PAGE_SIZE]
+    last_number = (len(expected) - 1) // PAGE_SIZE + 1
+    last = _page(site + "/?page=%d" % last_number)
+    assert _titles(last) == expected[(last_number - 1) * PAGE_SIZE :]
+    assert 'rel="next"' not in last
+    assert _get(site + "/?page=0")[0] == 404
+
+
+def test_a_tag_page_lists_only_that_tags_posts(site, blog_db):
+    expected = _column(
+        blog_db,
+        "select title from posts_with_tags where 'web' = any(tags)" + NEWEST_FIRST,
+    )
+    assert PAGE_SIZE < len(expected) < 2 * PAGE_SIZE
+    first = _page(site + "/tag/web")
+    second = _page(site + "/tag/web?page=2")
+    assert _titles(first) + _titles(second) == expected
+    assert 'rel="next" href="/tag/web?page=2"' in first
+    assert _get(site + "/tag/no-such-tag")[0] == 404
+
+
+def test_a_post_page_shows_that_post(site, blog_db):
+    blog_db.execute("select id, title, body, tags from posts_with_tags where title not like '%, part %'")
+    odd_ones = blog_db.fetchall()
+    assert len(odd_ones) >= 5
+    for post_id, title, body, tags in odd_ones:
+        page = _page(site + "/post/%d" % post_id)
+        assert _titles(page) == [title]
+        assert _text_of(page, "body") == body.split("\n\n")
+        assert _text_of(page, "tag") == tags
+    assert _get(site + "/post/999999")[0] == 404
+
+
+SEARCHES = ["' or 1=1 --", "%", "_", "\\", '"; drop table posts; --', "<script>", "BACKSLASH"]
+
+
+@pytest.mark.parametrize("text", SEARCHES)
+def test_a_search_with_quotes_and_sql_metacharacters_is_harmless(site, blog_db, text):
+    # The oracle finds the text with strpos(), which has no metacharacters at all.
+    expected = _column(
+        blog_db,
+        "select title from posts where strpos(lower(title), lower(%(text)s)) > 0"
+        " or strpos(lower(body), lower(%(text)s)) > 0" + NEWEST_FIRST,
+        {"text": text},
+    )
+    total = _column(blog_db, "select count(*) from posts")[0]
+    assert 0 < len(expected) <= PAGE_SIZE
+    body = _page(site + "/search?" + urllib.parse.urlencode({"q": text}))
+    assert _titles(body) == expected
+    # Nothing ran but the search: the tables are intact.
+    assert _column(blog_db, "select count(*) from posts") == [total]
+    assert _column(blog_db, "select count(*) from tags") == [4]
+
+
+def test_many_concurrent_requests_all_succeed_and_spread_over_the_pool(site, blog_db):
+    blog_db.execute("select id from posts order by id")
+    post_ids = [row[0] for row in blog_db.fetchall()]
+    paths = ["/", "/?page=3", "/tag/python", "/tag/notes?page=2", "/search?q=vacuum"]
+    paths += ["/post/%d" % post_id for post_id in post_ids[::7]]
+    blog_db.execute("select clock_timestamp()")
+    burst_start = blog_db.fetchone()[0]
+
+    def client(number):
+        return [_get(site + paths[(number + i) % len(paths)])[0] for i in range(20)]
+
+    with concurrent.futures.ThreadPoolExecutor(32) as executor:
+        statuses = collections.Counter(s for each in executor.map(client, range(32)) for s in each)
+    assert statuses == {200: 32 * 20}
+    # The engine's connections to the blog's database that ran a query during
+    # the burst: more than one means the dispatcher spread the load.
+    busy = _column(
+        blog_db,
+        "select pid from pg_stat_activity where datname = current_database()"
+        " and pid <> pg_backend_pid() and query_start >= %s",
+        [burst_start],
+    )
+    assert len(busy) > 1
