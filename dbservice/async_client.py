@@ -12,7 +12,16 @@ import sys
 
 from .client import REPLY_GRACE, _encode, _QueryMethods, resolve_address
 from .errors import Error, QueryTimeout, ServiceUnavailable
-from .jobs import loads_reply
+from .jobs import (
+    FETCH_BEGIN,
+    FETCH_COMMIT,
+    FETCH_ROLLBACK,
+    STREAM_DECLARE,
+    STREAM_FETCH,
+    Job,
+    loads_reply,
+    transaction_options,
+)
 from .wire import (
     MAX_AUTH_FRAME,
     MSG_AUTH,
@@ -47,6 +56,7 @@ class AsyncClient(_QueryMethods):
         self._reading = None
         self._pending = {}
         self._ids = itertools.count(1)
+        self._tx_ids = itertools.count(1)
         self._connecting = asyncio.Lock()
         self.closed = False
 
@@ -138,6 +148,29 @@ class AsyncClient(_QueryMethods):
                 if not reply.done():
                     reply.set_exception(error)
 
+    def transaction(self, isolation_level=None, readonly=None, deferrable=None, timeout=None):
+        """``async with client.transaction() as tx:`` runs tx's jobs in one transaction.
+
+        See :meth:`dbservice.Client.transaction`.
+        """
+        options = transaction_options(isolation_level, readonly, deferrable)
+        return AsyncTransaction(self, options, self.timeout if timeout is None else timeout)
+
+    async def iterate(self, sql, params=None, *, batch=1000, timeout=None):
+        """Yield the rows of *sql*, fetched *batch* at a time through a server-side cursor.
+
+        Close the generator if you stop early (``contextlib.aclosing``), so
+        its transaction ends at once rather than when it is collected.
+        """
+        async with self.transaction(timeout=timeout) as tx:
+            await tx.execute(STREAM_DECLARE + sql, params)
+            while True:
+                rows = await tx.fetchall(STREAM_FETCH, [batch])
+                for row in rows:
+                    yield row
+                if len(rows) < batch:
+                    return
+
     async def close(self):
         """Close the connection; jobs still waiting get ServiceUnavailable."""
         self.closed = True
@@ -154,6 +187,55 @@ class AsyncClient(_QueryMethods):
 
     async def __aexit__(self, *exc_info):
         await self.close()
+
+
+class AsyncTransaction(_QueryMethods):
+    """Jobs that run on one pinned connection and commit or roll back together.
+
+    Get one from :meth:`AsyncClient.transaction`; its query methods are the
+    client's. Leaving the ``async with`` block commits, or rolls back if it
+    raised.
+    """
+
+    def __init__(self, client, options, timeout):
+        self._client = client
+        self._options = options
+        self.timeout = timeout
+
+    async def __aenter__(self):
+        self._tx = next(self._client._tx_ids)
+        await self._client._run(Job("", self._options, FETCH_BEGIN, self.timeout, self._tx))
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb):
+        if self._tx is None:
+            return
+        if exc_type is None:
+            await self.commit()
+        else:
+            try:
+                await self.rollback()
+            except Error:
+                pass  # the block's own exception is the one to see
+
+    async def commit(self):
+        """Commit; the transaction is over whether or not it succeeds."""
+        await self._end(FETCH_COMMIT)
+
+    async def rollback(self):
+        """Roll back; the transaction is over."""
+        await self._end(FETCH_ROLLBACK)
+
+    async def _end(self, fetch):
+        tx, self._tx = self._tx, None
+        if tx is None:
+            raise Error("the transaction is already over")
+        await self._client._run(Job("", None, fetch, self.timeout, tx))
+
+    def _run(self, job):
+        if self._tx is None:
+            raise Error("the transaction is not open: use it inside `async with`")
+        return self._client._run(job)
 
 
 def _give_up(reply, waited):

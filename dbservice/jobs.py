@@ -23,9 +23,30 @@ FETCH_VALUE = "value"  # first column of the first row, or None
 FETCH_ROWCOUNT = "rowcount"  # number of rows affected
 FETCH_MANY = "many"  # params is a list of parameter sets; total rowcount
 FETCH_TABLE = "table"  # (column names, list of tuples)
+#: Transaction control: the daemon writes the SQL itself, from allowed options.
+FETCH_BEGIN = "begin"  # params: {"isolation_level", "readonly", "deferrable"}
+FETCH_COMMIT = "commit"
+FETCH_ROLLBACK = "rollback"
+TRANSACTION_CONTROL = frozenset((FETCH_BEGIN, FETCH_COMMIT, FETCH_ROLLBACK))
 FETCH_MODES = frozenset(
-    (FETCH_ALL, FETCH_ONE, FETCH_VALUE, FETCH_ROWCOUNT, FETCH_MANY, FETCH_TABLE)
+    (FETCH_ALL, FETCH_ONE, FETCH_VALUE, FETCH_ROWCOUNT, FETCH_MANY, FETCH_TABLE) + tuple(TRANSACTION_CONTROL)
 )
+
+#: Isolation levels by name, and by psycopg2's ISOLATION_LEVEL_* numbers.
+ISOLATION_LEVELS = {
+    "read uncommitted": "READ UNCOMMITTED",
+    "read committed": "READ COMMITTED",
+    "repeatable read": "REPEATABLE READ",
+    "serializable": "SERIALIZABLE",
+    4: "READ UNCOMMITTED",
+    1: "READ COMMITTED",
+    2: "REPEATABLE READ",
+    3: "SERIALIZABLE",
+}
+
+#: How iterate() streams rows: a server-side cursor inside a transaction.
+STREAM_DECLARE = "DECLARE dbservice_rows NO SCROLL CURSOR FOR "
+STREAM_FETCH = "FETCH FORWARD %s FROM dbservice_rows"
 
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -47,40 +68,87 @@ _ALLOWED_CLASSES = frozenset(
 
 
 class Job:
-    """One unit of work for the daemon; immutable once built."""
+    """One unit of work for the daemon; immutable once built.
 
-    __slots__ = ("sql", "params", "fetch", "timeout")
+    *tx* names the client's transaction the job belongs to (None: a job that
+    is its own transaction).
+    """
 
-    def __init__(self, sql, params=None, fetch=FETCH_ALL, timeout=None):
+    __slots__ = ("sql", "params", "fetch", "timeout", "tx")
+
+    def __init__(self, sql, params=None, fetch=FETCH_ALL, timeout=None, tx=None):
         self.sql = sql
         self.params = params
         self.fetch = fetch
         self.timeout = timeout
+        self.tx = tx
 
     def __repr__(self):
         return "<Job %s %.60r timeout=%s>" % (self.fetch, self.sql, self.timeout)
 
     def to_wire(self):
-        return (self.sql, self.params, self.fetch, self.timeout)
+        return (self.sql, self.params, self.fetch, self.timeout, self.tx)
 
     @classmethod
     def from_wire(cls, message):
         """Build a job from a decoded message, or raise JobRefused saying why."""
-        if not (isinstance(message, tuple) and len(message) == 4):
-            raise JobRefused("a job must be a tuple (sql, params, fetch, timeout)")
-        sql, params, fetch, timeout = message
-        if not isinstance(sql, str) or not sql.strip():
-            raise JobRefused("the job's SQL must be a non-empty string")
+        if not (isinstance(message, tuple) and len(message) == 5):
+            raise JobRefused("a job must be a tuple (sql, params, fetch, timeout, tx)")
+        sql, params, fetch, timeout, tx = message
         if fetch not in FETCH_MODES:
             raise JobRefused(
                 "unknown fetch mode %r; use one of %s" % (fetch, ", ".join(sorted(FETCH_MODES)))
             )
-        _check_params(params, many=fetch == FETCH_MANY)
         if timeout is not None and (
             isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
         ):
             raise JobRefused("the job's timeout must be a positive number of seconds, not %r" % (timeout,))
-        return cls(sql, params, fetch, timeout)
+        if tx is not None and (isinstance(tx, bool) or not isinstance(tx, int)):
+            raise JobRefused("a transaction id must be an integer, not %r" % (tx,))
+        if fetch in TRANSACTION_CONTROL:
+            if tx is None:
+                raise JobRefused("%s needs the id of its transaction" % fetch)
+            return cls(_control_statement(fetch, params), None, fetch, timeout, tx)
+        if not isinstance(sql, str) or not sql.strip():
+            raise JobRefused("the job's SQL must be a non-empty string")
+        _check_params(params, many=fetch == FETCH_MANY)
+        return cls(sql, params, fetch, timeout, tx)
+
+
+def transaction_options(isolation_level=None, readonly=None, deferrable=None):
+    """BEGIN's options as a job carries them; None leaves the server's default."""
+    options = {"isolation_level": isolation_level, "readonly": readonly, "deferrable": deferrable}
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def _control_statement(fetch, options):
+    """The SQL of BEGIN, COMMIT or ROLLBACK; BEGIN's options come from allowlists."""
+    if fetch == FETCH_COMMIT:
+        return "COMMIT"
+    if fetch == FETCH_ROLLBACK:
+        return "ROLLBACK"
+    options = dict(options or {})
+    words = ["BEGIN"]
+    level = options.pop("isolation_level", None)
+    if level is not None:
+        key = level.lower() if isinstance(level, str) else level
+        if key not in ISOLATION_LEVELS:
+            raise JobRefused(
+                "unknown isolation level %r; use read committed, repeatable read or serializable" % (level,)
+            )
+        words.append("ISOLATION LEVEL " + ISOLATION_LEVELS[key])
+    for option, on, off in (("readonly", "READ ONLY", "READ WRITE"), ("deferrable", "DEFERRABLE", "NOT DEFERRABLE")):
+        value = options.pop(option, None)
+        if value is not None:
+            if not isinstance(value, bool):
+                raise JobRefused("%s must be True, False or None, not %r" % (option, value))
+            words.append(on if value else off)
+    if options:
+        raise JobRefused(
+            "unknown transaction option(s) %s; use isolation_level, readonly, deferrable"
+            % ", ".join(sorted(map(str, options)))
+        )
+    return " ".join(words)
 
 
 def _check_params(params, many):

@@ -15,7 +15,15 @@ import psycopg2
 import psycopg2.extensions as ext
 
 from .errors import Error, JobRefused, QueryTimeout
-from .jobs import FETCH_ALL, FETCH_MANY, FETCH_ONE, FETCH_ROWCOUNT, FETCH_TABLE, FETCH_VALUE
+from .jobs import (
+    FETCH_ALL,
+    FETCH_MANY,
+    FETCH_ONE,
+    FETCH_ROWCOUNT,
+    FETCH_TABLE,
+    FETCH_VALUE,
+    TRANSACTION_CONTROL,
+)
 from .wait import wait_ready
 
 logger = logging.getLogger("dbservice.runner")
@@ -23,31 +31,32 @@ logger = logging.getLogger("dbservice.runner")
 #: Seconds a cancelled query or a rollback may take before the connection is dropped.
 CLEANUP_GRACE = 5.0
 
-_EMPTY = {FETCH_ALL: [], FETCH_ONE: None, FETCH_VALUE: None}
+_EMPTY = {FETCH_ALL: [], FETCH_ONE: None, FETCH_VALUE: None, **dict.fromkeys(TRANSACTION_CONTROL)}
 
 
-async def run_job(pgconn, job, deadline, cancel):
+async def run_job(pgconn, job, deadline, cancel, in_transaction=False):
     """Run *job* on *pgconn* and return its result, or raise its error.
 
     *deadline* is on the event loop's clock (None: no limit). ``await
     cancel(pgconn)`` must ask the server to cancel the query running on
     *pgconn* (see AsyncConnectionPool.cancel). On return or raise, *pgconn*
-    is idle and reusable, or closed.
+    is idle and reusable, or closed; *in_transaction* jobs belong to a
+    client's transaction instead, which stays open (failed, after an error).
     """
     cursor = pgconn.cursor()
     try:
         if job.fetch == FETCH_MANY:
-            result = await _execute_many(pgconn, cursor, job, deadline, cancel)
+            result = await _execute_many(pgconn, cursor, job, deadline, cancel, in_transaction)
         else:
             _send(cursor, job.sql, job.params)
             await _wait_or_cancel(pgconn, deadline, cancel)
             result = _fetch(cursor, job.fetch)
     except BaseException:
-        await _clean_up(pgconn, cancel)
+        await _clean_up(pgconn, cancel, keep_transaction=in_transaction)
         raise
     finally:
         cursor.close()
-    if pgconn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
+    if not in_transaction and pgconn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
         await _clean_up(pgconn, cancel)
         raise Error(
             "the statement left a transaction open, so it was rolled back; "
@@ -56,16 +65,19 @@ async def run_job(pgconn, job, deadline, cancel):
     return result
 
 
-async def _execute_many(pgconn, cursor, job, deadline, cancel):
-    cursor.execute("BEGIN")
-    await _wait_or_cancel(pgconn, deadline, cancel)
+async def _execute_many(pgconn, cursor, job, deadline, cancel, in_transaction):
+    """All parameter sets in one transaction: the caller's, or one of our own."""
+    if not in_transaction:
+        cursor.execute("BEGIN")
+        await _wait_or_cancel(pgconn, deadline, cancel)
     total = 0
     for params in job.params:
         _send(cursor, job.sql, params)
         await _wait_or_cancel(pgconn, deadline, cancel)
         total += max(cursor.rowcount, 0)
-    cursor.execute("COMMIT")
-    await _wait_or_cancel(pgconn, deadline, cancel)
+    if not in_transaction:
+        cursor.execute("COMMIT")
+        await _wait_or_cancel(pgconn, deadline, cancel)
     return total
 
 
@@ -130,8 +142,12 @@ async def _cancel_and_drain(pgconn, cancel):
         raise QueryTimeout("the job's timeout passed and its query could not be cancelled: %s" % exc) from None
 
 
-async def _clean_up(pgconn, cancel):
-    """Bring *pgconn* back to idle, or close it: never hand back a dirty one."""
+async def _clean_up(pgconn, cancel, keep_transaction=False):
+    """Bring *pgconn* back to idle, or close it: never hand back a dirty one.
+
+    With *keep_transaction*, a running query is still cancelled but the
+    transaction around it is left for its owner to roll back.
+    """
     loop = asyncio.get_running_loop()
     try:
         if pgconn.closed:
@@ -143,6 +159,8 @@ async def _clean_up(pgconn, cancel):
             except (psycopg2.Error, QueryTimeout):
                 pass  # the cancelled query's own error: expected
             status = pgconn.get_transaction_status()
+        if keep_transaction:
+            return
         if status in (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR):
             cursor = pgconn.cursor()
             cursor.execute("ROLLBACK")

@@ -24,7 +24,7 @@ class _Forged:
 
 
 def forged_pickle(marker):
-    return pickle.dumps(("select 1", [_Forged("touch %s" % marker)], "all", None))
+    return pickle.dumps(("select 1", [_Forged("touch %s" % marker)], "all", None, None))
 
 
 def raw_connect(path):
@@ -34,13 +34,24 @@ def raw_connect(path):
     return sock
 
 
+def test_transaction_control_sql_is_written_by_the_daemon():
+    begin = jobs.loads_job(pickle.dumps(("drop table x", {"isolation_level": "Serializable", "readonly": True,
+                                                          "deferrable": False}, "begin", None, 3)))
+    assert begin.sql == "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY NOT DEFERRABLE"
+    assert begin.params is None
+    assert jobs.loads_job(pickle.dumps(("drop table x", None, "commit", None, 3))).sql == "COMMIT"
+    assert jobs.loads_job(pickle.dumps(("", {"isolation_level": 2}, "begin", None, 3))).sql == (
+        "BEGIN ISOLATION LEVEL REPEATABLE READ"
+    )
+
+
 def test_restricted_unpickler_admits_every_parameter_type():
     params = [
         None, True, 1, 2**70, 1.5, "t", b"b", bytearray(b"x"), (1,), [2], {"k": "v"},
         datetime.datetime.now(datetime.timezone.utc), datetime.date.today(), datetime.time(1),
         datetime.timedelta(1), decimal.Decimal("1.1"), uuid.uuid4(), uuid.uuid1(),
     ]
-    job = jobs.loads_job(pickle.dumps(("select 1", params, "all", 3.0), 5))
+    job = jobs.loads_job(pickle.dumps(("select 1", params, "all", 3.0, None), 5))
     assert job.params == params
     assert job.timeout == 3.0
 
@@ -48,9 +59,9 @@ def test_restricted_unpickler_admits_every_parameter_type():
 @pytest.mark.parametrize(
     "payload",
     [
-        pickle.dumps(("select 1", [_Forged("true")], "all", None)),
-        pickle.dumps(("select 1", [pickle.PickleError()], "all", None)),
-        pickle.dumps(("select 1", [object()], "all", None)),
+        pickle.dumps(("select 1", [_Forged("true")], "all", None, None)),
+        pickle.dumps(("select 1", [pickle.PickleError()], "all", None, None)),
+        pickle.dumps(("select 1", [object()], "all", None, None)),
         b"cos\nsystem\n(S'true'\ntR.",  # protocol 0, by hand
     ],
     ids=["os.system", "exception", "object", "protocol-0"],
@@ -62,9 +73,22 @@ def test_restricted_unpickler_refuses_other_classes(payload):
 
 @pytest.mark.parametrize(
     "payload",
-    [b"", b"garbage", pickle.dumps("just a string"), pickle.dumps(("select 1", None, "bogus", None)),
-     pickle.dumps(("select 1", None, "all", -1)), pickle.dumps((1, None, "all", None)),
-     pickle.dumps(("select 1", "not params", "all", None))],
+    [
+        b"",
+        b"garbage",
+        pickle.dumps("just a string"),
+        pickle.dumps(("select 1", None, "all", None)),  # a field short
+        pickle.dumps(("select 1", None, "bogus", None, None)),
+        pickle.dumps(("select 1", None, "all", -1, None)),
+        pickle.dumps((1, None, "all", None, None)),
+        pickle.dumps(("select 1", "not params", "all", None, None)),
+        pickle.dumps(("select 1", None, "all", None, "tx")),
+        pickle.dumps(("", {"isolation_level": "chaos"}, "begin", None, 1)),
+        pickle.dumps(("", {"isolation_level": "serializable; drop table x"}, "begin", None, 1)),
+        pickle.dumps(("", {"readonly": "yes"}, "begin", None, 1)),
+        pickle.dumps(("", {"autocommit": True}, "begin", None, 1)),
+        pickle.dumps(("", None, "commit", None, None)),
+    ],
 )
 def test_malformed_jobs_are_refused_with_a_reason(payload):
     with pytest.raises(dbservice.JobRefused):

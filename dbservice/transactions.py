@@ -1,0 +1,145 @@
+"""Transactions that span several jobs: a pooled connection pinned to one client.
+
+A client's BEGIN job borrows a connection like any job, then keeps it: the
+jobs of that transaction run on it, one at a time and in order, until COMMIT
+or ROLLBACK gives it back to the pool. A transaction left idle for longer
+than ``idle_in_transaction_timeout``, or whose client goes away, is rolled
+back and its connection returned; the client hears of it on its next
+statement, and a COMMIT then fails rather than pretend.
+"""
+
+import asyncio
+import logging
+
+import psycopg2
+
+from .errors import Error, ServiceUnavailable
+from .jobs import FETCH_COMMIT, FETCH_ROLLBACK, Job
+from .runner import CLEANUP_GRACE, run_job
+
+logger = logging.getLogger("dbservice.transactions")
+
+
+class Transaction:
+    """One open transaction and the connection pinned to it."""
+
+    __slots__ = ("key", "conn", "lock", "idle_timer", "ended")
+
+    def __init__(self, key, conn):
+        self.key = key  # (owner, transaction id)
+        self.conn = conn
+        self.lock = asyncio.Lock()  # one statement at a time
+        self.idle_timer = None
+        self.ended = None  # the error for the client once we rolled it back
+
+
+class TransactionTable:
+    """The open transactions of one daemon, by owner and transaction id.
+
+    *finish(pending, ok, value)* sends a job's reply (the server's, so that
+    its figures count these jobs too).
+    """
+
+    def __init__(self, pool, idle_timeout, finish):
+        self.pool = pool
+        self.idle_timeout = idle_timeout
+        self._finish = finish
+        self._table = {}
+
+    def __len__(self):
+        return sum(1 for tx in self._table.values() if tx.ended is None)
+
+    def pin(self, owner, tx_id, conn):
+        """Keep *conn*, on which a BEGIN just ran, for transaction *tx_id* of *owner*."""
+        tx = Transaction((owner, tx_id), conn)
+        self._table[tx.key] = tx
+        self._arm(tx)
+
+    async def run(self, pending, owner):
+        """Run a job of an open transaction on that transaction's connection."""
+        job = pending.job
+        tx = self._table.get((owner, job.tx))
+        if tx is None:
+            self._finish(pending, False, Error("there is no transaction %d on this connection" % job.tx))
+            return
+        async with tx.lock:
+            if tx.ended is not None:
+                self._after_end(tx, pending)
+                return
+            self._disarm(tx)
+            try:
+                result = await run_job(tx.conn.pgconn, job, pending.deadline, self.pool.cancel, in_transaction=True)
+            except (psycopg2.Error, Error) as exc:
+                self._finish(pending, False, exc)
+            except asyncio.CancelledError:
+                self._finish(pending, False, pending.cancelled_with or ServiceUnavailable("the daemon is stopping"))
+                raise
+            else:
+                self._finish(pending, True, result)
+            finally:
+                if job.fetch in (FETCH_COMMIT, FETCH_ROLLBACK) or tx.conn.pgconn.closed:
+                    self._release(tx)
+                else:
+                    self._arm(tx)
+
+    def _after_end(self, tx, pending):
+        """Answer a job of a transaction we already rolled back."""
+        if pending.job.fetch == FETCH_ROLLBACK:
+            self._finish(pending, True, None)  # what the client wanted
+        else:
+            self._finish(pending, False, tx.ended)
+        if pending.job.fetch in (FETCH_COMMIT, FETCH_ROLLBACK):
+            del self._table[tx.key]
+
+    def abandon(self, owner):
+        """Roll back every transaction of an owner that went away."""
+        for key, tx in list(self._table.items()):
+            if key[0] is owner:
+                del self._table[key]
+                if tx.ended is None:
+                    asyncio.ensure_future(self._roll_back(tx, "its client went away"))
+
+    async def close(self):
+        """Roll back every open transaction (the daemon is stopping)."""
+        txs = [tx for tx in self._table.values() if tx.ended is None]
+        self._table.clear()
+        await asyncio.gather(*(self._roll_back(tx, "the daemon is stopping") for tx in txs))
+
+    def _arm(self, tx):
+        tx.idle_timer = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, tx)
+
+    def _disarm(self, tx):
+        if tx.idle_timer is not None:
+            tx.idle_timer.cancel()
+            tx.idle_timer = None
+
+    def _expire(self, tx):
+        tx.idle_timer = None
+        tx.ended = Error(
+            "the transaction was rolled back: idle for more than %.1f s (idle_in_transaction_timeout)"
+            % self.idle_timeout
+        )
+        asyncio.ensure_future(self._roll_back(tx, "idle for more than %.1f s" % self.idle_timeout))
+
+    async def _roll_back(self, tx, why):
+        async with tx.lock:
+            if tx.conn is None:  # its COMMIT or ROLLBACK got there first
+                return
+            self._disarm(tx)
+            logger.warning("rolling back a transaction on connection #%d: %s", tx.conn.number, why)
+            deadline = asyncio.get_running_loop().time() + CLEANUP_GRACE
+            try:
+                await run_job(tx.conn.pgconn, Job("ROLLBACK", fetch=FETCH_ROLLBACK), deadline, self.pool.cancel)
+            except Exception as exc:
+                logger.warning("rollback failed (%s); closing the connection", exc)
+                tx.conn.pgconn.close()
+            self._give_back(tx)
+
+    def _release(self, tx):
+        self._disarm(tx)
+        self._table.pop(tx.key, None)
+        self._give_back(tx)
+
+    def _give_back(self, tx):
+        conn, tx.conn = tx.conn, None
+        self.pool.putconn(conn)

@@ -1,0 +1,126 @@
+"""Transactions that span jobs: commit, rollback, isolation, idle timeout; streaming."""
+
+import asyncio
+import contextlib
+
+import psycopg2.errors
+import pytest
+
+import dbservice
+from conftest import start_service
+
+
+@pytest.fixture
+def ledger(admin):
+    admin.cursor().execute("drop table if exists ledger; create table ledger (id int primary key, amount int)")
+    yield
+    admin.cursor().execute("drop table if exists ledger")
+
+
+def count(admin):
+    cur = admin.cursor()
+    cur.execute("select count(*) from ledger")
+    return cur.fetchone()[0]
+
+
+@pytest.fixture(scope="module")
+def tx_service(dsn, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tx")
+    svc = start_service(dsn, str(directory / "s.sock"), min_size=1, max_size=3, idle_in_transaction_timeout=1.0)
+    yield svc
+    svc.stop()
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def test_async_transaction_commits_on_success(tx_service, ledger, admin):
+    async def main():
+        async with await dbservice.connect_async(tx_service.socket, tx_service.authkey) as db:
+            async with db.transaction() as tx:
+                await tx.execute("insert into ledger values (1, 10)")
+                pid1 = await tx.fetchval("select pg_backend_pid()")
+                await tx.execute("insert into ledger values (2, 20)")
+                pid2 = await tx.fetchval("select pg_backend_pid()")
+                inside = await tx.fetchval("select count(*) from ledger")
+            return pid1 == pid2, inside
+
+    assert run(main()) == (True, 2)
+    assert count(admin) == 2
+
+
+def test_async_transaction_rolls_back_on_exception(tx_service, ledger, admin):
+    async def main():
+        async with await dbservice.connect_async(tx_service.socket, tx_service.authkey) as db:
+            with pytest.raises(RuntimeError):
+                async with db.transaction() as tx:
+                    await tx.execute("insert into ledger values (1, 10)")
+                    raise RuntimeError("the app changed its mind")
+            with pytest.raises(psycopg2.errors.UniqueViolation):
+                async with db.transaction() as tx:
+                    await tx.execute("insert into ledger values (2, 10)")
+                    await tx.execute("insert into ledger values (2, 10)")
+            return await db.fetchval("select count(*) from ledger")
+
+    assert run(main()) == 0
+    assert count(admin) == 0
+
+
+def test_transaction_options_reach_the_server(tx_service):
+    async def main():
+        async with await dbservice.connect_async(tx_service.socket, tx_service.authkey) as db:
+            async with db.transaction(isolation_level="serializable", readonly=True) as tx:
+                level = await tx.fetchval("show transaction_isolation")
+                readonly = await tx.fetchval("show transaction_read_only")
+                with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
+                    await tx.execute("create temporary table t (x int)")
+            return level, readonly
+
+    assert run(main()) == ("serializable", "on")
+
+
+def test_idle_transaction_is_rolled_back_and_the_client_told(tx_service, ledger, admin):
+    async def main():
+        async with await dbservice.connect_async(tx_service.socket, tx_service.authkey) as db:
+            tx = db.transaction()
+            await tx.__aenter__()
+            await tx.execute("insert into ledger values (1, 10)")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            # the daemon rolls it back after 1 s idle and returns the connection
+            while loop.time() < deadline:
+                status = await loop.run_in_executor(None, _open_transactions, tx_service)
+                if status == 0:
+                    break
+                await asyncio.sleep(0.05)
+            with pytest.raises(dbservice.Error, match="idle"):
+                await tx.commit()
+            return status
+
+    assert run(main()) == 0
+    assert count(admin) == 0
+
+
+def _open_transactions(svc):
+    with svc.client() as c:
+        return c.status()["transactions_open"]
+
+
+def test_async_iterate_streams_rows_in_batches(tx_service):
+    async def main():
+        async with await dbservice.connect_async(tx_service.socket, tx_service.authkey) as db:
+            rows = [row async for row in db.iterate("select g from generate_series(1, %s) g", [2500], batch=1000)]
+            async with contextlib.aclosing(db.iterate("select generate_series(1, 10000)", batch=100)) as stream:
+                first = [row async for row, _ in zip_async(stream, range(5))]
+            return rows, first, await db.fetchval("select 1")
+
+    rows, first, after = run(main())
+    assert rows == [(g,) for g in range(1, 2501)]
+    assert first == [(1,), (2,), (3,), (4,), (5,)]
+    assert after == 1
+
+
+async def zip_async(stream, numbers):
+    for number in numbers:
+        yield await stream.__anext__(), number
