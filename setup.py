@@ -15,6 +15,7 @@ setup(
         "psycopg2-binary>=2.9",
         "click>=8.0",
         "testing.postgresql>=1.3",
+        'tomli>=1.1; python_version < "3.11"',
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"] + BLOG_REQUIRES,
