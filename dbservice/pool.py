@@ -12,6 +12,7 @@ import asyncio
 import collections
 import logging
 import random
+import select
 
 import psycopg2
 import psycopg2.extensions as ext
@@ -38,6 +39,27 @@ class PooledConnection:
 
     def __repr__(self):
         return "<PooledConnection #%d load=%d>" % (self.number, self.load)
+
+    def alive(self):
+        """False if the server closed this idle connection; costs no round trip.
+
+        An idle connection has nothing to read unless the server spoke first:
+        a termination notice, or the end of the stream after a restart. So a
+        zero-timeout poll of its socket tells a stale one before a job is
+        lost on it.
+        """
+        pgconn = self.pgconn
+        if pgconn.closed:
+            return False
+        poller = select.poll()
+        poller.register(pgconn.fileno(), select.POLLIN)
+        if not poller.poll(0):
+            return True
+        try:
+            pgconn.poll()  # reads what came: a NOTIFY, a notice, or the end
+        except psycopg2.Error:
+            pass
+        return not pgconn.closed
 
     @property
     def usable(self):
@@ -99,7 +121,7 @@ class AsyncConnectionPool:
         self._connections = set()
         self._idle = collections.deque()  # least recently used first
         self._waiters = collections.deque()
-        self._opening = False
+        self._opening = None  # the task opening a connection, if one is
         self._closed = True
         self._backoff = Backoff()
         self._retry_handle = None
@@ -139,8 +161,10 @@ class AsyncConnectionPool:
         self._closed = True
         if self._retry_handle:
             self._retry_handle.cancel()
-        if self._maintenance:
-            self._maintenance.cancel()
+        tasks = [task for task in (self._maintenance, self._opening) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
@@ -198,8 +222,12 @@ class AsyncConnectionPool:
     def _pop_idle(self):
         while self._idle:
             conn = self._idle.popleft()
-            if conn.pgconn.closed:
+            if not conn.alive():
                 self.connections_lost += 1
+                logger.warning(
+                    "connection #%d was closed by the server (terminated, or the server restarted); "
+                    "replacing it", conn.number,
+                )
                 self._discard(conn)
                 continue
             conn.load += 1
@@ -265,17 +293,16 @@ class AsyncConnectionPool:
         size = len(self._connections)
         wanted = size < self.min_size or any(not w.done() for w in self._waiters)
         if wanted and size < self.max_size:
-            self._opening = True
-            self._loop.create_task(self._open_one())
+            self._opening = self._loop.create_task(self._open_one())
 
     async def _open_one(self):
         try:
             pgconn = await self._connect()
         except Exception as exc:
-            self._opening = False
+            self._opening = None
             self._connect_failed(exc)
             return
-        self._opening = False
+        self._opening = None
         self._backoff.reset()
         self.last_error = None
         if self._closed:
