@@ -32,7 +32,7 @@ from .jobs import (
     Job,
     loads_reply,
 )
-from .wire import MSG_ERROR, MSG_JOB, client_handshake, encode_frame, recv_frame
+from .wire import MSG_ERROR, MSG_JOB, MSG_STATUS, client_handshake, encode_frame, recv_frame
 
 #: Seconds the client waits beyond a job's timeout for the daemon's own
 #: QueryTimeout reply, before it gives up on the daemon itself.
@@ -133,11 +133,11 @@ class _Channel:
         self.sock = sock
         self._ids = itertools.count(1)
 
-    def call(self, payload, timeout):
+    def call(self, payload, timeout, kind=MSG_JOB):
         job_id = next(self._ids)
         try:
             self.sock.settimeout(None)
-            self.sock.sendall(encode_frame(job_id, MSG_JOB, payload))
+            self.sock.sendall(encode_frame(job_id, kind, payload))
         except OSError as exc:
             raise _ChannelLost(
                 ServiceUnavailable("cannot send to the dbservice daemon: %s" % exc), unsent=True
@@ -210,14 +210,20 @@ class Client(_QueryMethods):
         with self._lock:
             self._channels.discard(channel)
 
+    def status(self):
+        """The daemon's figures: pool, queue, jobs, latency (``dbserviced status --json``)."""
+        return self._request(MSG_STATUS, b"", self.connect_timeout)
+
     def _run(self, job):
+        return self._request(MSG_JOB, _encode(job), job.timeout)
+
+    def _request(self, kind, payload, timeout):
         if self.closed:
             raise Error("this dbservice client is closed")
-        payload = _encode(job)
         for attempt in (1, 2):
             channel = self._channel()
             try:
-                return channel.call(payload, job.timeout)
+                return channel.call(payload, timeout, kind)
             except _ChannelLost as lost:
                 self._drop(channel)
                 # A job that never left (the daemon restarted since our last

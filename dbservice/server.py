@@ -9,11 +9,15 @@ is stopping.
 """
 
 import asyncio
+import dataclasses
 import logging
+import os
+import re
 import time
 
 import psycopg2
 
+from .config import mask_dsn
 from .errors import Error, QueryTimeout, ServiceBusy, ServiceUnavailable
 from .pool import AsyncConnectionPool
 from .runner import run_job
@@ -51,6 +55,18 @@ class PendingJob:
 class Server:
     """Queue, dispatcher and pool of one daemon, on the running event loop."""
 
+    #: The settings :meth:`reload` applies while jobs flow; the others need a restart.
+    RELOADABLE = (
+        "min_size",
+        "max_size",
+        "max_idle",
+        "pool_timeout",
+        "connect_timeout",
+        "stop_timeout",
+        "slow_ms",
+        "log_level",
+    )
+
     def __init__(self, settings):
         self.settings = settings
         self.pool = AsyncConnectionPool(
@@ -64,6 +80,9 @@ class Server:
         self.stats = JobStats()
         self.started_at = time.time()
         self.accepting = False
+        self.reloads = 0
+        self.reload_error = None
+        self._hurry = asyncio.Event()  # set: a stop waits for no job any more
         self._queue = None
         self._running = set()
         self._dispatcher = None
@@ -161,7 +180,10 @@ class Server:
             outcome = "timed_out"
         else:
             outcome = "failed"
-        self.stats.record(outcome, self._loop.time() - pending.queued_at)
+        seconds = self._loop.time() - pending.queued_at
+        self.stats.record(outcome, seconds)
+        if self.settings.slow_ms and seconds * 1000.0 >= self.settings.slow_ms:
+            logger.warning("slow job, %.0f ms (%s): %s", seconds * 1000.0, outcome, sql_for_log(pending.job.sql))
 
     @property
     def queue_depth(self):
@@ -174,13 +196,15 @@ class Server:
     async def stop(self, timeout=None, force=False):
         """Stop taking jobs; let queued and running ones finish up to *timeout*.
 
-        Whatever is left then (everything, with *force*) is answered with
-        ServiceUnavailable, so no client is left waiting.
+        Whatever is left then (everything, with *force* or after
+        :meth:`hurry`) is answered with ServiceUnavailable, so no client is
+        left waiting.
         """
         self.accepting = False
-        if not force:
-            timeout = self.settings.stop_timeout if timeout is None else timeout
-            await self._drain(self._loop.time() + timeout)
+        if force:
+            self.hurry()
+        timeout = self.settings.stop_timeout if timeout is None else timeout
+        await self._drain(self._loop.time() + timeout)
         if self._dispatcher is not None:
             self._dispatcher.cancel()
         while not self._queue.empty():
@@ -192,18 +216,73 @@ class Server:
             await asyncio.gather(*self._running, return_exceptions=True)
         await self.pool.close()
 
+    def hurry(self):
+        """Make a graceful stop under way, or the next one, a fast one."""
+        self._hurry.set()
+
     async def _drain(self, deadline):
-        while (self.queue_depth or self._running) and self._loop.time() < deadline:
-            waits = list(self._running) or [self._loop.create_task(asyncio.sleep(0.01))]
-            await asyncio.wait(waits, timeout=max(0.0, deadline - self._loop.time()), return_when=asyncio.FIRST_COMPLETED)
+        hurry = self._loop.create_task(self._hurry.wait())
+        try:
+            while (self.queue_depth or self._running) and not self._hurry.is_set() and self._loop.time() < deadline:
+                waits = list(self._running) or [self._loop.create_task(asyncio.sleep(0.01))]
+                await asyncio.wait(
+                    waits + [hurry],
+                    timeout=max(0.0, deadline - self._loop.time()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+        finally:
+            hurry.cancel()
+
+    def reload(self, settings):
+        """Apply the RELOADABLE fields of *settings* without dropping a job.
+
+        The pool grows or shrinks to its new bounds (busy connections above
+        the new maximum close as their jobs end). Other changed fields keep
+        their old values, with a warning to restart.
+        """
+        old = self.settings
+        for field in dataclasses.fields(settings):
+            if field.name not in self.RELOADABLE and getattr(settings, field.name) != getattr(old, field.name):
+                logger.warning("%s changed in the configuration; restart the daemon to apply it", field.name)
+        new = self.settings = dataclasses.replace(old, **{name: getattr(settings, name) for name in self.RELOADABLE})
+        if (new.min_size, new.max_size) != (old.min_size, old.max_size):
+            self.pool.resize(new.min_size, new.max_size)
+        self.pool.max_idle = new.max_idle
+        self.pool.timeout = new.pool_timeout
+        self.pool.connect_timeout = new.connect_timeout
+        self.reloads += 1
+        self.reload_error = None
+        logger.info(
+            "configuration reloaded: pool %d-%d, slow_ms %g, stop_timeout %g s",
+            new.min_size, new.max_size, new.slow_ms, new.stop_timeout,
+        )
+
+    def reload_failed(self, error):
+        """Record a reload whose configuration could not be read; the settings stay."""
+        self.reloads += 1
+        self.reload_error = str(error)
+
 
     def status(self):
         """What ``dbserviced status`` shows: pool, queue and job figures."""
         status = {
+            "pid": os.getpid(),
+            "dsn": mask_dsn(self.settings.dsn),
             "uptime_s": round(time.time() - self.started_at, 3),
+            "reloads": self.reloads,
+            "reload_error": self.reload_error,
             "queue_depth": self.queue_depth,
             "jobs_running": self.running,
         }
         status.update(self.pool.get_stats())
         status.update(self.stats.as_dict())
         return status
+
+
+_PASSWORD_LITERAL = re.compile(r"(password\s+)'(?:[^']|'')*'", re.IGNORECASE)
+
+
+def sql_for_log(sql, limit=200):
+    """*sql* on one line, cut at *limit* characters, any ``PASSWORD '...'`` masked."""
+    text = _PASSWORD_LITERAL.sub(r"\1'***'", " ".join(sql.split()))
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -9,7 +9,7 @@ import signal
 
 from . import types
 from .client import QueueClient, connect
-from .config import Settings
+from .config import Settings, mask_dsn
 from .errors import ServiceUnavailable
 from .queue_intake import QueueIntake
 from .server import Server
@@ -19,30 +19,47 @@ from .wait import new_event_loop
 logger = logging.getLogger("dbservice")
 
 
-def serve(settings, mp_queue=None, ready=None):
+#: What each signal asks of the engine.
+SIGNALS = {
+    signal.SIGTERM: "stop",  # graceful: queued and running jobs finish
+    signal.SIGINT: "fast stop",  # what is queued or running is answered with an error now
+    signal.SIGHUP: "reload",
+    signal.SIGUSR1: "reopen log",
+}
+
+
+def serve(settings, mp_queue=None, ready=None, reload=None, reopen_log=None):
     """Run the engine in this process until SIGTERM (graceful) or SIGINT (fast).
 
     Jobs come from the Unix socket ``settings.socket`` and/or *mp_queue*.
     *ready*, a multiprocessing connection, is sent ``("ready", info)`` once
     jobs are accepted, or ``("error", message)`` if the engine cannot start.
+    On SIGHUP, ``reload()`` returns new Settings to apply; on SIGUSR1,
+    ``reopen_log()`` reopens the log file. A SIGINT during a graceful stop
+    makes it a fast one.
     """
     loop = new_event_loop(settings.selector)
     try:
-        loop.run_until_complete(_run(settings, mp_queue, ready))
+        loop.run_until_complete(_run(settings, mp_queue, ready, reload, reopen_log))
     finally:
         loop.close()
 
 
-async def _run(settings, mp_queue, ready):
+async def _run(settings, mp_queue, ready, reload, reopen_log):
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    force = []
-    # Handlers only set a flag and an event; the loop does the work.
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, lambda: (force.append(True), stop.set()))
-
     types.install_adapters()
     server = Server(settings)
+    asked = asyncio.Queue()
+
+    # Handlers only set an event and queue what was asked; the loop does the work.
+    def on_signal(what):
+        if what == "fast stop":
+            server.hurry()  # also cuts short a graceful stop already under way
+        asked.put_nowait(what)
+
+    for signum, what in SIGNALS.items():
+        loop.add_signal_handler(signum, on_signal, what)
+
     socket_intake = queue_intake = None
     try:
         await server.start()
@@ -57,21 +74,59 @@ async def _run(settings, mp_queue, ready):
             ready.send(("error", "%s: %s" % (type(exc).__name__, exc)))
         await server.stop(force=True)
         raise
-    logger.info("dbservice serving (pid %d, pool %d-%d)", os.getpid(), settings.min_size, settings.max_size)
+    logger.info(
+        "dbservice serving (pid %d, pool %d-%d, database %s)",
+        os.getpid(), settings.min_size, settings.max_size, mask_dsn(settings.dsn),
+    )
     if ready is not None:
         ready.send(("ready", {"pid": os.getpid(), "socket": settings.socket}))
         ready.close()
 
-    await stop.wait()
-    logger.info("dbservice stopping (%s)", "fast" if force else "graceful")
+    what = await _serve_signals(asked, server, reload, reopen_log)
+    logger.info("dbservice stopping (%s)", "fast" if what == "fast stop" else "graceful")
     if socket_intake is not None:
         await socket_intake.stop_listening()
-    await server.stop(force=bool(force))
+    await server.stop(force=what == "fast stop")
     if socket_intake is not None:
         await socket_intake.close()
     if queue_intake is not None:
         await loop.run_in_executor(None, queue_intake.close)
     logger.info("dbservice stopped")
+
+
+async def _serve_signals(asked, server, reload, reopen_log):
+    """Reload and reopen the log as asked, until a stop is asked; return which stop."""
+    while True:
+        what = await asked.get()
+        if what == "reload":
+            _reload(server, reload)
+        elif what == "reopen log":
+            _reopen_log(reopen_log)
+        else:
+            return what
+
+
+def _reload(server, reload):
+    if reload is None:
+        logger.warning("SIGHUP: this engine has no configuration to read again; nothing changes")
+        return
+    try:
+        settings = reload()
+    except Exception as exc:
+        logger.error("reload failed, the current settings stay: %s", exc)
+        server.reload_failed(exc)
+    else:
+        server.reload(settings)
+
+
+def _reopen_log(reopen_log):
+    if reopen_log is None:
+        logger.info("SIGUSR1: this engine logs to stderr; there is no log file to reopen")
+        return
+    try:
+        reopen_log()
+    except OSError as exc:
+        logger.error("cannot reopen the log file, logging on to the old one: %s", exc)
 
 
 def _child_main(settings, mp_queue, ready):

@@ -16,7 +16,17 @@ import stat
 
 from .errors import JobCancelled, JobRefused
 from .jobs import dumps_reply, loads_job
-from .wire import MSG_CANCEL, MSG_ERROR, MSG_JOB, MSG_RESULT, FrameError, encode_frame, read_frame, server_handshake
+from .wire import (
+    MSG_CANCEL,
+    MSG_ERROR,
+    MSG_JOB,
+    MSG_RESULT,
+    MSG_STATUS,
+    FrameError,
+    encode_frame,
+    read_frame,
+    server_handshake,
+)
 
 logger = logging.getLogger("dbservice.socket")
 
@@ -67,6 +77,10 @@ class SocketIntake:
     def clients(self):
         return len(self._clients)
 
+    def status(self):
+        """The server's figures, and this socket's."""
+        return dict(self.server.status(), socket=self.path, socket_clients=self.clients)
+
     async def _serve_client(self, reader, writer):
         self._clients[writer] = asyncio.current_task()
         try:
@@ -106,6 +120,8 @@ class SocketIntake:
                     pending = client.in_flight.get(job_id)
                     if pending is not None:
                         self.server.cancel(pending, JobCancelled("the client cancelled the job"))
+                elif kind == MSG_STATUS:
+                    client.reply(job_id, True, self.status())
                 else:
                     client.reply(job_id, False, JobRefused("unknown message kind %d" % kind))
         finally:

@@ -23,6 +23,7 @@ HEADER = struct.Struct("!IQB")  # payload length, job id, kind
 # Message kinds, client to daemon.
 MSG_JOB = 1
 MSG_CANCEL = 3  # cancel the job with this id, if it is still in flight
+MSG_STATUS = 4  # answered with the daemon's figures, as `dbserviced status` shows them
 # Message kinds, daemon to client.
 MSG_RESULT = 1
 MSG_ERROR = 2
