@@ -1,0 +1,128 @@
+"""How a client thread reaches PostgreSQL, one connector per way.
+
+A connector is built in the bench process and inherited by the forked client
+processes; there :meth:`open_thread` gives each client thread a session whose
+``query(sql, params)`` runs one statement as its own transaction and fetches
+its one row, the same for every strategy. ``open()`` does what a real app does
+before its first request (a persistent connection connects); its cost is not
+measured.
+"""
+
+import psycopg2
+
+import dbservice
+
+#: Seconds a query may take in the bench before it counts as an error.
+QUERY_TIMEOUT = 30.0
+#: Seconds to open one connection before it counts as an error.
+CONNECT_TIMEOUT = 10
+
+
+def _connect(dsn):
+    conn = psycopg2.connect(dsn, connect_timeout=CONNECT_TIMEOUT)
+    # One statement is one transaction, as in dbservice: no BEGIN, no COMMIT.
+    conn.autocommit = True
+    return conn
+
+
+def _fetch_one(conn, sql, params):
+    with conn.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchone()
+
+
+class DirectConnector:
+    """psycopg2 straight to *dsn*: a persistent connection per thread, or a new one per query."""
+
+    is_async = False
+
+    def __init__(self, dsn, persistent):
+        self.dsn = dsn
+        self.persistent = persistent
+
+    def open_thread(self):
+        return _PersistentSession(self.dsn) if self.persistent else _ConnectPerQuerySession(self.dsn)
+
+
+class _PersistentSession:
+    def __init__(self, dsn):
+        self.dsn = dsn
+        self.conn = None
+
+    def open(self):
+        self.conn = _connect(self.dsn)
+
+    def query(self, sql, params):
+        if self.conn is None or self.conn.closed:
+            self.open()  # the first connect failed, or the server dropped us
+        return _fetch_one(self.conn, sql, params)
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+
+
+class _ConnectPerQuerySession:
+    def __init__(self, dsn):
+        self.dsn = dsn
+
+    def open(self):
+        pass
+
+    def query(self, sql, params):
+        conn = _connect(self.dsn)
+        try:
+            return _fetch_one(conn, sql, params)
+        finally:
+            conn.close()
+
+    def close(self):
+        pass
+
+
+class ClientConnector:
+    """A dbservice client (socket or queue), shared by the threads of each process.
+
+    Both clients are fork-safe, so the one made in the bench process serves
+    the client processes forked from it.
+    """
+
+    is_async = False
+
+    def __init__(self, client):
+        self.client = client
+
+    def open_thread(self):
+        return _ClientSession(self.client)
+
+
+class _ClientSession:
+    def __init__(self, client):
+        self.client = client
+
+    def open(self):
+        pass
+
+    def query(self, sql, params):
+        return self.client.fetchone(sql, params, timeout=QUERY_TIMEOUT)
+
+    def close(self):
+        pass
+
+
+class AsyncClientConnector:
+    """dbservice's asyncio client: each client process runs one event loop,
+    and its "threads" are coroutines sharing one client."""
+
+    is_async = True
+
+    def __init__(self, socket, authkey):
+        self.socket = socket
+        self.authkey = authkey
+
+    async def open_process(self):
+        return await dbservice.connect_async(socket=self.socket, authkey=self.authkey)
+
+    @staticmethod
+    async def query(client, sql, params):
+        return await client.fetchone(sql, params, timeout=QUERY_TIMEOUT)

@@ -1,0 +1,114 @@
+"""pgbench at the same concurrency: what this server and machine do without Python in the way.
+
+pgbench runs each workload's own statements against ``bench_accounts`` from
+script files (not its own tables), with one weighted script per statement
+so a mix keeps its proportions, and logs every transaction. The figures come
+from those logs, over the same warm-up and window as the other strategies.
+"""
+
+import glob
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+
+from .results import NotMeasured, Samples
+from .workloads import param_range
+
+#: Seconds pgbench may run past its own duration before it counts as hung.
+GRACE = 120.0
+
+
+def skip_reason():
+    if shutil.which("pgbench") is None:
+        return "no pgbench binary on PATH (Debian: apt-get install postgresql-client)"
+    return None
+
+
+def script(query, rows):
+    """A pgbench script running *query* with its parameters drawn as the Python clients draw them."""
+    lines, sql = [], query.sql
+    for name in query.params:
+        low, high = param_range(name, rows)
+        lines.append("\\set %s random(%d, %d)" % (name, low, high))
+        sql = sql.replace("%s", ":" + name, 1)
+    lines.append(sql + ";")
+    return "\n".join(lines) + "\n"
+
+
+def measure(dsn, workload, clients, plan, started=None):
+    """Run pgbench with *clients* clients for the warm-up and the window; return its Samples."""
+    seconds = math.ceil(plan.warmup + plan.duration) + 1  # -T takes whole seconds
+    with tempfile.TemporaryDirectory(prefix="dbservice-bench-") as directory:
+        command = [
+            "pgbench",
+            "--no-vacuum",
+            "--protocol=simple",
+            "--client=%d" % clients,
+            "--jobs=%d" % min(plan.processes, clients),
+            "--time=%d" % seconds,
+            "--log",
+            "--log-prefix=" + os.path.join(directory, "log"),
+        ]
+        for number, query in enumerate(workload.queries):
+            path = os.path.join(directory, "script%d.sql" % number)
+            with open(path, "w") as f:
+                f.write(script(query, plan.rows))
+            command.append("--file=%s@%d" % (path, query.weight))
+        command.append(dsn)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if started is not None:
+            started()
+        try:
+            _, errors = process.communicate(timeout=seconds + GRACE)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise NotMeasured("pgbench did not finish within %.0f s: it hangs" % (seconds + GRACE)) from None
+        samples = read_logs(
+            glob.glob(os.path.join(directory, "log.*")),
+            [q.kind for q in workload.queries],
+            plan.warmup,
+            plan.duration,
+        )
+    for line in errors.splitlines():
+        if " aborted " in line:  # a client that hit an error stops for good
+            samples.error(line.strip())
+    if process.returncode != 0 and not samples.count:
+        raise NotMeasured("pgbench failed (exit code %d): %s" % (process.returncode, _last_line(errors)))
+    if process.returncode != 0:
+        samples.error("pgbench exited with code %d: %s" % (process.returncode, _last_line(errors)))
+    return samples
+
+
+def read_logs(paths, kinds, warmup, duration):
+    """Samples from pgbench's per-transaction logs.
+
+    Each line is ``client transaction latency_us script epoch_s epoch_us``,
+    stamped when the transaction ended; the window starts *warmup* seconds
+    after the first transaction ended. *kinds* names each script's kind.
+    """
+    ended = []
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                fields = line.split()
+                ended.append((int(fields[4]) + int(fields[5]) / 1e6, fields[2], int(fields[3])))
+    samples = Samples()
+    if not ended:
+        return samples
+    start = min(at for at, _, _ in ended) + warmup
+    for at, latency, script_number in ended:
+        if not start <= at <= start + duration:
+            continue
+        if latency.isdigit():
+            samples.add(kinds[script_number], int(latency) / 1e6)
+        else:  # "failed" (or "skipped"): the transaction did not complete
+            samples.error("pgbench: a transaction %s" % latency)
+    return samples
+
+
+def _last_line(text):
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else "no message"

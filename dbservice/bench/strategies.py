@@ -1,0 +1,132 @@
+"""The strategies the bench compares: what each starts, and how its clients reach PostgreSQL.
+
+Every strategy runs the same workloads from the same client processes and
+threads (pgbench being the exception that brings its own clients). Adding a
+strategy is adding an entry to :data:`STRATEGIES`.
+"""
+
+import contextlib
+import os
+import tempfile
+
+import dbservice
+
+from . import load, pgbench, pgbouncer
+from .connectors import AsyncClientConnector, ClientConnector, DirectConnector
+
+
+class Strategy:
+    """One way for an app's processes and threads to get their queries run."""
+
+    name = ""
+    description = ""
+
+    def skip_reason(self):
+        """Why this strategy cannot run on this machine, or None."""
+        return None
+
+    def serving(self, dsn, plan):
+        """Start what the strategy needs (a context manager); yield the target :meth:`measure` takes."""
+        raise NotImplementedError
+
+    def measure(self, target, workload, clients, plan, started=None):
+        """Run one cell; return its Samples."""
+        return load.measure(target, workload, clients, plan, started)
+
+
+class ConnectPerQuery(Strategy):
+    name = "connect-per-query"
+    description = "the app before any service: open, query, close"
+
+    @contextlib.contextmanager
+    def serving(self, dsn, plan):
+        yield DirectConnector(dsn, persistent=False)
+
+
+class ThreadPool(Strategy):
+    name = "threadpool"
+    description = "a persistent psycopg2 connection per client thread"
+
+    @contextlib.contextmanager
+    def serving(self, dsn, plan):
+        yield DirectConnector(dsn, persistent=True)
+
+
+class QueuePipe(Strategy):
+    name = "mp-queue-pipe"
+    description = "dbservice's original intake: a multiprocessing.Queue, a new Pipe per job"
+
+    @contextlib.contextmanager
+    def serving(self, dsn, plan):
+        with dbservice.DBService(dsn, min_size=plan.pool_size, max_size=plan.pool_size) as service:
+            yield ClientConnector(service.client())
+
+
+class SocketService(Strategy):
+    name = "dbservice"
+    description = "dbservice over its Unix socket, sync client threads"
+
+    @contextlib.contextmanager
+    def serving(self, dsn, plan):
+        with _socket_service(dsn, plan) as service:
+            yield ClientConnector(service.client())
+
+
+class AsyncSocketService(Strategy):
+    name = "dbservice-async"
+    description = "dbservice over its Unix socket, asyncio client, one event loop per process"
+
+    @contextlib.contextmanager
+    def serving(self, dsn, plan):
+        with _socket_service(dsn, plan) as service:
+            yield AsyncClientConnector(service.socket, service.authkey)
+
+
+class PgBouncer(Strategy):
+    name = "pgbouncer"
+    description = "PgBouncer in transaction mode, a persistent connection per client thread"
+
+    def skip_reason(self):
+        return pgbouncer.skip_reason()
+
+    @contextlib.contextmanager
+    def serving(self, dsn, plan):
+        with pgbouncer.running(dsn, plan.pool_size, plan.max_clients) as bouncer_dsn:
+            yield DirectConnector(bouncer_dsn, persistent=True)
+
+
+class PgBench(Strategy):
+    name = "pgbench"
+    description = "pgbench's C clients straight to the server: its own limit on this machine"
+
+    def skip_reason(self):
+        return pgbench.skip_reason()
+
+    @contextlib.contextmanager
+    def serving(self, dsn, plan):
+        yield dsn
+
+    def measure(self, target, workload, clients, plan, started=None):
+        return pgbench.measure(target, workload, clients, plan, started)
+
+
+@contextlib.contextmanager
+def _socket_service(dsn, plan):
+    # A fresh 0700 directory: the daemon refuses a socket others could reach.
+    with tempfile.TemporaryDirectory(prefix="dbservice-bench-") as directory:
+        socket = os.path.join(directory, "dbservice.sock")
+        with dbservice.DBService(
+            dsn, min_size=plan.pool_size, max_size=plan.pool_size, socket=socket
+        ) as service:
+            yield service
+
+
+STRATEGIES = (
+    ConnectPerQuery(),
+    ThreadPool(),
+    QueuePipe(),
+    SocketService(),
+    AsyncSocketService(),
+    PgBouncer(),
+    PgBench(),
+)
