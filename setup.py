@@ -20,6 +20,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"] + BLOG_REQUIRES,
         "blog": BLOG_REQUIRES,
+        "plot": ["matplotlib>=3"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

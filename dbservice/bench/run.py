@@ -1,0 +1,163 @@
+"""One run of the comparison: the database, every strategy on every workload, the figures."""
+
+import contextlib
+import dataclasses
+import os
+
+import psycopg2
+
+from ..embedded import EmbeddedPostgresql
+from ..errors import Error
+from . import report
+from .machine import describe_machine
+from .progress import Progress
+from .results import NotMeasured, summarize
+from .sampler import ConnectionSampler
+from .strategies import STRATEGIES
+from .workloads import WORKLOADS
+
+#: The file that creates and fills ``bench_accounts``.
+SQL_PATH = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "sql", "bench.sql")
+#: Server connections beyond the most clients of a workload: pools, the sampler, superusers.
+SPARE_CONNECTIONS = 50
+
+
+@dataclasses.dataclass
+class Plan:
+    """How long and how wide every cell runs."""
+
+    #: seconds measured per cell, after the warm-up
+    duration: float = 5.0
+    warmup: float = 1.0
+    #: client threads of the workloads that do not set their own
+    clients: int = 64
+    #: client processes the threads are spread over
+    processes: int = 4
+    #: server connections of dbservice's pool and of PgBouncer's
+    pool_size: int = 8
+    #: accounts in bench_accounts
+    rows: int = 100_000
+
+    def clients_for(self, workload):
+        return workload.clients or self.clients
+
+    @property
+    def max_clients(self):
+        return max(self.clients_for(workload) for workload in WORKLOADS)
+
+
+#: --quick: a smoke run of every cell, well under a minute.
+QUICK = {"duration": 0.5, "warmup": 0.25, "rows": 10_000}
+
+
+def run(plan, dsn=None, strategies=STRATEGIES, workloads=WORKLOADS):
+    """Run *strategies* on *workloads*; return the report (the ``--json`` document).
+
+    Without *dsn* a throwaway PostgreSQL is started. A strategy that cannot run
+    here, or a cell that could not be measured, is absent with a note.
+    A progress bar goes to stderr.
+    """
+    notes, runnable = [], []
+    for strategy in strategies:
+        reason = strategy.skip_reason()
+        if reason:
+            notes.append(_note(strategy, None, "skipped: " + reason))
+        else:
+            runnable.append(strategy)
+    progress = Progress(sum(workload.runs(s.name) for s in runnable for workload in workloads))
+    results = []
+    with database(plan, dsn) as dsn:
+        machine = describe_machine(dsn)
+        for strategy in runnable:
+            mine = [workload for workload in workloads if workload.runs(strategy.name)]
+            done = 0
+            progress.begin("%s: starting" % strategy.name)
+            try:
+                with strategy.serving(dsn, plan) as target:
+                    for workload in mine:
+                        progress.begin("%s / %s" % (strategy.name, workload.name))
+                        row, cell_notes = _run_cell(strategy, target, workload, plan, dsn)
+                        results += [row] if row else []
+                        notes += cell_notes
+                        done += 1
+                        progress.end()
+            except (NotMeasured, Error) as exc:
+                notes.append(_note(strategy, None, "not measured: %s" % exc))
+                progress.end(len(mine) - done)
+    progress.close()
+    return {
+        "machine": machine,
+        "plan": dataclasses.asdict(plan),
+        "results": results,
+        "notes": notes,
+        "ratios": report.ratios(results),
+        "targets": report.targets(results, plan),
+    }
+
+
+def _run_cell(strategy, target, workload, plan, dsn):
+    """Measure one cell; return its row (None if it could not be measured) and its notes."""
+    clients = plan.clients_for(workload)
+    sampler = ConnectionSampler(dsn, delay=plan.warmup)
+    try:
+        samples = strategy.measure(target, workload, clients, plan, started=sampler.start)
+    except NotMeasured as exc:
+        return None, [_note(strategy, workload, "not measured: %s" % exc)]
+    finally:
+        sampler.stop()
+    row = {"strategy": strategy.name, "workload": workload.name, "clients": clients}
+    row.update(summarize(samples, plan.duration, mixed=workload.mixed))
+    row["server_connections"] = sampler.peak
+    notes = []
+    if samples.first_error:
+        notes.append(_note(strategy, workload, "first error: " + samples.first_error))
+    if sampler.failure:
+        notes.append(_note(strategy, workload, "server connections not counted: " + sampler.failure))
+    return row, notes
+
+
+def _note(strategy, workload, text):
+    note = {"strategy": strategy.name, "note": text}
+    if workload is not None:
+        note["workload"] = workload.name
+    return note
+
+
+@contextlib.contextmanager
+def database(plan, dsn=None):
+    """Yield the DSN of a database holding ``bench_accounts``: *dsn*, or a throwaway PostgreSQL.
+
+    The throwaway one allows enough connections for every strategy at the
+    plan's widest workload (one per client thread, for the strategies
+    without a pool).
+    """
+    if dsn is not None:
+        load_accounts(dsn, plan.rows)
+        yield dsn
+        return
+    postgres_args = EmbeddedPostgresql.DEFAULT_SETTINGS["postgres_args"] + " -c max_connections=%d" % (
+        plan.max_clients + SPARE_CONNECTIONS
+    )
+    with EmbeddedPostgresql(postgres_args=postgres_args) as server:
+        dsn = server.dsn_string()
+        load_accounts(dsn, plan.rows)
+        yield dsn
+
+
+def load_accounts(dsn, rows):
+    """(Re)create ``bench_accounts`` with *rows* accounts from sql/bench.sql."""
+    try:
+        with open(SQL_PATH) as f:
+            sql = f.read()
+    except FileNotFoundError:
+        raise RuntimeError(
+            "cannot find %s: run the bench from a source checkout of dbservice (pip install -e .)"
+            % os.path.normpath(SQL_PATH)
+        ) from None
+    conn = psycopg2.connect(dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            cursor.execute(sql, {"rows": rows})
+    finally:
+        conn.close()
