@@ -43,6 +43,7 @@ class _QueryMethods:
     """The query methods of every client; subclasses provide ``_run(job)``."""
 
     timeout = None
+    _tx = None  # the id of the transaction the jobs belong to, if any
 
     def fetchall(self, sql, params=None, *, timeout=None):
         """Run *sql* and return all its rows as a list of tuples."""
@@ -71,7 +72,7 @@ class _QueryMethods:
     def _submit(self, sql, params, fetch, timeout):
         if timeout is None:
             timeout = self.timeout
-        return self._run(Job(sql, params, fetch, timeout))
+        return self._run(Job(sql, params, fetch, timeout, self._tx))
 
     def __enter__(self):
         return self

@@ -60,6 +60,8 @@ class Settings:
     auth_timeout: float = 10.0
     #: seconds a graceful stop waits for queued and running jobs
     stop_timeout: float = 30.0
+    #: seconds a client's transaction may sit idle before it is rolled back
+    idle_in_transaction_timeout: float = 60.0
     #: jobs that take longer (milliseconds, queueing included) are logged; 0 logs none
     slow_ms: float = 1000.0
     log_level: str = "WARNING"
@@ -119,6 +121,8 @@ def load_config(given, path=None):
     if path:
         config.update(read_config_file(path))
     config.update({name: value for name, value in given.items() if value is not None})
+    if config["min_size"] == defaults()["min_size"]:
+        config["min_size"] = min(config["min_size"], config["max_size"])  # max_size = 1 alone is fine
     return check_config(config)
 
 

@@ -18,10 +18,12 @@ import time
 import psycopg2
 
 from .config import mask_dsn
-from .errors import Error, QueryTimeout, ServiceBusy, ServiceUnavailable
+from .errors import Error, JobRefused, QueryTimeout, ServiceBusy, ServiceUnavailable
+from .jobs import FETCH_BEGIN
 from .pool import AsyncConnectionPool
 from .runner import run_job
 from .stats import JobStats
+from .transactions import TransactionTable
 
 logger = logging.getLogger("dbservice.server")
 
@@ -29,11 +31,12 @@ logger = logging.getLogger("dbservice.server")
 class PendingJob:
     """A job between intake and reply; :meth:`finish` replies exactly once."""
 
-    __slots__ = ("job", "reply", "deadline", "queued_at", "done", "timer", "task", "cancelled_with")
+    __slots__ = ("job", "reply", "owner", "deadline", "queued_at", "done", "timer", "task", "cancelled_with")
 
-    def __init__(self, job, reply, now):
+    def __init__(self, job, reply, now, owner=None):
         self.job = job
         self.reply = reply
+        self.owner = owner  # the client connection it came on, for transactions
         self.queued_at = now
         self.deadline = None if job.timeout is None else now + job.timeout
         self.done = False
@@ -78,6 +81,7 @@ class Server:
             connect_timeout=settings.connect_timeout,
         )
         self.stats = JobStats()
+        self.transactions = TransactionTable(self.pool, settings.idle_in_transaction_timeout, self._finish)
         self.started_at = time.time()
         self.accepting = False
         self.reloads = 0
@@ -95,11 +99,22 @@ class Server:
         self._dispatcher = self._loop.create_task(self._dispatch())
         self.accepting = True
 
-    def submit(self, job, reply):
-        """Queue *job*; ``reply(ok, value)`` is called exactly once, later or now."""
-        pending = PendingJob(job, reply, self._loop.time())
+    def submit(self, job, reply, owner=None):
+        """Queue *job*; ``reply(ok, value)`` is called exactly once, later or now.
+
+        *owner* identifies the client connection, which transactions need: a
+        job of an open transaction skips the queue and runs on its pinned
+        connection.
+        """
+        pending = PendingJob(job, reply, self._loop.time(), owner)
         if not self.accepting:
             pending.finish(False, ServiceUnavailable("the dbservice daemon is stopping"))
+            return pending
+        if job.tx is not None and owner is None:
+            self._finish(pending, False, JobRefused("transactions need a connection of their own: use the socket"))
+            return pending
+        if job.tx is not None and job.fetch != FETCH_BEGIN:
+            self._start(pending, self.transactions.run(pending, owner))
             return pending
         try:
             self._queue.put_nowait(pending)
@@ -130,20 +145,31 @@ class Server:
             except Error as exc:
                 self._finish(pending, False, exc)
                 continue
+            except asyncio.CancelledError:  # stopping: the job we hold is answered too
+                self._finish(pending, False, ServiceUnavailable("the dbservice daemon stopped before the job ran"))
+                raise
             if pending.done:
                 self.pool.putconn(conn)
                 continue
             if pending.timer is not None:
                 pending.timer.cancel()  # from now on run_job keeps the deadline
                 pending.timer = None
-            task = self._loop.create_task(self._execute(pending, conn))
-            pending.task = task
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._start(pending, self._execute(pending, conn))
+
+    def _start(self, pending, coroutine):
+        task = self._loop.create_task(coroutine)
+        pending.task = task
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     async def _execute(self, pending, conn):
+        job = pending.job
+        begins = job.fetch == FETCH_BEGIN
         try:
-            result = await run_job(conn.pgconn, pending.job, pending.deadline, self.pool.cancel)
+            result = await run_job(conn.pgconn, job, pending.deadline, self.pool.cancel, in_transaction=begins)
+            if begins:
+                self.transactions.pin(pending.owner, job.tx, conn)
+                conn = None  # the transaction gives it back
         except (psycopg2.Error, Error) as exc:
             self._finish(pending, False, exc)
         except asyncio.CancelledError:
@@ -156,7 +182,8 @@ class Server:
         else:
             self._finish(pending, True, result)
         finally:
-            self.pool.putconn(conn)
+            if conn is not None:
+                self.pool.putconn(conn)
 
     def cancel(self, pending, error):
         """Cancel a job: drop it from the queue, or cancel its query on the server.
@@ -214,6 +241,7 @@ class Server:
             task.cancel()
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
+        await self.transactions.close()
         await self.pool.close()
 
     def hurry(self):
@@ -262,7 +290,6 @@ class Server:
         self.reloads += 1
         self.reload_error = str(error)
 
-
     def status(self):
         """What ``dbserviced status`` shows: pool, queue and job figures."""
         status = {
@@ -273,6 +300,7 @@ class Server:
             "reload_error": self.reload_error,
             "queue_depth": self.queue_depth,
             "jobs_running": self.running,
+            "transactions_open": len(self.transactions),
         }
         status.update(self.pool.get_stats())
         status.update(self.stats.as_dict())

@@ -129,6 +129,7 @@ class SocketIntake:
             # query of a client that died does not run on for nothing.
             for pending in list(client.in_flight.values()):
                 self.server.cancel(pending, JobCancelled("the client went away"))
+            self.server.transactions.abandon(client)
 
     def _submit(self, client, job_id, payload):
         try:
@@ -137,7 +138,7 @@ class SocketIntake:
             logger.warning("refused a job: %s", exc)
             client.reply(job_id, False, exc)
             return
-        pending = self.server.submit(job, functools.partial(client.reply, job_id))
+        pending = self.server.submit(job, functools.partial(client.reply, job_id), owner=client)
         if not pending.done:
             client.in_flight[job_id] = pending
 

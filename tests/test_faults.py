@@ -1,11 +1,25 @@
-"""Faults with real processes: what happens when a part dies."""
+"""Faults with real processes: what happens when a part dies, stalls or races."""
 
+import asyncio
+import collections
+import concurrent.futures
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
+import time
 
+import psycopg2
+import pytest
+
+import dbservice
 from conftest import wait_until
+from dbservice.embedded import EmbeddedPostgresql
+from dbservice.pool import AsyncConnectionPool, Backoff
+from dbservice.wait import new_event_loop
+from proxy import TcpProxy
 from test_async_client import active
 
 CLIENT = """
@@ -17,8 +31,6 @@ db.fetchval("select pg_sleep(60) /* marker-client-death */")
 
 
 def test_a_client_that_dies_mid_query_has_its_query_cancelled(dsn, socket_path, admin):
-    import dbservice
-
     with dbservice.DBService(dsn, socket=socket_path, min_size=1, max_size=1) as svc:
         client = subprocess.Popen(
             [sys.executable, "-c", CLIENT, svc.socket, svc.authkey.decode()], stdout=subprocess.PIPE
@@ -34,3 +46,260 @@ def test_a_client_that_dies_mid_query_has_its_query_cancelled(dsn, socket_path, 
         # the pool's only connection came back and serves the next job
         with svc.client(timeout=10) as db:
             assert db.fetchval("select 'next'") == "next"
+
+
+# -- the database goes away ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def private_postgresql():
+    """A cluster of this module's own, which its tests may stop and restart."""
+    server = EmbeddedPostgresql()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def proxy(postgresql):
+    link = TcpProxy("127.0.0.1", postgresql.settings["port"])
+    link.start()
+    yield link
+    link.close()
+
+
+def status(svc):
+    with svc.client(timeout=10) as c:
+        return c.status()
+
+
+class Load:
+    """Client threads running numbered queries until stopped, recording every outcome."""
+
+    def __init__(self, client, threads=4):
+        self.client = client
+        self.outcomes = []  # (time, ok, value or exception)
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._work, args=(n,)) for n in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def _work(self, n):
+        i = 0
+        while not self._stop.is_set():
+            i += 1
+            try:
+                value = self.client.fetchval("select %s::text", ["%d-%d" % (n, i)], timeout=15)
+                self.outcomes.append((time.monotonic(), value == "%d-%d" % (n, i), value))
+            except Exception as exc:
+                self.outcomes.append((time.monotonic(), False, exc))
+
+    def successes_since(self, moment):
+        return sum(1 for at, ok, _ in self.outcomes if ok and at > moment)
+
+    def stop(self):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+        return not any(thread.is_alive() for thread in self._threads)
+
+
+def test_postgres_restart_under_load(private_postgresql, socket_path):
+    with dbservice.DBService(private_postgresql.dsn_string(), socket=socket_path, min_size=2, max_size=4) as svc:
+        load = Load(svc.client())
+        try:
+            wait_until(lambda: load.successes_since(0) > 50, message="load to run")
+            private_postgresql.terminate()  # the postmaster stops; its data stays
+            down_at = time.monotonic()
+            private_postgresql.start()
+            up_at = time.monotonic()
+            wait_until(lambda: load.successes_since(up_at) > 100, timeout=30, message="service after restart")
+            figures = status(svc)
+        finally:
+            assert load.stop(), "a client thread hung"
+    errors = [value for _, ok, value in load.outcomes if not ok]
+    # only the jobs caught by the restart itself failed, each with a clear error
+    assert all(isinstance(e, (psycopg2.OperationalError, dbservice.ServiceUnavailable)) for e in errors), errors
+    assert all(ok for at, ok, _ in load.outcomes if at > up_at + 1.0)
+    assert figures["database_reachable"]
+    # the pool reconnected with backoff, not in a tight loop
+    assert figures["connections_errors"] < 5 + 2 * (up_at - down_at) / Backoff.INITIAL_DELAY
+
+
+def test_killed_backend_fails_its_job_and_is_replaced(dsn, socket_path, admin):
+    with dbservice.DBService(dsn, socket=socket_path, min_size=2, max_size=2) as svc, svc.client(timeout=30) as c:
+        with concurrent.futures.ThreadPoolExecutor(1) as executor:
+            doomed = executor.submit(c.fetchval, "select pg_sleep(30) /* marker-terminate */")
+            wait_until(lambda: active(admin, "marker-terminate") == 1, message="the query to run")
+            admin.cursor().execute(
+                "select pg_terminate_backend(pid) from pg_stat_activity where query like '%marker-terminate%'"
+                " and state = 'active' and pid <> pg_backend_pid()"
+            )
+            with pytest.raises(psycopg2.OperationalError):
+                doomed.result(timeout=30)
+        assert [c.fetchval("select %s::int", [i]) for i in range(20)] == list(range(20))
+        figures = c.status()
+    assert figures["connections_lost"] >= 1
+    assert figures["pool_size"] == 2
+
+
+def test_database_down_at_start_then_served_when_it_appears(proxy, socket_path):
+    proxy.stop()
+    with dbservice.DBService(proxy.dsn(user="postgres", dbname="test"), socket=socket_path, min_size=1, max_size=2) as svc:
+        assert status(svc)["database_reachable"] is False
+        with svc.client() as c:
+            started = time.monotonic()
+            with pytest.raises(dbservice.ServiceUnavailable, match="unreachable"):
+                c.fetchval("select 1", timeout=1.0)
+            assert time.monotonic() - started < 5.0
+            proxy.start()
+            assert c.fetchval("select 'up'", timeout=30) == "up"
+        assert status(svc)["database_reachable"] is True
+
+
+def test_stalled_network_fails_jobs_within_their_timeout_then_recovers(proxy, socket_path):
+    dsn = proxy.dsn(user="postgres", dbname="test")
+    with dbservice.DBService(dsn, socket=socket_path, min_size=1, max_size=2, connect_timeout=1.0) as svc:
+        with svc.client() as c:
+            assert c.fetchval("select 1", timeout=5) == 1
+            proxy.stall()
+            started = time.monotonic()
+            with pytest.raises(dbservice.QueryTimeout):
+                c.fetchval("select 2", timeout=1.0)
+            # the timeout, then at most connect_timeout for the failed cancel
+            assert time.monotonic() - started < 1.0 + 1.0 + 2.0
+            proxy.resume()
+            proxy.stop()  # drop the stalled connections, as a real outage ends
+            proxy.start()
+            assert c.fetchval("select 3", timeout=30) == 3
+
+
+def test_reconnect_backoff_doubles_is_capped_and_jittered(postgresql, monkeypatch):
+    monkeypatch.setattr(Backoff, "INITIAL_DELAY", 0.05)
+    monkeypatch.setattr(Backoff, "MAX_DELAY", 0.4)
+    link = TcpProxy("127.0.0.1", 1)  # nothing listens upstream: every attempt fails
+    link.start()
+
+    async def main():
+        pool = AsyncConnectionPool(link.dsn(user="postgres", dbname="test"), min_size=1, max_size=1)
+        await pool.open(wait=False)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while len(link.accepted) < 9 and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        await pool.close()
+
+    try:
+        new_event_loop().run_until_complete(main())
+    finally:
+        link.close()
+    intervals = [b - a for a, b in zip(link.accepted, link.accepted[1:])][:8]
+    expected = [0.05, 0.1, 0.2, 0.4, 0.4, 0.4, 0.4, 0.4]
+    assert len(intervals) == 8
+    for got, want in zip(intervals, expected):
+        assert want * 0.85 <= got <= want * 1.15 + 0.05, (intervals, expected)
+    # jittered: the capped delays are not all the same
+    assert len({round(x, 3) for x in intervals[3:]}) > 1
+
+
+def test_backoff_schedule():
+    random.seed(7)
+    backoff = Backoff()
+    delays = [backoff.next_delay() for _ in range(12)]
+    bases = [min(Backoff.MAX_DELAY, Backoff.INITIAL_DELAY * 2 ** n) for n in range(12)]
+    for delay, base in zip(delays, bases):
+        assert base * (1 - Backoff.JITTER) <= delay <= base * (1 + Backoff.JITTER)
+    backoff.reset()
+    assert backoff.next_delay() <= Backoff.INITIAL_DELAY * (1 + Backoff.JITTER)
+
+
+# -- races and stuck connections ----------------------------------------------
+
+
+def test_timeouts_racing_results_leave_nothing_behind(dsn, socket_path):
+    rng = random.Random(11)
+    outcomes = collections.Counter()
+    with dbservice.DBService(dsn, socket=socket_path, min_size=1, max_size=1) as svc, svc.client() as c:
+        for i in range(300):
+            # some finish well before the timeout, some just as it fires, some far after it
+            sleep = rng.choice([0.0, 0.005, 0.01, 0.015, 0.05])
+            try:
+                value = c.fetchval("select %s::int from pg_sleep(%s)", [i, sleep], timeout=0.01)
+                assert value == i
+                outcomes["result"] += 1
+            except dbservice.QueryTimeout:
+                outcomes["timeout"] += 1
+            # the next job on the only connection sees its own answer, nothing left over
+            assert c.fetchval("select %s::text", ["check-%d" % i], timeout=10) == "check-%d" % i
+    assert sum(outcomes.values()) == 300
+    assert outcomes["timeout"] > 0 and outcomes["result"] > 0
+
+
+def test_a_lock_wait_holds_one_connection_and_nothing_else(dsn, socket_path, admin):
+    admin.cursor().execute("drop table if exists locked; create table locked (id int primary key, n int)")
+    admin.cursor().execute("insert into locked values (1, 0)")
+    holder = psycopg2.connect(dsn)  # a transaction outside dbservice holds the row
+    holder.cursor().execute("select * from locked where id = 1 for update")
+    try:
+        with dbservice.DBService(dsn, socket=socket_path, min_size=2, max_size=3) as svc, svc.client() as c:
+            with concurrent.futures.ThreadPoolExecutor(1) as executor:
+                blocked = executor.submit(c.execute, "update locked set n = n + 1 where id = 1 /* marker-lock */")
+                wait_until(lambda: active(admin, "marker-lock") == 1, message="the update to wait on the lock")
+                assert [c.fetchval("select %s::int", [i], timeout=5) for i in range(30)] == list(range(30))
+                assert not blocked.done()
+                holder.commit()
+                assert blocked.result(timeout=30) == 1
+    finally:
+        holder.close()
+        admin.cursor().execute("drop table if exists locked")
+
+
+CLIENT_IN_TRANSACTION = """
+import asyncio, sys, dbservice
+async def main():
+    db = await dbservice.connect_async(sys.argv[1], sys.argv[2].encode())
+    tx = db.transaction()
+    await tx.__aenter__()
+    await tx.execute("insert into orphans values (1)")
+    print("inserted", flush=True)
+    await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+
+def test_a_client_that_dies_inside_a_transaction_has_it_rolled_back(dsn, socket_path, admin):
+    admin.cursor().execute("drop table if exists orphans; create table orphans (id int)")
+    with dbservice.DBService(dsn, socket=socket_path, min_size=1, max_size=1) as svc:
+        client = subprocess.Popen(
+            [sys.executable, "-c", CLIENT_IN_TRANSACTION, svc.socket, svc.authkey.decode()], stdout=subprocess.PIPE
+        )
+        try:
+            assert client.stdout.readline().strip() == b"inserted"
+            assert status(svc)["transactions_open"] == 1
+            os.kill(client.pid, signal.SIGKILL)
+            client.wait(10)
+        finally:
+            client.kill()
+        wait_until(lambda: status(svc)["transactions_open"] == 0, message="the transaction to be rolled back")
+        with svc.client(timeout=10) as c:
+            assert c.fetchval("select count(*) from orphans") == 0  # never committed
+            assert c.fetchval("select 'the connection is back'") == "the connection is back"
+        figures = status(svc)
+    assert figures["pool_available"] == 1
+    admin.cursor().execute("drop table if exists orphans")
+
+
+def test_clients_reconnect_after_the_daemon_is_killed_and_restarted(dsn, socket_path):
+    svc = dbservice.DBService(dsn, socket=socket_path, min_size=1, max_size=1).start()
+    c = svc.client(timeout=10)
+    assert c.fetchval("select 1") == 1
+    svc.process.kill()
+    svc.process.join(10)
+    started = time.monotonic()
+    with pytest.raises(dbservice.ServiceUnavailable):
+        c.fetchval("select 2")
+    assert time.monotonic() - started < 5
+    again = dbservice.DBService(dsn, socket=socket_path, authkey=svc.authkey, min_size=1, max_size=1).start()
+    try:
+        assert c.fetchval("select 3") == 3  # the same client, no new connect() needed
+    finally:
+        again.stop()
