@@ -127,6 +127,13 @@ def test_pgbench_logs_are_read_over_the_window_after_the_first_transaction(tmp_p
     assert samples.errors == 1
 
 
+def test_pgbench_logs_that_end_before_the_window_does_are_not_figures(tmp_path):
+    log = tmp_path / "log.123"
+    log.write_text("0 1 900 0 1000 0\n0 2 900 0 1002 0\n")
+    with pytest.raises(NotMeasured, match="stopped 1.0 s before the window ended"):
+        pgbench.read_logs([str(log)], [FAST], warmup=1.0, duration=2.0)
+
+
 # -- the report ------------------------------------------------------------------
 
 

@@ -18,6 +18,9 @@ from .workloads import param_range
 
 #: Seconds pgbench may run past its own duration before it counts as hung.
 GRACE = 120.0
+#: Seconds pgbench runs beyond the warm-up and the window: its --time includes
+#: connecting its clients, which can take a while at 256 on a busy machine.
+CONNECT_ALLOWANCE = 2
 
 
 def skip_reason():
@@ -39,7 +42,7 @@ def script(query, rows):
 
 def measure(dsn, workload, clients, plan, started=None):
     """Run pgbench with *clients* clients for the warm-up and the window; return its Samples."""
-    seconds = math.ceil(plan.warmup + plan.duration) + 1  # -T takes whole seconds
+    seconds = math.ceil(plan.warmup + plan.duration) + CONNECT_ALLOWANCE  # --time takes whole seconds
     with tempfile.TemporaryDirectory(prefix="dbservice-bench-") as directory:
         command = [
             "pgbench",
@@ -66,19 +69,19 @@ def measure(dsn, workload, clients, plan, started=None):
             process.kill()
             process.communicate()
             raise NotMeasured("pgbench did not finish within %.0f s: it hangs" % (seconds + GRACE)) from None
-        samples = read_logs(
-            glob.glob(os.path.join(directory, "log.*")),
-            [q.kind for q in workload.queries],
-            plan.warmup,
-            plan.duration,
-        )
+        failure = "pgbench exited with code %d: %s" % (process.returncode, _last_line(errors))
+        logs = glob.glob(os.path.join(directory, "log.*"))
+        try:
+            samples = read_logs(logs, [q.kind for q in workload.queries], plan.warmup, plan.duration)
+        except NotMeasured:
+            if process.returncode != 0:  # its own error says more than its logs
+                raise NotMeasured(failure) from None
+            raise
     for line in errors.splitlines():
         if " aborted " in line:  # a client that hit an error stops for good
             samples.error(line.strip())
-    if process.returncode != 0 and not samples.count:
-        raise NotMeasured("pgbench failed (exit code %d): %s" % (process.returncode, _last_line(errors)))
     if process.returncode != 0:
-        samples.error("pgbench exited with code %d: %s" % (process.returncode, _last_line(errors)))
+        samples.error(failure)
     return samples
 
 
@@ -88,6 +91,7 @@ def read_logs(paths, kinds, warmup, duration):
     Each line is ``client transaction latency_us script epoch_s epoch_us``,
     stamped when the transaction ended; the window starts *warmup* seconds
     after the first transaction ended. *kinds* names each script's kind.
+    Raises NotMeasured if the logs do not cover the window.
     """
     ended = []
     for path in paths:
@@ -95,10 +99,16 @@ def read_logs(paths, kinds, warmup, duration):
             for line in f:
                 fields = line.split()
                 ended.append((int(fields[4]) + int(fields[5]) / 1e6, fields[2], int(fields[3])))
-    samples = Samples()
     if not ended:
-        return samples
+        raise NotMeasured("pgbench logged no transaction")
     start = min(at for at, _, _ in ended) + warmup
+    missing = start + duration - max(at for at, _, _ in ended)
+    if missing > 0:
+        raise NotMeasured(
+            "pgbench stopped %.1f s before the window ended (connecting its clients took that long); "
+            "a longer --duration leaves more room" % missing
+        )
+    samples = Samples()
     for at, latency, script_number in ended:
         if not start <= at <= start + duration:
             continue
