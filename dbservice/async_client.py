@@ -10,18 +10,9 @@ import asyncio
 import itertools
 import sys
 
-from .client import REPLY_GRACE, _encode, _QueryMethods, resolve_address
+from .client import REPLY_GRACE, _encode, _QueryMethods, _TransactionJobs, resolve_address
 from .errors import Error, QueryTimeout, ServiceUnavailable
-from .jobs import (
-    FETCH_BEGIN,
-    FETCH_COMMIT,
-    FETCH_ROLLBACK,
-    STREAM_DECLARE,
-    STREAM_FETCH,
-    Job,
-    loads_reply,
-    transaction_options,
-)
+from .jobs import FETCH_COMMIT, FETCH_ROLLBACK, STREAM_DECLARE, STREAM_FETCH, loads_reply, transaction_options
 from .wire import (
     MAX_AUTH_FRAME,
     MSG_AUTH,
@@ -189,7 +180,7 @@ class AsyncClient(_QueryMethods):
         await self.close()
 
 
-class AsyncTransaction(_QueryMethods):
+class AsyncTransaction(_TransactionJobs):
     """Jobs that run on one pinned connection and commit or roll back together.
 
     Get one from :meth:`AsyncClient.transaction`; its query methods are the
@@ -197,14 +188,8 @@ class AsyncTransaction(_QueryMethods):
     raised.
     """
 
-    def __init__(self, client, options, timeout):
-        self._client = client
-        self._options = options
-        self.timeout = timeout
-
     async def __aenter__(self):
-        self._tx = next(self._client._tx_ids)
-        await self._client._run(Job("", self._options, FETCH_BEGIN, self.timeout, self._tx))
+        await self._client._run(self._begin_job())
         return self
 
     async def __aexit__(self, exc_type, exc, tb):
@@ -219,23 +204,10 @@ class AsyncTransaction(_QueryMethods):
                 pass  # the block's own exception is the one to see
 
     async def commit(self):
-        """Commit; the transaction is over whether or not it succeeds."""
-        await self._end(FETCH_COMMIT)
+        await self._client._run(self._end_job(FETCH_COMMIT))
 
     async def rollback(self):
-        """Roll back; the transaction is over."""
-        await self._end(FETCH_ROLLBACK)
-
-    async def _end(self, fetch):
-        tx, self._tx = self._tx, None
-        if tx is None:
-            raise Error("the transaction is already over")
-        await self._client._run(Job("", None, fetch, self.timeout, tx))
-
-    def _run(self, job):
-        if self._tx is None:
-            raise Error("the transaction is not open: use it inside `async with`")
-        return self._client._run(job)
+        await self._client._run(self._end_job(FETCH_ROLLBACK))
 
 
 def _give_up(reply, waited):

@@ -23,14 +23,20 @@ from .config import SECRET_NAME, SOCKET_NAME, default_state_dir
 from .errors import Error, JobRefused, QueryTimeout, ServiceUnavailable
 from .jobs import (
     FETCH_ALL,
+    FETCH_BEGIN,
+    FETCH_COMMIT,
     FETCH_MANY,
     FETCH_ONE,
+    FETCH_ROLLBACK,
     FETCH_ROWCOUNT,
     FETCH_TABLE,
     FETCH_VALUE,
     PICKLE_PROTOCOL,
+    STREAM_DECLARE,
+    STREAM_FETCH,
     Job,
     loads_reply,
+    transaction_options,
 )
 from .wire import MSG_ERROR, MSG_JOB, MSG_STATUS, client_handshake, encode_frame, recv_frame
 
@@ -171,6 +177,60 @@ class _Channel:
         self.sock.close()
 
 
+class _TransactionJobs(_QueryMethods):
+    """What the sync and async transactions share: their jobs carry the transaction's id."""
+
+    def __init__(self, client, options, timeout):
+        self._client = client
+        self._options = options
+        self.timeout = timeout
+
+    def _begin_job(self):
+        self._tx = next(self._client._tx_ids)
+        return Job("", self._options, FETCH_BEGIN, self.timeout, self._tx)
+
+    def _end_job(self, fetch):
+        """COMMIT or ROLLBACK; the transaction is over whether or not it succeeds."""
+        tx, self._tx = self._tx, None
+        if tx is None:
+            raise Error("the transaction is already over")
+        return Job("", None, fetch, self.timeout, tx)
+
+    def _run(self, job):
+        if self._tx is None:
+            raise Error("the transaction is not open: use it as a context manager")
+        return self._client._run(job)
+
+
+class Transaction(_TransactionJobs):
+    """Jobs that run on one pinned connection and commit or roll back together.
+
+    Get one from :meth:`Client.transaction`; its query methods are the
+    client's. Leaving the ``with`` block commits, or rolls back if it raised.
+    """
+
+    def __enter__(self):
+        self._client._run(self._begin_job())
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._tx is None:
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            try:
+                self.rollback()
+            except Error:
+                pass  # the block's own exception is the one to see
+
+    def commit(self):
+        self._client._run(self._end_job(FETCH_COMMIT))
+
+    def rollback(self):
+        self._client._run(self._end_job(FETCH_ROLLBACK))
+
+
 _live_clients = weakref.WeakSet()
 
 
@@ -190,6 +250,7 @@ class Client(_QueryMethods):
         self._lock = threading.Lock()
         self._local = threading.local()
         self._channels = set()
+        self._tx_ids = itertools.count(1)
         self.closed = False
         _live_clients.add(self)
 
@@ -210,6 +271,35 @@ class Client(_QueryMethods):
         self._local.channel = None
         with self._lock:
             self._channels.discard(channel)
+
+    def transaction(self, isolation_level=None, readonly=None, deferrable=None, timeout=None):
+        """``with client.transaction() as tx:`` runs tx's jobs in one transaction.
+
+        The block's jobs run on one pooled connection, pinned for it; leaving
+        the block commits, or rolls back if it raised. *isolation_level*
+        ("read committed", "repeatable read", "serializable", or psycopg2's
+        ISOLATION_LEVEL_* numbers), *readonly* and *deferrable* are those of
+        psycopg2's ``set_session()``. A transaction belongs to the thread that
+        began it. Left idle past the daemon's idle_in_transaction_timeout, it
+        is rolled back, and its next statement or commit raises.
+        """
+        options = transaction_options(isolation_level, readonly, deferrable)
+        return Transaction(self, options, self.timeout if timeout is None else timeout)
+
+    def iterate(self, sql, params=None, *, batch=1000, timeout=None):
+        """Yield the rows of *sql*, fetched *batch* at a time through a server-side cursor.
+
+        Neither the daemon nor this process holds more than a batch at a time.
+        The rows come from one transaction, which ends when the generator is
+        exhausted or closed (close it if you stop early).
+        """
+        with self.transaction(timeout=timeout) as tx:
+            tx.execute(STREAM_DECLARE + sql, params)
+            while True:
+                rows = tx.fetchall(STREAM_FETCH, [batch])
+                yield from rows
+                if len(rows) < batch:
+                    return
 
     def status(self):
         """The daemon's figures: pool, queue, jobs, latency (``dbserviced status --json``)."""

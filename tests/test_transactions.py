@@ -8,6 +8,7 @@ import pytest
 
 import dbservice
 from conftest import start_service
+from dbservice.jobs import FETCH_BEGIN, Job
 
 
 @pytest.fixture
@@ -124,3 +125,61 @@ def test_async_iterate_streams_rows_in_batches(tx_service):
 async def zip_async(stream, numbers):
     for number in numbers:
         yield await stream.__anext__(), number
+
+
+def test_sync_transaction_commits_and_rolls_back(tx_service, ledger, admin):
+    with tx_service.client(timeout=30) as db:
+        with db.transaction() as tx:
+            tx.executemany("insert into ledger values (%s, %s)", [(1, 10), (2, 20)])
+            assert tx.fetchval("select sum(amount) from ledger") == 30
+            assert count(admin) == 0  # not yet visible outside
+        assert count(admin) == 2
+        with pytest.raises(ZeroDivisionError):
+            with db.transaction() as tx:
+                tx.execute("delete from ledger")
+                1 / 0
+        assert count(admin) == 2
+        with pytest.raises(dbservice.Error, match="not open"):
+            tx.fetchval("select 1")
+
+
+def test_a_failed_statement_fails_the_transaction_like_psycopg2(tx_service, ledger, admin):
+    with tx_service.client(timeout=30) as db:
+        tx = db.transaction()
+        with tx:
+            tx.execute("insert into ledger values (1, 10)")
+            with pytest.raises(psycopg2.errors.UniqueViolation):
+                tx.execute("insert into ledger values (1, 10)")
+            with pytest.raises(psycopg2.errors.InFailedSqlTransaction):
+                tx.fetchval("select 1")
+            tx.rollback()
+        assert count(admin) == 0
+        assert db.fetchval("select 'connection returned clean'") == "connection returned clean"
+        assert db.status()["transactions_open"] == 0
+
+
+def test_sync_iterate_streams_without_materialising(tx_service):
+    with tx_service.client(timeout=30) as db:
+        rows = db.iterate("select g, repeat('x', 100) from generate_series(1, %s) g", [5000], batch=500)
+        total = 0
+        for number, (g, text) in enumerate(rows, 1):
+            assert g == number and len(text) == 100
+            total += 1
+            if number == 1:
+                # streamed: the daemon runs our cursor inside one open transaction
+                assert db.status()["transactions_open"] == 1
+        assert total == 5000
+        assert db.status()["transactions_open"] == 0
+        stream = db.iterate("select generate_series(1, 100000)", batch=1000)
+        assert next(stream) == (1,)
+        stream.close()  # stopping early ends the transaction at once
+        assert db.status()["transactions_open"] == 0
+
+
+def test_transactions_need_the_socket(dsn):
+    """The queue intake has a pipe per job: nothing to pin a transaction to."""
+    with dbservice.DBService(dsn, min_size=1, max_size=1) as svc:
+        client = svc.client(timeout=10)
+        assert not hasattr(client, "transaction")
+        with pytest.raises(dbservice.JobRefused, match="socket"):
+            client._run(Job("", {}, FETCH_BEGIN, 10, 1))
