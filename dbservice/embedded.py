@@ -1,4 +1,4 @@
-"""A throwaway PostgreSQL for tests, the benchmark and the daemon's default.
+"""A throwaway PostgreSQL for tests and the benchmark, and the daemon's own cluster.
 
 It is testing.postgresql with one change: when we run as root (CI, containers,
 development machines), initdb and postgres refuse to run, so both are started
@@ -8,11 +8,14 @@ the stop signal reaches the postmaster itself (``su``/``runuser`` would fork
 and swallow it).
 """
 
+import hashlib
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 
+import psycopg2
 import testing.postgresql
 
 #: The OS user the server runs as when we are root.
@@ -77,3 +80,93 @@ class EmbeddedPostgresql(testing.postgresql.Postgresql):
         params = self.dsn(**overrides)
         params["dbname"] = params.pop("database")
         return " ".join("%s=%s" % item for item in sorted(params.items()))
+
+
+#: Where the daemon keeps its embedded clusters when we are root.
+ROOT_CLUSTERS_DIR = "/var/lib/dbservice"
+
+
+def default_cluster_dir(state_dir):
+    """Where the daemon of *state_dir* keeps its embedded cluster.
+
+    In the state directory, unless we are root: the server then runs as
+    SERVER_USER, who cannot enter root's state directory (it is 0700, as the
+    socket's directory must be, and so is /root). The cluster then lives in
+    ROOT_CLUSTERS_DIR, named after the state directory's path.
+    """
+    if os.geteuid() != 0:
+        return os.path.join(state_dir, "postgresql")
+    digest = hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:12]
+    return os.path.join(ROOT_CLUSTERS_DIR, "postgresql-" + digest)
+
+
+class EmbeddedCluster(EmbeddedPostgresql):
+    """The daemon's own PostgreSQL, kept in *base_dir* across restarts.
+
+    It listens on no TCP port, where its ``trust`` authentication would let any
+    local user in as superuser, but only on a Unix socket in *base_dir*, which
+    is 0700. It keeps fsync on, since its data is meant to last. Its DSN names
+    the ``postgres`` database.
+    """
+
+    #: Only names the socket file: the directory is ours alone, so it is free.
+    PORT = 5432
+
+    def __init__(self, base_dir):
+        super().__init__(
+            base_dir=base_dir,
+            port=self.PORT,
+            boot_timeout=60,
+            postgres_args="-c listen_addresses= -c logging_collector=off",
+        )
+
+    def initialize(self):
+        self.name = "postgresql"  # the server's log: base_dir/postgresql.log
+        os.makedirs(self.base_dir, mode=0o700, exist_ok=True)
+        super().initialize()
+        if self._drop:
+            _check_reachable(self.base_dir, SERVER_USER)
+
+    def dsn(self, **overrides):
+        params = {
+            "host": os.path.join(self.base_dir, "tmp"),
+            "port": self.PORT,
+            "user": "postgres",
+            "database": "postgres",
+        }
+        params.update(overrides)
+        return params
+
+    def is_server_available(self):
+        try:
+            psycopg2.connect(self.dsn_string(), connect_timeout=5).close()
+        except psycopg2.OperationalError:
+            return False
+        return True
+
+    def poststart(self):
+        """Nothing to create: the ``postgres`` database is there from initdb on."""
+
+
+def _check_reachable(path, user):
+    """Raise, saying what to do, unless *user* may enter every directory above *path*."""
+    entry = pwd.getpwnam(user)
+    groups = set(os.getgrouplist(user, entry.pw_gid))
+    parent = os.path.dirname(os.path.abspath(path))
+    while True:
+        st = os.stat(parent)
+        if st.st_uid == entry.pw_uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in groups:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            raise RuntimeError(
+                "PostgreSQL runs as the %r user, who cannot enter %s (mode %04o), so it cannot reach "
+                "the cluster in %s: choose a directory it can reach with --cluster-dir (as root the "
+                "default is under %s)" % (user, parent, stat.S_IMODE(st.st_mode), path, ROOT_CLUSTERS_DIR)
+            )
+        if parent == os.path.dirname(parent):
+            return
+        parent = os.path.dirname(parent)
