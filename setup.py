@@ -22,6 +22,7 @@ setup(
         "blog": BLOG_REQUIRES,
         "plot": ["matplotlib>=3"],
     },
+    entry_points={"console_scripts": ["dbserviced = dbservice.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Database",

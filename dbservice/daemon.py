@@ -1,0 +1,273 @@
+"""The daemon's life: detach, hold the pidfile, run the engine, stop, and signal it.
+
+``dbserviced start`` forks twice before any event loop, thread or connection
+exists, so nothing is shared across the fork: the daemon is in a session of
+its own, with no terminal, its output going to the log file. It reports back
+on a pipe once its socket accepts jobs, or why it could not start.
+"""
+
+import logging
+import multiprocessing
+import os
+import select
+import signal
+import sys
+
+from .client import read_secret
+from .config import Settings, load_config
+from .embedded import EmbeddedCluster, default_cluster_dir
+from .pidfile import AlreadyRunning, Pidfile, running_pid
+from .service import serve
+from .socket_intake import check_socket_dir
+
+logger = logging.getLogger("dbservice.daemon")
+
+#: Seconds ``dbserviced start`` waits for the daemon to accept jobs (a first
+#: start of the embedded cluster runs initdb).
+START_TIMEOUT = 120.0
+#: Seconds a fast stop may take: cancelling queries, closing connections,
+#: stopping the embedded cluster.
+FAST_STOP_TIMEOUT = 30.0
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+
+
+class StartError(Exception):
+    """The daemon did not start; the message says why."""
+
+
+class StopError(Exception):
+    """The daemon did not stop; the message says what to do."""
+
+
+class Daemon:
+    """One daemon: its state directory and its settings, with where they came from.
+
+    *given* holds the settings from flags and the environment (None: not
+    given); they win over the config file at *config_path* now and on every
+    reload.
+    """
+
+    def __init__(self, state, given, config_path=None):
+        self.state = state
+        self.given = given
+        self.config_path = os.path.abspath(config_path) if config_path else None
+        self.config = load_config(given, self.config_path)
+        if self.config["cluster_dir"]:
+            self.config["cluster_dir"] = os.path.abspath(self.config["cluster_dir"])
+        self.detached = False
+        self.cluster = None
+
+    def prepare(self):
+        """Create the state directory 0700 (refusing one others can enter) and its secret."""
+        check_socket_dir(self.state.path)
+        try:
+            fd = os.open(self.state.secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return
+        with os.fdopen(fd, "w") as f:
+            f.write(os.urandom(32).hex() + "\n")
+
+    # -- starting ----------------------------------------------------------------
+
+    def start_detached(self, timeout=START_TIMEOUT):
+        """Start the daemon in the background; return its pid once it accepts jobs.
+
+        Raises StartError with the daemon's own reason if it cannot start.
+        """
+        ready_in, ready_out = multiprocessing.Pipe(duplex=False)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                ready_in.close()
+                self._detach()
+                code = self.run(_Ready(ready_out))
+            finally:
+                os._exit(code)  # never back into the command's own code
+        ready_out.close()
+        os.waitpid(pid, 0)  # the first child exits as soon as it forked the daemon
+        with ready_in:
+            if not ready_in.poll(timeout):
+                raise StartError(
+                    "the daemon did not accept jobs within %.0f s; see its log %s" % (timeout, self.state.log)
+                )
+            try:
+                state, info = ready_in.recv()
+            except EOFError:
+                raise StartError("the daemon exited while starting; see its log %s" % self.state.log) from None
+        if state != "ready":
+            raise StartError(info)
+        return info["pid"]
+
+    def _detach(self):
+        os.setsid()  # a session of our own: no terminal, no signals from one
+        if os.fork():
+            os._exit(0)  # not a session leader: the daemon can never acquire a terminal
+        os.chdir("/")
+        self.detached = True
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        redirect_output(self.state.log)
+
+    def run(self, ready=None):
+        """Be the daemon in this process until it is stopped; return the exit code."""
+        ready = ready or _Ready(None)
+        configure_logging(self.config["log_level"])
+        # Until the engine's loop takes the signals over there is no loop to
+        # wake: SIGTERM raises, so that the finally clauses clean up.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        pidfile = Pidfile(self.state.pidfile)
+        try:
+            pidfile.acquire()
+            logger.info("dbserviced starting (pid %d, state directory %s)", os.getpid(), self.state.path)
+            self._serve(ready)
+        except AlreadyRunning as exc:
+            logger.error("%s", exc)
+            ready.send(("error", str(exc)))
+            return 1
+        except Exception as exc:
+            logger.exception("dbserviced failed")
+            ready.send(("error", "%s: %s" % (type(exc).__name__, exc)))
+            return 1
+        finally:
+            pidfile.release()
+        logger.info("dbserviced stopped")
+        return 0
+
+    def _serve(self, ready):
+        dsn = self.config["dsn"]
+        if dsn is None:
+            self.cluster = self._start_cluster()
+            dsn = self.cluster.dsn_string()
+        try:
+            serve(
+                self._settings(self.config, dsn),
+                ready=ready,
+                reload=self._reload,
+                reopen_log=self._reopen_log if self.detached else None,
+            )
+        finally:
+            if self.cluster is not None:
+                self.cluster.stop()
+                logger.info("embedded PostgreSQL stopped")
+
+    def _start_cluster(self):
+        directory = self.config["cluster_dir"] or default_cluster_dir(self.state.path)
+        if not os.path.exists(os.path.join(directory, "data", "PG_VERSION")):
+            logger.info("creating the embedded PostgreSQL cluster in %s", directory)
+        cluster = EmbeddedCluster(directory)
+        logger.info("embedded PostgreSQL running in %s (pid %d)", directory, cluster.server_pid)
+        return cluster
+
+    def _settings(self, config, dsn):
+        options = {name: value for name, value in config.items() if name not in ("dsn", "cluster_dir")}
+        return Settings(dsn=dsn, socket=self.state.socket, authkey=read_secret(self.state.secret), **options)
+
+    # -- while running -------------------------------------------------------------
+
+    def _reload(self):
+        """Settings from the config file read again; flags and environment as at start still win."""
+        config = load_config(self.given, self.config_path)
+        logging.getLogger().setLevel(config["log_level"])
+        dsn = config["dsn"]
+        if dsn is None and self.cluster is not None:
+            dsn = self.cluster.dsn_string()
+        return self._settings(config, dsn)
+
+    def _reopen_log(self):
+        redirect_output(self.state.log)
+        logger.info("reopened the log file %s", self.state.log)
+
+
+class _Ready:
+    """Tells the waiting ``start`` command, once, whether the daemon serves."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def send(self, message):
+        if self.conn is None:
+            return
+        try:
+            self.conn.send(message)
+        except OSError:
+            pass  # the command stopped waiting; the log says what happened
+        self.close()
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def configure_logging(level):
+    """Log to stderr, which is the log file once the daemon has detached."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def redirect_output(path):
+    """Point stdout and stderr at the end of the file at *path*, opened anew."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+# -- the commands that act on a running daemon -----------------------------------------
+
+
+def signal_daemon(state, signum):
+    """Send *signum* to the daemon of *state*; return its pid, or None if none runs."""
+    pid = running_pid(state.pidfile)
+    if pid is not None:
+        os.kill(pid, signum)
+    return pid
+
+
+def stop(state, timeout, force=False):
+    """Stop the daemon of *state*; return its pid, or None if none was running.
+
+    Gracefully: running and queued jobs get up to *timeout* seconds, then the
+    daemon is told to answer what is left with an error. With *force*, that
+    happens at once. Raises StopError if the daemon does not end.
+    """
+    pid = signal_daemon(state, signal.SIGINT if force else signal.SIGTERM)
+    if pid is None:
+        return None
+    if not force and not wait_for_exit(pid, timeout):
+        try:
+            os.kill(pid, signal.SIGINT)  # time is up: answer what is left with an error
+        except ProcessLookupError:
+            return pid
+    if not wait_for_exit(pid, FAST_STOP_TIMEOUT):
+        raise StopError(
+            "dbserviced (pid %d) did not stop within %.0f s of a fast stop; see its log %s, "
+            "and end it with `kill -KILL %d`" % (pid, FAST_STOP_TIMEOUT, state.log, pid)
+        )
+    return pid
+
+
+def wait_for_exit(pid, timeout):
+    """Wait up to *timeout* seconds for process *pid*, not our child, to end; True if it did."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)

@@ -1,0 +1,97 @@
+"""What the command line prints: rows as an aligned table or as JSON, and the daemon's status."""
+
+import json
+import numbers
+
+
+def format_table(columns, rows):
+    """*rows* under their *columns*, aligned as psql does (numbers to the right), and a count."""
+    if not columns:
+        return "OK (the statement returns no rows)"
+    cells = [[_text(value) for value in row] for row in rows]
+    widths = [max([len(name)] + [len(row[i]) for row in cells]) for i, name in enumerate(columns)]
+    lines = [
+        " | ".join(name.center(width) for name, width in zip(columns, widths)).rstrip(),
+        "-+-".join("-" * width for width in widths),
+    ]
+    for row, texts in zip(rows, cells):
+        aligned = (
+            text.rjust(width) if _is_number(value) else text.ljust(width)
+            for value, text, width in zip(row, texts, widths)
+        )
+        lines.append(" | ".join(aligned).rstrip())
+    lines.append("(%d row%s)" % (len(rows), "" if len(rows) == 1 else "s"))
+    return "\n".join(lines)
+
+
+def rows_json(columns, rows):
+    """``{"columns": [...], "rows": [[...], ...]}``; values JSON lacks become strings."""
+    return json.dumps({"columns": columns, "rows": rows}, default=_json_value)
+
+
+def format_status(status):
+    """The figures of ``Client.status()`` for a person to read."""
+    latency = status["latency_ms"]
+    connections = ", ".join(
+        "#%d load %d (%d jobs)" % (c["number"], c["load"], c["jobs_done"]) for c in status["connections"]
+    )
+    lines = [
+        "dbserviced is running (pid %d, up %s)" % (status["pid"], _duration(status["uptime_s"])),
+        "  database     %s" % status["dsn"],
+        "  socket       %s (%d connected)" % (status["socket"], status["socket_clients"]),
+        "  pool         %d open (min %d, max %d), %d idle, %d jobs waiting for one"
+        % (
+            status["pool_size"],
+            status["pool_min"],
+            status["pool_max"],
+            status["pool_available"],
+            status["requests_waiting"],
+        ),
+        "  connections  %s" % (connections or "none"),
+        "  queue        %d queued, %d running" % (status["queue_depth"], status["jobs_running"]),
+        "  jobs         %d done, %d failed, %d timed out"
+        % (status["jobs_done"], status["jobs_failed"], status["jobs_timed_out"]),
+        "  latency      p50 %s, p95 %s, p99 %s (last %d jobs)"
+        % (_ms(latency["p50"]), _ms(latency["p95"]), _ms(latency["p99"]), latency["window"]),
+    ]
+    if not status["database_reachable"]:
+        lines.append("  WARNING      the database is unreachable: %s" % status["last_error"])
+    if status["reload_error"]:
+        lines.append("  WARNING      the last reload failed: %s" % status["reload_error"])
+    return "\n".join(lines)
+
+
+def _text(value):
+    if value is None:
+        return "NULL"
+    if isinstance(value, bytes):
+        return "\\x" + value.hex()
+    return str(value)
+
+
+def _is_number(value):
+    return isinstance(value, numbers.Number) and not isinstance(value, bool)
+
+
+def _json_value(value):
+    if isinstance(value, bytes):
+        return "\\x" + value.hex()
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)  # Decimal keeps its every digit, UUID its usual form
+
+
+def _ms(value):
+    return "-" if value is None else "%.1f ms" % value
+
+
+def _duration(seconds):
+    seconds = int(seconds)
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    if days:
+        return "%dd %dh %dm" % (days, hours, minutes)
+    if hours:
+        return "%dh %dm" % (hours, minutes)
+    return "%dm %ds" % (minutes, seconds)

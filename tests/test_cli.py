@@ -1,0 +1,395 @@
+"""dbserviced as operators run it: the real CLI, as subprocesses, on real daemons."""
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from click.testing import CliRunner
+
+import dbservice
+from conftest import wait_until
+from dbservice import cli
+from dbservice.config import StateDir, load_config
+from dbservice.embedded import default_cluster_dir
+from dbservice.pidfile import read_pid, running_pid
+
+PASSWORD = "hunter2-not-in-logs"
+
+
+def dbserviced(state_dir, *args, env=None, timeout=90):
+    """Run ``dbserviced ARGS`` with *state_dir* as DBSERVICE_HOME; the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, "-m", "dbservice.cli", *args],
+        env=_env(state_dir, env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _env(state_dir, extra=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DBSERVICE_")}
+    env["DBSERVICE_HOME"] = str(state_dir)
+    env.update(extra or {})
+    return env
+
+
+def ok(result):
+    assert result.returncode == 0, "exit %d\n%s%s" % (result.returncode, result.stdout, result.stderr)
+    return result.stdout
+
+
+def client_of(state_dir, timeout=60):
+    return dbservice.connect(socket=StateDir(str(state_dir)).socket, timeout=timeout)
+
+
+@pytest.fixture
+def state_dir(tmp_path_factory):
+    # Unix socket paths are limited to ~107 bytes: keep them short.
+    return tmp_path_factory.mktemp("d")
+
+
+@pytest.fixture
+def daemon_dir(dsn, state_dir):
+    """A state directory whose daemon, if a test starts one, is stopped at the end."""
+    yield state_dir
+    _ensure_stopped(state_dir)
+
+
+def _ensure_stopped(state_dir):
+    dbserviced(state_dir, "stop", "--force")
+    pid = running_pid(StateDir(str(state_dir)).pidfile)
+    if pid is not None:  # the test broke it: do not leave it behind
+        os.kill(pid, signal.SIGKILL)
+
+
+# -- one daemon shared by the round-trip tests ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def running(dsn, tmp_path_factory):
+    """A daemon on the test cluster, its password-carrying DSN from a flag, a setting
+    from the environment overriding the config file, and the start's output."""
+    state_dir = tmp_path_factory.mktemp("r")
+    config = state_dir / "dbservice.toml"
+    config.write_text("min_size = 2\nmax_size = 2\nslow_ms = 150\n")
+    start = dbserviced(
+        state_dir,
+        "start",
+        "--dsn", "%s password=%s" % (dsn, PASSWORD),
+        "--config", str(config),
+        env={"DBSERVICE_MIN_SIZE": "1"},
+    )
+    yield state_dir, config, ok(start)
+    _ensure_stopped(state_dir)
+
+
+def test_start_prints_the_pid_the_socket_and_the_database(running):
+    state_dir, _, output = running
+    state = StateDir(str(state_dir))
+    assert "dbserviced started (pid %d)" % read_pid(state.pidfile) in output
+    assert state.socket in output
+    assert "password=***" in output and PASSWORD not in output
+
+
+def test_status_carries_every_figure_and_never_the_password(running):
+    state_dir, _, _ = running
+    with client_of(state_dir) as db:
+        db.fetchval("select 1")
+    result = dbserviced(state_dir, "status", "--json")
+    figures = json.loads(ok(result))
+    assert figures["running"] is True
+    assert figures["pid"] == read_pid(StateDir(str(state_dir)).pidfile)
+    assert figures["uptime_s"] > 0
+    assert "password=***" in figures["dsn"] and PASSWORD not in result.stdout
+    assert (figures["pool_min"], figures["pool_max"]) == (1, 2)  # the environment beats the file
+    assert figures["pool_size"] >= 1
+    assert all("load" in c for c in figures["connections"]) and figures["connections"]
+    for name in ("queue_depth", "jobs_done", "jobs_failed", "jobs_timed_out"):
+        assert isinstance(figures[name], int)
+    assert figures["jobs_done"] >= 1
+    assert set(figures["latency_ms"]) >= {"p50", "p95", "p99"}
+    human = ok(dbserviced(state_dir, "status"))
+    assert "dbserviced is running (pid %d" % figures["pid"] in human and "p99" in human
+
+
+def test_query_prints_an_aligned_table_or_json(running):
+    state_dir, _, _ = running
+    table = ok(dbserviced(state_dir, "query", "select %s::int * 2 as answer, %s as word", "21", "hi"))
+    assert table.splitlines() == [
+        "answer | word",
+        "-------+-----",
+        "    42 | hi",
+        "(1 row)",
+    ]
+    rows = json.loads(ok(dbserviced(state_dir, "query", "--json", "select 1.5::numeric as n, null as z")))
+    assert rows == {"columns": ["n", "z"], "rows": [["1.5", None]]}
+
+
+def test_query_errors_exit_1_with_the_servers_message(running):
+    state_dir, _, _ = running
+    result = dbserviced(state_dir, "query", "select * from no_such_table")
+    assert result.returncode == 1
+    assert 'relation "no_such_table" does not exist' in result.stderr
+
+
+def test_connect_with_no_arguments_finds_the_daemon(running, monkeypatch):
+    state_dir, _, _ = running
+    monkeypatch.delenv("DBSERVICE_SOCKET", raising=False)
+    monkeypatch.setenv("DBSERVICE_HOME", str(state_dir))
+    with dbservice.connect(timeout=30) as db:
+        assert db.fetchval("select 'found'") == "found"
+
+
+def test_a_second_start_is_refused(running):
+    state_dir, _, _ = running
+    pid = read_pid(StateDir(str(state_dir)).pidfile)
+    result = dbserviced(state_dir, "start", "--dsn", "dbname=whatever")
+    assert result.returncode == 1
+    assert "already running" in result.stderr and str(pid) in result.stderr
+    assert read_pid(StateDir(str(state_dir)).pidfile) == pid
+    ok(dbserviced(state_dir, "status"))
+
+
+def test_slow_jobs_are_logged_without_the_password(running):
+    state_dir, _, _ = running
+    log = StateDir(str(state_dir)).log
+    with client_of(state_dir) as db:
+        db.fetchval("select pg_sleep(0.3) /* slow-marker */")
+    wait_until(lambda: "slow-marker" in _read(log), message="the slow job's log line")
+    line = next(line for line in _read(log).splitlines() if "slow-marker" in line)
+    assert "slow job" in line
+    assert PASSWORD not in _read(log)
+
+
+def test_reload_resizes_the_pool_while_jobs_keep_flowing(running):
+    state_dir, config, _ = running
+    errors, done = [], []
+    stop = threading.Event()
+
+    def keep_querying():
+        with client_of(state_dir) as db:
+            while not stop.is_set():
+                try:
+                    done.append(db.fetchval("select pg_sleep(0.02)::text || 'ok'"))
+                except Exception as exc:  # every one of them must succeed
+                    errors.append(exc)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as executor:
+        for _ in range(4):
+            executor.submit(keep_querying)
+        try:
+            wait_until(lambda: len(done) >= 20, message="jobs flowing before the reload")
+            config.write_text("min_size = 3\nmax_size = 4\nslow_ms = 150\n")
+            output = ok(dbserviced(state_dir, "reload"))
+            assert "pool 1-4" in output  # max_size from the file; min_size still from the environment
+            before = len(done)
+            with client_of(state_dir) as db:
+                wait_until(lambda: db.status()["pool_size"] >= 3, message="the pool to grow")
+            wait_until(lambda: len(done) >= before + 20, message="jobs flowing after the reload")
+        finally:
+            stop.set()
+    assert errors == []
+    assert json.loads(ok(dbserviced(state_dir, "status", "--json")))["pool_max"] == 4
+
+
+def test_a_reload_with_a_broken_config_file_keeps_the_settings(running):
+    state_dir, config, _ = running
+    good = config.read_text()
+    config.write_text("max_size = 'many'\n")
+    try:
+        result = dbserviced(state_dir, "reload")
+    finally:
+        config.write_text(good)
+    assert result.returncode == 1
+    assert "max_size" in result.stderr and "settings stay" in result.stderr
+    with client_of(state_dir) as db:
+        assert db.fetchval("select 1") == 1
+
+
+def test_sigusr1_reopens_the_log_file(running):
+    state_dir, _, _ = running
+    state = StateDir(str(state_dir))
+    os.rename(state.log, state.log + ".1")  # what logrotate does
+    os.kill(read_pid(state.pidfile), signal.SIGUSR1)
+    wait_until(lambda: "reopened the log file" in _read(state.log), message="a new log file")
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+# -- stopping ---------------------------------------------------------------------
+
+
+def _submit_and_wait_until_queued(state_dir, sql, clients):
+    """Have *clients* clients submit one job each; return once the daemon has them all."""
+    executor = concurrent.futures.ThreadPoolExecutor(clients)
+
+    def one(i):
+        with client_of(state_dir) as db:
+            return db.fetchval(sql, [i])
+
+    futures = [executor.submit(one, i) for i in range(clients)]
+    with client_of(state_dir) as db:
+        wait_until(
+            lambda: _received(db.status()) == clients,
+            message="the daemon to hold every job",
+        )
+    executor.shutdown(wait=False)
+    return futures
+
+
+def _received(status):
+    # requests_waiting: the job the dispatcher holds while it waits for a connection
+    names = ("queue_depth", "requests_waiting", "jobs_running", "jobs_done", "jobs_failed")
+    return sum(status[name] for name in names)
+
+
+def test_stop_lets_every_submitted_job_finish(dsn, daemon_dir):
+    ok(dbserviced(daemon_dir, "start", "--dsn", dsn, "--max-size", "1"))
+    futures = _submit_and_wait_until_queued(daemon_dir, "select pg_sleep(0.2)::text || %s", clients=6)
+    ok(dbserviced(daemon_dir, "stop"))
+    assert sorted(f.result(timeout=10) for f in futures) == [str(i) for i in range(6)]
+    state = StateDir(str(daemon_dir))
+    assert not os.path.exists(state.socket) and not os.path.exists(state.pidfile)
+    assert dbserviced(daemon_dir, "status").returncode == cli.EXIT_NOT_RUNNING
+
+
+def test_stop_force_answers_every_waiting_client_at_once(dsn, daemon_dir):
+    ok(dbserviced(daemon_dir, "start", "--dsn", dsn, "--max-size", "1"))
+    futures = _submit_and_wait_until_queued(daemon_dir, "select pg_sleep(60)::text || %s", clients=3)
+    began = time.monotonic()
+    ok(dbserviced(daemon_dir, "stop", "--force"))
+    for future in futures:
+        with pytest.raises(dbservice.ServiceUnavailable, match="stopped before the job"):
+            future.result(timeout=10)
+    assert time.monotonic() - began < 15
+
+
+def test_stop_timeout_ends_a_graceful_stop_that_takes_too_long(dsn, daemon_dir):
+    ok(dbserviced(daemon_dir, "start", "--dsn", dsn, "--max-size", "1"))
+    futures = _submit_and_wait_until_queued(daemon_dir, "select pg_sleep(60)::text || %s", clients=2)
+    began = time.monotonic()
+    ok(dbserviced(daemon_dir, "stop", "--timeout", "0.5"))
+    for future in futures:
+        with pytest.raises(dbservice.ServiceUnavailable, match="stopped before the job"):
+            future.result(timeout=10)
+    assert time.monotonic() - began < 15
+
+
+def test_a_stale_pidfile_is_replaced(dsn, daemon_dir):
+    state = StateDir(str(daemon_dir))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    os.makedirs(state.path, mode=0o700, exist_ok=True)
+    with open(state.pidfile, "w") as f:
+        f.write("%d\n" % dead.pid)
+    assert dbserviced(daemon_dir, "status").returncode == cli.EXIT_NOT_RUNNING
+    ok(dbserviced(daemon_dir, "start", "--dsn", dsn))
+    assert read_pid(state.pidfile) not in (None, dead.pid)
+    ok(dbserviced(daemon_dir, "status"))
+
+
+def test_foreground_logs_to_stderr_and_stops_on_sigterm(dsn, daemon_dir):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dbservice.cli", "start", "--foreground", "--dsn", dsn],
+        env=_env(daemon_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: running_pid(StateDir(str(daemon_dir)).pidfile) == process.pid, message="the pidfile")
+        wait_until(lambda: dbserviced(daemon_dir, "status").returncode == 0, message="the daemon to answer")
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0
+    assert "dbservice serving" in stderr and "dbserviced stopped" in stderr
+
+
+def test_commands_without_a_daemon_say_so_with_their_exit_codes(state_dir):
+    assert dbserviced(state_dir, "status").returncode == cli.EXIT_NOT_RUNNING
+    assert json.loads(dbserviced(state_dir, "status", "--json").stdout) == {"running": False}
+    assert "not running" in ok(dbserviced(state_dir, "stop"))
+    result = dbserviced(state_dir, "query", "select 1")
+    assert result.returncode == 1 and "dbserviced start" in result.stderr
+
+
+# -- the embedded PostgreSQL ----------------------------------------------------------
+
+
+def test_with_no_dsn_the_daemon_runs_its_own_postgresql_and_keeps_its_data(daemon_dir):
+    cluster = default_cluster_dir(str(daemon_dir))
+    try:
+        output = ok(dbserviced(daemon_dir, "start"))
+        assert "host=%s" % os.path.join(cluster, "tmp") in output
+        ok(dbserviced(daemon_dir, "query", "create table kept (note text)"))
+        ok(dbserviced(daemon_dir, "query", "insert into kept values (%s)", "survives a restart"))
+        ok(dbserviced(daemon_dir, "restart"))
+        assert "survives a restart" in ok(dbserviced(daemon_dir, "query", "select note from kept"))
+        ok(dbserviced(daemon_dir, "stop"))
+        # stopped with the daemon
+        assert not os.path.exists(os.path.join(cluster, "data", "postmaster.pid"))
+    finally:
+        _ensure_stopped(daemon_dir)
+        subprocess.run(["rm", "-rf", cluster], check=True)
+
+
+# -- configuration and help -------------------------------------------------------------
+
+
+def test_flags_beat_the_config_file_which_beats_the_defaults(tmp_path):
+    config = tmp_path / "dbservice.toml"
+    config.write_text('max_size = 7\nmin_size = 3\nlog_level = "debug"\n')
+    settings = load_config({"max_size": 5, "slow_ms": None}, str(config))
+    assert (settings["min_size"], settings["max_size"]) == (3, 5)
+    assert settings["log_level"] == "DEBUG"
+    assert settings["slow_ms"] == 1000.0
+
+
+@pytest.mark.parametrize(
+    "text, complaint",
+    [
+        ("max_sise = 3\n", "'max_sise', which is no setting"),
+        ("max_size = '3'\n", "must be an integer"),
+        ("min_size = 11\nmax_size = 10\n", "min_size <= max_size"),
+        ("max_size = [\n", "not valid TOML"),
+    ],
+)
+def test_a_bad_config_file_is_refused_saying_what_is_wrong(state_dir, text, complaint):
+    config = state_dir / "dbservice.toml"
+    config.write_text(text)
+    result = dbserviced(state_dir, "start", "--config", str(config))
+    assert result.returncode == 1
+    assert complaint in result.stderr
+    assert not os.path.exists(StateDir(str(state_dir)).pidfile)
+
+
+@pytest.mark.parametrize("command", ["start", "stop", "status", "restart", "reload", "query"])
+def test_every_command_explains_its_options(command):
+    result = CliRunner().invoke(cli.main, [command, "--help"])
+    assert result.exit_code == 0
+    assert "--state-dir" in result.output and "DBSERVICE_HOME" in result.output
+    if command in ("start", "restart"):
+        for option in ("--dsn", "--min-size", "--max-size", "--slow-ms", "--log-level", "--config"):
+            assert option in result.output
+
+
+def test_bin_dbserviced_runs_the_same_cli():
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bin", "dbserviced")
+    result = subprocess.run([sys.executable, script, "--help"], stdout=subprocess.PIPE, text=True, timeout=30)
+    assert result.returncode == 0 and "dbserviced start" in result.stdout
