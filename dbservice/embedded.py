@@ -122,10 +122,10 @@ class EmbeddedCluster(EmbeddedPostgresql):
 
     def initialize(self):
         self.name = "postgresql"  # the server's log: base_dir/postgresql.log
-        os.makedirs(self.base_dir, mode=0o700, exist_ok=True)
         super().initialize()
         if self._drop:
             _check_reachable(self.base_dir, SERVER_USER)
+        os.makedirs(self.base_dir, mode=0o700, exist_ok=True)
 
     def dsn(self, **overrides):
         params = {
@@ -153,6 +153,8 @@ def _check_reachable(path, user):
     entry = pwd.getpwnam(user)
     groups = set(os.getgrouplist(user, entry.pw_gid))
     parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # not there yet: we create it below
+        parent = os.path.dirname(parent)
     while True:
         st = os.stat(parent)
         if st.st_uid == entry.pw_uid:

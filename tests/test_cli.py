@@ -349,6 +349,16 @@ def test_with_no_dsn_the_daemon_runs_its_own_postgresql_and_keeps_its_data(daemo
         subprocess.run(["rm", "-rf", cluster], check=True)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root's server runs as another user")
+def test_a_cluster_dir_the_server_user_cannot_reach_is_refused(daemon_dir, tmp_path):
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    result = dbserviced(daemon_dir, "start", "--cluster-dir", str(private / "cluster"))
+    assert result.returncode == 1
+    assert "cannot enter %s" % private in result.stderr and "--cluster-dir" in result.stderr
+    assert not (private / "cluster").exists()
+
+
 # -- configuration and help -------------------------------------------------------------
 
 
