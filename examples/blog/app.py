@@ -1,7 +1,8 @@
 """The example blog: a Flask app whose every query goes through dbservice.
 
 Run it with gunicorn (see gunicorn.conf.py) against a running dbserviced;
-``flask --app app init-db`` loads the schema and sample data.
+``flask --app examples/blog/app.py init-db`` loads the schema and sample data
+(sql/blog.sql).
 """
 
 import os
