@@ -176,6 +176,8 @@ class _Channel:
     def close(self):
         self.sock.close()
 
+    __del__ = close  # its thread ended: hang up rather than wait for the daemon to notice
+
 
 class _TransactionJobs(_QueryMethods):
     """What the sync and async transactions share: their jobs carry the transaction's id."""
@@ -249,7 +251,9 @@ class Client(_QueryMethods):
         self._authkey = authkey
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._channels = set()
+        # Weak: a thread's channel lives in its thread-local and closes when
+        # the thread ends, so one thread per request leaks nothing.
+        self._channels = weakref.WeakSet()
         self._tx_ids = itertools.count(1)
         self.closed = False
         _live_clients.add(self)
@@ -327,16 +331,16 @@ class Client(_QueryMethods):
         """Close every thread's connection to the daemon."""
         self.closed = True
         with self._lock:
-            channels, self._channels = self._channels, set()
+            channels, self._channels = list(self._channels), weakref.WeakSet()
         for channel in channels:
             channel.close()
 
     def _after_fork(self):
         # The parent's sockets belong to the parent: forget them, close our
         # copies of their file descriptors (that does not touch the parent's).
-        for channel in self._channels:
+        for channel in list(self._channels):
             channel.close()
-        self._channels = set()
+        self._channels = weakref.WeakSet()
         self._local = threading.local()
         self._lock = threading.Lock()
 

@@ -106,3 +106,17 @@ def test_every_waiting_client_hears_when_the_service_is_killed(dsn, socket_path,
         for job in jobs:
             with pytest.raises(dbservice.ServiceUnavailable):
                 job.result(timeout=10)
+
+
+def test_threads_that_end_leave_no_connection_behind(socket_service):
+    """One thread per request (a dev server, a task runner) must not leak a socket each."""
+    with socket_service.client(timeout=10) as c:
+        c.fetchval("select 1")
+        before = len(os.listdir("/proc/self/fd"))
+        for i in range(100):
+            thread = threading.Thread(target=c.fetchval, args=("select %s::int", [i]))
+            thread.start()
+            thread.join()
+        assert len(c._channels) <= 2
+        assert len(os.listdir("/proc/self/fd")) <= before + 2
+        wait_until(lambda: c.status()["socket_clients"] <= 3, message="the daemon to see them hang up")
