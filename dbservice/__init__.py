@@ -14,6 +14,7 @@ from .errors import (
     JobCancelled,
     JobRefused,
     QueryTimeout,
+    ResultTooLarge,
     ServiceBusy,
     ServiceUnavailable,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "JobRefused",
     "QueryTimeout",
     "QueueClient",
+    "ResultTooLarge",
     "ServiceBusy",
     "ServiceUnavailable",
     "connect",

@@ -15,6 +15,7 @@ from .errors import Error, QueryTimeout, ServiceUnavailable
 from .jobs import FETCH_COMMIT, FETCH_ROLLBACK, STREAM_DECLARE, STREAM_FETCH, loads_reply, transaction_options
 from .wire import (
     MAX_AUTH_FRAME,
+    MAX_REFUSAL_FRAME,
     MSG_AUTH,
     MSG_CANCEL,
     MSG_ERROR,
@@ -218,9 +219,9 @@ def _give_up(reply, waited):
 async def _open_authenticated(path, authkey):
     reader, writer = await asyncio.open_unix_connection(path)
     try:
-        _, _, challenge = await read_frame(reader, MAX_AUTH_FRAME)
+        _, kind, challenge = await read_frame(reader, MAX_REFUSAL_FRAME)
         ours = new_challenge()
-        writer.write(encode_frame(0, MSG_AUTH, answer_challenge(authkey, challenge) + ours))
+        writer.write(encode_frame(0, MSG_AUTH, answer_challenge(authkey, kind, challenge) + ours))
         _, _, verdict = await read_frame(reader, MAX_AUTH_FRAME)
         check_verdict(authkey, ours, verdict)
     except BaseException:

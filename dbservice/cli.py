@@ -35,7 +35,18 @@ _SETTING_HELP = {
     "max_idle": ("SECONDS", "how long a connection above --min-size may stay idle"),
     "pool_timeout": ("SECONDS", "how long a job without a timeout may wait for a free connection"),
     "connect_timeout": ("SECONDS", "how long opening one connection to PostgreSQL may take"),
-    "max_queue": ("N", "jobs queued at most; more are refused as busy"),
+    "max_queue": (
+        "N",
+        "jobs queued at most; more wait up to their timeout for room (as many again), then are "
+        "refused as busy",
+    ),
+    "max_clients": ("N", "socket clients connected at once; more are refused as busy"),
+    "max_frame": ("BYTES", "the largest job message a client may send; a larger one drops the client"),
+    "max_result_bytes": ("BYTES", "the largest result sent back; a larger one is an error for that job"),
+    "idle_in_transaction_timeout": (
+        "SECONDS",
+        "how long a client's transaction may sit idle before it is rolled back",
+    ),
     "stop_timeout": ("SECONDS", "how long a graceful stop lets queued and running jobs finish"),
     "slow_ms": ("MS", "log every job slower than this, queueing included; 0 logs none"),
     "log_level": ("LEVEL", "DEBUG, INFO, WARNING or ERROR"),

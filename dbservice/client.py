@@ -173,8 +173,11 @@ class _Channel:
             raise value
         return value
 
+    sock = None  # until the handshake succeeded
+
     def close(self):
-        self.sock.close()
+        if self.sock is not None:
+            self.sock.close()
 
     __del__ = close  # its thread ended: hang up rather than wait for the daemon to notice
 
@@ -420,10 +423,11 @@ class QueueClient(_QueryMethods):
             ready = multiprocessing.connection.wait([receiver, self.sentinel], _reply_wait(job.timeout))
             if receiver in ready:
                 try:
-                    ok, value = receiver.recv()
+                    reply = receiver.recv_bytes()
                 except EOFError:
                     raise ServiceUnavailable("the dbservice process dropped the job") from None
-                if not ok:
+                value = loads_reply(memoryview(reply)[1:])
+                if reply[0] != 1:
                     raise value
                 return value
             if ready:

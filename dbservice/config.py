@@ -56,6 +56,10 @@ class Settings:
     max_queue: int = 10000
     #: bytes one job message may take on the socket
     max_frame: int = 32 * 1024 * 1024
+    #: socket clients connected at once; more are refused as busy
+    max_clients: int = 2048
+    #: bytes one job's pickled result may take; a larger one is an error
+    max_result_bytes: int = 256 * 1024 * 1024
     #: seconds a new socket client has to authenticate
     auth_timeout: float = 10.0
     #: seconds a graceful stop waits for queued and running jobs
@@ -95,6 +99,10 @@ OPERATOR_SETTINGS = {
     "pool_timeout": float,
     "connect_timeout": float,
     "max_queue": int,
+    "max_clients": int,
+    "max_frame": int,
+    "max_result_bytes": int,
+    "idle_in_transaction_timeout": float,
     "stop_timeout": float,
     "slow_ms": float,
     "log_level": str,

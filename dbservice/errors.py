@@ -22,6 +22,10 @@ class QueryTimeout(Error):
     """The job's timeout passed; the query was cancelled on the server."""
 
 
+class ResultTooLarge(Error):
+    """The job's result is larger than the daemon sends (max_result_bytes)."""
+
+
 class JobCancelled(Error):
     """The job was cancelled before it ended (its client cancelled it or went away)."""
 

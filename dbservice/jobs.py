@@ -14,7 +14,7 @@ daemon knows the shared secret, and use plain pickle.
 import io
 import pickle
 
-from .errors import JobRefused
+from .errors import JobRefused, ResultTooLarge
 
 #: How a job's result is fetched, and what the client gets back.
 FETCH_ALL = "all"  # list of tuples
@@ -194,6 +194,26 @@ def loads_job(data):
 
 def dumps_reply(value):
     return pickle.dumps(value, PICKLE_PROTOCOL)
+
+
+def encode_reply(ok, value, max_bytes):
+    """A job's reply as (ok, payload): its pickled result, or the error that stands for it.
+
+    A result that cannot be pickled, or takes more than *max_bytes*, is
+    replaced by an error saying so: the job still gets its one reply.
+    """
+    try:
+        payload = dumps_reply(value)
+    except Exception as exc:
+        return False, dumps_reply(JobRefused("the result could not be sent: %s" % exc))
+    if ok and len(payload) > max_bytes:
+        return False, dumps_reply(
+            ResultTooLarge(
+                "the result takes %d bytes, more than max_result_bytes (%d); select fewer rows "
+                "or stream them with iterate()" % (len(payload), max_bytes)
+            )
+        )
+    return ok, payload
 
 
 loads_reply = pickle.loads

@@ -14,7 +14,7 @@ import pickle
 import threading
 
 from .errors import JobRefused
-from .jobs import Job
+from .jobs import Job, encode_reply
 
 logger = logging.getLogger("dbservice.queue")
 
@@ -58,7 +58,7 @@ class QueueIntake:
             self._loop.call_soon_threadsafe(self._submit, message, reply_pipe)
 
     def _submit(self, message, reply_pipe):
-        reply = _PipeReplier(self._senders, reply_pipe)
+        reply = _PipeReplier(self._senders, reply_pipe, self.server.settings.max_result_bytes)
         try:
             job = Job.from_wire(message)
         except JobRefused as exc:
@@ -68,21 +68,23 @@ class QueueIntake:
 
 
 class _PipeReplier:
-    __slots__ = ("senders", "pipe")
+    """Sends the one reply of one job on its pipe: a byte for ok, then the pickle."""
 
-    def __init__(self, senders, pipe):
+    __slots__ = ("senders", "pipe", "max_result_bytes")
+
+    def __init__(self, senders, pipe, max_result_bytes):
         self.senders = senders
         self.pipe = pipe
+        self.max_result_bytes = max_result_bytes
 
     def __call__(self, ok, value):
-        self.senders.submit(self._send, ok, value)
+        ok, payload = encode_reply(ok, value, self.max_result_bytes)
+        self.senders.submit(self._send, (b"\1" if ok else b"\0") + payload)
 
-    def _send(self, ok, value):
+    def _send(self, data):
         try:
-            self.pipe.send((ok, value))
+            self.pipe.send_bytes(data)
         except (OSError, EOFError):
             pass  # the client is gone
-        except Exception as exc:  # an unpicklable result still gets its one reply
-            self.pipe.send((False, JobRefused("the result could not be sent: %s" % exc)))
         finally:
             self.pipe.close()

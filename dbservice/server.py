@@ -9,6 +9,7 @@ is stopping.
 """
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import os
@@ -88,13 +89,15 @@ class Server:
         self.reload_error = None
         self._hurry = asyncio.Event()  # set: a stop waits for no job any more
         self._queue = None
+        self._overflow = collections.deque()  # jobs waiting for room in the queue
+        self._holding = None  # the job the dispatcher holds while it waits for a connection
         self._running = set()
         self._dispatcher = None
         self._loop = None
 
     async def start(self):
         self._loop = asyncio.get_running_loop()
-        self._queue = asyncio.Queue(maxsize=self.settings.max_queue)
+        self._queue = asyncio.Queue()  # bounded by max_queue in submit()
         await self.pool.open(wait=True)
         self._dispatcher = self._loop.create_task(self._dispatch())
         self.accepting = True
@@ -116,21 +119,41 @@ class Server:
         if job.tx is not None and job.fetch != FETCH_BEGIN:
             self._start(pending, self.transactions.run(pending, owner))
             return pending
-        try:
-            self._queue.put_nowait(pending)
-        except asyncio.QueueFull:
-            self._finish(
-                pending,
-                False,
-                ServiceBusy(
-                    "the dbservice job queue is full (%d jobs, max_queue); try again later"
-                    % self._queue.qsize()
-                ),
-            )
-            return pending
+        if self._queued < self.settings.max_queue:
+            self._enqueue(pending)
+        elif len(self._overflow) < self.settings.max_queue:
+            # Wait for room in the queue, up to the job's timeout (the pool's
+            # timeout for a job without one): backpressure with a bound.
+            self._overflow.append(pending)
+            wait_until = pending.deadline or pending.queued_at + self.settings.pool_timeout
+            pending.timer = self._loop.call_at(wait_until, self._busy, pending)
+        else:
+            self._busy(pending)
+        return pending
+
+    def _enqueue(self, pending):
+        self._queue.put_nowait(pending)
         if pending.deadline is not None:
             pending.timer = self._loop.call_at(pending.deadline, self._expire, pending)
-        return pending
+
+    def _admit_overflow(self):
+        """Move jobs waiting for room into the queue, oldest first."""
+        while self._overflow and self._queued < self.settings.max_queue:
+            pending = self._overflow.popleft()
+            if not pending.done:
+                pending.timer.cancel()
+                self._enqueue(pending)
+
+    def _busy(self, pending):
+        self._finish(
+            pending,
+            False,
+            ServiceBusy(
+                "the dbservice job queue stayed full (max_queue %d, %d more waiting) for %.2f s; "
+                "the database cannot keep up: try again later, or raise max_queue or max_size"
+                % (self.settings.max_queue, len(self._overflow), self._loop.time() - pending.queued_at)
+            ),
+        )
 
     def _expire(self, pending):
         self._finish(pending, False, self.pool.wait_error(self._loop.time() - pending.queued_at))
@@ -139,7 +162,11 @@ class Server:
         while True:
             pending = await self._queue.get()
             if pending.done:  # timed out while queued
+                self._admit_overflow()
                 continue
+            # The job stays queued, as far as max_queue and the figures go,
+            # until it has a connection.
+            self._holding = pending
             try:
                 conn = await self.pool.getconn(pending.deadline)
             except Error as exc:
@@ -148,6 +175,9 @@ class Server:
             except asyncio.CancelledError:  # stopping: the job we hold is answered too
                 self._finish(pending, False, ServiceUnavailable("the dbservice daemon stopped before the job ran"))
                 raise
+            finally:
+                self._holding = None
+                self._admit_overflow()
             if pending.done:
                 self.pool.putconn(conn)
                 continue
@@ -213,8 +243,13 @@ class Server:
             logger.warning("slow job, %.0f ms (%s): %s", seconds * 1000.0, outcome, sql_for_log(pending.job.sql))
 
     @property
+    def _queued(self):
+        return (self._queue.qsize() if self._queue is not None else 0) + (self._holding is not None)
+
+    @property
     def queue_depth(self):
-        return self._queue.qsize() if self._queue is not None else 0
+        """Jobs waiting to run: in the queue, and waiting for room in it."""
+        return self._queued + len(self._overflow)
 
     @property
     def running(self):
@@ -234,9 +269,11 @@ class Server:
         await self._drain(self._loop.time() + timeout)
         if self._dispatcher is not None:
             self._dispatcher.cancel()
+        stopped = ServiceUnavailable("the dbservice daemon stopped before the job ran")
         while not self._queue.empty():
-            pending = self._queue.get_nowait()
-            self._finish(pending, False, ServiceUnavailable("the dbservice daemon stopped before the job ran"))
+            self._finish(self._queue.get_nowait(), False, stopped)
+        while self._overflow:
+            self._finish(self._overflow.popleft(), False, stopped)
         for task in list(self._running):
             task.cancel()
         if self._running:

@@ -15,11 +15,12 @@ import socket
 import stat
 
 from .errors import JobCancelled, JobRefused
-from .jobs import dumps_reply, loads_job
+from .jobs import dumps_reply, encode_reply, loads_job
 from .wire import (
     MSG_CANCEL,
     MSG_ERROR,
     MSG_JOB,
+    MSG_REFUSED,
     MSG_RESULT,
     MSG_STATUS,
     FrameError,
@@ -82,6 +83,15 @@ class SocketIntake:
         return dict(self.server.status(), socket=self.path, socket_clients=self.clients)
 
     async def _serve_client(self, reader, writer):
+        if len(self._clients) >= self.settings.max_clients:
+            # Said in plain text: the client reads it before any trust exists.
+            logger.warning("refused a client: already %d (max_clients)", len(self._clients))
+            writer.write(
+                encode_frame(0, MSG_REFUSED, b"the dbservice daemon has max_clients (%d) clients "
+                             b"already; try again later" % self.settings.max_clients)
+            )
+            writer.close()
+            return
         self._clients[writer] = asyncio.current_task()
         try:
             try:
@@ -104,7 +114,7 @@ class SocketIntake:
             writer.close()
 
     async def _read_jobs(self, reader, writer):
-        client = _Client(writer)
+        client = _Client(writer, self.settings.max_result_bytes)
         max_frame = self.settings.max_frame
         try:
             while True:
@@ -146,21 +156,19 @@ class SocketIntake:
 class _Client:
     """One authenticated client connection and the jobs it has in flight."""
 
-    __slots__ = ("writer", "in_flight")
+    __slots__ = ("writer", "in_flight", "max_result_bytes")
 
-    def __init__(self, writer):
+    def __init__(self, writer, max_result_bytes):
         self.writer = writer
         self.in_flight = {}  # job id -> PendingJob
+        self.max_result_bytes = max_result_bytes
 
     def reply(self, job_id, ok, value):
         """Send the one reply of job *job_id* back on this connection."""
         self.in_flight.pop(job_id, None)
         if self.writer.is_closing():
             return
-        try:
-            payload = dumps_reply(value)
-        except Exception as exc:
-            ok, payload = False, dumps_reply(JobRefused("the result could not be sent: %s" % exc))
+        ok, payload = encode_reply(ok, value, self.max_result_bytes)
         self.writer.write(encode_frame(job_id, MSG_RESULT if ok else MSG_ERROR, payload))
 
 

@@ -16,7 +16,7 @@ import hmac
 import os
 import struct
 
-from .errors import AuthenticationError, ServiceUnavailable
+from .errors import AuthenticationError, ServiceBusy, ServiceUnavailable
 
 HEADER = struct.Struct("!IQB")  # payload length, job id, kind
 
@@ -27,6 +27,7 @@ MSG_STATUS = 4  # answered with the daemon's figures, as `dbserviced status` sho
 # Message kinds, daemon to client.
 MSG_RESULT = 1
 MSG_ERROR = 2
+MSG_REFUSED = 5  # instead of a challenge: why the daemon takes no more clients, as text
 # Handshake frames carry kind MSG_AUTH and job id 0.
 MSG_AUTH = 0
 
@@ -35,6 +36,7 @@ CHALLENGE_PREFIX = b"#CHALLENGE#" + PROTOCOL + b"#"
 WELCOME = b"#WELCOME#"
 FAILURE = b"#FAILURE#"
 MAX_AUTH_FRAME = 128
+MAX_REFUSAL_FRAME = 512
 _NONCE_BYTES = 32
 _DIGEST_BYTES = hashlib.sha256().digest_size
 
@@ -51,7 +53,10 @@ def new_challenge():
     return CHALLENGE_PREFIX + os.urandom(_NONCE_BYTES)
 
 
-def answer_challenge(authkey, challenge):
+def answer_challenge(authkey, kind, challenge):
+    """Our answer to the daemon's first frame: its challenge, or its refusal."""
+    if kind == MSG_REFUSED:
+        raise ServiceBusy(challenge.decode("utf-8", "replace"))
     if not challenge.startswith(CHALLENGE_PREFIX):
         raise AuthenticationError(
             "the peer does not speak %s (got %r)" % (PROTOCOL.decode(), challenge[:40])
@@ -89,9 +94,9 @@ def recv_frame(sock, max_size=None):
 
 def client_handshake(sock, authkey):
     """Prove we hold *authkey* and check that the daemon does too."""
-    _, _, challenge = recv_frame(sock, MAX_AUTH_FRAME)
+    _, kind, challenge = recv_frame(sock, MAX_REFUSAL_FRAME)
     ours = new_challenge()
-    sock.sendall(encode_frame(0, MSG_AUTH, answer_challenge(authkey, challenge) + ours))
+    sock.sendall(encode_frame(0, MSG_AUTH, answer_challenge(authkey, kind, challenge) + ours))
     _, _, verdict = recv_frame(sock, MAX_AUTH_FRAME)
     check_verdict(authkey, ours, verdict)
 
@@ -133,5 +138,5 @@ async def server_handshake(reader, writer, authkey):
     ):
         writer.write(encode_frame(0, MSG_AUTH, FAILURE))
         return False
-    writer.write(encode_frame(0, MSG_AUTH, WELCOME + answer_challenge(authkey, theirs)))
+    writer.write(encode_frame(0, MSG_AUTH, WELCOME + answer_challenge(authkey, MSG_AUTH, theirs)))
     return True

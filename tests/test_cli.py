@@ -252,8 +252,8 @@ def _submit_and_wait_until_queued(state_dir, sql, clients):
 
 
 def _received(status):
-    # requests_waiting: the job the dispatcher holds while it waits for a connection
-    names = ("queue_depth", "requests_waiting", "jobs_running", "jobs_done", "jobs_failed")
+    # queue_depth counts the job the dispatcher holds while it waits for a connection
+    names = ("queue_depth", "jobs_running", "jobs_done", "jobs_failed")
     return sum(status[name] for name in names)
 
 
