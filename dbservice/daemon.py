@@ -18,7 +18,7 @@ from .config import Settings, load_config
 from .embedded import EmbeddedCluster, default_cluster_dir
 from .pidfile import AlreadyRunning, Pidfile, running_pid
 from .service import serve
-from .socket_intake import check_socket_dir
+from .socket_intake import check_private_file, check_socket_dir
 
 logger = logging.getLogger("dbservice.daemon")
 
@@ -64,6 +64,7 @@ class Daemon:
         try:
             fd = os.open(self.state.secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
+            check_private_file(self.state.secret)
             return
         with os.fdopen(fd, "w") as f:
             f.write(os.urandom(32).hex() + "\n")

@@ -183,6 +183,22 @@ def check_socket_dir(directory):
         )
 
 
+def check_private_file(path):
+    """Refuse a secret that others than its owner may read or that is not ours."""
+    st = os.stat(path)
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise PermissionError(
+            "the secret %s has mode %04o; other users could read it and talk to the daemon. "
+            "Run `chmod 600 %s` and start again" % (path, mode, path)
+        )
+    if st.st_uid != os.geteuid():
+        raise PermissionError(
+            "the secret %s belongs to uid %d, not to us (uid %d); run the daemon as its owner"
+            % (path, st.st_uid, os.geteuid())
+        )
+
+
 def remove_stale_socket(path):
     """Remove an old socket left at *path*; refuse to remove anything else."""
     try:

@@ -403,3 +403,17 @@ def test_bin_dbserviced_runs_the_same_cli():
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bin", "dbserviced")
     result = subprocess.run([sys.executable, script, "--help"], stdout=subprocess.PIPE, text=True, timeout=30)
     assert result.returncode == 0 and "dbserviced start" in result.stdout
+
+
+def test_a_secret_others_can_read_is_refused(dsn, daemon_dir):
+    state = StateDir(str(daemon_dir))
+    os.makedirs(state.path, mode=0o700, exist_ok=True)
+    with open(state.secret, "w") as f:
+        f.write("0123456789abcdef\n")
+    os.chmod(state.secret, 0o644)
+    result = dbserviced(daemon_dir, "start", "--dsn", dsn)
+    assert result.returncode != 0
+    assert "chmod 600" in result.stderr
+    assert running_pid(state.pidfile) is None
+    os.chmod(state.secret, 0o600)
+    ok(dbserviced(daemon_dir, "start", "--dsn", dsn))
