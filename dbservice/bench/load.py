@@ -5,6 +5,7 @@ connector (and with it a dbservice client). Each gets ready (persistent
 connections connect), reports so, and is then sent the window on the shared
 monotonic clock: a warm-up, then the measured seconds. A query counts if it
 completes inside the window; its latency is taken with ``time.perf_counter``.
+Failures count from the start, warm-up included.
 """
 
 import asyncio
@@ -169,15 +170,18 @@ async def _run_coroutine(connector, client, workload, rows, window, samples):
 
 
 def _account(samples, window, kind, started, failed):
-    """Count a finished query if it completed inside the window; False once the window is over."""
+    """Count a finished query; False once the window is over.
+
+    Its latency counts if it completed inside the window; a failure counts
+    during the warm-up too, where a thread's first connection is made.
+    """
     latency = time.perf_counter() - started
     now = time.monotonic()
     warm_until, end = window
-    if warm_until <= now <= end:
-        if failed is None:
-            samples.add(kind, latency)
-        else:
-            samples.error(describe(failed))
+    if failed is not None and now <= end:
+        samples.error(describe(failed))
+    elif warm_until <= now <= end:
+        samples.add(kind, latency)
     return now < end
 
 
