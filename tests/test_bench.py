@@ -192,6 +192,7 @@ DOCUMENT = {
         "cores": 2,
         "cpu_model": "AMD EPYC",
         "memory_gib": 23.5,
+        "load_average": 0.5,
         "os": "Linux",
         "python": "3.11.7",
         "psycopg2": "2.9.13",
@@ -217,7 +218,12 @@ DOCUMENT = {
 
 def test_the_text_report_has_the_header_table_headline_and_targets():
     text = report.format_report(DOCUMENT)
-    assert "2 cores, AMD EPYC" in text and "PostgreSQL 15.18" in text and "Python 3.11.7" in text
+    assert (
+        "2 cores, AMD EPYC" in text
+        and "load average 0.5 before the run" in text
+        and "PostgreSQL 15.18" in text
+        and "Python 3.11.7" in text
+    )
     assert "command: python -m dbservice.bench" in text
     assert "pgbench: skipped: no pgbench binary on PATH" in text
     assert "dbservice / PgBouncer            0.80x" in text
@@ -340,7 +346,7 @@ def test_the_quick_run_compares_every_strategy_and_writes_the_json(tmp_path):
     assert elapsed < 60, "the --quick run took %.0f s" % elapsed
     document = json.loads(path.read_text())
     assert set(document) >= {"machine", "results", "ratios", "targets", "notes"}
-    assert {"cores", "cpu_model", "postgresql", "python", "date"} <= set(document["machine"])
+    assert {"cores", "cpu_model", "load_average", "postgresql", "python", "date"} <= set(document["machine"])
     measured = {(r["strategy"], r["workload"]) for r in document["results"]}
     skipped = {note["strategy"] for note in document["notes"] if note["note"].startswith("skipped")}
     assert {strategy for strategy, _ in measured} | skipped == STRATEGY_NAMES

@@ -18,6 +18,8 @@ def describe_machine(dsn):
         "cores": os.cpu_count(),
         "cpu_model": cpu_model(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        # Other work on the machine moves every figure: say how busy it was before we began.
+        "load_average": round(os.getloadavg()[0], 2),
         "os": platform.platform(),
         "python": platform.python_version(),
         "psycopg2": psycopg2.__version__.split()[0],

@@ -111,8 +111,14 @@ def format_report(report):
     machine, plan = report["machine"], report["plan"]
     lines = [
         "dbservice bench, %s" % machine["date"],
-        "machine: %d cores, %s, %s GiB RAM, %s"
-        % (machine["cores"], machine["cpu_model"], machine["memory_gib"], machine["os"]),
+        "machine: %d cores, %s, %s GiB RAM, %s; load average %s before the run"
+        % (
+            machine["cores"],
+            machine["cpu_model"],
+            machine["memory_gib"],
+            machine["os"],
+            machine["load_average"],
+        ),
         "versions: PostgreSQL %s, Python %s, psycopg2 %s%s%s"
         % (
             machine["postgresql"],
