@@ -9,14 +9,13 @@ on a pipe once its socket accepts jobs, or why it could not start.
 import logging
 import multiprocessing
 import os
-import select
 import signal
 import sys
 
 from .client import read_secret
 from .config import Settings, load_config
 from .embedded import EmbeddedCluster, default_cluster_dir
-from .pidfile import AlreadyRunning, Pidfile, running_pid
+from .pidfile import AlreadyRunning, Pidfile, running_pid, wait_for_exit
 from .service import serve
 from .socket_intake import check_private_file, check_socket_dir
 
@@ -260,15 +259,3 @@ def stop(state, timeout, force=False):
             "and end it with `kill -KILL %d`" % (pid, FAST_STOP_TIMEOUT, state.log, pid)
         )
     return pid
-
-
-def wait_for_exit(pid, timeout):
-    """Wait up to *timeout* seconds for process *pid*, not our child, to end; True if it did."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
-    finally:
-        os.close(fd)

@@ -9,14 +9,20 @@ and swallow it).
 """
 
 import hashlib
+import logging
 import os
 import pwd
 import shutil
+import signal
 import stat
 import subprocess
 
 import psycopg2
 import testing.postgresql
+
+from .pidfile import wait_for_exit
+
+logger = logging.getLogger("dbservice.embedded")
 
 #: The OS user the server runs as when we are root.
 SERVER_USER = "postgres"
@@ -144,8 +150,57 @@ class EmbeddedCluster(EmbeddedPostgresql):
             return False
         return True
 
+    def prestart(self):
+        super().prestart()
+        stop_orphaned_postmaster(os.path.join(self.base_dir, "data"))
+
     def poststart(self):
         """Nothing to create: the ``postgres`` database is there from initdb on."""
+
+
+#: Seconds an orphaned postmaster gets to stop before we give up on the start.
+ORPHAN_STOP_TIMEOUT = 30.0
+
+
+def stop_orphaned_postmaster(data_dir):
+    """Stop a postmaster still running on *data_dir* after its daemon was killed.
+
+    A daemon killed with SIGKILL cannot stop its cluster, and the next start
+    would fail on the cluster's lock. The cluster belongs to one state
+    directory, whose pidfile lets only one daemon run: a postmaster still
+    serving it is that dead daemon's, so it is stopped (fast shutdown: it
+    rolls back what was in flight) before ours starts.
+    """
+    pid = _postmaster_pid(data_dir)
+    if pid is None or not _serves(pid, data_dir):
+        return  # none, or a stale lock file PostgreSQL clears itself
+    logger.warning("stopping PostgreSQL (pid %d), left running on %s by a daemon that was killed", pid, data_dir)
+    os.kill(pid, signal.SIGINT)
+    if not wait_for_exit(pid, ORPHAN_STOP_TIMEOUT):
+        raise RuntimeError(
+            "PostgreSQL (pid %d) left running on %s did not stop within %.0f s; stop it "
+            "(`kill -INT %d`) and start again" % (pid, data_dir, ORPHAN_STOP_TIMEOUT, pid)
+        )
+
+
+def _postmaster_pid(data_dir):
+    try:
+        with open(os.path.join(data_dir, "postmaster.pid")) as f:
+            return int(f.readline())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _serves(pid, data_dir):
+    """True if process *pid* is a live postgres with *data_dir* on its command line."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            argv = f.read().split(b"\0")
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != b"Z" and os.fsencode(data_dir) in argv
 
 
 def _check_reachable(path, user):

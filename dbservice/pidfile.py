@@ -8,6 +8,7 @@ that died and may be replaced, even if some other process has reused its pid.
 
 import fcntl
 import os
+import select
 import tempfile
 
 
@@ -128,3 +129,15 @@ def _same_file(fd, path):
         return False
     own = os.fstat(fd)
     return (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino)
+
+
+def wait_for_exit(pid, timeout):
+    """Wait up to *timeout* seconds for process *pid*, not our child, to end; True if it did."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)

@@ -341,6 +341,16 @@ def test_with_no_dsn_the_daemon_runs_its_own_postgresql_and_keeps_its_data(daemo
         ok(dbserviced(daemon_dir, "query", "insert into kept values (%s)", "survives a restart"))
         ok(dbserviced(daemon_dir, "restart"))
         assert "survives a restart" in ok(dbserviced(daemon_dir, "query", "select note from kept"))
+        # a daemon killed outright leaves its postmaster behind; the next start stops it
+        postmaster = os.path.join(cluster, "data", "postmaster.pid")
+        os.kill(read_pid(StateDir(str(daemon_dir)).pidfile), signal.SIGKILL)
+        with open(postmaster) as f:
+            orphan = int(f.readline())
+        os.kill(orphan, 0)  # still running
+        ok(dbserviced(daemon_dir, "start"))
+        assert "survives a restart" in ok(dbserviced(daemon_dir, "query", "select note from kept"))
+        with open(postmaster) as f:
+            assert int(f.readline()) != orphan
         ok(dbserviced(daemon_dir, "stop"))
         # stopped with the daemon
         assert not os.path.exists(os.path.join(cluster, "data", "postmaster.pid"))
