@@ -77,3 +77,14 @@ def wait_until(condition, timeout=10.0, interval=0.02, message="condition"):
         if time.monotonic() > deadline:
             pytest.fail("timed out after %.1f s waiting for %s" % (timeout, message))
         time.sleep(interval)
+
+
+def active(admin, marker):
+    """How many queries containing *marker* the server is running right now."""
+    cur = admin.cursor()
+    cur.execute(
+        "select count(*) from pg_stat_activity where state = 'active' and query like %s"
+        " and pid <> pg_backend_pid()",
+        ["%" + marker + "%"],
+    )
+    return cur.fetchone()[0]

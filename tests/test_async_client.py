@@ -6,17 +6,7 @@ import psycopg2.errors
 import pytest
 
 import dbservice
-from conftest import wait_until
-
-
-def active(admin, marker):
-    cur = admin.cursor()
-    cur.execute(
-        "select count(*) from pg_stat_activity where state = 'active' and query like %s"
-        " and pid <> pg_backend_pid()",
-        ["%" + marker + "%"],
-    )
-    return cur.fetchone()[0]
+from conftest import active, wait_until
 
 
 def run(coro):

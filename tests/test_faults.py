@@ -15,12 +15,11 @@ import psycopg2
 import pytest
 
 import dbservice
-from conftest import wait_until
+from conftest import active, wait_until
 from dbservice.embedded import EmbeddedPostgresql
 from dbservice.pool import AsyncConnectionPool, Backoff
 from dbservice.wait import new_event_loop
 from proxy import TcpProxy
-from test_async_client import active
 
 CLIENT = """
 import sys, dbservice

@@ -7,8 +7,7 @@ import time
 import pytest
 
 import dbservice
-from conftest import start_service, wait_until
-from test_async_client import active
+from conftest import active, start_service, wait_until
 
 
 def test_full_queue_makes_jobs_wait_then_refuses_them_as_busy(dsn, socket_path, admin):

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 import dbservice
-from conftest import start_service, wait_until
+from conftest import active, start_service, wait_until
 
 
 def test_a_slow_job_does_not_hold_up_the_others(client):
@@ -28,16 +28,6 @@ def test_both_selector_backends_serve_concurrent_jobs(dsn, socket_path, selector
     assert results == [i * 3 for i in range(200)]
 
 
-def _backends_running(admin, marker):
-    cur = admin.cursor()
-    cur.execute(
-        "select count(*) from pg_stat_activity where state = 'active' and query like %s"
-        " and pid <> pg_backend_pid()",
-        ["%" + marker + "%"],
-    )
-    return cur.fetchone()[0]
-
-
 def test_timed_out_query_is_cancelled_on_the_server_and_its_connection_reused(dsn, socket_path, admin):
     with start_service(dsn, socket_path, min_size=1, max_size=1) as svc, svc.client() as c:
         pid = c.fetchval("select pg_backend_pid()")
@@ -45,7 +35,7 @@ def test_timed_out_query_is_cancelled_on_the_server_and_its_connection_reused(ds
             c.fetchval("select pg_sleep(30) /* marker-timeout */", timeout=0.5)
         # cancelled, not left running: its backend went back to idle
         wait_until(lambda: _idle(admin, pid), message="the cancelled backend to be idle")
-        assert _backends_running(admin, "marker-timeout") == 0
+        assert active(admin, "marker-timeout") == 0
         # the same (only) connection serves the next job, with no leftover
         assert c.fetchval("select pg_backend_pid()") == pid
         assert c.fetchval("select 41 + 1") == 42
@@ -62,7 +52,7 @@ def test_job_waiting_in_the_queue_times_out_with_a_clear_error(dsn, socket_path,
     with start_service(dsn, socket_path, min_size=1, max_size=1) as svc, svc.client(timeout=30) as c:
         with concurrent.futures.ThreadPoolExecutor(1) as executor:
             slow = executor.submit(c.fetchval, "select pg_sleep(1.5) /* marker-hold */")
-            wait_until(lambda: _backends_running(admin, "marker-hold"), message="the slow job to start")
+            wait_until(lambda: active(admin, "marker-hold"), message="the slow job to start")
             with pytest.raises(dbservice.QueryTimeout, match="became free"):
                 c.fetchval("select 1", timeout=0.3)
             slow.result(timeout=30)
@@ -88,7 +78,7 @@ def test_graceful_stop_lets_running_jobs_finish(dsn, socket_path, admin):
     with concurrent.futures.ThreadPoolExecutor(4) as executor:
         sql = "select pg_sleep(1)::text || %s /* marker-stop */"
         jobs = [executor.submit(c.fetchval, sql, [str(i)]) for i in range(4)]
-        wait_until(lambda: _backends_running(admin, "marker-stop") == 4, message="all jobs to run")
+        wait_until(lambda: active(admin, "marker-stop") == 4, message="all jobs to run")
         stopper = threading.Thread(target=svc.stop)
         stopper.start()
         results = [j.result(timeout=30) for j in jobs]
@@ -101,7 +91,7 @@ def test_every_waiting_client_hears_when_the_service_is_killed(dsn, socket_path,
     c = svc.client()
     with concurrent.futures.ThreadPoolExecutor(3) as executor:
         jobs = [executor.submit(c.fetchval, "select pg_sleep(30) /* marker-kill */") for _ in range(3)]
-        wait_until(lambda: _backends_running(admin, "marker-kill") == 3, message="jobs to run")
+        wait_until(lambda: active(admin, "marker-kill") == 3, message="jobs to run")
         svc.process.kill()
         for job in jobs:
             with pytest.raises(dbservice.ServiceUnavailable):
