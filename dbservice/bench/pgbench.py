@@ -25,7 +25,7 @@ CONNECT_ALLOWANCE = 2
 
 def skip_reason():
     if shutil.which("pgbench") is None:
-        return "no pgbench binary on PATH (Debian: apt-get install postgresql-client)"
+        return "no pgbench binary on PATH (Debian ships it in the postgresql package)"
     return None
 
 
