@@ -16,6 +16,7 @@ import os
 import pickle
 import socket as socketlib
 import threading
+import time
 import weakref
 from multiprocessing.reduction import ForkingPickler
 
@@ -111,6 +112,22 @@ class _ChannelLost(Exception):
         self.unsent = unsent
 
 
+def _connect_unix(sock, path, deadline):
+    """Connect, waiting while the daemon's listen backlog is full.
+
+    With a timeout set, a Unix socket's connect fails at once with EAGAIN
+    when the backlog is full (many clients connecting together), where a TCP
+    one would wait: so wait here, until *deadline*.
+    """
+    while True:
+        try:
+            return sock.connect(path)
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise socketlib.timeout("the daemon's listen backlog stayed full") from None
+            time.sleep(0.002)
+
+
 class _Channel:
     """One authenticated socket connection to the daemon, used by one thread."""
 
@@ -118,7 +135,7 @@ class _Channel:
         sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
         try:
             sock.settimeout(connect_timeout)
-            sock.connect(path)
+            _connect_unix(sock, path, time.monotonic() + connect_timeout)
             client_handshake(sock, authkey)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()

@@ -48,7 +48,11 @@ class SocketIntake:
         remove_stale_socket(self.path)
         old_umask = os.umask(0o177)  # the socket itself: owner only
         try:
-            self._listener = await asyncio.start_unix_server(self._serve_client, self.path)
+            # A backlog for a burst of max_clients connecting at once (the
+            # kernel caps it at net.core.somaxconn); asyncio's default is 100.
+            self._listener = await asyncio.start_unix_server(
+                self._serve_client, self.path, backlog=self.settings.max_clients
+            )
         finally:
             os.umask(old_umask)
         logger.info("serving jobs on %s", self.path)

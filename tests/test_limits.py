@@ -2,6 +2,7 @@
 
 import asyncio
 import concurrent.futures
+import threading
 import time
 
 import pytest
@@ -78,3 +79,24 @@ def test_a_result_over_max_result_bytes_is_an_error_for_that_job(dsn, socket_pat
             rows = c.iterate("select repeat('x', 1000) from generate_series(1, 1000)", batch=50)
             assert sum(1 for _ in rows) == 1000
         c.close()
+
+
+def test_a_burst_of_clients_connecting_at_once_all_get_in(socket_service):
+    """More clients connect together than a default listen backlog (100) holds."""
+    barrier = threading.Barrier(300)
+    errors = []
+
+    def one(i):
+        barrier.wait()
+        try:
+            with dbservice.connect(socket=socket_service.socket, authkey=socket_service.authkey) as db:
+                assert db.fetchval("select %s::int", [i]) == i
+        except Exception as exc:
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(300)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
