@@ -12,60 +12,15 @@ import asyncio
 import collections
 import logging
 import random
-import select
 
 import psycopg2
-import psycopg2.extensions as ext
 
 from . import types
+from .connection import PooledConnection
 from .errors import QueryTimeout, ServiceUnavailable
 from .wait import wait_ready
 
 logger = logging.getLogger("dbservice.pool")
-
-
-class PooledConnection:
-    """A psycopg2 async connection and the pool's bookkeeping for it."""
-
-    __slots__ = ("pgconn", "number", "load", "last_used", "jobs_done")
-
-    def __init__(self, pgconn, number, now):
-        self.pgconn = pgconn
-        self.number = number
-        #: jobs running on this connection or handed to it and not yet started
-        self.load = 0
-        self.last_used = now
-        self.jobs_done = 0
-
-    def __repr__(self):
-        return "<PooledConnection #%d load=%d>" % (self.number, self.load)
-
-    def alive(self):
-        """False if the server closed this idle connection; costs no round trip.
-
-        An idle connection has nothing to read unless the server spoke first:
-        a termination notice, or the end of the stream after a restart. So a
-        zero-timeout poll of its socket tells a stale one before a job is
-        lost on it.
-        """
-        pgconn = self.pgconn
-        if pgconn.closed:
-            return False
-        poller = select.poll()
-        poller.register(pgconn.fileno(), select.POLLIN)
-        if not poller.poll(0):
-            return True
-        try:
-            pgconn.poll()  # reads what came: a NOTIFY, a notice, or the end
-        except psycopg2.Error:
-            pass
-        return not pgconn.closed
-
-    @property
-    def usable(self):
-        return not self.pgconn.closed and (
-            self.pgconn.get_transaction_status() == ext.TRANSACTION_STATUS_IDLE
-        )
 
 
 class Backoff:
@@ -165,8 +120,7 @@ class AsyncConnectionPool:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        while self._waiters:
-            fut = self._waiters.popleft()
+        for fut in self._waiters:  # each waiter takes itself off the queue
             if not fut.done():
                 fut.set_exception(ServiceUnavailable("the pool %r is closed" % self.name))
         while self._idle:
@@ -210,9 +164,6 @@ class AsyncConnectionPool:
         conn.load -= 1
         conn.jobs_done += 1
         conn.last_used = self._loop.time()
-        if conn.pgconn.closed and not self._closed:
-            self.connections_lost += 1
-            logger.warning("connection #%d to the database was lost; replacing it", conn.number)
         if self._closed or not conn.usable or len(self._connections) > self.max_size:
             self._discard(conn)
             self._maybe_grow()
@@ -222,17 +173,21 @@ class AsyncConnectionPool:
     def _pop_idle(self):
         while self._idle:
             conn = self._idle.popleft()
-            if not conn.alive():
-                self.connections_lost += 1
-                logger.warning(
-                    "connection #%d was closed by the server (terminated, or the server restarted); "
-                    "replacing it", conn.number,
-                )
+            if conn.pgconn.closed:
                 self._discard(conn)
                 continue
             conn.load += 1
             return conn
         return None
+
+    def _lost(self, conn):
+        """The server ended *conn* while it was idle: drop it now."""
+        try:
+            self._idle.remove(conn)
+        except ValueError:
+            return  # lent out: its job finds out, and putconn drops it
+        self._discard(conn)
+        self._maybe_grow()
 
     async def _wait_for_connection(self, deadline):
         loop = self._loop
@@ -255,10 +210,13 @@ class AsyncConnectionPool:
             timer.cancel()
             if not fut.done():
                 fut.cancel()
-            try:
-                self._waiters.remove(fut)
-            except ValueError:
-                pass
+            if fut.cancelled() or fut.exception() is not None:
+                # Not handed a connection, so most likely still queued (a
+                # hand-over pops the futures it skips, though).
+                try:
+                    self._waiters.remove(fut)
+                except ValueError:
+                    pass
 
     def _expire(self, fut, since):
         if not fut.done():
@@ -310,7 +268,7 @@ class AsyncConnectionPool:
             return
         self._numbers += 1
         self.connections_num += 1
-        conn = PooledConnection(pgconn, self._numbers, self._loop.time())
+        conn = PooledConnection(pgconn, self._numbers, self._loop, self._lost)
         self._connections.add(conn)
         logger.info(
             "opened connection #%d; pool %r has %d (min %d, max %d)",
@@ -321,8 +279,8 @@ class AsyncConnectionPool:
             self._opened.set_result(None)
         self._maybe_grow()
 
-    async def cancel(self, pgconn):
-        """Cancel the query running on *pgconn*, one of this pool's connections.
+    async def cancel(self, conn):
+        """Cancel the query running on *conn*, one of this pool's connections.
 
         psycopg2's own ``cancel()`` runs libpq's PQcancel while holding the
         GIL: with the network to the server stalled it would freeze the whole
@@ -333,7 +291,7 @@ class AsyncConnectionPool:
         canceller = await self._connect(deadline)
         try:
             cursor = canceller.cursor()
-            cursor.execute("select pg_cancel_backend(%s)", [pgconn.get_backend_pid()])
+            cursor.execute("select pg_cancel_backend(%s)", [conn.pgconn.get_backend_pid()])
             await wait_ready(canceller, deadline)
         finally:
             canceller.close()
@@ -365,8 +323,13 @@ class AsyncConnectionPool:
 
     def _discard(self, conn):
         self._connections.discard(conn)
-        if not conn.pgconn.closed:
-            conn.pgconn.close()
+        if conn.pgconn.closed and not self._closed:
+            self.connections_lost += 1
+            logger.warning(
+                "connection #%d was closed by the server (terminated, the server restarted, or "
+                "the network failed); replacing it", conn.number,
+            )
+        conn.close()
 
     async def _maintain(self):
         """Close connections idle for longer than max_idle, down to min_size."""

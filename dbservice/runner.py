@@ -24,7 +24,6 @@ from .jobs import (
     FETCH_VALUE,
     TRANSACTION_CONTROL,
 )
-from .wait import wait_ready
 
 logger = logging.getLogger("dbservice.runner")
 
@@ -34,30 +33,30 @@ CLEANUP_GRACE = 5.0
 _EMPTY = {FETCH_ALL: [], FETCH_ONE: None, FETCH_VALUE: None, **dict.fromkeys(TRANSACTION_CONTROL)}
 
 
-async def run_job(pgconn, job, deadline, cancel, in_transaction=False):
-    """Run *job* on *pgconn* and return its result, or raise its error.
+async def run_job(conn, job, deadline, cancel, in_transaction=False):
+    """Run *job* on *conn*, a PooledConnection; return its result or raise its error.
 
     *deadline* is on the event loop's clock (None: no limit). ``await
-    cancel(pgconn)`` must ask the server to cancel the query running on
-    *pgconn* (see AsyncConnectionPool.cancel). On return or raise, *pgconn*
-    is idle and reusable, or closed; *in_transaction* jobs belong to a
-    client's transaction instead, which stays open (failed, after an error).
+    cancel(conn)`` must ask the server to cancel the query running on *conn*
+    (see AsyncConnectionPool.cancel). On return or raise, *conn* is idle and
+    reusable, or closed; *in_transaction* jobs belong to a client's
+    transaction instead, which stays open (failed, after an error).
     """
-    cursor = pgconn.cursor()
+    cursor = conn.pgconn.cursor()
     try:
         if job.fetch == FETCH_MANY:
-            result = await _execute_many(pgconn, cursor, job, deadline, cancel, in_transaction)
+            result = await _execute_many(conn, cursor, job, deadline, cancel, in_transaction)
         else:
-            _send(cursor, job.sql, job.params)
-            await _wait_or_cancel(pgconn, deadline, cancel)
+            _send(conn, cursor, job.sql, job.params)
+            await _wait_or_cancel(conn, deadline, cancel)
             result = _fetch(cursor, job.fetch)
     except BaseException:
-        await _clean_up(pgconn, cancel, keep_transaction=in_transaction)
+        await _clean_up(conn, cancel, keep_transaction=in_transaction)
         raise
     finally:
         cursor.close()
-    if not in_transaction and pgconn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
-        await _clean_up(pgconn, cancel)
+    if not in_transaction and conn.pgconn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
+        await _clean_up(conn, cancel)
         raise Error(
             "the statement left a transaction open, so it was rolled back; "
             "a job is one transaction of its own and must not run BEGIN or COMMIT"
@@ -65,26 +64,26 @@ async def run_job(pgconn, job, deadline, cancel, in_transaction=False):
     return result
 
 
-async def _execute_many(pgconn, cursor, job, deadline, cancel, in_transaction):
+async def _execute_many(conn, cursor, job, deadline, cancel, in_transaction):
     """All parameter sets in one transaction: the caller's, or one of our own."""
     if not in_transaction:
-        cursor.execute("BEGIN")
-        await _wait_or_cancel(pgconn, deadline, cancel)
+        _send(conn, cursor, "BEGIN")
+        await _wait_or_cancel(conn, deadline, cancel)
     total = 0
     for params in job.params:
-        _send(cursor, job.sql, params)
-        await _wait_or_cancel(pgconn, deadline, cancel)
+        _send(conn, cursor, job.sql, params)
+        await _wait_or_cancel(conn, deadline, cancel)
         total += max(cursor.rowcount, 0)
     if not in_transaction:
-        cursor.execute("COMMIT")
-        await _wait_or_cancel(pgconn, deadline, cancel)
+        _send(conn, cursor, "COMMIT")
+        await _wait_or_cancel(conn, deadline, cancel)
     return total
 
 
-def _send(cursor, sql, params):
+def _send(conn, cursor, sql, params=None):
     """Have psycopg2 bind *params* into *sql* and send it."""
     try:
-        cursor.execute(sql, params)
+        conn.execute(cursor, sql, params)
     except (IndexError, KeyError, TypeError, ValueError) as exc:
         # psycopg2 binds before sending: these mean nothing reached the server.
         raise JobRefused(
@@ -109,22 +108,22 @@ def _fetch(cursor, mode):
     return None if row is None else row[0]
 
 
-async def _wait_or_cancel(pgconn, deadline, cancel):
+async def _wait_or_cancel(conn, deadline, cancel):
     """Wait for the query; past *deadline*, cancel it on the server.
 
     If the query finished just as the timeout fired, its result stands: the
     job did succeed, and saying otherwise would lie about a commit.
     """
     try:
-        await wait_ready(pgconn, deadline)
+        await conn.wait(deadline)
     except QueryTimeout:
         try:
-            await _cancel_and_drain(pgconn, cancel)
+            await _cancel_and_drain(conn, cancel)
         except psycopg2.errors.QueryCanceled:
             raise QueryTimeout("the job's timeout passed; the query was cancelled") from None
 
 
-async def _cancel_and_drain(pgconn, cancel):
+async def _cancel_and_drain(conn, cancel):
     """Have the server cancel the running query and wait for it to end.
 
     If either step takes longer than CLEANUP_GRACE (the network to the server
@@ -132,30 +131,31 @@ async def _cancel_and_drain(pgconn, cancel):
     """
     loop = asyncio.get_running_loop()
     try:
-        await cancel(pgconn)
-        await wait_ready(pgconn, loop.time() + CLEANUP_GRACE)
+        await cancel(conn)
+        await conn.wait(loop.time() + CLEANUP_GRACE)
     except (QueryTimeout, psycopg2.OperationalError) as exc:
         if isinstance(exc, psycopg2.errors.QueryCanceled):
             raise
         logger.warning("could not cancel a query (%s); closing its connection", exc)
-        pgconn.close()
+        conn.close()
         raise QueryTimeout("the job's timeout passed and its query could not be cancelled: %s" % exc) from None
 
 
-async def _clean_up(pgconn, cancel, keep_transaction=False):
-    """Bring *pgconn* back to idle, or close it: never hand back a dirty one.
+async def _clean_up(conn, cancel, keep_transaction=False):
+    """Bring *conn* back to idle, or close it: never hand back a dirty one.
 
     With *keep_transaction*, a running query is still cancelled but the
     transaction around it is left for its owner to roll back.
     """
     loop = asyncio.get_running_loop()
+    pgconn = conn.pgconn
     try:
         if pgconn.closed:
             return
         status = pgconn.get_transaction_status()
         if status == ext.TRANSACTION_STATUS_ACTIVE:
             try:
-                await _cancel_and_drain(pgconn, cancel)
+                await _cancel_and_drain(conn, cancel)
             except (psycopg2.Error, QueryTimeout):
                 pass  # the cancelled query's own error: expected
             status = pgconn.get_transaction_status()
@@ -163,16 +163,16 @@ async def _clean_up(pgconn, cancel, keep_transaction=False):
             return
         if status in (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR):
             cursor = pgconn.cursor()
-            cursor.execute("ROLLBACK")
-            await wait_ready(pgconn, loop.time() + CLEANUP_GRACE)
+            _send(conn, cursor, "ROLLBACK")
+            await conn.wait(loop.time() + CLEANUP_GRACE)
             cursor.close()
         if pgconn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
-            pgconn.close()
+            conn.close()
     except asyncio.CancelledError:
-        pgconn.close()
+        conn.close()
         raise
     except Exception as exc:
         # Whatever stopped the clean-up, the connection is not safe to reuse;
         # the job's own error is the one its caller must see.
         logger.warning("could not clean up a connection (%s); closing it", exc)
-        pgconn.close()
+        conn.close()

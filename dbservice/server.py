@@ -196,7 +196,7 @@ class Server:
         job = pending.job
         begins = job.fetch == FETCH_BEGIN
         try:
-            result = await run_job(conn.pgconn, job, pending.deadline, self.pool.cancel, in_transaction=begins)
+            result = await run_job(conn, job, pending.deadline, self.pool.cancel, in_transaction=begins)
             if begins:
                 self.transactions.pin(pending.owner, job.tx, conn)
                 conn = None  # the transaction gives it back

@@ -68,7 +68,7 @@ class TransactionTable:
                 return
             self._disarm(tx)
             try:
-                result = await run_job(tx.conn.pgconn, job, pending.deadline, self.pool.cancel, in_transaction=True)
+                result = await run_job(tx.conn, job, pending.deadline, self.pool.cancel, in_transaction=True)
             except (psycopg2.Error, Error) as exc:
                 self._finish(pending, False, exc)
             except asyncio.CancelledError:
@@ -129,10 +129,10 @@ class TransactionTable:
             logger.warning("rolling back a transaction on connection #%d: %s", tx.conn.number, why)
             deadline = asyncio.get_running_loop().time() + CLEANUP_GRACE
             try:
-                await run_job(tx.conn.pgconn, Job("ROLLBACK", fetch=FETCH_ROLLBACK), deadline, self.pool.cancel)
+                await run_job(tx.conn, Job("ROLLBACK", fetch=FETCH_ROLLBACK), deadline, self.pool.cancel)
             except Exception as exc:
                 logger.warning("rollback failed (%s); closing the connection", exc)
-                tx.conn.pgconn.close()
+                tx.conn.close()
             self._give_back(tx)
 
     def _release(self, tx):

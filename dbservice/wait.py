@@ -48,24 +48,34 @@ async def wait_ready(conn, deadline=None):
         if state == ext.POLL_READ:
             await _wait_fd(loop, fd, loop.add_reader, loop.remove_reader, deadline)
         elif state == ext.POLL_WRITE:
-            await _wait_fd(loop, fd, loop.add_writer, loop.remove_writer, deadline)
+            await wait_writable(loop, fd, deadline)
         else:  # pragma: no cover - psycopg2 documents no other state
             raise ext.OperationalError("unexpected poll() state %r" % (state,))
+
+
+async def wait_writable(loop, fd, deadline=None):
+    """Wait until *fd* is writable; QueryTimeout at *deadline*."""
+    await _wait_fd(loop, fd, loop.add_writer, loop.remove_writer, deadline)
+
+
+async def until(loop, future, deadline):
+    """Await *future*; at *deadline* (None: never) it fails with QueryTimeout."""
+    timer = None if deadline is None else loop.call_at(deadline, _set_timeout, future)
+    try:
+        await future
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 async def _wait_fd(loop, fd, add, remove, deadline):
     ready = loop.create_future()
     add(fd, _set_done, ready)
-    timer = None
-    if deadline is not None:
-        timer = loop.call_at(deadline, _set_timeout, ready)
     try:
-        await ready
+        await until(loop, ready, deadline)
     finally:
         # Never leave a callback behind: the fd is polled again by the next wait.
         remove(fd)
-        if timer is not None:
-            timer.cancel()
 
 
 def _set_done(fut):

@@ -25,7 +25,7 @@ async def query(pool, sql, params=None, fetch="value", timeout=None):
     deadline = None if timeout is None else loop.time() + timeout
     conn = await pool.getconn()
     try:
-        return await run_job(conn.pgconn, Job(sql, params, fetch), deadline, pool.cancel)
+        return await run_job(conn, Job(sql, params, fetch), deadline, pool.cancel)
     finally:
         pool.putconn(conn)
 

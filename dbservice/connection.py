@@ -1,0 +1,141 @@
+"""PooledConnection: one psycopg2 async connection, watched on the event loop.
+
+Its socket stays registered for reading from open to close, instead of being
+added to the selector and removed again around every wait: that pair of
+epoll_ctl calls was the event loop's largest cost per job. The registration
+also notices, at no cost, when the server ends an idle connection (a restart,
+pg_terminate_backend): the socket turns readable, and the pool drops the
+connection before a job is lost on it.
+"""
+
+import psycopg2
+import psycopg2.extensions as ext
+
+from .wait import until, wait_writable
+
+
+class PooledConnection:
+    """A psycopg2 async connection, the pool's bookkeeping for it, and its waits.
+
+    Close it with :meth:`close`, never ``pgconn.close()``: its socket must
+    leave the selector first, or a later socket given the same number would
+    find it taken.
+    """
+
+    __slots__ = (
+        "pgconn", "number", "load", "last_used", "jobs_done",
+        "_loop", "_fd", "_watching", "_busy", "_waiter", "_on_lost",
+    )
+
+    def __init__(self, pgconn, number, loop, on_lost):
+        self.pgconn = pgconn
+        self.number = number
+        #: jobs running on this connection or handed to it and not yet started
+        self.load = 0
+        self.last_used = loop.time()
+        self.jobs_done = 0
+        self._loop = loop
+        self._waiter = None  # the future a wait for reading is parked on
+        self._busy = False  # an operation is under way: what comes is its reply
+        self._on_lost = on_lost  # called when the server ends it while idle
+        self._fd = pgconn.fileno()
+        self._watching = False
+        self._watch()
+
+    def __repr__(self):
+        return "<PooledConnection #%d load=%d>" % (self.number, self.load)
+
+    @property
+    def usable(self):
+        return not self.pgconn.closed and (
+            self.pgconn.get_transaction_status() == ext.TRANSACTION_STATUS_IDLE
+        )
+
+    async def wait(self, deadline=None):
+        """Drive ``poll()`` until the operation under way is done.
+
+        Raises the operation's own error, or QueryTimeout when the loop's
+        clock passes *deadline*: the operation then still runs on the server,
+        and the caller must cancel it or close the connection.
+        """
+        loop = self._loop
+        while True:
+            state = self.poll()
+            if state == ext.POLL_OK:
+                return
+            if state == ext.POLL_READ:
+                self._waiter = loop.create_future()
+                self._watch()
+                try:
+                    await until(loop, self._waiter, deadline)
+                finally:
+                    self._waiter = None
+            elif state == ext.POLL_WRITE:
+                await wait_writable(loop, self._fd, deadline)
+            else:  # pragma: no cover - psycopg2 documents no other state
+                raise ext.OperationalError("unexpected poll() state %r" % (state,))
+
+    def poll(self):
+        try:
+            state = self.pgconn.poll()
+        except BaseException:
+            self._busy = False
+            self._forget_if_closed()
+            raise
+        if state == ext.POLL_OK:
+            self._busy = False
+        return state
+
+    def execute(self, cursor, sql, params=None):
+        """``cursor.execute()``, noticing if it found the connection gone."""
+        try:
+            cursor.execute(sql, params)
+        except BaseException:
+            self._forget_if_closed()
+            raise
+        self._busy = True
+
+    def close(self):
+        self._unwatch()
+        self._fd = None
+        self.pgconn.close()
+
+    def _readable(self):
+        waiter = self._waiter
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(None)
+            return
+        if self._busy:
+            # The reply to the operation under way, before anyone waits for
+            # it (a cancel is on its way, say): it is theirs to read, so stop
+            # watching until they wait, or the selector reports it again and
+            # again.
+            self._unwatch()
+            return
+        # Nobody waits, so the server spoke unasked: a notice, or the end of
+        # the connection. Read it, or the selector reports it again and again.
+        try:
+            self.pgconn.poll()
+        except psycopg2.Error:
+            pass
+        if self._forget_if_closed():
+            self._on_lost(self)
+
+    def _forget_if_closed(self):
+        """Unregister a socket libpq has closed, before its number is reused."""
+        if not self.pgconn.closed:
+            return False
+        self._unwatch()
+        self._fd = None
+        return True
+
+    def _watch(self):
+        if not self._watching and self._fd is not None:
+            self._loop.add_reader(self._fd, self._readable)
+            self._watching = True
+
+    def _unwatch(self):
+        if self._watching:
+            self._loop.remove_reader(self._fd)
+            self._watching = False
