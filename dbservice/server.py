@@ -196,6 +196,12 @@ class Server:
         job = pending.job
         begins = job.fetch == FETCH_BEGIN
         try:
+            while conn.pgconn.closed:
+                # The server ended it after it was lent (a restart): nothing
+                # was sent on it yet, so the job may take another.
+                self.pool.putconn(conn)
+                conn = None
+                conn = await self.pool.getconn(pending.deadline)
             result = await run_job(conn, job, pending.deadline, self.pool.cancel, in_transaction=begins)
             if begins:
                 self.transactions.pin(pending.owner, job.tx, conn)

@@ -17,6 +17,8 @@ import stat
 from .errors import JobCancelled, JobRefused
 from .jobs import dumps_reply, encode_reply, loads_job
 from .wire import (
+    MAX_AUTH_FRAME,
+    MSG_AUTH,
     MSG_CANCEL,
     MSG_ERROR,
     MSG_JOB,
@@ -24,9 +26,10 @@ from .wire import (
     MSG_RESULT,
     MSG_STATUS,
     FrameError,
+    FrameReader,
     encode_frame,
-    read_frame,
-    server_handshake,
+    new_challenge,
+    verdict,
 )
 
 logger = logging.getLogger("dbservice.socket")
@@ -41,17 +44,18 @@ class SocketIntake:
         self.authkey = authkey
         self.settings = server.settings
         self._listener = None
-        self._clients = {}  # writer -> the task serving that client
+        self._clients = set()  # the _ClientProtocol of every connected client
 
     async def start(self):
         check_socket_dir(os.path.dirname(self.path))
         remove_stale_socket(self.path)
+        loop = asyncio.get_running_loop()
         old_umask = os.umask(0o177)  # the socket itself: owner only
         try:
             # A backlog for a burst of max_clients connecting at once (the
             # kernel caps it at net.core.somaxconn); asyncio's default is 100.
-            self._listener = await asyncio.start_unix_server(
-                self._serve_client, self.path, backlog=self.settings.max_clients
+            self._listener = await loop.create_unix_server(
+                lambda: _ClientProtocol(self), self.path, backlog=self.settings.max_clients
             )
         finally:
             os.umask(old_umask)
@@ -72,11 +76,8 @@ class SocketIntake:
     async def close(self):
         """Stop accepting and close every client connection, once replies are flushed."""
         await self.stop_listening()
-        tasks = list(self._clients.values())
-        for writer in list(self._clients):
-            writer.close()  # each client's reader then sees the end and returns
-        if tasks:
-            await asyncio.wait(tasks, timeout=5.0)
+        for client in list(self._clients):
+            client.transport.close()  # writes what is buffered first
 
     @property
     def clients(self):
@@ -86,94 +87,126 @@ class SocketIntake:
         """The server's figures, and this socket's."""
         return dict(self.server.status(), socket=self.path, socket_clients=self.clients)
 
-    async def _serve_client(self, reader, writer):
-        if len(self._clients) >= self.settings.max_clients:
+
+class _ClientProtocol(asyncio.Protocol):
+    """One client connection: the handshake, then its jobs and their replies.
+
+    Frames are cut from what arrives in :meth:`data_received` and handled at
+    once, with no task or stream in between: a job goes from the socket to
+    the dispatcher in the same turn of the loop.
+    """
+
+    def __init__(self, intake):
+        self.intake = intake
+        self.server = intake.server
+        self.settings = intake.settings
+        self.transport = None
+        self.frames = FrameReader(MAX_AUTH_FRAME)
+        self.trusted = False
+        self.in_flight = {}  # job id -> PendingJob
+        self._challenge = None
+        self._auth_timer = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+        clients = self.intake._clients
+        if len(clients) >= self.settings.max_clients:
             # Said in plain text: the client reads it before any trust exists.
-            logger.warning("refused a client: already %d (max_clients)", len(self._clients))
-            writer.write(
+            logger.warning("refused a client: already %d (max_clients)", len(clients))
+            transport.write(
                 encode_frame(0, MSG_REFUSED, b"the dbservice daemon has max_clients (%d) clients "
                              b"already; try again later" % self.settings.max_clients)
             )
-            writer.close()
+            transport.close()
             return
-        self._clients[writer] = asyncio.current_task()
+        clients.add(self)
+        self._challenge = new_challenge()
+        transport.write(encode_frame(0, MSG_AUTH, self._challenge))
+        loop = asyncio.get_running_loop()
+        self._auth_timer = loop.call_later(self.settings.auth_timeout, self._auth_timed_out)
+
+    def data_received(self, data):
+        self.frames.feed(data)
         try:
-            try:
-                trusted = await asyncio.wait_for(
-                    server_handshake(reader, writer, self.authkey), self.settings.auth_timeout
-                )
-            except asyncio.TimeoutError:
-                logger.warning("a client did not authenticate within %.1f s; dropped", self.settings.auth_timeout)
-                return
-            if not trusted:
-                logger.warning("a client failed authentication (wrong secret); dropped")
-                return
-            await self._read_jobs(reader, writer)
+            while not self.transport.is_closing():
+                frame = self.frames.next_frame()
+                if frame is None:
+                    return
+                if self.trusted:
+                    self._handle(*frame)
+                else:
+                    self._authenticate(*frame)
         except FrameError as exc:
             logger.warning("dropping a client that broke the framing: %s", exc)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the client went away; its replies have nowhere to go
-        finally:
-            self._clients.pop(writer, None)
-            writer.close()
+            if self.trusted:  # the oversized payload is not read, so the stream is lost
+                self.transport.write(encode_frame(0, MSG_ERROR, dumps_reply(JobRefused(str(exc)))))
+            self.transport.close()
 
-    async def _read_jobs(self, reader, writer):
-        client = _Client(writer, self.settings.max_result_bytes)
-        max_frame = self.settings.max_frame
-        try:
-            while True:
-                try:
-                    job_id, kind, payload = await read_frame(reader, max_frame)
-                except FrameError as exc:
-                    # The oversized payload is not read, so the stream is lost.
-                    writer.write(encode_frame(0, MSG_ERROR, dumps_reply(JobRefused(str(exc)))))
-                    raise
-                if kind == MSG_JOB:
-                    self._submit(client, job_id, payload)
-                elif kind == MSG_CANCEL:
-                    pending = client.in_flight.get(job_id)
-                    if pending is not None:
-                        self.server.cancel(pending, JobCancelled("the client cancelled the job"))
-                elif kind == MSG_STATUS:
-                    client.reply(job_id, True, self.status())
-                else:
-                    client.reply(job_id, False, JobRefused("unknown message kind %d" % kind))
-        finally:
-            # Nobody is left to read these jobs' results: cancel them, so a
-            # query of a client that died does not run on for nothing.
-            for pending in list(client.in_flight.values()):
-                self.server.cancel(pending, JobCancelled("the client went away"))
-            self.server.transactions.abandon(client)
+    def connection_lost(self, exc):
+        self.intake._clients.discard(self)
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+        # Nobody is left to read these jobs' results: cancel them, so a query
+        # of a client that died does not run on for nothing.
+        for pending in list(self.in_flight.values()):
+            self.server.cancel(pending, JobCancelled("the client went away"))
+        self.server.transactions.abandon(self)
 
-    def _submit(self, client, job_id, payload):
+    # A client that sends jobs but does not read their replies stops being
+    # read itself, rather than make the daemon buffer without end.
+    def pause_writing(self):
+        self.transport.pause_reading()
+
+    def resume_writing(self):
+        self.transport.resume_reading()
+
+    def _authenticate(self, job_id, kind, payload):
+        trusted, answer = verdict(self.intake.authkey, self._challenge, kind, payload)
+        self.transport.write(answer)
+        self._auth_timer.cancel()
+        self._auth_timer = None
+        if not trusted:
+            logger.warning("a client failed authentication (wrong secret); dropped")
+            self.transport.close()
+            return
+        self.trusted = True
+        self.frames.max_size = self.settings.max_frame
+
+    def _auth_timed_out(self):
+        logger.warning("a client did not authenticate within %.1f s; dropped", self.settings.auth_timeout)
+        self._auth_timer = None
+        self.transport.close()
+
+    def _handle(self, job_id, kind, payload):
+        if kind == MSG_JOB:
+            self._submit(job_id, payload)
+        elif kind == MSG_CANCEL:
+            pending = self.in_flight.get(job_id)
+            if pending is not None:
+                self.server.cancel(pending, JobCancelled("the client cancelled the job"))
+        elif kind == MSG_STATUS:
+            self.reply(job_id, True, self.intake.status())
+        else:
+            self.reply(job_id, False, JobRefused("unknown message kind %d" % kind))
+
+    def _submit(self, job_id, payload):
         try:
             job = loads_job(payload)
         except JobRefused as exc:
             logger.warning("refused a job: %s", exc)
-            client.reply(job_id, False, exc)
+            self.reply(job_id, False, exc)
             return
-        pending = self.server.submit(job, functools.partial(client.reply, job_id), owner=client)
+        pending = self.server.submit(job, functools.partial(self.reply, job_id), owner=self)
         if not pending.done:
-            client.in_flight[job_id] = pending
-
-
-class _Client:
-    """One authenticated client connection and the jobs it has in flight."""
-
-    __slots__ = ("writer", "in_flight", "max_result_bytes")
-
-    def __init__(self, writer, max_result_bytes):
-        self.writer = writer
-        self.in_flight = {}  # job id -> PendingJob
-        self.max_result_bytes = max_result_bytes
+            self.in_flight[job_id] = pending
 
     def reply(self, job_id, ok, value):
         """Send the one reply of job *job_id* back on this connection."""
         self.in_flight.pop(job_id, None)
-        if self.writer.is_closing():
+        if self.transport.is_closing():
             return
-        ok, payload = encode_reply(ok, value, self.max_result_bytes)
-        self.writer.write(encode_frame(job_id, MSG_RESULT if ok else MSG_ERROR, payload))
+        ok, payload = encode_reply(ok, value, self.settings.max_result_bytes)
+        self.transport.write(encode_frame(job_id, MSG_RESULT if ok else MSG_ERROR, payload))
 
 
 def check_socket_dir(directory):

@@ -125,18 +125,54 @@ async def read_frame(reader, max_size):
     return job_id, kind, (await reader.readexactly(size)) if size else b""
 
 
-async def server_handshake(reader, writer, authkey):
-    """Check the peer holds *authkey* and answer its challenge; False if not."""
-    ours = new_challenge()
-    writer.write(encode_frame(0, MSG_AUTH, ours))
-    _, kind, payload = await read_frame(reader, MAX_AUTH_FRAME)
+def verdict(authkey, our_challenge, kind, payload):
+    """The daemon's side of the handshake: (trusted, the frame to send back).
+
+    *payload* is the client's first frame: its answer to *our_challenge*,
+    then a challenge of its own, which we answer when we welcome it.
+    """
     digest, theirs = payload[:_DIGEST_BYTES], payload[_DIGEST_BYTES:]
     if (
         kind != MSG_AUTH
         or not theirs.startswith(CHALLENGE_PREFIX)
-        or not check_answer(authkey, ours, digest)
+        or not check_answer(authkey, our_challenge, digest)
     ):
-        writer.write(encode_frame(0, MSG_AUTH, FAILURE))
-        return False
-    writer.write(encode_frame(0, MSG_AUTH, WELCOME + answer_challenge(authkey, MSG_AUTH, theirs)))
-    return True
+        return False, encode_frame(0, MSG_AUTH, FAILURE)
+    return True, encode_frame(0, MSG_AUTH, WELCOME + answer_challenge(authkey, MSG_AUTH, theirs))
+
+
+class FrameReader:
+    """Cuts a byte stream into frames, with no I/O of its own.
+
+    Feed it what arrives; take the complete frames with :meth:`next_frame`.
+    A frame announcing more than *max_size* bytes raises FrameError before
+    any of it is buffered.
+    """
+
+    def __init__(self, max_size):
+        self.max_size = max_size
+        self._buffer = bytearray()
+        self._start = 0
+
+    def feed(self, data):
+        self._buffer += data
+
+    def next_frame(self):
+        """The next complete frame as (job_id, kind, payload), or None."""
+        buffer, start = self._buffer, self._start
+        if len(buffer) - start < HEADER.size:
+            return self._compact()
+        size, job_id, kind = HEADER.unpack_from(buffer, start)
+        if size > self.max_size:
+            raise FrameError("frame of %d bytes exceeds the limit of %d bytes" % (size, self.max_size))
+        end = start + HEADER.size + size
+        if end > len(buffer):
+            return self._compact()
+        self._start = end
+        return job_id, kind, bytes(buffer[start + HEADER.size : end])
+
+    def _compact(self):
+        if self._start:
+            del self._buffer[: self._start]
+            self._start = 0
+        return None

@@ -117,7 +117,9 @@ def test_postgres_restart_under_load(private_postgresql, socket_path):
             assert load.stop(), "a client thread hung"
     errors = [value for _, ok, value in load.outcomes if not ok]
     # only the jobs caught by the restart itself failed, each with a clear error
-    assert all(isinstance(e, (psycopg2.OperationalError, dbservice.ServiceUnavailable)) for e in errors), errors
+    assert all(isinstance(e, (psycopg2.OperationalError, dbservice.ServiceUnavailable)) for e in errors), [
+        type(e).__name__ + ": " + str(e)[:60] for e in errors
+    ]
     assert all(ok for at, ok, _ in load.outcomes if at > up_at + 1.0)
     assert figures["database_reachable"]
     # the pool reconnected with backoff, not in a tight loop
