@@ -103,6 +103,7 @@ OPERATOR_SETTINGS = {
     "max_frame": int,
     "max_result_bytes": int,
     "idle_in_transaction_timeout": float,
+    "selector": str,
     "stop_timeout": float,
     "slow_ms": float,
     "log_level": str,

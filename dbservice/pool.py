@@ -155,6 +155,10 @@ class AsyncConnectionPool:
             return conn
         return await self._wait_for_connection(deadline)
 
+    def lend_idle(self):
+        """An idle connection now, as :meth:`getconn` would lend it, or None."""
+        return None if self._closed else self._pop_idle()
+
     def putconn(self, conn):
         """Give back a connection borrowed with :meth:`getconn`.
 

@@ -9,7 +9,7 @@ from dbservice.jobs import Job
 from dbservice.runner import run_job
 from dbservice.wait import new_event_loop
 
-SELECTORS = ["epoll", "select"]
+SELECTORS = ["epoll", "select", "uvloop"]
 
 
 def run(selector, coro_fn, timeout=60):

@@ -1,4 +1,4 @@
-"""The service end to end: dispatch, timeouts, errors, both selectors, stopping."""
+"""The service end to end: dispatch, timeouts, errors, every event loop, stopping."""
 
 import concurrent.futures
 import os
@@ -20,8 +20,8 @@ def test_a_slow_job_does_not_hold_up_the_others(client):
         assert slow.result(timeout=30) == "slow"
 
 
-@pytest.mark.parametrize("selector", ["epoll", "select"])
-def test_both_selector_backends_serve_concurrent_jobs(dsn, socket_path, selector):
+@pytest.mark.parametrize("selector", ["epoll", "select", "uvloop"])
+def test_every_event_loop_serves_concurrent_jobs(dsn, socket_path, selector):
     with start_service(dsn, socket_path, max_size=3, selector=selector) as svc, svc.client(timeout=30) as c:
         with concurrent.futures.ThreadPoolExecutor(8) as executor:
             results = list(executor.map(lambda i: c.fetchval("select %s::int * 3", [i]), range(200)))
