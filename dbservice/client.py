@@ -15,6 +15,7 @@ import multiprocessing.connection
 import os
 import pickle
 import socket as socketlib
+import sys
 import threading
 import time
 import weakref
@@ -39,7 +40,10 @@ from .jobs import (
     loads_reply,
     transaction_options,
 )
-from .wire import MSG_ERROR, MSG_JOB, MSG_STATUS, client_handshake, encode_frame, recv_frame
+from .wire import MSG_ERROR, MSG_JOB, MSG_STATUS, FrameReader, client_handshake, encode_frame
+
+#: Bytes asked of the socket at a time: most replies come in one receive.
+RECEIVE_BYTES = 65536
 
 #: Seconds the client waits beyond a job's timeout for the daemon's own
 #: QueryTimeout reply, before it gives up on the daemon itself.
@@ -155,32 +159,32 @@ class _Channel:
             sock.close()
             raise
         self.sock = sock
+        self._timeout = connect_timeout
+        self._frames = FrameReader(sys.maxsize)  # the daemon is trusted: no limit
         self._ids = itertools.count(1)
 
     def call(self, payload, timeout, kind=MSG_JOB):
         job_id = next(self._ids)
+        wait = _reply_wait(timeout)
+        if wait != self._timeout:  # settimeout costs syscalls: only when it changes
+            self.sock.settimeout(wait)
+            self._timeout = wait
         try:
-            self.sock.settimeout(None)
             self.sock.sendall(encode_frame(job_id, kind, payload))
         except OSError as exc:
             raise _ChannelLost(
                 ServiceUnavailable("cannot send to the dbservice daemon: %s" % exc), unsent=True
             ) from None
-        self.sock.settimeout(_reply_wait(timeout))
         try:
             while True:
-                reply_id, kind, body = recv_frame(self.sock)
+                reply_id, kind, body = self._next_frame()
                 if reply_id == job_id:
                     break
                 if reply_id == 0 and kind == MSG_ERROR:  # the daemon dropped us
                     raise _ChannelLost(loads_reply(body))
                 # else: a late reply to an earlier job that timed out here; skip it
         except socketlib.timeout:
-            raise _ChannelLost(
-                QueryTimeout("no reply from the dbservice daemon within %.1f s" % _reply_wait(timeout))
-            ) from None
-        except ServiceUnavailable as exc:  # end of stream
-            raise _ChannelLost(exc) from None
+            raise _ChannelLost(QueryTimeout("no reply from the dbservice daemon within %.1f s" % wait)) from None
         except OSError as exc:
             raise _ChannelLost(
                 ServiceUnavailable("lost the connection to the dbservice daemon: %s" % exc)
@@ -189,6 +193,17 @@ class _Channel:
         if kind == MSG_ERROR:
             raise value
         return value
+
+    def _next_frame(self):
+        """The next reply, read in as few receives as it takes (one, mostly)."""
+        while True:
+            frame = self._frames.next_frame()
+            if frame is not None:
+                return frame
+            data = self.sock.recv(RECEIVE_BYTES)
+            if not data:
+                raise _ChannelLost(ServiceUnavailable("the dbservice daemon closed the connection"))
+            self._frames.feed(data)
 
     sock = None  # until the handshake succeeded
 
