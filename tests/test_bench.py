@@ -329,12 +329,29 @@ def test_a_hung_client_fails_the_cell_instead_of_hanging_the_bench(monkeypatch):
 # -- the whole bench -------------------------------------------------------------
 
 
+#: The CI regression guard: dbservice's point reads at least this many times
+#: threadpool's in the same --quick run. Measured 0.36-0.38x on 2 cores
+#: (2026-11-21, the standard event loop), so a drop of about half fails CI; the
+#: goal of 0.5x is not reached yet (README, Benchmarks).
+GUARD_FLOOR = 0.2
+
+
+def test_guard_compares_dbservice_with_threadpool_in_the_same_run():
+    results = [
+        {"workload": "point-read", "strategy": "dbservice", "qps": 400.0},
+        {"workload": "point-read", "strategy": "threadpool", "qps": 1000.0},
+    ]
+    assert report.guard(results, 0.4) is None
+    assert "0.40x threadpool's, below the guard's floor of 0.50x" in report.guard(results, 0.5)
+    assert "same run" in report.guard(results[:1], 0.1)
+
+
 @pytest.mark.timeout(120)
 def test_the_quick_run_compares_every_strategy_and_writes_the_json(tmp_path):
     path = tmp_path / "bench.json"
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "dbservice.bench", "--quick", "--json", str(path)],
+        [sys.executable, "-m", "dbservice.bench", "--quick", "--json", str(path), "--guard", str(GUARD_FLOOR)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -358,3 +375,4 @@ def test_the_quick_run_compares_every_strategy_and_writes_the_json(tmp_path):
             assert r["server_connections"] <= 8, r  # the pool, and nothing else
     assert "dbservice/connect-per-query" in document["ratios"]["point-read"]
     assert "targets:" in result.stdout and "command: python -m dbservice.bench" in result.stdout
+    assert "regression guard: passed" in result.stdout

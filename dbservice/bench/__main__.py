@@ -72,6 +72,20 @@ from .workloads import WORKLOADS
     type=click.Choice([w.name for w in WORKLOADS]),
     help="Run only this workload (repeatable).",
 )
+@click.option(
+    "--loop",
+    type=click.Choice(["auto", "epoll", "select", "uvloop"]),
+    default=Plan.loop,
+    show_default=True,
+    help="dbservice's event loop (uvloop: pip install 'dbservice[uvloop]').",
+)
+@click.option(
+    "--guard",
+    type=click.FloatRange(0),
+    metavar="RATIO",
+    help="Exit 1 if dbservice's point reads reach less than RATIO x threadpool's in this run: "
+    "a regression guard for CI.",
+)
 @click.option("--quick", is_flag=True, help="A smoke run of every cell, in well under a minute.")
 @click.option(
     "--json",
@@ -97,6 +111,8 @@ def main(
     pool_size,
     strategy_names,
     workload_names,
+    loop,
+    guard,
     quick,
     json_path,
     plot_path,
@@ -116,6 +132,7 @@ def main(
         clients=clients,
         processes=processes,
         pool_size=pool_size,
+        loop=loop,
     )
     if plot_path:
         try:
@@ -134,6 +151,11 @@ def main(
         report.write_json(result, json_path)
     if plot_path:
         plotting.plot(result, plot_path)
+    if guard is not None:
+        failure = report.guard(result["results"], guard)
+        if failure:
+            raise click.ClickException("regression guard: " + failure)
+        click.echo("regression guard: passed (floor %.2fx threadpool)" % guard)
 
 
 def _plan(quick, scale, **given):
@@ -165,6 +187,8 @@ def command(plan, dsn, strategy_names, workload_names):
         "--pool-size",
         str(plan.pool_size),
     ]
+    if plan.loop != Plan.loop:
+        words += ["--loop", plan.loop]
     for name in strategy_names:
         words += ["--strategy", name]
     for name in workload_names:

@@ -83,6 +83,16 @@ TARGETS = (
 )
 
 
+def guard(results, floor):
+    """The regression guard: None if dbservice's point reads reach *floor* x threadpool's, else why not."""
+    value = _ratio(_field(results, "point-read", OURS, "qps"), _field(results, "point-read", "threadpool", "qps"))
+    if value is None:
+        return "the guard needs dbservice and threadpool point reads measured in the same run"
+    if value < floor:
+        return "dbservice's point reads were %.2fx threadpool's, below the guard's floor of %.2fx" % (value, floor)
+    return None
+
+
 def targets(results, plan):
     """Each target with the ratio measured in this run and its verdict: PASS, FAIL or N-A."""
     return [_judge(target, results, plan) for target in TARGETS]

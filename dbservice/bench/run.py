@@ -37,6 +37,8 @@ class Plan:
     pool_size: int = 8
     #: accounts in bench_accounts
     rows: int = 100_000
+    #: dbservice's event loop (its ``selector`` setting)
+    loop: str = "auto"
 
     def clients_for(self, workload):
         return workload.clients or self.clients

@@ -58,7 +58,9 @@ class QueuePipe(Strategy):
 
     @contextlib.contextmanager
     def serving(self, dsn, plan):
-        with dbservice.DBService(dsn, min_size=plan.pool_size, max_size=plan.pool_size) as service:
+        with dbservice.DBService(
+            dsn, min_size=plan.pool_size, max_size=plan.pool_size, selector=plan.loop
+        ) as service:
             yield ClientConnector(service.client())
 
 
@@ -116,7 +118,7 @@ def _socket_service(dsn, plan):
     with tempfile.TemporaryDirectory(prefix="dbservice-bench-") as directory:
         socket = os.path.join(directory, "dbservice.sock")
         with dbservice.DBService(
-            dsn, min_size=plan.pool_size, max_size=plan.pool_size, socket=socket
+            dsn, min_size=plan.pool_size, max_size=plan.pool_size, socket=socket, selector=plan.loop
         ) as service:
             yield service
 
