@@ -17,6 +17,7 @@ from .errors import (
     ResultTooLarge,
     ServiceBusy,
     ServiceUnavailable,
+    StatementTimeout,
 )
 from .pool import AsyncConnectionPool
 from .service import DBService
@@ -35,6 +36,7 @@ __all__ = [
     "ResultTooLarge",
     "ServiceBusy",
     "ServiceUnavailable",
+    "StatementTimeout",
     "connect",
     "connect_async",
 ]

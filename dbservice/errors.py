@@ -5,6 +5,8 @@ Errors from PostgreSQL itself are not wrapped: they reach the caller as the very
 message. The classes here are for what goes wrong around the query.
 """
 
+import psycopg2.errors
+
 
 class Error(Exception):
     """Base class of every error raised by dbservice itself."""
@@ -20,6 +22,20 @@ class ServiceBusy(ServiceUnavailable):
 
 class QueryTimeout(Error):
     """The job's timeout passed; the query was cancelled on the server."""
+
+
+class StatementTimeout(QueryTimeout, psycopg2.errors.QueryCanceled):
+    """The server's statement_timeout cancelled the query.
+
+    Both a QueryTimeout and the very ``psycopg2.errors.QueryCanceled`` the
+    server raised, with its ``pgcode``: catch either.
+    """
+
+    @classmethod
+    def from_server(cls, exc):
+        error = cls(str(exc))
+        error.__setstate__({"pgerror": exc.pgerror, "pgcode": exc.pgcode})
+        return error
 
 
 class ResultTooLarge(Error):

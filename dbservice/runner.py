@@ -14,7 +14,7 @@ import logging
 import psycopg2
 import psycopg2.extensions as ext
 
-from .errors import Error, JobRefused, QueryTimeout
+from .errors import Error, JobRefused, QueryTimeout, StatementTimeout
 from .jobs import (
     FETCH_ALL,
     FETCH_MANY,
@@ -121,6 +121,10 @@ async def _wait_or_cancel(conn, deadline, cancel):
             await _cancel_and_drain(conn, cancel)
         except psycopg2.errors.QueryCanceled:
             raise QueryTimeout("the job's timeout passed; the query was cancelled") from None
+    except psycopg2.errors.QueryCanceled as exc:
+        if "statement timeout" in (exc.diag.message_primary or ""):
+            raise StatementTimeout.from_server(exc) from None
+        raise  # cancelled by someone else (pg_cancel_backend): psycopg2's own error
 
 
 async def _cancel_and_drain(conn, cancel):

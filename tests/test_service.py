@@ -4,6 +4,7 @@ import concurrent.futures
 import os
 import threading
 
+import psycopg2.errors
 import pytest
 
 import dbservice
@@ -110,3 +111,15 @@ def test_threads_that_end_leave_no_connection_behind(socket_service):
         assert len(c._channels) <= 2
         assert len(os.listdir("/proc/self/fd")) <= before + 2
         wait_until(lambda: c.status()["socket_clients"] <= 3, message="the daemon to see them hang up")
+
+
+def test_statement_timeout_on_the_server_is_a_query_timeout_too(dsn, socket_path, admin):
+    with start_service(dsn, socket_path, min_size=1, max_size=1) as svc, svc.client(timeout=30) as c:
+        pid = c.fetchval("select pg_backend_pid()")
+        with pytest.raises(dbservice.QueryTimeout) as info:
+            c.fetchval("set local statement_timeout = '100ms'; select pg_sleep(10)")
+        assert isinstance(info.value, psycopg2.errors.QueryCanceled)
+        assert info.value.pgcode == "57014"
+        # the same connection serves the next job, without the setting
+        assert c.fetchval("select pg_backend_pid()") == pid
+        assert c.fetchval("show statement_timeout") == "0"
