@@ -29,6 +29,12 @@ db.fetchval("select pg_sleep(60) /* marker-client-death */")
 """
 
 
+def _pool_at_rest(figures):
+    return (figures["pool_size"], figures["pool_available"], figures["jobs_running"]) == (1, 1, 0) and (
+        figures["connections"][0]["load"] == 0
+    )
+
+
 def test_a_client_that_dies_mid_query_has_its_query_cancelled(dsn, socket_path, admin):
     with dbservice.DBService(dsn, socket=socket_path, min_size=1, max_size=1) as svc:
         client = subprocess.Popen(
@@ -42,7 +48,10 @@ def test_a_client_that_dies_mid_query_has_its_query_cancelled(dsn, socket_path, 
         finally:
             client.kill()
         wait_until(lambda: active(admin, "marker-client-death") == 0, message="the query to be cancelled")
-        # the pool's only connection came back and serves the next job
+        # the pool's only connection came back, nobody waits, and it serves the next job
+        wait_until(
+            lambda: _pool_at_rest(status(svc)), message="the connection back in the pool, idle"
+        )
         with svc.client(timeout=10) as db:
             assert db.fetchval("select 'next'") == "next"
 
