@@ -4,6 +4,7 @@ import io
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -376,3 +377,17 @@ def test_the_quick_run_compares_every_strategy_and_writes_the_json(tmp_path):
     assert "dbservice/connect-per-query" in document["ratios"]["point-read"]
     assert "targets:" in result.stdout and "command: python -m dbservice.bench" in result.stdout
     assert "regression guard: passed" in result.stdout
+
+
+@pytest.mark.timeout(120)
+def test_daemon_cost_reports_cpu_per_job_and_memory():
+    result = subprocess.run(
+        [sys.executable, "-m", "dbservice.bench.daemon_cost", "--seconds", "1", "--rounds", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=110,
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"\d+ queries/s, daemon CPU [\d.]+ us per job", result.stdout), result.stdout
+    assert re.search(r"daemon RSS: [\d.]+ MiB, and [\d.]+ MiB with 1000 idle client connections", result.stdout)

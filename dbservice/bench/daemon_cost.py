@@ -1,0 +1,144 @@
+"""python -m dbservice.bench.daemon_cost: what the daemon itself costs.
+
+The comparison in ``python -m dbservice.bench`` is end to end. This measures
+the daemon alone, for the performance work: its CPU time per job under point
+reads from 8 processes x 8 threads (from /proc, user + system, divided by the
+jobs done), the queries per second meanwhile, and its resident memory with no
+client and with 1,000 idle client connections.
+"""
+
+import asyncio
+import multiprocessing
+import os
+import random
+import tempfile
+import threading
+import time
+
+import click
+
+import dbservice
+
+from .run import Plan, database
+from .workloads import POINT_READ
+
+PROCESSES = 8
+THREADS = 8
+IDLE_CLIENTS = 1000
+
+
+def cpu_seconds(pid):
+    """User plus system CPU time of process *pid*, in seconds."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
+def _client_process(socket, authkey, rows, seconds, counts):
+    client = dbservice.connect(socket=socket, authkey=authkey, timeout=60)
+    done = []
+    stop = time.monotonic() + seconds
+
+    def run():
+        rng, n = random.Random(), 0
+        while time.monotonic() < stop:
+            client.fetchone(POINT_READ.sql, [rng.randint(1, rows)])
+            n += 1
+        done.append(n)
+
+    threads = [threading.Thread(target=run) for _ in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    counts.put(sum(done))
+
+
+def load(service, rows, seconds):
+    """Point reads for *seconds*; (queries per second, daemon CPU microseconds per job)."""
+    ctx = multiprocessing.get_context("fork")
+    counts = ctx.Queue()
+    workers = [
+        ctx.Process(target=_client_process, args=(service.socket, service.authkey, rows, seconds, counts))
+        for _ in range(PROCESSES)
+    ]
+    cpu_before, started = cpu_seconds(service.process.pid), time.monotonic()
+    for worker in workers:
+        worker.start()
+    jobs = sum(counts.get(timeout=seconds + 60) for _ in workers)
+    for worker in workers:
+        worker.join()
+    elapsed, cpu = time.monotonic() - started, cpu_seconds(service.process.pid) - cpu_before
+    return jobs / elapsed, cpu / jobs * 1e6
+
+
+async def _hold_idle_clients(service, count):
+    clients = [await dbservice.connect_async(service.socket, service.authkey) for _ in range(count)]
+    try:
+        return rss_mib(service.process.pid)
+    finally:
+        for client in clients:
+            await client.close()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--loop",
+    type=click.Choice(["auto", "epoll", "select", "uvloop"]),
+    default="auto",
+    show_default=True,
+    help="The daemon's event loop.",
+)
+@click.option(
+    "--seconds", type=click.FloatRange(1), default=6.0, show_default=True, help="Seconds per round."
+)
+@click.option("--rounds", type=click.IntRange(1), default=2, show_default=True, help="Rounds of load.")
+@click.option("--dsn", metavar="DSN", help="Use this database instead of a throwaway PostgreSQL.")
+def main(loop, seconds, rounds, dsn):
+    """What the daemon itself costs: CPU per job, and memory.
+
+    Point reads from 8 processes x 8 threads of the sync client through a
+    daemon with 8 connections; for each round, the queries per second and the
+    daemon's CPU time (user + system) divided by the jobs done. Then its
+    resident memory with no client, and with 1,000 idle client connections.
+    """
+    plan = Plan()
+    with database(plan, dsn) as dsn, tempfile.TemporaryDirectory(prefix="dbservice-cost-") as directory:
+        service = dbservice.DBService(
+            dsn,
+            min_size=plan.pool_size,
+            max_size=plan.pool_size,
+            socket=os.path.join(directory, "s.sock"),
+            selector=loop,
+            slow_ms=0,
+        )
+        with service:
+            click.echo(
+                "daemon on the %s loop, %d connections; %d processes x %d threads of point reads"
+                % (loop, plan.pool_size, PROCESSES, THREADS)
+            )
+            load(service, plan.rows, 1.0)  # warm-up
+            for _ in range(rounds):
+                qps, micros = load(service, plan.rows, seconds)
+                click.echo(
+                    "  %.0f queries/s, daemon CPU %.1f us per job (load average %.1f)"
+                    % (qps, micros, os.getloadavg()[0])
+                )
+            idle = rss_mib(service.process.pid)
+            held = asyncio.run(_hold_idle_clients(service, IDLE_CLIENTS))
+            click.echo(
+                "daemon RSS: %.1f MiB, and %.1f MiB with %d idle client connections"
+                % (idle, held, IDLE_CLIENTS)
+            )
+
+
+if __name__ == "__main__":
+    main(prog_name="python -m dbservice.bench.daemon_cost")
