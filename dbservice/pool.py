@@ -159,6 +159,16 @@ class AsyncConnectionPool:
         """An idle connection now, as :meth:`getconn` would lend it, or None."""
         return None if self._closed else self._pop_idle()
 
+    def pass_on(self, conn):
+        """Count a job done on *conn*, which stays lent for the next one."""
+        conn.jobs_done += 1
+        conn.last_used = self._loop.time()
+
+    @property
+    def lendable(self):
+        """True unless the pool is closed or over max_size (after a resize)."""
+        return not self._closed and len(self._connections) <= self.max_size
+
     def putconn(self, conn):
         """Give back a connection borrowed with :meth:`getconn`.
 

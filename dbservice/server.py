@@ -34,6 +34,7 @@ class PendingJob:
 
     __slots__ = (
         "job", "reply", "owner", "deadline", "queued_at", "received", "done", "timer", "task", "cancelled_with",
+        "queued",
     )
 
     def __init__(self, job, reply, now, owner=None):
@@ -47,6 +48,7 @@ class PendingJob:
         self.timer = None
         self.task = None
         self.cancelled_with = None  # the error to reply with once the task is cancelled
+        self.queued = False  # in the server's queue, waiting for a connection
 
     def finish(self, ok, value):
         """Send the reply unless one was sent already; True if this one went."""
@@ -91,16 +93,17 @@ class Server:
         self.reloads = 0
         self.reload_error = None
         self._hurry = asyncio.Event()  # set: a stop waits for no job any more
-        self._queue = None
+        self._queue = collections.deque()  # jobs waiting for a connection, oldest first
+        self._queued = 0  # of which not answered yet (timed out or cancelled ones stay till popped)
+        self._queued_event = None  # set while the queue holds jobs: the dispatcher's cue
         self._overflow = collections.deque()  # jobs waiting for room in the queue
-        self._holding = None  # the job the dispatcher holds while it waits for a connection
         self._running = set()
         self._dispatcher = None
         self._loop = None
 
     async def start(self):
         self._loop = asyncio.get_running_loop()
-        self._queue = asyncio.Queue()  # bounded by max_queue in submit()
+        self._queued_event = asyncio.Event()
         await self.pool.open(wait=True)
         self._dispatcher = self._loop.create_task(self._dispatch())
         self.accepting = True
@@ -140,10 +143,32 @@ class Server:
             self._busy(pending)
         return pending
 
-    def _enqueue(self, pending):
-        self._queue.put_nowait(pending)
-        if pending.deadline is not None:
-            pending.timer = self._loop.call_at(pending.deadline, self._expire, pending)
+    def _enqueue(self, pending, first=False):
+        if first:
+            self._queue.appendleft(pending)
+        else:
+            self._queue.append(pending)
+        pending.queued = True
+        self._queued += 1
+        self._queued_event.set()
+        # A job without a timeout still waits for a connection no longer than
+        # the pool's timeout: if the database stays unreachable, it is told.
+        wait_until = pending.deadline or pending.queued_at + self.settings.pool_timeout
+        pending.timer = self._loop.call_at(wait_until, self._expire, pending)
+
+    def _next_queued(self):
+        """The oldest queued job still waiting, taken off the queue; None if none."""
+        found = None
+        while self._queue and found is None:
+            pending = self._queue.popleft()
+            if pending.queued:  # not timed out or cancelled while queued
+                pending.queued = False
+                self._queued -= 1
+                found = pending
+        if not self._queue:
+            self._queued_event.clear()
+        self._admit_overflow()
+        return found
 
     def _admit_overflow(self):
         """Move jobs waiting for room into the queue, oldest first."""
@@ -168,32 +193,42 @@ class Server:
         self._finish(pending, False, self.pool.wait_error(self._loop.time() - pending.queued_at))
 
     async def _dispatch(self):
+        """Start queued jobs on connections the pool lends, opening more as needed.
+
+        A connection freed by a job goes straight to the next queued job
+        (:meth:`_release`); the dispatcher serves the queue when none is
+        freed: while the pool grows, or after a wait on the database.
+        """
         while True:
-            pending = await self._queue.get()
-            if pending.done:  # timed out while queued
-                self._admit_overflow()
+            await self._queued_event.wait()
+            if not self._queued:
+                self._next_queued()  # only jobs already answered: drop them
                 continue
-            # The job stays queued, as far as max_queue and the figures go,
-            # until it has a connection.
-            self._holding = pending
             try:
-                conn = await self.pool.getconn(pending.deadline)
-            except Error as exc:
-                self._finish(pending, False, exc)
-                continue
-            except asyncio.CancelledError:  # stopping: the job we hold is answered too
-                self._finish(pending, False, ServiceUnavailable("the dbservice daemon stopped before the job ran"))
-                raise
-            finally:
-                self._holding = None
-                self._admit_overflow()
-            if pending.done:
+                conn = await self.pool.getconn()
+            except Error:
+                continue  # jobs time out by their own deadlines
+            pending = self._next_queued()
+            if pending is None:
                 self.pool.putconn(conn)
-                continue
-            if pending.timer is not None:
-                pending.timer.cancel()  # from now on run_job keeps the deadline
-                pending.timer = None
-            self._start(pending, self._execute(pending, conn))
+            else:
+                self._run_on(pending, conn)
+
+    def _run_on(self, pending, conn):
+        if pending.timer is not None:
+            pending.timer.cancel()  # from now on run_job keeps the deadline
+            pending.timer = None
+        self._start(pending, self._execute(pending, conn))
+
+    def _release(self, conn):
+        """Give back a connection a job is done with: to the next queued job, or to the pool."""
+        if self._queue and conn.usable and self.pool.lendable:
+            pending = self._next_queued()
+            if pending is not None:
+                self.pool.pass_on(conn)
+                self._run_on(pending, conn)
+                return
+        self.pool.putconn(conn)
 
     def _start(self, pending, coroutine):
         task = self._loop.create_task(coroutine)
@@ -204,13 +239,14 @@ class Server:
     async def _execute(self, pending, conn):
         job = pending.job
         begins = job.fetch == FETCH_BEGIN
+        if conn.pgconn.closed:
+            # The server ended it after it was lent (a restart): nothing was
+            # sent on it yet, so the job goes back to the head of the queue.
+            self.pool.putconn(conn)
+            pending.task = None
+            self._enqueue(pending, first=True)
+            return
         try:
-            while conn.pgconn.closed:
-                # The server ended it after it was lent (a restart): nothing
-                # was sent on it yet, so the job may take another.
-                self.pool.putconn(conn)
-                conn = None
-                conn = await self.pool.getconn(pending.deadline)
             result = await run_job(conn, job, pending.deadline, self.pool.cancel, in_transaction=begins)
             if begins:
                 self.transactions.pin(pending.owner, job.tx, conn)
@@ -228,7 +264,7 @@ class Server:
             self._finish(pending, True, result)
         finally:
             if conn is not None:
-                self.pool.putconn(conn)
+                self._release(conn)
 
     def cancel(self, pending, error):
         """Cancel a job: drop it from the queue, or cancel its query on the server.
@@ -246,6 +282,9 @@ class Server:
     def _finish(self, pending, ok, value):
         if not pending.finish(ok, value):
             return
+        if pending.queued:  # answered while it waited: it no longer counts
+            pending.queued = False
+            self._queued -= 1
         if ok:
             outcome = "done"
         elif isinstance(value, QueryTimeout):
@@ -256,10 +295,6 @@ class Server:
         self.stats.record(outcome, seconds)
         if self.settings.slow_ms and seconds * 1000.0 >= self.settings.slow_ms:
             logger.warning("slow job, %.0f ms (%s): %s", seconds * 1000.0, outcome, sql_for_log(pending.job.sql))
-
-    @property
-    def _queued(self):
-        return (self._queue.qsize() if self._queue is not None else 0) + (self._holding is not None)
 
     @property
     def queue_depth(self):
@@ -285,8 +320,8 @@ class Server:
         if self._dispatcher is not None:
             self._dispatcher.cancel()
         stopped = ServiceUnavailable("the dbservice daemon stopped before the job ran")
-        while not self._queue.empty():
-            self._finish(self._queue.get_nowait(), False, stopped)
+        while self._queue:
+            self._finish(self._queue.popleft(), False, stopped)
         while self._overflow:
             self._finish(self._overflow.popleft(), False, stopped)
         for task in list(self._running):
