@@ -1,9 +1,11 @@
 """The engine: one job queue, a dispatcher, and the pool the jobs run on.
 
 Intakes (the multiprocessing queue, the Unix socket) hand jobs to
-:meth:`Server.submit` with a reply callback. The dispatcher takes jobs in
-order, borrows the least-loaded connection for each, and runs it in a task of
-its own, so a slow query holds one connection and nothing else. Every job gets
+:meth:`Server.submit` with a reply callback. Jobs run in order of arrival,
+each in a task of its own on the least-loaded connection, so a slow query
+holds one connection and nothing else. A job that finds a connection idle
+starts at once; otherwise it queues, and the next connection a job is done
+with starts it, while the dispatcher has the pool open more. Every job gets
 exactly one reply: its result, its error, a timeout, or word that the service
 is stopping.
 """
