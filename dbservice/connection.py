@@ -8,10 +8,12 @@ pg_terminate_backend): the socket turns readable, and the pool drops the
 connection before a job is lost on it.
 """
 
+import functools
+
 import psycopg2
 import psycopg2.extensions as ext
 
-from .wait import until, wait_writable
+from .wait import set_done, until, wait_writable
 
 
 class PooledConnection:
@@ -24,7 +26,7 @@ class PooledConnection:
 
     __slots__ = (
         "pgconn", "number", "load", "last_used", "jobs_done",
-        "_loop", "_fd", "_watching", "_busy", "_waiter", "_on_lost",
+        "_loop", "_fd", "_watching", "_busy", "_on_readable", "_on_lost",
     )
 
     def __init__(self, pgconn, number, loop, on_lost):
@@ -35,7 +37,7 @@ class PooledConnection:
         self.last_used = loop.time()
         self.jobs_done = 0
         self._loop = loop
-        self._waiter = None  # the future a wait for reading is parked on
+        self._on_readable = None  # who waits for the reply: called once, when it arrives
         self._busy = False  # an operation is under way: what comes is its reply
         self._on_lost = on_lost  # called when the server ends it while idle
         self._fd = pgconn.fileno()
@@ -64,16 +66,26 @@ class PooledConnection:
             if state == ext.POLL_OK:
                 return
             if state == ext.POLL_READ:
-                self._waiter = loop.create_future()
-                self._watch()
+                readable = loop.create_future()
+                self.when_readable(functools.partial(set_done, readable))
                 try:
-                    await until(loop, self._waiter, deadline)
+                    await until(loop, readable, deadline)
                 finally:
-                    self._waiter = None
+                    self._on_readable = None
             elif state == ext.POLL_WRITE:
                 await wait_writable(loop, self._fd, deadline)
             else:  # pragma: no cover - psycopg2 documents no other state
                 raise ext.OperationalError("unexpected poll() state %r" % (state,))
+
+    def when_readable(self, callback):
+        """Call ``callback()`` once, when the reply to the operation under way arrives.
+
+        The fast path's wait (see :class:`dbservice.runner.Statement`): no
+        future, no task. None takes back a callback that is still pending.
+        """
+        self._on_readable = callback
+        if callback is not None:
+            self._watch()
 
     def poll(self):
         try:
@@ -101,10 +113,10 @@ class PooledConnection:
         self.pgconn.close()
 
     def _readable(self):
-        waiter = self._waiter
-        if waiter is not None:
-            if not waiter.done():
-                waiter.set_result(None)
+        callback = self._on_readable
+        if callback is not None:
+            self._on_readable = None
+            callback()
             return
         if self._busy:
             # The reply to the operation under way, before anyone waits for

@@ -1,4 +1,4 @@
-"""Running one job on one pooled connection.
+"""Running one job on one pooled connection: in a task, or by callbacks alone.
 
 Async psycopg2 connections are always in autocommit, so a single statement is
 its own transaction: it commits on success and rolls back on error. A job with
@@ -6,6 +6,13 @@ several parameter sets (``executemany``) is wrapped in BEGIN/COMMIT. Whatever
 happens, the connection is handed back idle: a timed-out query is cancelled on
 the server and drained, an open transaction is rolled back, and a connection
 that cannot be cleaned is closed.
+
+Most jobs are one statement whose reply comes in one wait. :class:`Statement`
+runs those from the socket's readiness callback, with no task: a task per
+job, with its future, its steps and its timer, was the daemon's largest cost
+in Python. Whatever needs more (the job's deadline, a cancel, a socket not
+ready for writing, a transaction to roll back) is handed to :func:`run_job`,
+which goes on from where the statement stands.
 """
 
 import asyncio
@@ -32,22 +39,121 @@ CLEANUP_GRACE = 5.0
 
 _EMPTY = {FETCH_ALL: [], FETCH_ONE: None, FETCH_VALUE: None, **dict.fromkeys(TRANSACTION_CONTROL)}
 
+#: The fetch modes of a job that is one statement: the jobs a Statement can run.
+STATEMENT_FETCHES = frozenset((FETCH_ALL, FETCH_ONE, FETCH_VALUE, FETCH_ROWCOUNT, FETCH_TABLE))
 
-async def run_job(conn, job, deadline, cancel, in_transaction=False):
+#: A query up to this many bytes leaves in one send, so its reply is the next
+#: thing to wait for; a longer one may still be sending (psycopg2 reports
+#: POLL_WRITE), so its first poll cannot be skipped.
+SENT_AT_ONCE = 4096
+
+
+class Statement:
+    """A one-statement job on *conn*, driven by the socket's readiness callback.
+
+    ``done(ok, value)`` is called once with the job's outcome, *conn* then
+    being idle or closed. ``hand_over()`` is called instead when the job needs
+    :func:`run_job`, which the caller must then await with this statement.
+    Neither is called from :meth:`start`, so a caller that starts the next
+    job from ``done`` never recurses.
+    """
+
+    __slots__ = ("conn", "job", "cursor", "error", "active", "_done", "_hand_over")
+
+    def __init__(self, conn, job, done, hand_over):
+        self.conn = conn
+        self.job = job
+        self.cursor = None
+        self.error = None  # what failed, when the connection needs cleaning after it
+        self.active = False  # waiting on the socket: interrupt() may take it over
+        self._done = done
+        self._hand_over = hand_over
+
+    def start(self):
+        """Send the statement, and wait for its reply without blocking."""
+        conn = self.conn
+        self.cursor = cursor = conn.pgconn.cursor()
+        self.active = True
+        try:
+            _send(conn, cursor, self.job.sql, self.job.params)
+        except Exception as exc:
+            self.error = exc
+            asyncio.get_running_loop().call_soon(self._readable)
+            return
+        if len(cursor.query) <= SENT_AT_ONCE:
+            # No poll() first: the reply cannot be there yet, and asking costs a recv().
+            conn.when_readable(self._readable)
+        else:
+            asyncio.get_running_loop().call_soon(self._readable)
+
+    def interrupt(self):
+        """Stop waiting by callback and hand the job over to run_job.
+
+        Past the job's deadline, run_job cancels the query on the server.
+        """
+        if self.active:
+            self.conn.when_readable(None)
+            self._give_up()
+
+    def _readable(self):
+        if not self.active:
+            return  # interrupted meanwhile
+        if self.error is not None:
+            self._failed(self.error)
+            return
+        conn = self.conn
+        try:
+            state = conn.poll()
+            if state == ext.POLL_READ:
+                conn.when_readable(self._readable)
+                return
+            if state != ext.POLL_OK or conn.pgconn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
+                self._give_up()  # more to send, or a transaction to roll back
+                return
+            result = _fetch(self.cursor, self.job.fetch)
+        except Exception as exc:
+            self._failed(exc)
+            return
+        self.active = False
+        self.cursor.close()
+        self._done(True, result)
+
+    def _failed(self, exc):
+        """Report *exc*, unless the connection needs cleaning first: run_job's part."""
+        pgconn = self.conn.pgconn
+        if pgconn.closed or pgconn.get_transaction_status() == ext.TRANSACTION_STATUS_IDLE:
+            self.active = False
+            self.cursor.close()
+            self._done(False, _server_error(exc))
+        else:
+            self.error = exc
+            self._give_up()
+
+    def _give_up(self):
+        self.active = False
+        self._hand_over()
+
+
+async def run_job(conn, job, deadline, cancel, in_transaction=False, statement=None):
     """Run *job* on *conn*, a PooledConnection; return its result or raise its error.
 
     *deadline* is on the event loop's clock (None: no limit). ``await
     cancel(conn)`` must ask the server to cancel the query running on *conn*
     (see AsyncConnectionPool.cancel). On return or raise, *conn* is idle and
     reusable, or closed; *in_transaction* jobs belong to a client's
-    transaction instead, which stays open (failed, after an error).
+    transaction instead, which stays open (failed, after an error). A
+    *statement* that handed the job over was sent already: run_job takes it
+    from where it stands.
     """
-    cursor = conn.pgconn.cursor()
+    cursor = conn.pgconn.cursor() if statement is None else statement.cursor
     try:
+        if statement is not None and statement.error is not None:
+            raise statement.error
         if job.fetch == FETCH_MANY:
             result = await _execute_many(conn, cursor, job, deadline, cancel, in_transaction)
         else:
-            _send(conn, cursor, job.sql, job.params)
+            if statement is None:
+                _send(conn, cursor, job.sql, job.params)
             await _wait_or_cancel(conn, deadline, cancel)
             result = _fetch(cursor, job.fetch)
     except BaseException:
@@ -122,9 +228,17 @@ async def _wait_or_cancel(conn, deadline, cancel):
         except psycopg2.errors.QueryCanceled:
             raise QueryTimeout("the job's timeout passed; the query was cancelled") from None
     except psycopg2.errors.QueryCanceled as exc:
-        if "statement timeout" in (exc.diag.message_primary or ""):
-            raise StatementTimeout.from_server(exc) from None
-        raise  # cancelled by someone else (pg_cancel_backend): psycopg2's own error
+        raise _server_error(exc) from None
+
+
+def _server_error(exc):
+    """The error a job's caller gets for *exc*: a server's statement timeout is a StatementTimeout.
+
+    A query cancelled by someone else (pg_cancel_backend) keeps psycopg2's own error.
+    """
+    if isinstance(exc, psycopg2.errors.QueryCanceled) and "statement timeout" in (exc.diag.message_primary or ""):
+        return StatementTimeout.from_server(exc)
+    return exc
 
 
 async def _cancel_and_drain(conn, cancel):

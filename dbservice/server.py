@@ -1,18 +1,20 @@
 """The engine: one job queue, a dispatcher, and the pool the jobs run on.
 
 Intakes (the multiprocessing queue, the Unix socket) hand jobs to
-:meth:`Server.submit` with a reply callback. Jobs run in order of arrival,
-each in a task of its own on the least-loaded connection, so a slow query
-holds one connection and nothing else. A job that finds a connection idle
-starts at once; otherwise it queues, and the next connection a job is done
-with starts it, while the dispatcher has the pool open more. Every job gets
-exactly one reply: its result, its error, a timeout, or word that the service
-is stopping.
+:meth:`Server.submit` with a reply callback. Jobs run in order of arrival on
+the least-loaded connection, so a slow query holds one connection and nothing
+else. A job that finds a connection idle starts at once; otherwise it queues,
+and the next connection a job is done with starts it, while the dispatcher
+has the pool open more. A one-statement job runs by callbacks alone (a
+:class:`~dbservice.runner.Statement`); any other job, and a statement that
+needs more than one wait, runs in a task. Every job gets exactly one reply:
+its result, its error, a timeout, or word that the service is stopping.
 """
 
 import asyncio
 import collections
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -24,7 +26,7 @@ from .config import mask_dsn
 from .errors import Error, JobRefused, QueryTimeout, ServiceBusy, ServiceUnavailable
 from .jobs import FETCH_BEGIN
 from .pool import AsyncConnectionPool
-from .runner import run_job
+from .runner import STATEMENT_FETCHES, Statement, run_job
 from .stats import JobStats
 from .transactions import TransactionTable
 
@@ -35,8 +37,8 @@ class PendingJob:
     """A job between intake and reply; :meth:`finish` replies exactly once."""
 
     __slots__ = (
-        "job", "reply", "owner", "deadline", "queued_at", "received", "done", "timer", "task", "cancelled_with",
-        "queued",
+        "job", "reply", "owner", "deadline", "queued_at", "received", "done", "timer", "task", "statement",
+        "cancelled_with", "queued",
     )
 
     def __init__(self, job, reply, now, owner=None):
@@ -47,8 +49,9 @@ class PendingJob:
         self.received = time.perf_counter()  # for its latency: some loops tick in whole ms
         self.deadline = None if job.timeout is None else now + job.timeout
         self.done = False
-        self.timer = None
+        self.timer = None  # at the deadline, or the pool's timeout while it queues
         self.task = None
+        self.statement = None  # while it runs by callbacks (runner.Statement)
         self.cancelled_with = None  # the error to reply with once the task is cancelled
         self.queued = False  # in the server's queue, waiting for a connection
 
@@ -99,7 +102,8 @@ class Server:
         self._queued = 0  # of which not answered yet (timed out or cancelled ones stay till popped)
         self._queued_event = None  # set while the queue holds jobs: the dispatcher's cue
         self._overflow = collections.deque()  # jobs waiting for room in the queue
-        self._running = set()
+        self._running = set()  # the tasks of jobs
+        self._statements = set()  # the PendingJobs running as a Statement
         self._dispatcher = None
         self._loop = None
 
@@ -131,7 +135,7 @@ class Server:
             # Nobody ahead of it: straight onto an idle connection, if one is.
             conn = self.pool.lend_idle()
             if conn is not None:
-                self._start(pending, self._execute(pending, conn))
+                self._run_on(pending, conn)
                 return pending
         if self._queued < self.settings.max_queue:
             self._enqueue(pending)
@@ -156,7 +160,15 @@ class Server:
         # A job without a timeout still waits for a connection no longer than
         # the pool's timeout: if the database stays unreachable, it is told.
         wait_until = pending.deadline or pending.queued_at + self.settings.pool_timeout
-        pending.timer = self._loop.call_at(wait_until, self._expire, pending)
+        pending.timer = self._loop.call_at(wait_until, self._timer_fired, pending)
+
+    def _timer_fired(self, pending):
+        """The one timer of a job: its deadline, or the pool's timeout while it queued."""
+        pending.timer = None
+        if pending.statement is None:
+            self._finish(pending, False, self.pool.wait_error(self._loop.time() - pending.queued_at))
+        else:
+            pending.statement.interrupt()  # run_job cancels the query, the deadline being past
 
     def _next_queued(self):
         """The oldest queued job still waiting, taken off the queue; None if none."""
@@ -191,9 +203,6 @@ class Server:
             ),
         )
 
-    def _expire(self, pending):
-        self._finish(pending, False, self.pool.wait_error(self._loop.time() - pending.queued_at))
-
     async def _dispatch(self):
         """Start queued jobs on connections the pool lends, opening more as needed.
 
@@ -217,10 +226,48 @@ class Server:
                 self._run_on(pending, conn)
 
     def _run_on(self, pending, conn):
+        """Start *pending* on *conn*: by callbacks if it is one statement, else in a task."""
+        if conn.pgconn.closed:
+            # The server ended it after it was lent (a restart): nothing was
+            # sent on it yet, so the job goes back to the head of the queue.
+            self._cancel_timer(pending)
+            self.pool.putconn(conn)
+            self._enqueue(pending, first=True)
+            return
+        job = pending.job
+        if job.tx is not None or job.fetch not in STATEMENT_FETCHES:
+            self._cancel_timer(pending)  # run_job keeps the deadline
+            self._start(pending, self._execute(pending, conn))
+            return
+        if pending.deadline is None:
+            self._cancel_timer(pending)  # the queue's, and a running job has no limit
+        elif pending.timer is None:
+            pending.timer = self._loop.call_at(pending.deadline, self._timer_fired, pending)
+        pending.statement = Statement(
+            conn, job, functools.partial(self._statement_done, pending), functools.partial(self._hand_over, pending)
+        )
+        self._statements.add(pending)
+        pending.statement.start()
+
+    def _statement_done(self, pending, ok, value):
+        self._statements.discard(pending)
+        if ok:
+            self._finish(pending, True, value)
+        else:
+            self._fail(pending, value)
+        self._release(pending.statement.conn)
+
+    def _hand_over(self, pending):
+        """A Statement needs more than callbacks: run_job goes on with it, in a task."""
+        self._statements.discard(pending)
+        self._cancel_timer(pending)
+        self._start(pending, self._execute(pending, pending.statement.conn, pending.statement))
+
+    @staticmethod
+    def _cancel_timer(pending):
         if pending.timer is not None:
-            pending.timer.cancel()  # from now on run_job keeps the deadline
+            pending.timer.cancel()
             pending.timer = None
-        self._start(pending, self._execute(pending, conn))
 
     def _release(self, conn):
         """Give back a connection a job is done with: to the next queued job, or to the pool."""
@@ -238,48 +285,52 @@ class Server:
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _execute(self, pending, conn):
+    async def _execute(self, pending, conn, statement=None):
         job = pending.job
         begins = job.fetch == FETCH_BEGIN
-        if conn.pgconn.closed:
-            # The server ended it after it was lent (a restart): nothing was
-            # sent on it yet, so the job goes back to the head of the queue.
-            self.pool.putconn(conn)
-            pending.task = None
-            self._enqueue(pending, first=True)
-            return
         try:
-            result = await run_job(conn, job, pending.deadline, self.pool.cancel, in_transaction=begins)
+            result = await run_job(conn, job, pending.deadline, self.pool.cancel, begins, statement)
             if begins:
                 self.transactions.pin(pending.owner, job.tx, conn)
                 conn = None  # the transaction gives it back
-        except (psycopg2.Error, Error) as exc:
-            self._finish(pending, False, exc)
         except asyncio.CancelledError:
             stopped = ServiceUnavailable("the dbservice daemon stopped before the job ended")
             self._finish(pending, False, pending.cancelled_with or stopped)
             raise
         except Exception as exc:
-            logger.exception("job %r failed inside the daemon", pending.job)
-            self._finish(pending, False, Error("dbservice internal error: %s: %s" % (type(exc).__name__, exc)))
+            self._fail(pending, pending.cancelled_with or exc)
         else:
             self._finish(pending, True, result)
         finally:
             if conn is not None:
                 self._release(conn)
 
+    def _fail(self, pending, exc):
+        """Reply with *exc*: the database's errors and ours as they are, anything else as a bug."""
+        if not isinstance(exc, (psycopg2.Error, Error)):
+            logger.error("job %r failed inside the daemon", pending.job, exc_info=exc)
+            exc = Error("dbservice internal error: %s: %s" % (type(exc).__name__, exc))
+        self._finish(pending, False, exc)
+
     def cancel(self, pending, error):
         """Cancel a job: drop it from the queue, or cancel its query on the server.
 
-        Its reply is *error*. A job that already ended is left alone.
+        Its reply is *error*, unless the query ends first. A job that already
+        ended is left alone.
         """
         if pending.done:
             return
-        if pending.task is None:
-            self._finish(pending, False, error)  # the dispatcher skips it
+        pending.cancelled_with = error
+        if pending in self._statements:
+            pending.deadline = self._loop.time()  # run_job takes over and cancels at once
+            pending.statement.interrupt()
+        elif pending.task is not None:
+            # Not cancel() at once: a task that has not taken its first step
+            # would die without running a line, so without replying. Its
+            # first step is queued already, and this after it.
+            self._loop.call_soon(pending.task.cancel)
         else:
-            pending.cancelled_with = error
-            pending.task.cancel()
+            self._finish(pending, False, error)  # queued: the dispatcher skips it
 
     def _finish(self, pending, ok, value):
         if not pending.finish(ok, value):
@@ -305,7 +356,7 @@ class Server:
 
     @property
     def running(self):
-        return len(self._running)
+        return len(self._running) + len(self._statements)
 
     async def stop(self, timeout=None, force=False):
         """Stop taking jobs; let queued and running ones finish up to *timeout*.
@@ -328,10 +379,22 @@ class Server:
             self._finish(self._overflow.popleft(), False, stopped)
         for task in list(self._running):
             task.cancel()
+        for pending in list(self._statements):
+            self._abandon(pending, ServiceUnavailable("the dbservice daemon stopped before the job ended"))
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
         await self.transactions.close()
         await self.pool.close()
+
+    def _abandon(self, pending, error):
+        """Reply *error* to a job running as a Statement, and close its connection."""
+        self._statements.discard(pending)
+        conn = pending.statement.conn
+        conn.when_readable(None)
+        pending.statement.active = False
+        self._finish(pending, False, error)
+        conn.close()
+        self.pool.putconn(conn)
 
     def hurry(self):
         """Make a graceful stop under way, or the next one, a fast one."""
@@ -340,7 +403,7 @@ class Server:
     async def _drain(self, deadline):
         hurry = self._loop.create_task(self._hurry.wait())
         try:
-            while (self.queue_depth or self._running) and not self._hurry.is_set() and self._loop.time() < deadline:
+            while (self.queue_depth or self.running) and not self._hurry.is_set() and self._loop.time() < deadline:
                 waits = list(self._running) or [self._loop.create_task(asyncio.sleep(0.01))]
                 await asyncio.wait(
                     waits + [hurry],

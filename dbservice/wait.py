@@ -80,7 +80,7 @@ async def until(loop, future, deadline):
 
 async def _wait_fd(loop, fd, add, remove, deadline):
     ready = loop.create_future()
-    add(fd, _set_done, ready)
+    add(fd, set_done, ready)
     try:
         await until(loop, ready, deadline)
     finally:
@@ -88,7 +88,8 @@ async def _wait_fd(loop, fd, add, remove, deadline):
         remove(fd)
 
 
-def _set_done(fut):
+def set_done(fut):
+    """Mark *fut* done, unless a timeout got there first."""
     if not fut.done():
         fut.set_result(None)
 

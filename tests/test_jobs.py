@@ -1,5 +1,7 @@
 """Jobs: transactions, errors as their psycopg2 classes, bound parameters."""
 
+import hashlib
+
 import psycopg2
 import psycopg2.errors
 import pytest
@@ -62,6 +64,19 @@ def test_job_that_leaves_a_transaction_open_is_rolled_back(client, table, admin)
         client.execute("begin; insert into items values (1, 'a')")
     assert count(admin) == 0
     assert client.fetchval("select count(*) from items") == 0
+
+
+def test_an_error_inside_a_statements_own_begin_is_reported_and_rolled_back(client, table, admin):
+    with pytest.raises(psycopg2.errors.DivisionByZero):
+        client.execute("begin; insert into items values (1, 'a'); select 1/0")
+    assert count(admin) == 0
+    assert client.fetchval("select count(*) from items") == 0
+
+
+def test_a_query_larger_than_one_send_gets_its_answer(client):
+    text = "x" * (4 << 20)  # more than a socket takes at once: psycopg2 polls for writing
+    assert client.fetchval("select length(%s)", [text]) == len(text)
+    assert client.fetchval("select md5(%s)", [text]) == hashlib.md5(text.encode()).hexdigest()
 
 
 def test_parameters_are_bound_never_interpolated(client, table, admin):

@@ -47,3 +47,34 @@ def test_pipelined_jobs_each_get_one_reply(socket_service):
         extra = None
     assert extra is None  # nothing more: no second reply for anyone
     sock.close()
+
+
+CANCELLED_KINDS = [
+    jobs.Job("select pg_sleep(5)", None, "value"),  # one statement: runs by callbacks
+    jobs.Job("select pg_sleep(%s)", [[5]], "many"),  # runs in a task
+    jobs.Job("select %s::int", [1], "value"),
+]
+
+
+def test_a_job_cancelled_in_the_same_read_still_gets_one_reply(socket_service):
+    """A cancel can arrive before the job's task took its first step, or its statement was sent."""
+    sock = raw_connect(socket_service.socket)
+    wire.client_handshake(sock, socket_service.authkey)
+    count = 12  # three times the pool: some run, some queue
+    for job_id in range(1, count + 1):
+        job = CANCELLED_KINDS[job_id % len(CANCELLED_KINDS)]
+        sock.sendall(
+            wire.encode_frame(job_id, wire.MSG_JOB, jobs.dumps_job(job)) + wire.encode_frame(job_id, wire.MSG_CANCEL, b"")
+        )
+    sock.settimeout(4.0)  # less than the sleeps: they must be cancelled, not waited for
+    replies = collections.Counter()
+    while sum(replies.values()) < count:
+        job_id, kind, body = wire.recv_frame(sock)
+        replies[job_id] += 1
+        value = pickle.loads(body)
+        if "pg_sleep" in CANCELLED_KINDS[job_id % len(CANCELLED_KINDS)].sql:
+            assert isinstance(value, dbservice.JobCancelled), (job_id, value)
+    assert replies == collections.Counter(range(1, count + 1))
+    sock.close()
+    with dbservice.connect(socket_service.socket, socket_service.authkey) as client:
+        assert client.fetchval("select 1") == 1
