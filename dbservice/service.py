@@ -1,6 +1,7 @@
 """Running the engine: in this process (:func:`serve`) or in a child (:class:`DBService`)."""
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -74,6 +75,10 @@ async def _run(settings, mp_queue, ready, reload, reopen_log):
             ready.send(("error", "%s: %s" % (type(exc).__name__, exc)))
         await server.stop(force=True)
         raise
+    # What exists now (modules, the pool, the settings) lives as long as the
+    # daemon: frozen, the cyclic collector stops traversing it again and
+    # again as jobs come and go, which cost the daemon 1-3 us per job.
+    gc.freeze()
     logger.info(
         "dbservice serving (pid %d, pool %d-%d, database %s)",
         os.getpid(), settings.min_size, settings.max_size, mask_dsn(settings.dsn),
