@@ -32,7 +32,7 @@ class Plan:
     #: client threads of the workloads that do not set their own
     clients: int = 64
     #: client processes the threads are spread over
-    processes: int = 4
+    processes: int = 8
     #: server connections of dbservice's pool and of PgBouncer's
     pool_size: int = 8
     #: accounts in bench_accounts
