@@ -251,11 +251,11 @@ class Server:
 
     def _statement_done(self, pending, ok, value):
         self._statements.discard(pending)
+        self._release(pending.statement.conn)  # the next job first: the server works while we reply
         if ok:
             self._finish(pending, True, value)
         else:
             self._fail(pending, value)
-        self._release(pending.statement.conn)
 
     def _hand_over(self, pending):
         """A Statement needs more than callbacks: run_job goes on with it, in a task."""
