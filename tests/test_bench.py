@@ -331,20 +331,28 @@ def test_a_hung_client_fails_the_cell_instead_of_hanging_the_bench(monkeypatch):
 
 
 #: The CI regression guard: dbservice's point reads at least this many times
-#: threadpool's in the same --quick run. Measured 0.36-0.38x on 2 cores
-#: (2026-11-21, the standard event loop), so a drop of about half fails CI; the
-#: goal of 0.5x is not reached yet (README, Benchmarks).
-GUARD_FLOOR = 0.2
+#: threadpool's in the same --quick run, the best of 3 rounds each. Measured
+#: 0.40-0.53x on 2 shared cores (2026-11-21, the standard event loop), so a
+#: loss of a quarter or more fails CI; the goal of 0.5x is not reached on
+#: every run (README, Benchmarks).
+GUARD_FLOOR = 0.3
 
 
-def test_guard_compares_dbservice_with_threadpool_in_the_same_run():
+def test_guard_compares_the_best_rounds_of_dbservice_and_threadpool_in_one_run():
     results = [
         {"workload": "point-read", "strategy": "dbservice", "qps": 400.0},
         {"workload": "point-read", "strategy": "threadpool", "qps": 1000.0},
+        {"workload": "point-read", "strategy": "dbservice", "qps": 300.0},  # a round slowed by other load
+        {"workload": "point-read", "strategy": "threadpool", "qps": 800.0},
+        {"workload": "write", "strategy": "dbservice", "qps": 900.0},  # not the guard's workload
     ]
-    assert report.guard(results, 0.4) is None
-    assert "0.40x threadpool's, below the guard's floor of 0.50x" in report.guard(results, 0.5)
-    assert "same run" in report.guard(results[:1], 0.1)
+    assert report.guard(results, 0.4) == (
+        True, "dbservice's point reads reached 0.40x threadpool's (best of 2 rounds each; floor 0.40x)"
+    )
+    passed, measured = report.guard(results, 0.5)
+    assert not passed and "0.40x threadpool's" in measured
+    passed, measured = report.guard(results[:1], 0.1)
+    assert not passed and "same run" in measured
 
 
 @pytest.mark.timeout(120)
@@ -376,7 +384,8 @@ def test_the_quick_run_compares_every_strategy_and_writes_the_json(tmp_path):
             assert r["server_connections"] <= 8, r  # the pool, and nothing else
     assert "dbservice/connect-per-query" in document["ratios"]["point-read"]
     assert "targets:" in result.stdout and "command: python -m dbservice.bench" in result.stdout
-    assert "regression guard: passed" in result.stdout
+    assert sorted(row["strategy"] for row in document["guard_rounds"]) == ["dbservice"] * 2 + ["threadpool"] * 2
+    assert "regression guard: passed: dbservice's point reads reached" in result.stdout
 
 
 @pytest.mark.timeout(120)

@@ -83,14 +83,29 @@ TARGETS = (
 )
 
 
+#: The regression guard compares dbservice's point reads with threadpool's.
+GUARD_WORKLOAD = "point-read"
+GUARD_BASELINE = "threadpool"
+
+
 def guard(results, floor):
-    """The regression guard: None if dbservice's point reads reach *floor* x threadpool's, else why not."""
-    value = _ratio(_field(results, "point-read", OURS, "qps"), _field(results, "point-read", "threadpool", "qps"))
+    """The regression guard: (passed, what it measured), from *results* of one run.
+
+    It compares the best point-read rounds of dbservice and threadpool: a
+    cell's throughput can only be lowered by what else the machine does.
+    """
+    best, rounds = {}, 0
+    for row in results:
+        if row["workload"] == GUARD_WORKLOAD and row["qps"]:
+            best[row["strategy"]] = max(best.get(row["strategy"], 0), row["qps"])
+            rounds += row["strategy"] == OURS
+    value = _ratio(best.get(OURS), best.get(GUARD_BASELINE))
     if value is None:
-        return "the guard needs dbservice and threadpool point reads measured in the same run"
-    if value < floor:
-        return "dbservice's point reads were %.2fx threadpool's, below the guard's floor of %.2fx" % (value, floor)
-    return None
+        return False, "it needs dbservice and threadpool point reads measured in the same run"
+    measured = "dbservice's point reads reached %.2fx threadpool's (best of %d rounds each; floor %.2fx)" % (
+        value, rounds, floor
+    )
+    return value >= floor, measured
 
 
 def targets(results, plan):
