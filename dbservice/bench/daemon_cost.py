@@ -4,7 +4,9 @@ The comparison in ``python -m dbservice.bench`` is end to end. This measures
 the daemon alone, for the performance work: its CPU time per job under point
 reads from 8 processes x 8 threads (from /proc, user + system, divided by the
 jobs done), the queries per second meanwhile, and its resident memory with no
-client and with 1,000 idle client connections.
+client and with 1,000 idle client connections. PgBouncer, where installed,
+is measured the same way in the same run, its clients being psycopg2
+connections: what the same place in the path costs a proxy written in C.
 """
 
 import asyncio
@@ -19,6 +21,8 @@ import click
 
 import dbservice
 
+from . import pgbouncer
+from .connectors import ClientConnector, DirectConnector
 from .run import Plan, database
 from .workloads import POINT_READ
 
@@ -42,16 +46,18 @@ def rss_mib(pid):
     return 0.0
 
 
-def _client_process(socket, authkey, rows, seconds, counts):
-    client = dbservice.connect(socket=socket, authkey=authkey, timeout=60)
+def _client_process(connector, rows, seconds, counts):
     done = []
     stop = time.monotonic() + seconds
 
     def run():
         rng, n = random.Random(), 0
+        session = connector.open_thread()
+        session.open()
         while time.monotonic() < stop:
-            client.fetchone(POINT_READ.sql, [rng.randint(1, rows)])
+            session.query(POINT_READ.sql, [rng.randint(1, rows)])
             n += 1
+        session.close()
         done.append(n)
 
     threads = [threading.Thread(target=run) for _ in range(THREADS)]
@@ -62,22 +68,31 @@ def _client_process(socket, authkey, rows, seconds, counts):
     counts.put(sum(done))
 
 
-def load(service, rows, seconds):
-    """Point reads for *seconds*; (queries per second, daemon CPU microseconds per job)."""
+def load(pid, connector, rows, seconds):
+    """Point reads through *connector* for *seconds*; (queries per second, CPU us per query of process *pid*)."""
     ctx = multiprocessing.get_context("fork")
     counts = ctx.Queue()
     workers = [
-        ctx.Process(target=_client_process, args=(service.socket, service.authkey, rows, seconds, counts))
-        for _ in range(PROCESSES)
+        ctx.Process(target=_client_process, args=(connector, rows, seconds, counts)) for _ in range(PROCESSES)
     ]
-    cpu_before, started = cpu_seconds(service.process.pid), time.monotonic()
+    cpu_before, started = cpu_seconds(pid), time.monotonic()
     for worker in workers:
         worker.start()
     jobs = sum(counts.get(timeout=seconds + 60) for _ in workers)
     for worker in workers:
         worker.join()
-    elapsed, cpu = time.monotonic() - started, cpu_seconds(service.process.pid) - cpu_before
+    elapsed, cpu = time.monotonic() - started, cpu_seconds(pid) - cpu_before
     return jobs / elapsed, cpu / jobs * 1e6
+
+
+def _rounds(name, pid, connector, rows, seconds, rounds):
+    load(pid, connector, rows, 1.0)  # warm-up
+    for _ in range(rounds):
+        qps, micros = load(pid, connector, rows, seconds)
+        click.echo(
+            "  %s: %.0f queries/s, its CPU %.1f us per query (load average %.1f)"
+            % (name, qps, micros, os.getloadavg()[0])
+        )
 
 
 async def _hold_idle_clients(service, count):
@@ -107,8 +122,10 @@ def main(loop, seconds, rounds, dsn):
 
     Point reads from 8 processes x 8 threads of the sync client through a
     daemon with 8 connections; for each round, the queries per second and the
-    daemon's CPU time (user + system) divided by the jobs done. Then its
-    resident memory with no client, and with 1,000 idle client connections.
+    daemon's CPU time (user + system) divided by the jobs done. Then the same
+    for PgBouncer with 8 server connections and psycopg2 clients, if it is
+    installed. Then the daemon's resident memory with no client, and with
+    1,000 idle client connections.
     """
     plan = Plan()
     with database(plan, dsn) as dsn, tempfile.TemporaryDirectory(prefix="dbservice-cost-") as directory:
@@ -120,18 +137,19 @@ def main(loop, seconds, rounds, dsn):
             selector=loop,
             slow_ms=0,
         )
+        click.echo(
+            "%d server connections; %d processes x %d threads of point reads" % (plan.pool_size, PROCESSES, THREADS)
+        )
         with service:
-            click.echo(
-                "daemon on the %s loop, %d connections; %d processes x %d threads of point reads"
-                % (loop, plan.pool_size, PROCESSES, THREADS)
-            )
-            load(service, plan.rows, 1.0)  # warm-up
-            for _ in range(rounds):
-                qps, micros = load(service, plan.rows, seconds)
-                click.echo(
-                    "  %.0f queries/s, daemon CPU %.1f us per job (load average %.1f)"
-                    % (qps, micros, os.getloadavg()[0])
-                )
+            connector = ClientConnector(service.client(timeout=60))
+            _rounds("dbservice on the %s loop" % loop, service.process.pid, connector, plan.rows, seconds, rounds)
+            reason = pgbouncer.skip_reason()
+            if reason:
+                click.echo("  PgBouncer: skipped: %s" % reason)
+            else:
+                with pgbouncer.running(dsn, plan.pool_size, PROCESSES * THREADS) as bouncer:
+                    connector = DirectConnector(bouncer.dsn, persistent=True)
+                    _rounds("PgBouncer", bouncer.pid, connector, plan.rows, seconds, rounds)
             idle = rss_mib(service.process.pid)
             held = asyncio.run(_hold_idle_clients(service, IDLE_CLIENTS))
             click.echo(

@@ -1,5 +1,6 @@
 """PgBouncer for the bench: on loopback, transaction mode, its own config in a temporary directory."""
 
+import collections
 import contextlib
 import os
 import pwd
@@ -57,9 +58,13 @@ def skip_reason():
     return None
 
 
+#: A PgBouncer started by :func:`running`: the DSN its clients use, and its process id.
+Running = collections.namedtuple("Running", "dsn pid")
+
+
 @contextlib.contextmanager
 def running(dsn, pool_size, max_clients):
-    """Run PgBouncer in front of *dsn* with *pool_size* server connections; yield the DSN of its clients.
+    """Run PgBouncer in front of *dsn* with *pool_size* server connections; yield it (a Running).
 
     Its clients log in under any name: PgBouncer logs in to PostgreSQL with
     the user (and password) of *dsn*.
@@ -86,7 +91,7 @@ def running(dsn, pool_size, max_clients):
         try:
             client_dsn = "host=127.0.0.1 port=%d dbname=bench user=bench" % port
             _wait_ready(process, client_dsn, log)
-            yield client_dsn
+            yield Running(client_dsn, process.pid)
         finally:
             process.terminate()
             try:

@@ -93,8 +93,8 @@ class PgBouncer(Strategy):
 
     @contextlib.contextmanager
     def serving(self, dsn, plan):
-        with pgbouncer.running(dsn, plan.pool_size, plan.max_clients) as bouncer_dsn:
-            yield DirectConnector(bouncer_dsn, persistent=True)
+        with pgbouncer.running(dsn, plan.pool_size, plan.max_clients) as bouncer:
+            yield DirectConnector(bouncer.dsn, persistent=True)
 
 
 class PgBench(Strategy):
