@@ -92,10 +92,12 @@ class PooledConnection:
             state = self.pgconn.poll()
         except BaseException:
             self._busy = False
-            self._forget_if_closed()
+            if not self._forget_if_closed():
+                self._watch()  # again, if the error came while nobody waited
             raise
         if state == ext.POLL_OK:
             self._busy = False
+            self._watch()  # again, if the reply came while nobody waited
         return state
 
     def execute(self, cursor, sql, params=None):

@@ -126,7 +126,7 @@ class Statement:
             self.cursor.close()
             self._done(False, _server_error(exc))
         else:
-            self.error = exc
+            self.error = _server_error(exc)
             self._give_up()
 
     def _give_up(self):

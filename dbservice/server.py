@@ -37,8 +37,8 @@ class PendingJob:
     """A job between intake and reply; :meth:`finish` replies exactly once."""
 
     __slots__ = (
-        "job", "reply", "owner", "deadline", "queued_at", "received", "done", "timer", "task", "statement",
-        "cancelled_with", "queued",
+        "job", "reply", "owner", "deadline", "queued_at", "received", "done", "timer", "task", "started",
+        "statement", "cancelled_with", "queued",
     )
 
     def __init__(self, job, reply, now, owner=None):
@@ -51,6 +51,7 @@ class PendingJob:
         self.done = False
         self.timer = None  # at the deadline, or the pool's timeout while it queues
         self.task = None
+        self.started = False  # its task took its first step: it can be cancelled at once
         self.statement = None  # while it runs by callbacks (runner.Statement)
         self.cancelled_with = None  # the error to reply with once the task is cancelled
         self.queued = False  # in the server's queue, waiting for a connection
@@ -102,7 +103,7 @@ class Server:
         self._queued = 0  # of which not answered yet (timed out or cancelled ones stay till popped)
         self._queued_event = None  # set while the queue holds jobs: the dispatcher's cue
         self._overflow = collections.deque()  # jobs waiting for room in the queue
-        self._running = set()  # the tasks of jobs
+        self._running = {}  # the tasks of jobs, and their PendingJobs
         self._statements = set()  # the PendingJobs running as a Statement
         self._dispatcher = None
         self._loop = None
@@ -282,10 +283,11 @@ class Server:
     def _start(self, pending, coroutine):
         task = self._loop.create_task(coroutine)
         pending.task = task
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        self._running[task] = pending
+        task.add_done_callback(self._running.pop)
 
     async def _execute(self, pending, conn, statement=None):
+        pending.started = True
         job = pending.job
         begins = job.fetch == FETCH_BEGIN
         try:
@@ -325,12 +327,21 @@ class Server:
             pending.deadline = self._loop.time()  # run_job takes over and cancels at once
             pending.statement.interrupt()
         elif pending.task is not None:
-            # Not cancel() at once: a task that has not taken its first step
-            # would die without running a line, so without replying. Its
-            # first step is queued already, and this after it.
-            self._loop.call_soon(pending.task.cancel)
+            self._cancel_task(pending)
         else:
             self._finish(pending, False, error)  # queued: the dispatcher skips it
+
+    def _cancel_task(self, pending):
+        """Cancel the task of *pending*, once it has taken its first step.
+
+        Cancelled before it, the coroutine would die without running a line,
+        so without replying or giving back its connection. That step is
+        queued already, so a cancel queued now comes after it.
+        """
+        if pending.started:
+            pending.task.cancel()
+        else:
+            self._loop.call_soon(pending.task.cancel)
 
     def _finish(self, pending, ok, value):
         if not pending.finish(ok, value):
@@ -377,24 +388,15 @@ class Server:
             self._finish(self._queue.popleft(), False, stopped)
         while self._overflow:
             self._finish(self._overflow.popleft(), False, stopped)
-        for task in list(self._running):
-            task.cancel()
+        for pending in list(self._running.values()):
+            self._cancel_task(pending)
         for pending in list(self._statements):
-            self._abandon(pending, ServiceUnavailable("the dbservice daemon stopped before the job ended"))
+            # Handed to a task that cancels the query on the server.
+            self.cancel(pending, ServiceUnavailable("the dbservice daemon stopped before the job ended"))
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
         await self.transactions.close()
         await self.pool.close()
-
-    def _abandon(self, pending, error):
-        """Reply *error* to a job running as a Statement, and close its connection."""
-        self._statements.discard(pending)
-        conn = pending.statement.conn
-        conn.when_readable(None)
-        pending.statement.active = False
-        self._finish(pending, False, error)
-        conn.close()
-        self.pool.putconn(conn)
 
     def hurry(self):
         """Make a graceful stop under way, or the next one, a fast one."""

@@ -57,6 +57,7 @@ class TransactionTable:
 
     async def run(self, pending, owner):
         """Run a job of an open transaction on that transaction's connection."""
+        pending.started = True
         job = pending.job
         tx = self._table.get((owner, job.tx))
         if tx is None:

@@ -123,3 +123,45 @@ def test_statement_timeout_on_the_server_is_a_query_timeout_too(dsn, socket_path
         # the same connection serves the next job, without the setting
         assert c.fetchval("select pg_backend_pid()") == pid
         assert c.fetchval("show statement_timeout") == "0"
+
+
+def test_a_fast_stop_cancels_running_queries_on_the_server(dsn, socket_path, admin):
+    """Told the job did not end, a client must be able to trust that it did not commit."""
+    admin.cursor().execute("drop table if exists stop_writes; create table stop_writes (n int)")
+    svc = start_service(dsn, socket_path, max_size=2)
+    c = svc.client(timeout=30)
+    sql = "insert into stop_writes select %s from pg_sleep(2) /* marker-fast-stop */"
+    with concurrent.futures.ThreadPoolExecutor(2) as executor:
+        jobs = [
+            executor.submit(c.execute, sql, [1]),  # one statement: runs by callbacks
+            executor.submit(c.executemany, sql, [[2]]),  # runs in a task
+        ]
+        wait_until(lambda: active(admin, "marker-fast-stop") == 2, message="both jobs to run")
+        svc.stop(force=True)
+        for job in jobs:
+            with pytest.raises(dbservice.ServiceUnavailable, match="stopped before the job"):
+                job.result(timeout=10)
+    # Had they run on, they would now commit before leaving pg_stat_activity.
+    wait_until(lambda: active(admin, "marker-fast-stop") == 0, message="the queries to end")
+    cur = admin.cursor()
+    cur.execute("select count(*) from stop_writes")
+    assert cur.fetchone()[0] == 0
+
+
+def test_a_statement_timeout_inside_the_jobs_own_begin_is_a_statement_timeout(client):
+    with pytest.raises(dbservice.StatementTimeout):
+        client.fetchval("begin; set local statement_timeout = '50ms'; select pg_sleep(5)")
+    assert client.fetchval("select 7") == 7
+
+
+def test_a_connection_ended_after_a_timeout_is_replaced_before_a_job_gets_it(dsn, socket_path, admin):
+    """The cancelled query's error arrives while nobody waits; the socket must stay watched."""
+    with start_service(dsn, socket_path, min_size=1, max_size=1) as svc, svc.client(timeout=30) as c:
+        for lost in (1, 2, 3):
+            pid = c.fetchval("select pg_backend_pid()")
+            with pytest.raises(dbservice.QueryTimeout):
+                c.fetchval("select pg_sleep(30)", timeout=0.2)
+            wait_until(lambda: _idle(admin, pid), message="the cancelled backend to be idle")
+            admin.cursor().execute("select pg_terminate_backend(%s)", [pid])
+            wait_until(lambda: c.status()["connections_lost"] == lost, message="the pool to notice")
+            assert c.fetchval("select 1") == 1
