@@ -15,7 +15,7 @@ import psycopg2
 import pytest
 
 import dbservice
-from conftest import active, wait_until
+from conftest import active, start_service, wait_until
 from dbservice.embedded import EmbeddedPostgresql
 from dbservice.pool import AsyncConnectionPool, Backoff
 from dbservice.wait import new_event_loop
@@ -312,3 +312,19 @@ def test_clients_reconnect_after_the_daemon_is_killed_and_restarted(dsn, socket_
         assert c.fetchval("select 3") == 3  # the same client, no new connect() needed
     finally:
         again.stop()
+
+
+def test_a_daemon_that_stops_answering_is_a_timeout_for_its_clients(dsn, socket_path, monkeypatch):
+    """The sync client bounds its wait for a reply itself: a frozen daemon cannot hang it."""
+    monkeypatch.setattr(dbservice.client, "REPLY_GRACE", 0.3)
+    with start_service(dsn, socket_path, min_size=1, max_size=1) as svc, svc.client() as c:
+        assert c.fetchval("select 1") == 1
+        os.kill(svc.process.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(dbservice.QueryTimeout, match="no reply from the dbservice daemon within 0.5 s"):
+                c.fetchval("select 2", timeout=0.2)
+            assert time.monotonic() - started < 5
+        finally:
+            os.kill(svc.process.pid, signal.SIGCONT)
+        assert c.fetchval("select 3") == 3  # on a new connection
