@@ -63,25 +63,27 @@ class TransactionTable:
         if tx is None:
             self._finish(pending, False, Error("there is no transaction %d on this connection" % job.tx))
             return
-        async with tx.lock:
-            if tx.ended is not None:
-                self._after_end(tx, pending)
-                return
-            self._disarm(tx)
-            try:
-                result = await run_job(tx.conn, job, pending.deadline, self.pool.cancel, in_transaction=True)
-            except (psycopg2.Error, Error) as exc:
-                self._finish(pending, False, exc)
-            except asyncio.CancelledError:
-                self._finish(pending, False, pending.cancelled_with or ServiceUnavailable("the daemon is stopping"))
-                raise
-            else:
-                self._finish(pending, True, result)
-            finally:
-                if job.fetch in (FETCH_COMMIT, FETCH_ROLLBACK) or tx.conn.pgconn.closed:
-                    self._release(tx)
+        try:
+            async with tx.lock:  # behind the transaction's job before it, if any
+                if tx.ended is not None:
+                    self._after_end(tx, pending)
+                    return
+                self._disarm(tx)
+                try:
+                    result = await run_job(tx.conn, job, pending.deadline, self.pool.cancel, in_transaction=True)
+                except (psycopg2.Error, Error) as exc:
+                    self._finish(pending, False, exc)
                 else:
-                    self._arm(tx)
+                    self._finish(pending, True, result)
+                finally:
+                    if job.fetch in (FETCH_COMMIT, FETCH_ROLLBACK) or tx.conn.pgconn.closed:
+                        self._release(tx)
+                    else:
+                        self._arm(tx)
+        except asyncio.CancelledError:
+            # While it ran, or while it waited for the lock: a reply either way.
+            self._finish(pending, False, pending.cancelled_with or ServiceUnavailable("the daemon is stopping"))
+            raise
 
     def _after_end(self, tx, pending):
         """Answer a job of a transaction we already rolled back."""
