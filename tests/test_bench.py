@@ -347,7 +347,7 @@ def test_guard_compares_the_best_rounds_of_dbservice_and_threadpool_in_one_run()
         {"workload": "write", "strategy": "dbservice", "qps": 900.0},  # not the guard's workload
     ]
     assert report.guard(results, 0.4) == (
-        True, "dbservice's point reads reached 0.40x threadpool's (best of 2 rounds each; floor 0.40x)"
+        True, "dbservice's point reads reached 0.40x threadpool's (best of 2 and 2 rounds; floor 0.40x)"
     )
     passed, measured = report.guard(results, 0.5)
     assert not passed and "0.40x threadpool's" in measured
@@ -385,6 +385,8 @@ def test_the_quick_run_compares_every_strategy_and_writes_the_json(tmp_path):
     assert "dbservice/connect-per-query" in document["ratios"]["point-read"]
     assert "targets:" in result.stdout and "command: python -m dbservice.bench" in result.stdout
     assert sorted(row["strategy"] for row in document["guard_rounds"]) == ["dbservice"] * 2 + ["threadpool"] * 2
+    assert document["guard"]["floor"] == GUARD_FLOOR and document["guard"]["passed"]
+    assert "--guard" in document["command"]
     assert "regression guard: passed: dbservice's point reads reached" in result.stdout
 
 

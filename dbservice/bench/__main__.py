@@ -145,14 +145,16 @@ def main(
         result = run(plan, dsn, strategies, workloads, guard_rounds=GUARD_ROUNDS if guard is not None else 0)
     except (RuntimeError, psycopg2.Error) as exc:
         raise click.ClickException("the bench could not run: %s" % exc) from None
-    result["command"] = command(plan, dsn, strategy_names, workload_names)
+    result["command"] = command(plan, dsn, strategy_names, workload_names, guard)
+    if guard is not None:
+        passed, measured = report.guard(result["results"] + result["guard_rounds"], guard)
+        result["guard"] = {"floor": guard, "passed": passed, "measured": measured}
     click.echo(report.format_report(result), nl=False)
     if json_path:
         report.write_json(result, json_path)
     if plot_path:
         plotting.plot(result, plot_path)
     if guard is not None:
-        passed, measured = report.guard(result["results"] + result["guard_rounds"], guard)
         if not passed:
             raise click.ClickException("regression guard: failed: " + measured)
         click.echo("regression guard: passed: " + measured)
@@ -166,7 +168,7 @@ def _plan(quick, scale, **given):
     return Plan(**settings)
 
 
-def command(plan, dsn, strategy_names, workload_names):
+def command(plan, dsn, strategy_names, workload_names, guard=None):
     """The command line that reruns exactly this plan (a password in the DSN left out)."""
     words = ["python", "-m", "dbservice.bench"]
     if dsn:
@@ -193,6 +195,8 @@ def command(plan, dsn, strategy_names, workload_names):
         words += ["--strategy", name]
     for name in workload_names:
         words += ["--workload", name]
+    if guard is not None:
+        words += ["--guard", "%g" % guard]
     return shlex.join(words)
 
 

@@ -63,8 +63,8 @@ def run(plan, dsn=None, strategies=STRATEGIES, workloads=WORKLOADS, guard_rounds
 
     Without *dsn* a throwaway PostgreSQL is started. A strategy that cannot run
     here, or a cell that could not be measured, is absent with a note. Then
-    *guard_rounds* more rounds of the guard's cells run, in turns. A progress
-    bar goes to stderr.
+    *guard_rounds* more rounds of the guard's cells run, in turns, for those of
+    its strategies and workload the run has. A progress bar goes to stderr.
     """
     notes, runnable = [], []
     for strategy in strategies:
@@ -73,8 +73,12 @@ def run(plan, dsn=None, strategies=STRATEGIES, workloads=WORKLOADS, guard_rounds
             notes.append(_note(strategy, None, "skipped: " + reason))
         else:
             runnable.append(strategy)
+    guarded = [s for s in runnable if s.name in (report.GUARD_BASELINE, report.OURS)]
+    guard_workload = next((w for w in workloads if w.name == report.GUARD_WORKLOAD), None)
+    if guard_workload is None:
+        guarded = []
     progress = Progress(
-        sum(workload.runs(s.name) for s in runnable for workload in workloads) + guard_rounds * 2
+        sum(workload.runs(s.name) for s in runnable for workload in workloads) + guard_rounds * len(guarded)
     )
     results, guard_results = [], []
     with database(plan, dsn) as dsn:
@@ -96,7 +100,10 @@ def run(plan, dsn=None, strategies=STRATEGIES, workloads=WORKLOADS, guard_rounds
                 notes.append(_note(strategy, None, "not measured: %s" % exc))
                 progress.end(len(mine) - done)
         for _ in range(guard_rounds):
-            guard_results += _guard_round(plan, dsn, progress)
+            for strategy in guarded:
+                row, cell_notes = _guard_cell(strategy, guard_workload, plan, dsn, progress)
+                guard_results += [row] if row else []
+                notes += cell_notes
     progress.close()
     return {
         "machine": machine,
@@ -109,20 +116,16 @@ def run(plan, dsn=None, strategies=STRATEGIES, workloads=WORKLOADS, guard_rounds
     }
 
 
-def _guard_round(plan, dsn, progress):
-    """One more cell of each of the guard's strategies; their rows."""
-    workload = next(w for w in WORKLOADS if w.name == report.GUARD_WORKLOAD)
-    rows = []
-    for strategy in (s for s in STRATEGIES if s.name in (report.GUARD_BASELINE, report.OURS)):
-        progress.begin("regression guard: %s" % strategy.name)
-        try:
-            with strategy.serving(dsn, plan) as target:
-                row, _ = _run_cell(strategy, target, workload, plan, dsn)
-        except (NotMeasured, Error):
-            row = None  # the guard says what it lacks
-        rows += [row] if row else []
-        progress.end()
-    return rows
+def _guard_cell(strategy, workload, plan, dsn, progress):
+    """One more round of a guard's cell: its row (or None) and its notes."""
+    progress.begin("regression guard: %s" % strategy.name)
+    try:
+        with strategy.serving(dsn, plan) as target:
+            row, notes = _run_cell(strategy, target, workload, plan, dsn)
+    except (NotMeasured, Error) as exc:
+        row, notes = None, [_note(strategy, workload, "a guard round not measured: %s" % exc)]
+    progress.end()
+    return row, notes
 
 
 def _run_cell(strategy, target, workload, plan, dsn):
