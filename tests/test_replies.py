@@ -63,9 +63,8 @@ def test_a_job_cancelled_in_the_same_read_still_gets_one_reply(socket_service):
     count = 12  # three times the pool: some run, some queue
     for job_id in range(1, count + 1):
         job = CANCELLED_KINDS[job_id % len(CANCELLED_KINDS)]
-        sock.sendall(
-            wire.encode_frame(job_id, wire.MSG_JOB, jobs.dumps_job(job)) + wire.encode_frame(job_id, wire.MSG_CANCEL, b"")
-        )
+        cancel = wire.encode_frame(job_id, wire.MSG_CANCEL, b"")
+        sock.sendall(wire.encode_frame(job_id, wire.MSG_JOB, jobs.dumps_job(job)) + cancel)
     sock.settimeout(4.0)  # less than the sleeps: they must be cancelled, not waited for
     replies = collections.Counter()
     while sum(replies.values()) < count:

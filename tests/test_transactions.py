@@ -192,18 +192,19 @@ def test_a_job_cancelled_while_it_waits_behind_its_transactions_previous_job_get
     """Two statements of one transaction in flight at once: the second waits for the first."""
     sock = raw_connect(tx_service.socket)
     wire.client_handshake(sock, tx_service.authkey)
-    for job_id, job in (
-        (1, Job("", {}, FETCH_BEGIN, None, 7)),
-        (2, Job("select pg_sleep(1)::text || 'slept'", None, "value", None, 7)),
-        (3, Job("select 42", None, "value", None, 7)),
-    ):
-        sock.sendall(wire.encode_frame(job_id, wire.MSG_JOB, jobs.dumps_job(job)))
-    sock.sendall(wire.encode_frame(3, wire.MSG_CANCEL, b""))
     sock.settimeout(10)
-    replies = [wire.recv_frame(sock) for _ in range(3)]
-    assert [job_id for job_id, _, _ in replies] == [1, 3, 2]  # 3 answered at once, not after 2
-    assert isinstance(pickle.loads(replies[1][2]), dbservice.JobCancelled)
-    assert pickle.loads(replies[2][2]) == "slept"
+    sock.sendall(wire.encode_frame(1, wire.MSG_JOB, jobs.dumps_job(Job("", {}, FETCH_BEGIN, None, 7))))
+    assert wire.recv_frame(sock)[:2] == (1, wire.MSG_RESULT)
+    slow = Job("select pg_sleep(1)::text || 'slept'", None, "value", None, 7)
+    sock.sendall(  # in one write: the second job waits for the first, then is cancelled
+        wire.encode_frame(2, wire.MSG_JOB, jobs.dumps_job(slow))
+        + wire.encode_frame(3, wire.MSG_JOB, jobs.dumps_job(Job("select 42", None, "value", None, 7)))
+        + wire.encode_frame(3, wire.MSG_CANCEL, b"")
+    )
+    replies = [wire.recv_frame(sock) for _ in range(2)]
+    assert [job_id for job_id, _, _ in replies] == [3, 2]  # 3 answered at once, not after 2
+    assert isinstance(pickle.loads(replies[0][2]), dbservice.JobCancelled)
+    assert pickle.loads(replies[1][2]) == "slept"
     sock.sendall(wire.encode_frame(4, wire.MSG_JOB, jobs.dumps_job(Job("", None, "rollback", None, 7))))
     assert wire.recv_frame(sock)[:2] == (4, wire.MSG_RESULT)
     sock.close()
