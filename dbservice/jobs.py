@@ -127,12 +127,17 @@ def _control_statement(fetch, options):
         return "COMMIT"
     if fetch == FETCH_ROLLBACK:
         return "ROLLBACK"
+    if options is not None and not isinstance(options, dict):
+        raise JobRefused(
+            "BEGIN's options must be a dict of isolation_level, readonly and deferrable, not %s"
+            % type(options).__name__
+        )
     options = dict(options or {})
     words = ["BEGIN"]
     level = options.pop("isolation_level", None)
     if level is not None:
         key = level.lower() if isinstance(level, str) else level
-        if key not in ISOLATION_LEVELS:
+        if isinstance(key, bool) or not isinstance(key, (str, int)) or key not in ISOLATION_LEVELS:
             raise JobRefused(
                 "unknown isolation level %r; use read committed, repeatable read or serializable" % (level,)
             )

@@ -4,7 +4,7 @@ import asyncio
 import pickle
 import socket
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import dbservice
@@ -33,6 +33,8 @@ def test_job_decoder_on_random_bytes(data):
 
 @FUZZ
 @given(values, st.sampled_from(sorted(jobs.FETCH_MODES) + ["", "x"]), values, values)
+@example(params=b"\x00", fetch="begin", timeout=None, tx=0)  # BEGIN's options not a dict
+@example(params={"isolation_level": []}, fetch="begin", timeout=None, tx=0)
 def test_job_decoder_on_random_messages(params, fetch, timeout, tx):
     for message in [("select 1", params, fetch, timeout, tx), params, (params,)]:
         data = pickle.dumps(message)
