@@ -1,10 +1,11 @@
 """AsyncConnectionPool: a bounded pool of psycopg2 connections in async mode.
 
 The pool lends a connection to one job at a time. It picks the least-loaded
-connection, and among equally loaded ones the least recently used, so work is
-spread over every open connection. When none is free it opens another, one at
-a time, up to ``max_size``; connections above ``min_size`` that stay idle for
-``max_idle`` seconds are closed. When the database cannot be reached it retries
+connection, and among idle ones the most recently used, as PgBouncer does:
+the connections a load needs stay busy and warm, and those it does not need
+stay idle, so that the ones above ``min_size`` close after ``max_idle``
+seconds even while jobs keep coming. When none is free it opens another, one
+at a time, up to ``max_size``. When the database cannot be reached it retries
 with a capped, jittered exponential backoff and never spins.
 """
 
@@ -74,7 +75,7 @@ class AsyncConnectionPool:
         self.name = name
 
         self._connections = set()
-        self._idle = collections.deque()  # least recently used first
+        self._idle = collections.deque()  # least recently used first: lent from the right, closed from the left
         self._waiters = collections.deque()
         self._opening = None  # the task opening a connection, if one is
         self._closed = True
@@ -186,7 +187,7 @@ class AsyncConnectionPool:
 
     def _pop_idle(self):
         while self._idle:
-            conn = self._idle.popleft()
+            conn = self._idle.pop()
             if conn.pgconn.closed:
                 self._discard(conn)
                 continue

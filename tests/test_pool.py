@@ -71,7 +71,7 @@ def test_a_fast_query_overtakes_a_slow_one(dsn, selector):
     assert run(selector, main) == ["fast", "slow"]
 
 
-def test_lends_the_least_recently_used_idle_connection(dsn):
+def test_lends_the_most_recently_used_idle_connection(dsn):
     async def main():
         pool = AsyncConnectionPool(dsn, min_size=3, max_size=3)
         await pool.open()
@@ -88,7 +88,7 @@ def test_lends_the_least_recently_used_idle_connection(dsn):
         pool.putconn(first)
         pool.putconn(second)
         await pool.close()
-        return numbers, (b.number, c.number)
+        return numbers, (a.number, c.number)
 
     got, expected = run("epoll", main)
     assert got == expected
@@ -186,3 +186,23 @@ def test_rejects_impossible_sizes(dsn):
         AsyncConnectionPool(dsn, min_size=5, max_size=2)
     with pytest.raises(ValueError, match="max_size"):
         AsyncConnectionPool(dsn, min_size=0, max_size=0)
+
+
+def test_connections_a_light_steady_load_does_not_need_close_while_it_goes_on(dsn):
+    """One job at a time needs one connection: the others idle out even while jobs keep coming."""
+
+    async def main():
+        pool = AsyncConnectionPool(dsn, min_size=1, max_size=3, max_idle=0.3)
+        await pool.open()
+        await asyncio.gather(*[query(pool, "select pg_sleep(0.1)") for _ in range(3)])
+        grown = pool.size
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while pool.size > 1 and loop.time() < deadline:
+            await query(pool, "select 1")  # a steady trickle, never idle for max_idle
+            await asyncio.sleep(0.01)
+        shrunk = pool.size
+        await pool.close()
+        return grown, shrunk
+
+    assert run("epoll", main) == (3, 1)
