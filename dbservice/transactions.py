@@ -45,6 +45,7 @@ class TransactionTable:
         self.idle_timeout = idle_timeout
         self._finish = finish
         self._table = {}
+        self._rolling_back = set()  # rollbacks of abandoned or idle transactions, under way
 
     def __len__(self):
         return sum(1 for tx in self._table.values() if tx.ended is None)
@@ -100,13 +101,14 @@ class TransactionTable:
             if key[0] is owner:
                 del self._table[key]
                 if tx.ended is None:
-                    asyncio.ensure_future(self._roll_back(tx, "its client went away"))
+                    self._roll_back_soon(tx, "its client went away")
 
     async def close(self):
         """Roll back every open transaction (the daemon is stopping)."""
         txs = [tx for tx in self._table.values() if tx.ended is None]
         self._table.clear()
-        await asyncio.gather(*(self._roll_back(tx, "the daemon is stopping") for tx in txs))
+        # With the rollbacks already under way: the loop must not close on them.
+        await asyncio.gather(*(self._roll_back(tx, "the daemon is stopping") for tx in txs), *self._rolling_back)
 
     def _arm(self, tx):
         tx.idle_timer = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, tx)
@@ -122,7 +124,12 @@ class TransactionTable:
             "the transaction was rolled back: idle for more than %.1f s (idle_in_transaction_timeout)"
             % self.idle_timeout
         )
-        asyncio.ensure_future(self._roll_back(tx, "idle for more than %.1f s" % self.idle_timeout))
+        self._roll_back_soon(tx, "idle for more than %.1f s" % self.idle_timeout)
+
+    def _roll_back_soon(self, tx, why):
+        task = asyncio.ensure_future(self._roll_back(tx, why))
+        self._rolling_back.add(task)
+        task.add_done_callback(self._rolling_back.discard)
 
     async def _roll_back(self, tx, why):
         async with tx.lock:
