@@ -121,16 +121,21 @@ def test_grows_on_demand_up_to_max_size_and_no_further(dsn):
     assert stats["connections_num"] == 4
 
 
-def test_closes_idle_connections_above_min_size(dsn):
+@pytest.mark.parametrize("trickle", [False, True], ids=["no-load", "one-job-at-a-time"])
+def test_closes_idle_connections_above_min_size(dsn, trickle):
+    """With *trickle*, the jobs keep coming, one at a time: the connections they do not need still close."""
+
     async def main():
-        pool = AsyncConnectionPool(dsn, min_size=1, max_size=3, max_idle=0.2)
+        pool = AsyncConnectionPool(dsn, min_size=1, max_size=3, max_idle=0.3)
         await pool.open()
         await asyncio.gather(*[query(pool, "select pg_sleep(0.1)") for _ in range(3)])
         grown = pool.size
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10
         while pool.size > 1 and loop.time() < deadline:
-            await asyncio.sleep(0.02)
+            if trickle:
+                await query(pool, "select 1")  # never idle for max_idle, if lent in turns
+            await asyncio.sleep(0.01)
         shrunk = pool.size
         await pool.close()
         return grown, shrunk
@@ -187,22 +192,3 @@ def test_rejects_impossible_sizes(dsn):
     with pytest.raises(ValueError, match="max_size"):
         AsyncConnectionPool(dsn, min_size=0, max_size=0)
 
-
-def test_connections_a_light_steady_load_does_not_need_close_while_it_goes_on(dsn):
-    """One job at a time needs one connection: the others idle out even while jobs keep coming."""
-
-    async def main():
-        pool = AsyncConnectionPool(dsn, min_size=1, max_size=3, max_idle=0.3)
-        await pool.open()
-        await asyncio.gather(*[query(pool, "select pg_sleep(0.1)") for _ in range(3)])
-        grown = pool.size
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
-        while pool.size > 1 and loop.time() < deadline:
-            await query(pool, "select 1")  # a steady trickle, never idle for max_idle
-            await asyncio.sleep(0.01)
-        shrunk = pool.size
-        await pool.close()
-        return grown, shrunk
-
-    assert run("epoll", main) == (3, 1)
