@@ -73,10 +73,8 @@ def run(plan, dsn=None, strategies=STRATEGIES, workloads=WORKLOADS, guard_rounds
             notes.append(_note(strategy, None, "skipped: " + reason))
         else:
             runnable.append(strategy)
-    guarded = [s for s in runnable if s.name in (report.GUARD_BASELINE, report.OURS)]
     guard_workload = next((w for w in workloads if w.name == report.GUARD_WORKLOAD), None)
-    if guard_workload is None:
-        guarded = []
+    guarded = [s for s in runnable if guard_workload and s.name in (report.GUARD_BASELINE, report.OURS)]
     progress = Progress(
         sum(workload.runs(s.name) for s in runnable for workload in workloads) + guard_rounds * len(guarded)
     )
