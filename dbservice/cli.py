@@ -42,6 +42,11 @@ _SETTING_HELP = {
     ),
     "max_clients": ("N", "socket clients connected at once; more are refused as busy"),
     "max_frame": ("BYTES", "the largest job message a client may send; a larger one drops the client"),
+    "max_params_size": (
+        "BYTES",
+        "what a job's parameters may cost once bound: 64 per value plus the length of each string and "
+        "bytes, a shared reference counted each time it is used; more is refused [default: --max-frame]",
+    ),
     "max_result_bytes": ("BYTES", "the largest result sent back; a larger one is an error for that job"),
     "idle_in_transaction_timeout": (
         "SECONDS",

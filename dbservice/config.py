@@ -56,6 +56,8 @@ class Settings:
     max_queue: int = 10000
     #: bytes one job message may take on the socket
     max_frame: int = 32 * 1024 * 1024
+    #: what a job's parameters may cost once bound (see jobs.check_params); None: max_frame
+    max_params_size: Optional[int] = None
     #: socket clients connected at once; more are refused as busy
     max_clients: int = 2048
     #: bytes one job's pickled result may take; a larger one is an error
@@ -72,6 +74,8 @@ class Settings:
 
     def __post_init__(self):
         check_sizes(self.min_size, self.max_size)
+        if self.max_params_size is None:
+            self.max_params_size = self.max_frame
 
 
 class StateDir:
@@ -101,6 +105,7 @@ OPERATOR_SETTINGS = {
     "max_queue": int,
     "max_clients": int,
     "max_frame": int,
+    "max_params_size": int,
     "max_result_bytes": int,
     "idle_in_transaction_timeout": float,
     "selector": str,
@@ -162,7 +167,7 @@ def read_config_file(path):
 def check_config(config):
     """Return *config* with the log level in capitals; ConfigError if a value is out of range."""
     for name, kind in OPERATOR_SETTINGS.items():
-        if kind is not str and config[name] < 0:
+        if kind is not str and config[name] is not None and config[name] < 0:
             raise ConfigError("%s must not be negative, got %r" % (name, config[name]))
     try:
         check_sizes(config["min_size"], config["max_size"])

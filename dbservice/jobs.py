@@ -12,6 +12,7 @@ daemon knows the shared secret, and use plain pickle.
 """
 
 import io
+import itertools
 import pickle
 
 from .errors import JobRefused, ResultTooLarge
@@ -49,6 +50,15 @@ STREAM_DECLARE = "DECLARE dbservice_rows NO SCROLL CURSOR FOR "
 STREAM_FETCH = "FETCH FORWARD %s FROM dbservice_rows"
 
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+#: What one value costs once bound, beyond the length of a string or bytes:
+#: psycopg2 spends about 1-2 us binding each one, inside the event loop.
+VALUE_COST = 64
+#: Containers nested deeper than this are refused: psycopg2 and json recurse
+#: into them, and PostgreSQL's arrays stop at 6 dimensions anyway.
+MAX_NESTING = 32
+#: The bound when none is configured: a job's largest frame (Settings.max_frame).
+DEFAULT_MAX_PARAMS_SIZE = 32 * 1024 * 1024
 
 # The only classes a job's pickle may name. Everything else a parameter can be
 # (str, bytes, int, float, None, bool, tuple, list, dict) is a pickle opcode of
@@ -90,8 +100,12 @@ class Job:
         return (self.sql, self.params, self.fetch, self.timeout, self.tx)
 
     @classmethod
-    def from_wire(cls, message):
-        """Build a job from a decoded message, or raise JobRefused saying why."""
+    def from_wire(cls, message, max_params_size=DEFAULT_MAX_PARAMS_SIZE):
+        """Build a job from a decoded message, or raise JobRefused saying why.
+
+        Its parameters may take at most *max_params_size* once bound (see
+        :func:`check_params`).
+        """
         if not (isinstance(message, tuple) and len(message) == 5):
             raise JobRefused("a job must be a tuple (sql, params, fetch, timeout, tx)")
         sql, params, fetch, timeout, tx = message
@@ -111,7 +125,7 @@ class Job:
             return cls(_control_statement(fetch, params), None, fetch, timeout, tx)
         if not isinstance(sql, str) or not sql.strip():
             raise JobRefused("the job's SQL must be a non-empty string")
-        _check_params(params, many=fetch == FETCH_MANY)
+        check_params(params, fetch == FETCH_MANY, max_params_size)
         return cls(sql, params, fetch, timeout, tx)
 
 
@@ -156,16 +170,83 @@ def _control_statement(fetch, options):
     return " ".join(words)
 
 
-def _check_params(params, many):
+_STRINGS = (str, bytes, bytearray)
+_CONTAINERS = (list, tuple, dict)
+
+
+def check_params(params, many, limit):
+    """Refuse parameters psycopg2 could not bind, or could only at a cost over *limit*.
+
+    psycopg2 binds a job's parameters synchronously, in the daemon's event
+    loop, expanding every reference it meets: a small pickle whose lists
+    share sub-lists (``a = [a, a]``, 23 times) binds to millions of values
+    and froze the loop for seconds. So the cost is counted as binding will
+    meet it, a shared container as often as it is referenced: VALUE_COST for
+    each value plus the length of each string and bytes. A container inside
+    itself, or nesting deeper than MAX_NESTING, is refused too.
+    """
+    if params is None:
+        return
     if many:
         if not isinstance(params, (list, tuple)):
             raise JobRefused("executemany needs a list of parameter sets, not %s" % type(params).__name__)
         for each in params:
-            _check_params(each, many=False)
-    elif params is not None and not isinstance(params, (tuple, list, dict)):
+            if each is not None:
+                _check_one_set(each)
+    else:
+        _check_one_set(params)
+    if _bound_size(params, limit) > limit:
+        raise JobRefused(
+            "the job's parameters would take more than %d bytes once bound (max_params_size; shared "
+            "references count each time they are used): send fewer or smaller values, or raise "
+            "--max-params-size" % limit
+        )
+
+
+def _check_one_set(params):
+    if not isinstance(params, _CONTAINERS):
         raise JobRefused(
             "query parameters must be a tuple, a list or a dict, not %s" % type(params).__name__
         )
+
+
+def _bound_size(value, limit, sizes=None, path=()):
+    """The cost of binding the container *value*; once past *limit*, a partial count over it.
+
+    A container met again is counted from *sizes* (by id), so the walk costs
+    as much as the distinct containers, however often they are shared: no
+    more than decoding the frame did.
+    """
+    items = list(itertools.chain.from_iterable(value.items())) if isinstance(value, dict) else value
+    size = len(items) * VALUE_COST
+    if size > limit:
+        return size
+    if len(items) <= 16:  # the usual few parameters: a plain loop is quickest
+        nested = []
+        for item in items:
+            if isinstance(item, _STRINGS):
+                size += len(item)
+            elif isinstance(item, _CONTAINERS):
+                nested.append(item)
+    else:
+        size += sum(map(len, itertools.compress(items, map(isinstance, items, itertools.repeat(_STRINGS)))))
+        nested = itertools.compress(items, map(isinstance, items, itertools.repeat(_CONTAINERS)))
+    if not nested:
+        return size
+    sizes = {} if sizes is None else sizes
+    inner = path + (value,)
+    for container in nested:
+        known = sizes.get(id(container))
+        if known is None:
+            if any(container is outer for outer in inner):
+                raise JobRefused("a query parameter contains itself; it could never be bound")
+            if len(inner) >= MAX_NESTING:
+                raise JobRefused("query parameters nest more than %d containers deep" % MAX_NESTING)
+            known = sizes[id(container)] = _bound_size(container, limit, sizes, inner)
+        size += known
+        if size > limit:
+            break
+    return size
 
 
 class _JobUnpickler(pickle.Unpickler):
@@ -185,7 +266,7 @@ def dumps_job(job):
     return pickle.dumps(job.to_wire(), PICKLE_PROTOCOL)
 
 
-def loads_job(data):
+def loads_job(data, max_params_size=DEFAULT_MAX_PARAMS_SIZE):
     """Decode a job from untrusted bytes; raise JobRefused for anything else."""
     try:
         message = _JobUnpickler(io.BytesIO(data)).load()
@@ -194,7 +275,7 @@ def loads_job(data):
     except Exception as exc:
         # A truncated or garbled pickle can raise almost anything.
         raise JobRefused("the job could not be decoded: %s" % (exc,)) from None
-    return Job.from_wire(message)
+    return Job.from_wire(message, max_params_size)
 
 
 def dumps_reply(value):

@@ -60,7 +60,7 @@ class QueueIntake:
     def _submit(self, message, reply_pipe):
         reply = _PipeReplier(self._senders, reply_pipe, self.server.settings.max_result_bytes)
         try:
-            job = Job.from_wire(message)
+            job = Job.from_wire(message, self.server.settings.max_params_size)
         except JobRefused as exc:
             reply(False, exc)
             return

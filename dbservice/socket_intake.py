@@ -191,7 +191,7 @@ class _ClientProtocol(asyncio.Protocol):
 
     def _submit(self, job_id, payload):
         try:
-            job = loads_job(payload)
+            job = loads_job(payload, self.settings.max_params_size)
         except JobRefused as exc:
             logger.warning("refused a job: %s", exc)
             self.reply(job_id, False, exc)

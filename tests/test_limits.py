@@ -100,3 +100,46 @@ def test_a_burst_of_clients_connecting_at_once_all_get_in(socket_service):
     for thread in threads:
         thread.join(60)
     assert errors == []
+
+
+def _shared_bomb(levels):
+    """A list whose pickle is tiny but which binds to 2**levels values: every level shares the one below."""
+    nested = [1]
+    for _ in range(levels):
+        nested = [nested, nested]
+    return nested
+
+
+def test_parameters_that_would_bind_to_too_much_are_refused_before_they_run(socket_service):
+    """A 150-byte job whose shared sub-lists bind to 8 million values froze the daemon for 18 s."""
+    with socket_service.client(timeout=30) as bomber, socket_service.client(timeout=30) as other:
+        with concurrent.futures.ThreadPoolExecutor(1) as executor:
+            started = time.monotonic()
+            refused = executor.submit(bomber.fetchval, "select %s", [_shared_bomb(23)], timeout=1.0)
+            # meanwhile the daemon goes on serving everybody else
+            assert [other.fetchval("select %s::int", [i]) for i in range(20)] == list(range(20))
+            with pytest.raises(dbservice.JobRefused, match="max_params_size"):
+                refused.result(timeout=30)
+            assert time.monotonic() - started < 5
+        # a structure that shares, but binds to little, is fine
+        assert bomber.fetchval("select array_length(%s::int[], 1)", [_shared_bomb(4)]) == 2
+        looped = [1]
+        looped.append(looped)
+        with pytest.raises(dbservice.JobRefused, match="contains itself"):
+            bomber.fetchval("select %s", [looped])
+        deep = []
+        for _ in range(100):
+            deep = [deep]
+        with pytest.raises(dbservice.JobRefused, match="nest more than"):
+            bomber.fetchval("select %s", [deep])
+        assert bomber.fetchval("select 'still serving'") == "still serving"
+
+
+def test_max_params_size_is_a_setting(dsn, socket_path):
+    with start_service(dsn, socket_path, min_size=1, max_size=1, max_params_size=10_000) as svc:
+        with svc.client(timeout=30) as c:
+            assert c.fetchval("select length(%s)", ["x" * 5000]) == 5000
+            with pytest.raises(dbservice.JobRefused, match="more than 10000 bytes"):
+                c.fetchval("select length(%s)", ["x" * 20_000])
+            with pytest.raises(dbservice.JobRefused, match="more than 10000 bytes"):
+                c.executemany("select %s", [[i] for i in range(500)])
