@@ -183,7 +183,8 @@ def status(as_json, state_dir):
     """Show the daemon's pid, uptime, database, pool, queue, jobs and latency.
 
     Exits with 0 when the daemon runs, 3 when it does not, and 4 when it runs
-    but does not answer on its socket (starting, or stuck).
+    but does not answer on its socket (starting, or stuck) or cannot reach its
+    database.
     """
     state = StateDir(state_dir)
     pid = running_pid(state.pidfile)
@@ -197,6 +198,12 @@ def status(as_json, state_dir):
         click.echo("dbserviced (pid %d) does not answer: %s" % (pid, exc), err=True)
         sys.exit(EXIT_UNKNOWN)
     click.echo(json.dumps(dict(figures, running=True), indent=2) if as_json else format_status(figures))
+    if not figures["database_reachable"]:
+        click.echo(
+            "dbserviced (pid %d) cannot reach its database (%s): %s" % (pid, figures["dsn"], figures["last_error"]),
+            err=True,
+        )
+        sys.exit(EXIT_UNKNOWN)
 
 
 @main.command()

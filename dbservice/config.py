@@ -15,7 +15,7 @@ except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
 import psycopg2
-from psycopg2.extensions import make_dsn, parse_dsn
+from psycopg2.extensions import parse_dsn
 
 from .pool import check_sizes
 
@@ -173,18 +173,20 @@ def check_config(config):
         check_sizes(config["min_size"], config["max_size"])
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if config["dsn"] is not None:
+        check_dsn(config["dsn"])
     level = config["log_level"].upper()
     if level not in LOG_LEVELS:
         raise ConfigError("log_level must be one of %s, got %r" % (", ".join(LOG_LEVELS), config["log_level"]))
     return dict(config, log_level=level)
 
 
-def mask_dsn(dsn):
-    """*dsn* with its password replaced by ``***``, fit for logs and status."""
+def check_dsn(dsn):
+    """Raise ConfigError, with libpq's reason, unless *dsn* parses as a connection string."""
     try:
-        params = parse_dsn(dsn)
-    except psycopg2.ProgrammingError:
-        return "(a connection string that does not parse)"
-    if "password" in params:
-        params["password"] = "***"
-    return make_dsn(**params)
+        parse_dsn(dsn)
+    except psycopg2.ProgrammingError as exc:
+        raise ConfigError(
+            "the DSN does not parse (%s); give a libpq connection string (host=db dbname=app user=app) "
+            "or a URI (postgresql://app@db/app)" % " ".join(str(exc).split())
+        ) from None

@@ -15,6 +15,7 @@ import logging
 import random
 
 import psycopg2
+from psycopg2.extensions import make_dsn, parse_dsn
 
 from . import types
 from .connection import PooledConnection
@@ -87,6 +88,8 @@ class AsyncConnectionPool:
         self._opened = None  # set once the first fill succeeded or failed
 
         self.last_error = None
+        self.ever_connected = False
+        self._unreachable_since = None  # on the loop's clock: no connection open, attempts failing
         self.connections_num = 0
         self.connections_errors = 0
         self.connections_lost = 0
@@ -248,6 +251,30 @@ class AsyncConnectionPool:
             % (self.name, waited, len(self._connections) - len(self._idle), self.max_size)
         )
 
+    @property
+    def unreachable(self):
+        """True while no connection is open and the latest attempt to open one failed."""
+        return self.last_error is not None and not self._connections
+
+    def outage_error(self):
+        """ServiceUnavailable for a job that should not wait for a connection now, else None.
+
+        Waiting makes sense during a short outage (a restart, a failover),
+        which the pool rides out by reconnecting. It only delays the same
+        error when the database has not been reached since the pool opened,
+        refused us for good (a password, a database that does not exist), or
+        has been unreachable for longer than the pool's timeout.
+        """
+        if not self.unreachable:
+            return None
+        lasted = self._loop.time() - self._unreachable_since
+        if self.ever_connected and lasted <= self.timeout and not refused_for_good(self.last_error):
+            return None
+        self._retry_soon()
+        return ServiceUnavailable(
+            "the database is unreachable (for %.1f s, %s): %s" % (lasted, mask_dsn(self.dsn), _one_line(self.last_error))
+        )
+
     def _hand_over(self, conn):
         while self._waiters:
             fut = self._waiters.popleft()
@@ -264,7 +291,10 @@ class AsyncConnectionPool:
         if self._closed or self._opening or self._retry_handle is not None:
             return
         size = len(self._connections)
-        wanted = size < self.min_size or any(not w.done() for w in self._waiters)
+        # Unreachable, it goes on trying even with min_size 0: that is how it
+        # learns that the database is back.
+        floor = self.min_size or (1 if self.unreachable else 0)
+        wanted = size < floor or any(not w.done() for w in self._waiters)
         if wanted and size < self.max_size:
             self._opening = self._loop.create_task(self._open_one())
 
@@ -278,6 +308,8 @@ class AsyncConnectionPool:
         self._opening = None
         self._backoff.reset()
         self.last_error = None
+        self.ever_connected = True
+        self._unreachable_since = None
         if self._closed:
             pgconn.close()
             return
@@ -293,6 +325,16 @@ class AsyncConnectionPool:
         if len(self._connections) >= self.min_size and not self._opened.done():
             self._opened.set_result(None)
         self._maybe_grow()
+
+    async def check(self):
+        """Open a connection now unless one is open: can the pool reach its database?
+
+        For a pool with min_size 0, which opens nothing until a job comes.
+        The outcome is in :attr:`last_error`; a failure is retried as usual.
+        """
+        if not self._connections and self._opening is None:
+            self._opening = self._loop.create_task(self._open_one())
+            await asyncio.shield(self._opening)
 
     async def cancel(self, conn):
         """Cancel the query running on *conn*, one of this pool's connections.
@@ -324,6 +366,8 @@ class AsyncConnectionPool:
     def _connect_failed(self, exc):
         self.connections_errors += 1
         self.last_error = exc
+        if not self._connections and self._unreachable_since is None:
+            self._unreachable_since = self._loop.time()
         delay = self._backoff.next_delay()
         logger.warning(
             "cannot connect to the database (%s); retrying in %.2f s", _one_line(exc), delay
@@ -331,6 +375,18 @@ class AsyncConnectionPool:
         if not self._opened.done():
             self._opened.set_result(None)
         self._retry_handle = self._loop.call_later(delay, self._retry)
+
+    def _retry_soon(self):
+        """Jobs are being turned away: try again within the backoff's first delay, not its longest.
+
+        Without jobs, the attempts space out to MAX_DELAY; with jobs coming,
+        the pool notices a database that came back within INITIAL_DELAY.
+        """
+        soon = self._loop.time() + Backoff.INITIAL_DELAY
+        if self._retry_handle is not None and self._retry_handle.when() > soon:
+            self._retry_handle.cancel()
+            self._backoff.reset()
+            self._retry_handle = self._loop.call_at(soon, self._retry)
 
     def _retry(self):
         self._retry_handle = None
@@ -389,7 +445,7 @@ class AsyncConnectionPool:
             "connections_num": self.connections_num,
             "connections_errors": self.connections_errors,
             "connections_lost": self.connections_lost,
-            "database_reachable": self.last_error is None,
+            "database_reachable": not self.unreachable,
             "last_error": _one_line(self.last_error) if self.last_error else None,
             "connections": [
                 {
@@ -410,6 +466,43 @@ def check_sizes(min_size, max_size):
             "need 0 <= min_size <= max_size and max_size >= 1, got min_size=%r max_size=%r"
             % (min_size, max_size)
         )
+
+
+#: What libpq says when the server refuses us for a reason that waiting will
+#: not change (in English, the server's default lc_messages).
+_REFUSALS_FOR_GOOD = (
+    "authentication failed",
+    "does not exist",
+    "no pg_hba.conf entry",
+    "is not permitted to log in",
+    "permission denied for database",
+    "invalid connection option",
+    "invalid sslmode",
+)
+
+
+def refused_for_good(exc):
+    """True if connecting failed for a reason that retrying will not change.
+
+    A DSN that does not parse (psycopg2 raises ProgrammingError), a wrong
+    password, a role or database that does not exist: the daemon must not
+    start on these. A server that is down or starting up may yet come.
+    """
+    if isinstance(exc, psycopg2.ProgrammingError):
+        return True
+    text = str(exc).lower()
+    return any(refusal in text for refusal in _REFUSALS_FOR_GOOD)
+
+
+def mask_dsn(dsn):
+    """*dsn* with its password replaced by ``***``, fit for logs and status."""
+    try:
+        params = parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        return "(a connection string that does not parse)"
+    if "password" in params:
+        params["password"] = "***"
+    return make_dsn(**params)
 
 
 def _one_line(exc):

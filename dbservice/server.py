@@ -22,10 +22,9 @@ import time
 
 import psycopg2
 
-from .config import mask_dsn
 from .errors import Error, JobRefused, QueryTimeout, ServiceBusy, ServiceUnavailable
 from .jobs import FETCH_BEGIN
-from .pool import AsyncConnectionPool
+from .pool import AsyncConnectionPool, mask_dsn, refused_for_good
 from .runner import STATEMENT_FETCHES, Statement, run_job
 from .stats import JobStats
 from .transactions import TransactionTable
@@ -70,6 +69,9 @@ class PendingJob:
 class Server:
     """Queue, dispatcher and pool of one daemon, on the running event loop."""
 
+    #: Seconds between two warnings that jobs wait because every connection is busy.
+    FULL_POOL_WARNING_INTERVAL = 10.0
+
     #: The settings :meth:`reload` applies while jobs flow; the others need a restart.
     RELOADABLE = (
         "min_size",
@@ -107,11 +109,26 @@ class Server:
         self._statements = set()  # the PendingJobs running as a Statement
         self._dispatcher = None
         self._loop = None
+        self._quiet_until = 0.0  # no warning of a full pool before then, on the loop's clock
 
     async def start(self):
+        """Open the pool and start serving; raise ServiceUnavailable if the database refuses us for good.
+
+        A database that is merely down does not stop the start: the pool
+        keeps trying, as PgBouncer does, while jobs fail fast saying why.
+        """
         self._loop = asyncio.get_running_loop()
         self._queued_event = asyncio.Event()
         await self.pool.open(wait=True)
+        if not self.pool.min_size:
+            await self.pool.check()
+        error = self.pool.last_error
+        if error is not None and refused_for_good(error):
+            await self.pool.close()
+            raise ServiceUnavailable(
+                "the database refuses the daemon's connections (%s): check the DSN (--dsn)"
+                % " ".join(str(error).split())
+            )
         self._dispatcher = self._loop.create_task(self._dispatch())
         self.accepting = True
 
@@ -138,7 +155,10 @@ class Server:
             if conn is not None:
                 self._run_on(pending, conn)
                 return pending
-        if self._queued < self.settings.max_queue:
+        outage = self.pool.outage_error()
+        if outage is not None:
+            self._finish(pending, False, outage)
+        elif self._queued < self.settings.max_queue:
             self._enqueue(pending)
         elif len(self._overflow) < self.settings.max_queue:
             # Wait for room in the queue, up to the job's timeout (the pool's
@@ -155,6 +175,7 @@ class Server:
             self._queue.appendleft(pending)
         else:
             self._queue.append(pending)
+            self._warn_if_pool_full()
         pending.queued = True
         self._queued += 1
         self._queued_event.set()
@@ -162,6 +183,18 @@ class Server:
         # the pool's timeout: if the database stays unreachable, it is told.
         wait_until = pending.deadline or pending.queued_at + self.settings.pool_timeout
         pending.timer = self._loop.call_at(wait_until, self._timer_fired, pending)
+
+    def _warn_if_pool_full(self):
+        """Say, at most every FULL_POOL_WARNING_INTERVAL, that jobs wait for want of connections."""
+        now = self._loop.time()
+        if now < self._quiet_until or self.pool.size < self.pool.max_size:
+            return
+        self._quiet_until = now + self.FULL_POOL_WARNING_INTERVAL
+        logger.warning(
+            "%d jobs wait for a connection: all %d connections (max_size) are busy; "
+            "if the database can take more, raise --max-size",
+            self._queued + 1, self.pool.max_size,
+        )
 
     def _timer_fired(self, pending):
         """The one timer of a job: its deadline, or the pool's timeout while it queued."""

@@ -10,7 +10,8 @@ import signal
 
 from . import types
 from .client import QueueClient, connect
-from .config import Settings, mask_dsn
+from .config import Settings
+from .pool import mask_dsn
 from .errors import ServiceUnavailable
 from .queue_intake import QueueIntake
 from .server import Server
