@@ -24,6 +24,16 @@ class QueryTimeout(Error):
     """The job's timeout passed; the query was cancelled on the server."""
 
 
+class QueryOutcomeUnknown(Error):
+    """The job's timeout passed and its query could not be stopped: it may still commit.
+
+    The daemon cancels a timed-out query on the server; when the cancel
+    cannot be delivered, or the query does not end after it, the daemon
+    drops the connection, but a statement waiting on a lock may yet complete
+    and commit. Check the data before doing the job again.
+    """
+
+
 class StatementTimeout(QueryTimeout, psycopg2.errors.QueryCanceled):
     """The server's statement_timeout cancelled the query.
 

@@ -18,6 +18,7 @@ import psycopg2
 from psycopg2.extensions import make_dsn, parse_dsn
 
 from . import types
+from .cancel import cancel_query
 from .connection import PooledConnection
 from .errors import QueryTimeout, ServiceUnavailable
 from .wait import wait_ready
@@ -337,21 +338,12 @@ class AsyncConnectionPool:
             await asyncio.shield(self._opening)
 
     async def cancel(self, conn):
-        """Cancel the query running on *conn*, one of this pool's connections.
+        """Ask the server to cancel the query running on *conn*, one of this pool's connections.
 
-        psycopg2's own ``cancel()`` runs libpq's PQcancel while holding the
-        GIL: with the network to the server stalled it would freeze the whole
-        daemon. Instead a short-lived connection asks the server to
-        ``pg_cancel_backend()``, every step bounded by ``connect_timeout``.
+        By a cancel request, which needs no free connection slot, bounded by
+        ``connect_timeout``; OperationalError if it could not be sent.
         """
-        deadline = self._loop.time() + self.connect_timeout
-        canceller = await self._connect(deadline)
-        try:
-            cursor = canceller.cursor()
-            cursor.execute("select pg_cancel_backend(%s)", [conn.pgconn.get_backend_pid()])
-            await wait_ready(canceller, deadline)
-        finally:
-            canceller.close()
+        await cancel_query(conn.pgconn, self.connect_timeout)
 
     async def _connect(self, deadline=None):
         pgconn = psycopg2.connect(self.dsn, async_=True)

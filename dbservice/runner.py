@@ -21,9 +21,10 @@ import logging
 import psycopg2
 import psycopg2.extensions as ext
 
-from .errors import Error, JobRefused, QueryTimeout, StatementTimeout
+from .errors import Error, JobRefused, QueryOutcomeUnknown, QueryTimeout, StatementTimeout
 from .jobs import (
     FETCH_ALL,
+    FETCH_COMMIT,
     FETCH_MANY,
     FETCH_ONE,
     FETCH_ROWCOUNT,
@@ -154,7 +155,8 @@ async def run_job(conn, job, deadline, cancel, in_transaction=False, statement=N
         else:
             if statement is None:
                 _send(conn, cursor, job.sql, job.params)
-            await _wait_or_cancel(conn, deadline, cancel)
+            commits = job.fetch == FETCH_COMMIT if in_transaction else True
+            await _wait_or_cancel(conn, deadline, cancel, commits)
             result = _fetch(cursor, job.fetch)
     except BaseException:
         await _clean_up(conn, cancel, keep_transaction=in_transaction)
@@ -174,15 +176,15 @@ async def _execute_many(conn, cursor, job, deadline, cancel, in_transaction):
     """All parameter sets in one transaction: the caller's, or one of our own."""
     if not in_transaction:
         _send(conn, cursor, "BEGIN")
-        await _wait_or_cancel(conn, deadline, cancel)
+        await _wait_or_cancel(conn, deadline, cancel, commits=False)
     total = 0
     for params in job.params:
         _send(conn, cursor, job.sql, params)
-        await _wait_or_cancel(conn, deadline, cancel)
+        await _wait_or_cancel(conn, deadline, cancel, commits=False)
         total += max(cursor.rowcount, 0)
     if not in_transaction:
         _send(conn, cursor, "COMMIT")
-        await _wait_or_cancel(conn, deadline, cancel)
+        await _wait_or_cancel(conn, deadline, cancel, commits=True)
     return total
 
 
@@ -214,17 +216,20 @@ def _fetch(cursor, mode):
     return None if row is None else row[0]
 
 
-async def _wait_or_cancel(conn, deadline, cancel):
+async def _wait_or_cancel(conn, deadline, cancel, commits):
     """Wait for the query; past *deadline*, cancel it on the server.
 
     If the query finished just as the timeout fired, its result stands: the
-    job did succeed, and saying otherwise would lie about a commit.
+    job did succeed, and saying otherwise would lie about a commit. *commits*
+    says that the statement commits when it completes (it is its own
+    transaction, or a COMMIT): if it cannot be stopped, the caller is told
+    that it may still commit.
     """
     try:
         await conn.wait(deadline)
     except QueryTimeout:
         try:
-            await _cancel_and_drain(conn, cancel)
+            await _cancel_and_drain(conn, cancel, commits)
         except psycopg2.errors.QueryCanceled:
             raise QueryTimeout("the job's timeout passed; the query was cancelled") from None
     except psycopg2.errors.QueryCanceled as exc:
@@ -241,11 +246,14 @@ def _server_error(exc):
     return exc
 
 
-async def _cancel_and_drain(conn, cancel):
+async def _cancel_and_drain(conn, cancel, commits=False):
     """Have the server cancel the running query and wait for it to end.
 
-    If either step takes longer than CLEANUP_GRACE (the network to the server
-    is down, say), the connection is closed: it can never be trusted again.
+    If the cancel request cannot be sent, or the query does not end within
+    CLEANUP_GRACE after it, the connection is closed: it can never be trusted
+    again. That does not stop a statement the server is still running (one
+    waiting on a lock, say), so when it *commits* on completion the error
+    says that it may still commit.
     """
     loop = asyncio.get_running_loop()
     try:
@@ -256,6 +264,11 @@ async def _cancel_and_drain(conn, cancel):
             raise
         logger.warning("could not cancel a query (%s); closing its connection", exc)
         conn.close()
+        if commits:
+            raise QueryOutcomeUnknown(
+                "the job's timeout passed and its query could not be stopped (%s): it may still commit; "
+                "check before you run it again" % exc
+            ) from None
         raise QueryTimeout("the job's timeout passed and its query could not be cancelled: %s" % exc) from None
 
 

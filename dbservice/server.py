@@ -22,7 +22,7 @@ import time
 
 import psycopg2
 
-from .errors import Error, JobRefused, QueryTimeout, ServiceBusy, ServiceUnavailable
+from .errors import Error, JobRefused, QueryOutcomeUnknown, QueryTimeout, ServiceBusy, ServiceUnavailable
 from .jobs import FETCH_BEGIN
 from .pool import AsyncConnectionPool, mask_dsn, refused_for_good
 from .runner import STATEMENT_FETCHES, Statement, run_job
@@ -384,7 +384,7 @@ class Server:
             self._queued -= 1
         if ok:
             outcome = "done"
-        elif isinstance(value, QueryTimeout):
+        elif isinstance(value, (QueryTimeout, QueryOutcomeUnknown)):
             outcome = "timed_out"
         else:
             outcome = "failed"

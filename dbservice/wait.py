@@ -56,11 +56,16 @@ async def wait_ready(conn, deadline=None):
         if state == ext.POLL_OK:
             return
         if state == ext.POLL_READ:
-            await _wait_fd(loop, fd, loop.add_reader, loop.remove_reader, deadline)
+            await wait_readable(loop, fd, deadline)
         elif state == ext.POLL_WRITE:
             await wait_writable(loop, fd, deadline)
         else:  # pragma: no cover - psycopg2 documents no other state
             raise ext.OperationalError("unexpected poll() state %r" % (state,))
+
+
+async def wait_readable(loop, fd, deadline=None):
+    """Wait until *fd* is readable; QueryTimeout at *deadline*."""
+    await _wait_fd(loop, fd, loop.add_reader, loop.remove_reader, deadline)
 
 
 async def wait_writable(loop, fd, deadline=None):

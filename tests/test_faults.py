@@ -183,7 +183,8 @@ def test_stalled_network_fails_jobs_within_their_timeout_then_recovers(proxy, so
             assert c.fetchval("select 1", timeout=5) == 1
             proxy.stall()
             started = time.monotonic()
-            with pytest.raises(dbservice.QueryTimeout):
+            # the cancel request cannot reach the server either: nobody can say the query stopped
+            with pytest.raises(dbservice.QueryOutcomeUnknown, match="may still commit"):
                 c.fetchval("select 2", timeout=1.0)
             # the timeout, then at most connect_timeout for the failed cancel
             assert time.monotonic() - started < 1.0 + 1.0 + 2.0
@@ -191,6 +192,43 @@ def test_stalled_network_fails_jobs_within_their_timeout_then_recovers(proxy, so
             proxy.stop()  # drop the stalled connections, as a real outage ends
             proxy.start()
             assert c.fetchval("select 3", timeout=30) == 3
+
+
+@pytest.fixture(scope="module")
+def crowded_postgresql():
+    """A cluster with three connection slots and none kept for superusers."""
+    server = EmbeddedPostgresql(
+        postgres_args="-h 127.0.0.1 -F -c logging_collector=off -c max_connections=3 -c superuser_reserved_connections=0"
+    )
+    yield server
+    server.stop()
+
+
+def test_a_timed_out_query_is_cancelled_even_when_the_server_has_no_slot_left(crowded_postgresql, socket_path):
+    """Cancelling must not need a connection: a cancel that could not connect let the UPDATE commit later."""
+    dsn = crowded_postgresql.dsn_string()
+    setup = psycopg2.connect(dsn)
+    setup.autocommit = True
+    setup.cursor().execute("create table if not exists crowded (id int primary key, v int)")
+    setup.cursor().execute("truncate crowded; insert into crowded values (1, 0)")
+    with start_service(dsn, socket_path, min_size=2, max_size=2) as svc, svc.client() as c:
+        locker = setup.cursor()
+        locker.execute("begin; update crowded set v = -1 where id = 1")  # holds the row's lock
+        # the daemon's two connections and ours: no slot left for anybody
+        with pytest.raises(psycopg2.OperationalError, match="too many clients"):
+            psycopg2.connect(dsn).close()
+        started = time.monotonic()
+        with pytest.raises(dbservice.QueryTimeout) as timed_out:
+            c.execute("update crowded set v = 42 where id = 1 /* marker-crowded */", timeout=1.0)
+        assert not isinstance(timed_out.value, dbservice.QueryOutcomeUnknown)
+        assert time.monotonic() - started < 5
+        locker.execute("select count(*) from pg_stat_activity where query like '%%marker-crowded%%' and state = 'active'"
+                       " and pid <> pg_backend_pid()")
+        assert locker.fetchone()[0] == 0  # cancelled on the server, not left waiting for the lock
+        locker.execute("rollback")
+        assert c.fetchval("select v from crowded where id = 1") == 0  # the timed-out UPDATE never commits
+        assert c.execute("update crowded set v = 7 where id = 1", timeout=5) == 1  # its connection serves on
+    setup.close()
 
 
 def test_reconnect_backoff_doubles_is_capped_and_jittered(postgresql, monkeypatch):
