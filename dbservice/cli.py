@@ -54,6 +54,12 @@ _SETTING_HELP = {
     ),
     "stop_timeout": ("SECONDS", "how long a graceful stop lets queued and running jobs finish"),
     "slow_ms": ("MS", "log every job slower than this, queueing included; 0 logs none"),
+    "session_reset": (
+        "WHEN",
+        "when a connection's session is reset (DISCARD ALL) before it serves another job: auto, after a job "
+        "whose SQL may change it (SET, temporary tables, PREPARE, LISTEN, advisory locks...); always, after "
+        "every job, for functions that change session state",
+    ),
     "log_level": ("LEVEL", "DEBUG, INFO, WARNING or ERROR"),
     "selector": (
         "LOOP",

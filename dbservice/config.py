@@ -18,6 +18,7 @@ import psycopg2
 from psycopg2.extensions import parse_dsn
 
 from .pool import check_sizes
+from .session import AUTO, SESSION_RESETS
 
 #: The state directory when none is given: socket, secret, pidfile, log,
 #: and the embedded cluster unless we are root (see embedded.default_cluster_dir).
@@ -70,6 +71,8 @@ class Settings:
     idle_in_transaction_timeout: float = 60.0
     #: jobs that take longer (milliseconds, queueing included) are logged; 0 logs none
     slow_ms: float = 1000.0
+    #: "auto": reset a connection's session after a job whose SQL may change it; "always": after every job
+    session_reset: str = AUTO
     log_level: str = "WARNING"
 
     def __post_init__(self):
@@ -111,6 +114,7 @@ OPERATOR_SETTINGS = {
     "selector": str,
     "stop_timeout": float,
     "slow_ms": float,
+    "session_reset": str,
     "log_level": str,
     "cluster_dir": str,
 }
@@ -175,6 +179,10 @@ def check_config(config):
         raise ConfigError(str(exc)) from None
     if config["dsn"] is not None:
         check_dsn(config["dsn"])
+    if config["session_reset"] not in SESSION_RESETS:
+        raise ConfigError(
+            "session_reset must be one of %s, got %r" % (", ".join(SESSION_RESETS), config["session_reset"])
+        )
     level = config["log_level"].upper()
     if level not in LOG_LEVELS:
         raise ConfigError("log_level must be one of %s, got %r" % (", ".join(LOG_LEVELS), config["log_level"]))

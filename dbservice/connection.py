@@ -25,7 +25,7 @@ class PooledConnection:
     """
 
     __slots__ = (
-        "pgconn", "number", "load", "last_used", "jobs_done",
+        "pgconn", "number", "load", "last_used", "jobs_done", "needs_reset",
         "_loop", "_fd", "_watching", "_busy", "_on_readable", "_on_lost",
     )
 
@@ -36,6 +36,8 @@ class PooledConnection:
         self.load = 0
         self.last_used = loop.time()
         self.jobs_done = 0
+        #: a job on it may have changed its session: reset before it serves another
+        self.needs_reset = False
         self._loop = loop
         self._on_readable = None  # who waits for the reply: called once, when it arrives
         self._busy = False  # an operation is under way: what comes is its reply
@@ -127,12 +129,15 @@ class PooledConnection:
             # again.
             self._unwatch()
             return
-        # Nobody waits, so the server spoke unasked: a notice, or the end of
-        # the connection. Read it, or the selector reports it again and again.
+        # Nobody waits, so the server spoke unasked: a notice, a notification,
+        # or the end of the connection. Read it, or the selector reports it
+        # again and again; nobody reads notifications here, so drop them.
         try:
             self.pgconn.poll()
         except psycopg2.Error:
             pass
+        if self.pgconn.notifies:
+            del self.pgconn.notifies[:]
         if self._forget_if_closed():
             self._on_lost(self)
 

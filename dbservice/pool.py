@@ -21,6 +21,8 @@ from . import types
 from .cancel import cancel_query
 from .connection import PooledConnection
 from .errors import QueryTimeout, ServiceUnavailable
+from .runner import CLEANUP_GRACE
+from .session import ALWAYS, AUTO, RESET, may_change_session
 from .wait import wait_ready
 
 logger = logging.getLogger("dbservice.pool")
@@ -66,6 +68,7 @@ class AsyncConnectionPool:
         timeout=30.0,
         connect_timeout=10.0,
         name="pool",
+        session_reset=AUTO,
     ):
         check_sizes(min_size, max_size)
         self.dsn = dsn
@@ -75,11 +78,13 @@ class AsyncConnectionPool:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.name = name
+        self.session_reset = session_reset
 
         self._connections = set()
         self._idle = collections.deque()  # least recently used first: lent from the right, closed from the left
         self._waiters = collections.deque()
         self._opening = None  # the task opening a connection, if one is
+        self._resets = set()  # the tasks resetting sessions, under way
         self._closed = True
         self._backoff = Backoff()
         self._retry_handle = None
@@ -95,6 +100,7 @@ class AsyncConnectionPool:
         self.connections_errors = 0
         self.connections_lost = 0
         self.requests_waits = 0
+        self.sessions_reset = 0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -124,7 +130,7 @@ class AsyncConnectionPool:
         tasks = [task for task in (self._maintenance, self._opening) if task is not None]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *self._resets, return_exceptions=True)
         for fut in self._waiters:  # each waiter takes itself off the queue
             if not fut.done():
                 fut.set_exception(ServiceUnavailable("the pool %r is closed" % self.name))
@@ -183,11 +189,45 @@ class AsyncConnectionPool:
         conn.load -= 1
         conn.jobs_done += 1
         conn.last_used = self._loop.time()
+        if conn.needs_reset and conn.usable and not self._closed:
+            self._reset_soon(conn)
+        else:
+            self._put_back(conn)
+
+    def note_job(self, conn, sql):
+        """A job runs *sql* on *conn*: if it may change the session, reset it when it comes back."""
+        if self.session_reset == ALWAYS or may_change_session(sql):
+            conn.needs_reset = True
+
+    def _put_back(self, conn):
         if self._closed or not conn.usable or len(self._connections) > self.max_size:
             self._discard(conn)
             self._maybe_grow()
         else:
             self._hand_over(conn)
+
+    def _reset_soon(self, conn):
+        conn.load += 1  # busy until its reset is done
+        task = self._loop.create_task(self._reset(conn))
+        self._resets.add(task)
+        task.add_done_callback(self._resets.discard)
+
+    async def _reset(self, conn):
+        """Clear what a job left in *conn*'s session (see session.py), then give it back."""
+        cursor = conn.pgconn.cursor()
+        try:
+            conn.execute(cursor, RESET)
+            await conn.wait(self._loop.time() + CLEANUP_GRACE)
+            conn.needs_reset = False
+            self.sessions_reset += 1
+        except Exception as exc:
+            logger.warning("could not reset the session of connection #%d (%s); closing it", conn.number, exc)
+            conn.close()
+        finally:
+            cursor.close()
+            del conn.pgconn.notifies[:]  # what arrived before UNLISTEN: nobody will read it
+        conn.load -= 1
+        self._put_back(conn)
 
     def _pop_idle(self):
         while self._idle:
@@ -437,6 +477,7 @@ class AsyncConnectionPool:
             "connections_num": self.connections_num,
             "connections_errors": self.connections_errors,
             "connections_lost": self.connections_lost,
+            "sessions_reset": self.sessions_reset,
             "database_reachable": not self.unreachable,
             "last_error": _one_line(self.last_error) if self.last_error else None,
             "connections": [

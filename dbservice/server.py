@@ -82,6 +82,7 @@ class Server:
         "stop_timeout",
         "slow_ms",
         "log_level",
+        "session_reset",
     )
 
     def __init__(self, settings):
@@ -93,6 +94,7 @@ class Server:
             max_idle=settings.max_idle,
             timeout=settings.pool_timeout,
             connect_timeout=settings.connect_timeout,
+            session_reset=settings.session_reset,
         )
         self.stats = JobStats()
         self.transactions = TransactionTable(self.pool, settings.idle_in_transaction_timeout, self._finish)
@@ -269,6 +271,7 @@ class Server:
             self._enqueue(pending, first=True)
             return
         job = pending.job
+        self.pool.note_job(conn, job.sql)
         if job.tx is not None or job.fetch not in STATEMENT_FETCHES:
             self._cancel_timer(pending)  # run_job keeps the deadline
             self._start(pending, self._execute(pending, conn))
@@ -305,7 +308,7 @@ class Server:
 
     def _release(self, conn):
         """Give back a connection a job is done with: to the next queued job, or to the pool."""
-        if self._queue and conn.usable and self.pool.lendable:
+        if self._queue and conn.usable and self.pool.lendable and not conn.needs_reset:
             pending = self._next_queued()
             if pending is not None:
                 self.pool.pass_on(conn)
@@ -465,6 +468,7 @@ class Server:
         self.pool.max_idle = new.max_idle
         self.pool.timeout = new.pool_timeout
         self.pool.connect_timeout = new.connect_timeout
+        self.pool.session_reset = new.session_reset
         self.reloads += 1
         self.reload_error = None
         logger.info(

@@ -70,6 +70,7 @@ class TransactionTable:
                     self._after_end(tx, pending)
                     return
                 self._disarm(tx)
+                self.pool.note_job(tx.conn, job.sql)
                 try:
                     result = await run_job(tx.conn, job, pending.deadline, self.pool.cancel, in_transaction=True)
                 except (psycopg2.Error, Error) as exc:
