@@ -41,6 +41,13 @@ _SETTING_HELP = {
         "refused as busy",
     ),
     "max_clients": ("N", "socket clients connected at once; more are refused as busy"),
+    "max_client_jobs": ("N", "jobs of one client connection in the daemon at once; its further jobs wait, unread"),
+    "max_client_buffer": (
+        "BYTES",
+        "replies waiting for one client beyond which it is backed up: none of its jobs is read and none "
+        "reads more of its result until it reads its replies",
+    ),
+    "client_stall_timeout": ("SECONDS", "how long a backed-up client may read nothing before it is dropped"),
     "max_frame": ("BYTES", "the largest job message a client may send; a larger one drops the client"),
     "max_params_size": (
         "BYTES",

@@ -61,6 +61,12 @@ class Settings:
     max_params_size: Optional[int] = None
     #: socket clients connected at once; more are refused as busy
     max_clients: int = 2048
+    #: jobs of one client connection in the daemon at once; its further frames wait unread
+    max_client_jobs: int = 1024
+    #: bytes of replies waiting for one client before it is backed up (backpressure.py)
+    max_client_buffer: int = 16 * 1024 * 1024
+    #: seconds a backed-up client may read nothing before it is dropped
+    client_stall_timeout: float = 30.0
     #: bytes one job's pickled result may take; a larger one is an error
     max_result_bytes: int = 256 * 1024 * 1024
     #: seconds a new socket client has to authenticate
@@ -107,6 +113,9 @@ OPERATOR_SETTINGS = {
     "connect_timeout": float,
     "max_queue": int,
     "max_clients": int,
+    "max_client_jobs": int,
+    "max_client_buffer": int,
+    "client_stall_timeout": float,
     "max_frame": int,
     "max_params_size": int,
     "max_result_bytes": int,

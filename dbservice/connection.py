@@ -25,7 +25,7 @@ class PooledConnection:
     """
 
     __slots__ = (
-        "pgconn", "number", "load", "last_used", "jobs_done", "needs_reset",
+        "pgconn", "number", "load", "last_used", "jobs_done", "needs_reset", "gate", "dropped",
         "_loop", "_fd", "_watching", "_busy", "_on_readable", "_on_lost",
     )
 
@@ -38,6 +38,9 @@ class PooledConnection:
         self.jobs_done = 0
         #: a job on it may have changed its session: reset before it serves another
         self.needs_reset = False
+        #: the ResultGate of the client whose job runs on it (backpressure.py), if any
+        self.gate = None
+        self.dropped = False  # closed by us, not by the server
         self._loop = loop
         self._on_readable = None  # who waits for the reply: called once, when it arrives
         self._busy = False  # an operation is under way: what comes is its reply
@@ -55,19 +58,25 @@ class PooledConnection:
             self.pgconn.get_transaction_status() == ext.TRANSACTION_STATUS_IDLE
         )
 
-    async def wait(self, deadline=None):
+    async def wait(self, deadline=None, gated=False):
         """Drive ``poll()`` until the operation under way is done.
 
         Raises the operation's own error, or QueryTimeout when the loop's
         clock passes *deadline*: the operation then still runs on the server,
-        and the caller must cancel it or close the connection.
+        and the caller must cancel it or close the connection. *gated*: a
+        job's result, whose reading waits for its client's turn once it takes
+        more than one read (see backpressure.py).
         """
         loop = self._loop
+        arrived = False  # some of the reply was read: reading on is reading a large result
         while True:
             state = self.poll()
             if state == ext.POLL_OK:
                 return
             if state == ext.POLL_READ:
+                if gated and arrived and self.gate is not None:
+                    await self.gate.turn(self, deadline)
+                arrived = True
                 readable = loop.create_future()
                 self.when_readable(functools.partial(set_done, readable))
                 try:
@@ -111,7 +120,14 @@ class PooledConnection:
             raise
         self._busy = True
 
+    def release_gate(self):
+        """The job on it is over: its client's turn to read a large result, if it had it, ends."""
+        if self.gate is not None:
+            self.gate.done(self)
+            self.gate = None
+
     def close(self):
+        self.dropped = not self.pgconn.closed
         self._unwatch()
         self._fd = None
         self.pgconn.close()

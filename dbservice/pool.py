@@ -426,7 +426,7 @@ class AsyncConnectionPool:
 
     def _discard(self, conn):
         self._connections.discard(conn)
-        if conn.pgconn.closed and not self._closed:
+        if conn.pgconn.closed and not conn.dropped and not self._closed:
             self.connections_lost += 1
             logger.warning(
                 "connection #%d was closed by the server (terminated, the server restarted, or "

@@ -21,6 +21,7 @@ import logging
 import psycopg2
 import psycopg2.extensions as ext
 
+from .backpressure import GateClosed
 from .errors import Error, JobRefused, QueryOutcomeUnknown, QueryTimeout, StatementTimeout
 from .jobs import (
     FETCH_ALL,
@@ -106,7 +107,9 @@ class Statement:
         try:
             state = conn.poll()
             if state == ext.POLL_READ:
-                conn.when_readable(self._readable)
+                # More of a large result to read: in its client's turn (backpressure.py).
+                if conn.gate is None or conn.gate.may_read(conn, self._resume):
+                    conn.when_readable(self._readable)
                 return
             if state != ext.POLL_OK or conn.pgconn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
                 self._give_up()  # more to send, or a transaction to roll back
@@ -118,6 +121,11 @@ class Statement:
         self.active = False
         self.cursor.close()
         self._done(True, result)
+
+    def _resume(self):
+        """The client's turn to read this large result came."""
+        if self.active:
+            self.conn.when_readable(self._readable)
 
     def _failed(self, exc):
         """Report *exc*, unless the connection needs cleaning first: run_job's part."""
@@ -226,7 +234,7 @@ async def _wait_or_cancel(conn, deadline, cancel, commits):
     that it may still commit.
     """
     try:
-        await conn.wait(deadline)
+        await conn.wait(deadline, gated=True)
     except QueryTimeout:
         try:
             await _cancel_and_drain(conn, cancel, commits)
@@ -258,11 +266,12 @@ async def _cancel_and_drain(conn, cancel, commits=False):
     loop = asyncio.get_running_loop()
     try:
         await cancel(conn)
-        await conn.wait(loop.time() + CLEANUP_GRACE)
+        await conn.wait(loop.time() + CLEANUP_GRACE, gated=True)  # a large result waits its turn
     except (QueryTimeout, psycopg2.OperationalError) as exc:
         if isinstance(exc, psycopg2.errors.QueryCanceled):
             raise
-        logger.warning("could not cancel a query (%s); closing its connection", exc)
+        if not isinstance(exc, GateClosed):
+            logger.warning("could not cancel a query (%s); closing its connection", exc)
         conn.close()
         if commits:
             raise QueryOutcomeUnknown(

@@ -272,6 +272,7 @@ class Server:
             return
         job = pending.job
         self.pool.note_job(conn, job.sql)
+        conn.gate = None if pending.owner is None else pending.owner.gate
         if job.tx is not None or job.fetch not in STATEMENT_FETCHES:
             self._cancel_timer(pending)  # run_job keeps the deadline
             self._start(pending, self._execute(pending, conn))
@@ -308,6 +309,7 @@ class Server:
 
     def _release(self, conn):
         """Give back a connection a job is done with: to the next queued job, or to the pool."""
+        conn.release_gate()
         if self._queue and conn.usable and self.pool.lendable and not conn.needs_reset:
             pending = self._next_queued()
             if pending is not None:
@@ -329,6 +331,7 @@ class Server:
         try:
             result = await run_job(conn, job, pending.deadline, self.pool.cancel, begins, statement)
             if begins:
+                conn.release_gate()
                 self.transactions.pin(pending.owner, job.tx, conn)
                 conn = None  # the transaction gives it back
         except asyncio.CancelledError:

@@ -71,6 +71,7 @@ class TransactionTable:
                     return
                 self._disarm(tx)
                 self.pool.note_job(tx.conn, job.sql)
+                tx.conn.gate = owner.gate
                 try:
                     result = await run_job(tx.conn, job, pending.deadline, self.pool.cancel, in_transaction=True)
                 except (psycopg2.Error, Error) as exc:
@@ -78,6 +79,7 @@ class TransactionTable:
                 else:
                     self._finish(pending, True, result)
                 finally:
+                    tx.conn.release_gate()
                     if job.fetch in (FETCH_COMMIT, FETCH_ROLLBACK) or tx.conn.pgconn.closed:
                         self._release(tx)
                     else:

@@ -143,3 +143,69 @@ def test_max_params_size_is_a_setting(dsn, socket_path):
                 c.fetchval("select length(%s)", ["x" * 20_000])
             with pytest.raises(dbservice.JobRefused, match="more than 10000 bytes"):
                 c.executemany("select %s", [[i] for i in range(500)])
+
+
+def _memory_kib(pid, field):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError("no %s for pid %d" % (field, pid))
+
+
+def test_a_client_that_does_not_read_holds_the_bound_plus_one_reply_then_is_dropped(dsn, socket_path, admin):
+    """Ten jobs of 20 MB each, sent in one write and never read, held 200 MB and more."""
+    import pickle
+    import socket
+
+    from dbservice import wire
+
+    bound = 4 * 1024 * 1024
+    reply = 20_000_000
+    with start_service(
+        dsn, socket_path, min_size=1, max_size=14, max_client_buffer=bound, client_stall_timeout=3.0
+    ) as svc, svc.client(timeout=30) as other:
+        other.fetchval("select 1")
+        pid = svc.process.pid
+        before = _memory_kib(pid, "VmRSS")
+        greedy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        greedy.settimeout(10)
+        greedy.connect(svc.socket)
+        wire.client_handshake(greedy, svc.authkey)
+        job = pickle.dumps(("select repeat('x', %d) /* marker-greedy */" % reply, None, "value", 60.0, None))
+        greedy.sendall(b"".join(wire.encode_frame(i, wire.MSG_JOB, job) for i in range(1, 11)))
+        # everybody else is served meanwhile
+        started = time.monotonic()
+        assert [other.fetchval("select %s::int", [i]) for i in range(50)] == list(range(50))
+        assert time.monotonic() - started < 2.5
+        # until it is dropped, after client_stall_timeout of reading nothing
+        wait_until(lambda: other.status()["socket_clients"] == 1, timeout=30, message="the greedy client to go")
+        peak = _memory_kib(pid, "VmHWM")
+        wait_until(lambda: active(admin, "marker-greedy") == 0, message="its queries to be cancelled")
+        wait_until(lambda: other.status()["jobs_running"] == 0, message="its jobs to end")
+        greedy.close()
+    # At its peak one reply of 20 MB takes about five times its size in the daemon (libpq's read
+    # buffer and result, the Python string, its pickle, the socket's send buffer): 95 MiB here, for
+    # one job or ten. Unbounded, the ten took 477 MiB.
+    assert (peak - before) * 1024 < bound + 6 * reply, (before, peak)
+
+
+def test_jobs_beyond_max_client_jobs_wait_unread_and_all_get_their_reply(dsn, socket_path):
+    with start_service(dsn, socket_path, min_size=1, max_size=8, max_client_jobs=3) as svc:
+        seen = []
+
+        async def main():
+            async with await dbservice.connect_async(svc.socket, svc.authkey, timeout=30) as db:
+                jobs = [asyncio.ensure_future(db.fetchval("select %s::int from pg_sleep(0.05)", [i])) for i in range(30)]
+                while not all(job.done() for job in jobs):
+                    figures = await asyncio.get_running_loop().run_in_executor(None, _status, svc)
+                    seen.append(figures["queue_depth"] + figures["jobs_running"])
+                return [job.result() for job in jobs]
+
+        assert asyncio.run(asyncio.wait_for(main(), 60)) == list(range(30))
+        assert max(seen) <= 3 and max(seen) > 0
+
+
+def _status(svc):
+    with svc.client(timeout=10) as c:
+        return c.status()
