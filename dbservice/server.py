@@ -9,6 +9,27 @@ has the pool open more. A one-statement job runs by callbacks alone (a
 :class:`~dbservice.runner.Statement`); any other job, and a statement that
 needs more than one wait, runs in a task. Every job gets exactly one reply:
 its result, its error, a timeout, or word that the service is stopping.
+
+Nothing a client sends makes the event loop do unbounded work or hold
+unbounded memory. The bounds, and where each is enforced:
+
+- a frame: ``max_frame`` bytes, checked from its header before any of it is
+  buffered (``wire.FrameReader``); nothing is decoded before the handshake;
+- decoding: the restricted unpickler, whose work is linear in the frame
+  (``jobs.loads_job``);
+- binding: what the parameters cost once psycopg2 expands them, shared
+  references counted as often as they are used, at most
+  ``max_params_size``; no cycles, no nesting past 32 (``jobs.check_params``);
+- the SQL's session analysis reads at most 64 KiB of it, in linear time
+  (``session.may_change_session``);
+- waiting jobs: ``max_queue`` queued, as many again waiting for room, each
+  for its timeout at most (:meth:`Server.submit`);
+- one client connection: ``max_client_jobs`` jobs in the daemon,
+  ``max_client_buffer`` bytes of unsent replies, one large result read at a
+  time, ``client_stall_timeout`` backed up (``backpressure``);
+- a result: ``max_result_bytes`` once pickled (``jobs.encode_reply``);
+- time: each job's timeout, ``pool_timeout`` for a job without one, and
+  ``CLEANUP_GRACE`` for a cancel or a rollback (``runner``).
 """
 
 import asyncio
