@@ -4,10 +4,19 @@ Jobs are tagged with ids and replies matched to them as they arrive, in any
 order, so one :class:`AsyncClient` serves every task of an event loop at once.
 Cancelling the task that awaits a job tells the daemon to cancel the job, so a
 query nobody waits for does not run on.
+
+Replies are cut and handed to their jobs by an :class:`asyncio.Protocol`, with
+no task of its own, so nothing is left pending when the loop closes. Each
+connection is closed by an asynchronous generator its client starts and
+holds: the loop closes such generators when it shuts down (``asyncio.run``
+does), and when they are collected with a client nobody holds any more. The
+protocol holds no reference to its client, so that it can be.
 """
 
 import asyncio
+import collections.abc
 import itertools
+import socket as socketlib
 import sys
 
 from .client import REPLY_GRACE, _encode, _QueryMethods, _TransactionJobs, resolve_address
@@ -20,23 +29,143 @@ from .wire import (
     MSG_CANCEL,
     MSG_ERROR,
     MSG_JOB,
+    FrameError,
+    FrameReader,
     answer_challenge,
     check_verdict,
     encode_frame,
     new_challenge,
-    read_frame,
 )
 
 #: Bytes buffered for the daemon before a sender waits for the socket to drain.
 WRITE_HIGH_WATER = 256 * 1024
 
 
+class _Connection(asyncio.Protocol):
+    """One authenticated connection to the daemon: the handshake, then replies to their jobs.
+
+    It holds the futures of the jobs waiting on it, never the client.
+    """
+
+    def __init__(self, authkey):
+        loop = asyncio.get_running_loop()
+        self.authkey = authkey
+        self.transport = None
+        self.ready = loop.create_future()  # the handshake's outcome
+        self.replies = {}  # job id -> the future of the job waiting for it
+        self.lost = None  # once the connection ended: the error for every job
+        self._frames = FrameReader(MAX_REFUSAL_FRAME)
+        self._challenge = None
+        self._drained = None  # a future while the daemon reads more slowly than we write
+        self._ids = itertools.count(1)
+
+    # -- asyncio's side ----------------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self._frames.feed(data)
+        try:
+            while True:
+                frame = self._frames.next_frame()
+                if frame is None:
+                    return
+                if self.ready.done():
+                    self._reply(*frame)
+                else:
+                    self._handshake(*frame)
+        except (FrameError, Error) as exc:
+            self._end(exc if isinstance(exc, Error) else ServiceUnavailable(str(exc)))
+
+    def connection_lost(self, exc):
+        reason = "closed the connection" if exc is None else "lost the connection: %s" % exc
+        self._end(ServiceUnavailable("the dbservice daemon %s" % reason))
+
+    def pause_writing(self):
+        self._drained = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self):
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        self._drained = None
+
+    # -- the client's side -------------------------------------------------------
+
+    def send(self, kind, payload, reply=None):
+        """Write one frame; its reply, if *reply* (a future) is given, goes to it. Return its job id."""
+        job_id = next(self._ids)
+        if reply is not None:
+            self.replies[job_id] = reply
+        self.transport.write(encode_frame(job_id, kind, payload))
+        return job_id
+
+    def cancel(self, job_id):
+        """Ask the daemon to cancel job *job_id*; its reply, if one still comes, is dropped."""
+        self.replies.pop(job_id, None)
+        self.transport.write(encode_frame(job_id, MSG_CANCEL, b""))
+
+    async def drain(self):
+        if self._drained is not None:
+            await self._drained
+
+    def close(self):
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _handshake(self, job_id, kind, payload):
+        if self._challenge is None:  # the daemon's challenge, or why it takes no more clients
+            self._challenge = new_challenge()
+            answer = answer_challenge(self.authkey, kind, payload)
+            self.transport.write(encode_frame(0, MSG_AUTH, answer + self._challenge))
+            self._frames.max_size = MAX_AUTH_FRAME
+        else:
+            check_verdict(self.authkey, self._challenge, payload)
+            self._frames.max_size = sys.maxsize  # the daemon is trusted now
+            self.ready.set_result(None)
+
+    def _reply(self, job_id, kind, body):
+        if job_id == 0 and kind == MSG_ERROR:  # the daemon dropped us, saying why
+            self._end(loads_reply(body))
+            return
+        reply = self.replies.pop(job_id, None)
+        if reply is None or reply.done():
+            return  # a job given up on or cancelled here, or one nobody waits for
+        value = loads_reply(body)
+        if kind == MSG_ERROR:
+            reply.set_exception(value)
+        else:
+            reply.set_result(value)
+
+    def _end(self, error):
+        if self.lost is None:
+            self.lost = error
+        self.close()
+        if not self.ready.done():
+            self.ready.set_exception(error)
+        replies, self.replies = self.replies, {}
+        for reply in replies.values():
+            if not reply.done():
+                reply.set_exception(self.lost)
+        self.resume_writing()
+
+
+async def _closes_with_loop(connection):
+    """An asynchronous generator the loop closes as it shuts down, closing *connection*."""
+    try:
+        yield
+    finally:
+        connection.close()
+
+
 class AsyncClient(_QueryMethods):
     """An asyncio client of a dbservice daemon; build it with :func:`connect_async`.
 
     The query methods are those of :class:`~dbservice.Client`, as coroutines:
-    ``await client.fetchall(sql, params, timeout=...)``. Use it from the event
-    loop it was connected on.
+    ``await client.fetchall(sql, params, timeout=...)``. It belongs to the
+    event loop it was connected on: make one per event loop, open it where
+    the app starts (a web framework's lifespan) and close it where it stops,
+    or use it as ``async with``.
     """
 
     def __init__(self, socket, authkey, timeout=None, connect_timeout=10.0):
@@ -44,26 +173,36 @@ class AsyncClient(_QueryMethods):
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._authkey = authkey
-        self._writer = None
-        self._reading = None
-        self._pending = {}
-        self._ids = itertools.count(1)
+        self._loop = None
+        self._connection = None
+        self._closer = None  # the _closes_with_loop generator of the connection
+        self._connecting = None
         self._tx_ids = itertools.count(1)
-        self._connecting = asyncio.Lock()
         self.closed = False
 
     def __repr__(self):
         return "<dbservice.AsyncClient %s%s>" % (self.socket, " closed" if self.closed else "")
 
+    def _check_loop(self):
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise Error(
+                "this AsyncClient belongs to the event loop it was connected on, not to this one; "
+                "make one client per event loop (or thread), with dbservice.connect_async() in it"
+            )
+
     async def _connect(self):
         """Open and authenticate the connection unless it is open already."""
+        self._check_loop()
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
         async with self._connecting:
-            if self._writer is not None:
+            if self._connection is not None and self._connection.lost is None:
                 return
             try:
-                reader, writer = await asyncio.wait_for(
-                    _open_authenticated(self.socket, self._authkey), self.connect_timeout
-                )
+                connection = await asyncio.wait_for(_open(self.socket, self._authkey), self.connect_timeout)
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 raise ServiceUnavailable(
                     "no dbservice daemon listens on %s (%s); start it with `dbserviced start`"
@@ -73,72 +212,41 @@ class AsyncClient(_QueryMethods):
                 raise ServiceUnavailable(
                     "the dbservice daemon on %s did not answer within %.1f s" % (self.socket, self.connect_timeout)
                 ) from None
-            except (OSError, asyncio.IncompleteReadError) as exc:
+            except OSError as exc:
                 raise ServiceUnavailable("cannot connect to the dbservice daemon on %s: %s" % (self.socket, exc)) from None
-            self._writer = writer
-            self._reading = asyncio.ensure_future(self._read_replies(reader, writer))
+            self._connection = connection
+            self._closer = _closes_with_loop(connection)
+            await self._closer.__anext__()
 
     async def _run(self, job):
         if self.closed:
             raise Error("this dbservice client is closed")
+        self._check_loop()
         payload = _encode(job)
-        if self._writer is None:
+        if self._connection is None or self._connection.lost is not None:
             await self._connect()
-        loop = asyncio.get_running_loop()
-        job_id = next(self._ids)
+        connection = self._connection
+        loop = self._loop
         reply = loop.create_future()
-        self._pending[job_id] = reply
-        writer = self._writer
         timer = None
         if job.timeout is not None:
             timer = loop.call_later(job.timeout + REPLY_GRACE, _give_up, reply, job.timeout + REPLY_GRACE)
+        job_id = connection.send(MSG_JOB, payload, reply)
         try:
-            writer.write(encode_frame(job_id, MSG_JOB, payload))
-            if writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
-                await writer.drain()
+            if connection.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                await connection.drain()
             return await reply
         except asyncio.CancelledError:
             # Cancelling us cancelled *reply* too; only a reply that really
             # came means the daemon has nothing left to cancel.
             answered = reply.done() and not reply.cancelled()
-            if not answered and not writer.is_closing():
-                writer.write(encode_frame(job_id, MSG_CANCEL, b""))
+            if not answered and connection.lost is None:
+                connection.cancel(job_id)
             raise
-        except ConnectionError as exc:
-            raise ServiceUnavailable("lost the connection to the dbservice daemon: %s" % exc) from None
         finally:
             if timer is not None:
                 timer.cancel()
-            self._pending.pop(job_id, None)
-
-    async def _read_replies(self, reader, writer):
-        """Hand each reply to the job waiting for it, until the connection ends."""
-        error = ServiceUnavailable("the dbservice daemon closed the connection")
-        try:
-            while True:
-                job_id, kind, body = await read_frame(reader, sys.maxsize)
-                if job_id == 0 and kind == MSG_ERROR:  # the daemon dropped us
-                    error = loads_reply(body)
-                    break
-                reply = self._pending.get(job_id)
-                if reply is None or reply.done():
-                    continue  # a job given up on or cancelled here
-                value = loads_reply(body)
-                if kind == MSG_ERROR:
-                    reply.set_exception(value)
-                else:
-                    reply.set_result(value)
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            if not isinstance(exc, asyncio.IncompleteReadError):
-                error = ServiceUnavailable("lost the connection to the dbservice daemon: %s" % exc)
-        finally:
-            # The next job opens a new connection (after a daemon restart, say).
-            if self._writer is writer:
-                self._writer = None
-            writer.close()
-            for reply in list(self._pending.values()):
-                if not reply.done():
-                    reply.set_exception(error)
+            connection.replies.pop(job_id, None)
 
     def transaction(self, isolation_level=None, readonly=None, deferrable=None, timeout=None):
         """``async with client.transaction() as tx:`` runs tx's jobs in one transaction.
@@ -166,10 +274,11 @@ class AsyncClient(_QueryMethods):
     async def close(self):
         """Close the connection; jobs still waiting get ServiceUnavailable."""
         self.closed = True
-        if self._writer is not None:
-            self._writer.close()
-        if self._reading is not None:
-            await asyncio.gather(self._reading, return_exceptions=True)
+        if self._connection is not None:
+            self._connection.close()
+        if self._closer is not None:
+            closer, self._closer = self._closer, None
+            await closer.aclose()
 
     def __enter__(self):
         raise TypeError("use `async with` with an AsyncClient")
@@ -216,27 +325,60 @@ def _give_up(reply, waited):
         reply.set_exception(QueryTimeout("no reply from the dbservice daemon within %.1f s" % waited))
 
 
-async def _open_authenticated(path, authkey):
-    reader, writer = await asyncio.open_unix_connection(path)
+async def _open(path, authkey):
+    """Connect to the daemon at *path* and pass the handshake; the _Connection."""
+    loop = asyncio.get_running_loop()
+    sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
     try:
-        _, kind, challenge = await read_frame(reader, MAX_REFUSAL_FRAME)
-        ours = new_challenge()
-        writer.write(encode_frame(0, MSG_AUTH, answer_challenge(authkey, kind, challenge) + ours))
-        _, _, verdict = await read_frame(reader, MAX_AUTH_FRAME)
-        check_verdict(authkey, ours, verdict)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, path)
+        _, connection = await loop.create_unix_connection(lambda: _Connection(authkey), sock=sock)
     except BaseException:
-        writer.close()
+        sock.close()
         raise
-    return reader, writer
+    try:
+        await connection.ready
+    except BaseException:
+        connection.close()
+        raise
+    return connection
 
 
-async def connect_async(socket=None, authkey=None, timeout=None):
-    """Connect to a dbservice daemon and return an :class:`AsyncClient`.
+class _Connecting(collections.abc.Coroutine):
+    """What :func:`connect_async` returns: a coroutine to await, or a context for ``async with``."""
+
+    def __init__(self, client):
+        self._client = client
+        self._connected = self._connect()
+
+    async def _connect(self):
+        await self._client._connect()
+        return self._client
+
+    def send(self, value):
+        return self._connected.send(value)
+
+    def throw(self, *exc_info):
+        return self._connected.throw(*exc_info)
+
+    def close(self):
+        return self._connected.close()
+
+    def __await__(self):
+        return self._connected.__await__()
+
+    async def __aenter__(self):
+        return await self._connected
+
+    async def __aexit__(self, *exc_info):
+        await self._client.close()
+
+
+def connect_async(socket=None, authkey=None, timeout=None):
+    """Connect to a dbservice daemon: ``db = await connect_async()`` or ``async with connect_async() as db``.
 
     The arguments and their defaults are those of :func:`dbservice.connect`.
     Raises ServiceUnavailable if no daemon answers there.
     """
     socket, authkey = resolve_address(socket, authkey)
-    client = AsyncClient(socket, authkey, timeout=timeout)
-    await client._connect()
-    return client
+    return _Connecting(AsyncClient(socket, authkey, timeout=timeout))
