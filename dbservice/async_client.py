@@ -248,6 +248,11 @@ class AsyncClient(_QueryMethods):
                 timer.cancel()
             connection.replies.pop(job_id, None)
 
+    def _send_only(self, job):
+        """Send *job* with nobody to wait for its reply, if the connection is still up."""
+        if self._connection is not None and self._connection.lost is None:
+            self._connection.send(MSG_JOB, _encode(job))
+
     def transaction(self, isolation_level=None, readonly=None, deferrable=None, timeout=None):
         """``async with client.transaction() as tx:`` runs tx's jobs in one transaction.
 
@@ -299,7 +304,14 @@ class AsyncTransaction(_TransactionJobs):
     """
 
     async def __aenter__(self):
-        await self._client._run(self._begin_job())
+        begin = self._begin_job()
+        try:
+            await self._client._run(begin)
+        except (asyncio.CancelledError, QueryTimeout):
+            # The BEGIN may have run with its reply lost to us: a ROLLBACK
+            # after it, which the daemon takes in order, leaves nothing open.
+            self._client._send_only(self._end_job(FETCH_ROLLBACK))
+            raise
         return self
 
     async def __aexit__(self, exc_type, exc, tb):

@@ -21,6 +21,8 @@ import time
 import weakref
 from multiprocessing.reduction import ForkingPickler
 
+import psycopg2
+
 from .config import SECRET_NAME, SOCKET_NAME, default_state_dir
 from .errors import Error, JobRefused, QueryTimeout, ServiceUnavailable
 from .jobs import (
@@ -133,7 +135,12 @@ def _connect_unix(sock, path, deadline):
 
 
 class _Channel:
-    """One authenticated socket connection to the daemon, used by one thread."""
+    """One authenticated socket connection to the daemon: a thread's, and its transactions'.
+
+    A call interrupted midway (KeyboardInterrupt, a signal's exception)
+    leaves the stream in an unknown state, so it closes the socket: the
+    daemon then cancels the job and rolls back the channel's transactions.
+    """
 
     def __init__(self, path, authkey, connect_timeout):
         sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
@@ -162,8 +169,24 @@ class _Channel:
         self._timeout = connect_timeout
         self._frames = FrameReader(sys.maxsize)  # the daemon is trusted: no limit
         self._ids = itertools.count(1)
+        self._lock = threading.Lock()  # a transaction may be ended from another thread
+
+    @property
+    def closed(self):
+        return self.sock is None or self.sock.fileno() == -1
 
     def call(self, payload, timeout, kind=MSG_JOB):
+        with self._lock:
+            try:
+                return self._call(payload, timeout, kind)
+            except BaseException as exc:
+                if not isinstance(exc, (Error, psycopg2.Error)) or isinstance(exc, _ChannelLost):
+                    self.close()  # not a reply: the stream is in an unknown state
+                raise
+
+    def _call(self, payload, timeout, kind):
+        if self.closed:
+            raise _ChannelLost(ServiceUnavailable("the connection to the dbservice daemon was closed"), unsent=True)
         job_id = next(self._ids)
         wait = _reply_wait(timeout)
         if wait != self._timeout:  # settimeout costs syscalls: only when it changes
@@ -236,6 +259,9 @@ class _TransactionJobs(_QueryMethods):
     def _run(self, job):
         if self._tx is None:
             raise Error("the transaction is not open: use it as a context manager")
+        return self._call(job)
+
+    def _call(self, job):
         return self._client._run(job)
 
 
@@ -244,11 +270,20 @@ class Transaction(_TransactionJobs):
 
     Get one from :meth:`Client.transaction`; its query methods are the
     client's. Leaving the ``with`` block commits, or rolls back if it raised.
+    Its jobs travel on the connection to the daemon it began on, whichever
+    thread sends them: a thread that ends it (closing an ``iterate()`` begun
+    elsewhere, say) ends it for real.
     """
 
+    _channel = None
+
     def __enter__(self):
-        self._client._run(self._begin_job())
+        self._channel = self._client._channel()
+        self._call(self._begin_job())
         return self
+
+    def _call(self, job):
+        return self._client._call_on(self._channel, job)
 
     def __exit__(self, exc_type, exc, tb):
         if self._tx is None:
@@ -262,10 +297,10 @@ class Transaction(_TransactionJobs):
                 pass  # the block's own exception is the one to see
 
     def commit(self):
-        self._client._run(self._end_job(FETCH_COMMIT))
+        self._call(self._end_job(FETCH_COMMIT))
 
     def rollback(self):
-        self._client._run(self._end_job(FETCH_ROLLBACK))
+        self._call(self._end_job(FETCH_ROLLBACK))
 
 
 _live_clients = weakref.WeakSet()
@@ -297,8 +332,9 @@ class Client(_QueryMethods):
         return "<dbservice.Client %s%s>" % (self.socket, " closed" if self.closed else "")
 
     def _channel(self):
+        """This thread's connection to the daemon, opened on its first use or after it was lost."""
         channel = getattr(self._local, "channel", None)
-        if channel is None:
+        if channel is None or channel.closed:
             channel = _Channel(self.socket, self._authkey, self.connect_timeout)
             self._local.channel = channel
             with self._lock:
@@ -307,7 +343,6 @@ class Client(_QueryMethods):
 
     def _drop(self, channel):
         channel.close()
-        self._local.channel = None
         with self._lock:
             self._channels.discard(channel)
 
@@ -346,6 +381,16 @@ class Client(_QueryMethods):
 
     def _run(self, job):
         return self._request(MSG_JOB, _encode(job), job.timeout)
+
+    def _call_on(self, channel, job):
+        """Run *job* on *channel*, the connection its transaction began on, and on no other."""
+        if self.closed:
+            raise Error("this dbservice client is closed")
+        try:
+            return channel.call(_encode(job), job.timeout)
+        except _ChannelLost as lost:
+            self._drop(channel)
+            raise lost.error from None
 
     def _request(self, kind, payload, timeout):
         if self.closed:

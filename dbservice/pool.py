@@ -15,6 +15,7 @@ import logging
 import random
 
 import psycopg2
+import psycopg2.extensions as ext
 from psycopg2.extensions import make_dsn, parse_dsn
 
 from . import types
@@ -183,13 +184,14 @@ class AsyncConnectionPool:
     def putconn(self, conn):
         """Give back a connection borrowed with :meth:`getconn`.
 
-        A connection that broke, or was left inside a transaction, is closed
-        and replaced as needed; a healthy one goes to the next waiting job.
+        A connection that broke is closed and replaced as needed; one left
+        inside a transaction is rolled back, and one whose session a job may
+        have changed is reset, before it goes to the next waiting job.
         """
         conn.load -= 1
         conn.jobs_done += 1
         conn.last_used = self._loop.time()
-        if conn.needs_reset and conn.usable and not self._closed:
+        if not self._closed and not conn.pgconn.closed and (conn.needs_reset or _in_transaction(conn)):
             self._reset_soon(conn)
         else:
             self._put_back(conn)
@@ -213,13 +215,21 @@ class AsyncConnectionPool:
         task.add_done_callback(self._resets.discard)
 
     async def _reset(self, conn):
-        """Clear what a job left in *conn*'s session (see session.py), then give it back."""
+        """Roll back what a job left open, clear what it left in the session (session.py), give it back.
+
+        A transaction is left open when the BEGIN of a client's transaction
+        ran but the client gave up on it (its task was cancelled meanwhile).
+        """
         cursor = conn.pgconn.cursor()
         try:
-            conn.execute(cursor, RESET)
-            await conn.wait(self._loop.time() + CLEANUP_GRACE)
-            conn.needs_reset = False
-            self.sessions_reset += 1
+            if _in_transaction(conn):
+                conn.execute(cursor, "ROLLBACK")
+                await conn.wait(self._loop.time() + CLEANUP_GRACE)
+            if conn.needs_reset:
+                conn.execute(cursor, RESET)
+                await conn.wait(self._loop.time() + CLEANUP_GRACE)
+                conn.needs_reset = False
+                self.sessions_reset += 1
         except Exception as exc:
             logger.warning("could not reset the session of connection #%d (%s); closing it", conn.number, exc)
             conn.close()
@@ -490,6 +500,11 @@ class AsyncConnectionPool:
                 for c in sorted(self._connections, key=lambda c: c.number)
             ],
         }
+
+
+def _in_transaction(conn):
+    status = conn.pgconn.get_transaction_status()
+    return status in (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR)
 
 
 def check_sizes(min_size, max_size):

@@ -172,6 +172,12 @@ class Server:
         if job.tx is not None and job.fetch != FETCH_BEGIN:
             self._start(pending, self.transactions.run(pending, owner))
             return pending
+        if job.fetch == FETCH_BEGIN:
+            try:
+                self.transactions.begin(pending)
+            except JobRefused as exc:
+                self._finish(pending, False, exc)
+                return pending
         if not self._queued and not self._overflow:
             # Nobody ahead of it: straight onto an idle connection, if one is.
             conn = self.pool.lend_idle()
@@ -351,10 +357,12 @@ class Server:
         begins = job.fetch == FETCH_BEGIN
         try:
             result = await run_job(conn, job, pending.deadline, self.pool.cancel, begins, statement)
-            if begins:
+            if begins and pending.cancelled_with is None:
                 conn.release_gate()
-                self.transactions.pin(pending.owner, job.tx, conn)
+                self.transactions.begun(pending, conn)
                 conn = None  # the transaction gives it back
+            elif begins:  # its client gave up on it meanwhile: the pool rolls it back
+                raise pending.cancelled_with
         except asyncio.CancelledError:
             stopped = ServiceUnavailable("the dbservice daemon stopped before the job ended")
             self._finish(pending, False, pending.cancelled_with or stopped)
@@ -406,6 +414,8 @@ class Server:
     def _finish(self, pending, ok, value):
         if not pending.finish(ok, value):
             return
+        if not ok and pending.job.fetch == FETCH_BEGIN:
+            self.transactions.begun(pending)  # it opened no transaction
         if pending.queued:  # answered while it waited: it no longer counts
             pending.queued = False
             self._queued -= 1

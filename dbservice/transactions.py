@@ -13,7 +13,7 @@ import logging
 
 import psycopg2
 
-from .errors import Error, ServiceUnavailable
+from .errors import Error, JobRefused, ServiceUnavailable
 from .jobs import FETCH_COMMIT, FETCH_ROLLBACK, Job
 from .runner import CLEANUP_GRACE, run_job
 
@@ -45,16 +45,30 @@ class TransactionTable:
         self.idle_timeout = idle_timeout
         self._finish = finish
         self._table = {}
+        self._beginning = {}  # (owner, transaction id) -> the PendingJob of its BEGIN, in the daemon
         self._rolling_back = set()  # rollbacks of abandoned or idle transactions, under way
 
     def __len__(self):
         return sum(1 for tx in self._table.values() if tx.ended is None)
 
-    def pin(self, owner, tx_id, conn):
-        """Keep *conn*, on which a BEGIN just ran, for transaction *tx_id* of *owner*."""
-        tx = Transaction((owner, tx_id), conn)
-        self._table[tx.key] = tx
-        self._arm(tx)
+    def begin(self, pending):
+        """*pending*, a BEGIN, arrived; JobRefused if its transaction id is open or beginning already."""
+        key = (pending.owner, pending.job.tx)
+        if key in self._table or key in self._beginning:
+            raise JobRefused(
+                "transaction %d is already open on this connection; a BEGIN needs an id of its own" % key[1]
+            )
+        self._beginning[key] = pending
+
+    def begun(self, pending, conn=None):
+        """The BEGIN *pending* ended: on *conn*, which its transaction keeps from now on; or it failed."""
+        key = (pending.owner, pending.job.tx)
+        if self._beginning.get(key) is pending:
+            del self._beginning[key]
+            if conn is not None:
+                tx = Transaction(key, conn)
+                self._table[key] = tx
+                self._arm(tx)
 
     async def run(self, pending, owner):
         """Run a job of an open transaction on that transaction's connection."""
