@@ -19,7 +19,7 @@ import itertools
 import socket as socketlib
 import sys
 
-from .client import REPLY_GRACE, _encode, _QueryMethods, _TransactionJobs, resolve_address
+from .client import REPLY_GRACE, _encode, _QueryMethods, _TransactionJobs, check_size, resolve_address
 from .errors import Error, QueryTimeout, ServiceUnavailable
 from .jobs import FETCH_COMMIT, FETCH_ROLLBACK, STREAM_DECLARE, STREAM_FETCH, loads_reply, transaction_options
 from .wire import (
@@ -52,6 +52,7 @@ class _Connection(asyncio.Protocol):
         self.authkey = authkey
         self.transport = None
         self.ready = loop.create_future()  # the handshake's outcome
+        self.max_frame = None  # the largest job the daemon takes, from the handshake
         self.replies = {}  # job id -> the future of the job waiting for it
         self.lost = None  # once the connection ended: the error for every job
         self._frames = FrameReader(MAX_REFUSAL_FRAME)
@@ -120,7 +121,7 @@ class _Connection(asyncio.Protocol):
             self.transport.write(encode_frame(0, MSG_AUTH, answer + self._challenge))
             self._frames.max_size = MAX_AUTH_FRAME
         else:
-            check_verdict(self.authkey, self._challenge, payload)
+            self.max_frame = check_verdict(self.authkey, self._challenge, payload)
             self._frames.max_size = sys.maxsize  # the daemon is trusted now
             self.ready.set_result(None)
 
@@ -226,6 +227,7 @@ class AsyncClient(_QueryMethods):
         if self._connection is None or self._connection.lost is not None:
             await self._connect()
         connection = self._connection
+        check_size(payload, connection.max_frame)
         loop = self._loop
         reply = loop.create_future()
         timer = None

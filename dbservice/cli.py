@@ -48,7 +48,7 @@ _SETTING_HELP = {
         "reads more of its result until it reads its replies",
     ),
     "client_stall_timeout": ("SECONDS", "how long a backed-up client may read nothing before it is dropped"),
-    "max_frame": ("BYTES", "the largest job message a client may send; a larger one drops the client"),
+    "max_frame": ("BYTES", "the largest job a client may send, once pickled; a larger one is refused"),
     "max_params_size": (
         "BYTES",
         "what a job's parameters may cost once bound: 64 per value plus the length of each string and "

@@ -42,7 +42,7 @@ from .jobs import (
     loads_reply,
     transaction_options,
 )
-from .wire import MSG_ERROR, MSG_JOB, MSG_STATUS, FrameReader, client_handshake, encode_frame
+from .wire import MSG_ERROR, MSG_JOB, MSG_STATUS, FrameReader, OversizedFrame, client_handshake, encode_frame
 
 #: Bytes asked of the socket at a time: most replies come in one receive.
 RECEIVE_BYTES = 65536
@@ -101,6 +101,12 @@ def _encode(job):
         raise JobRefused("the job's parameters cannot be sent: %s" % exc) from None
 
 
+def check_size(payload, max_frame):
+    """Refuse, before it is sent, a job larger than the daemon takes: it would only be refused there."""
+    if len(payload) > max_frame:
+        raise JobRefused(str(OversizedFrame(0, len(payload), max_frame))) from None
+
+
 def _reply_wait(timeout):
     return None if timeout is None else timeout + REPLY_GRACE
 
@@ -147,7 +153,7 @@ class _Channel:
         try:
             sock.settimeout(connect_timeout)
             _connect_unix(sock, path, time.monotonic() + connect_timeout)
-            client_handshake(sock, authkey)
+            max_frame = client_handshake(sock, authkey)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
             raise ServiceUnavailable(
@@ -166,6 +172,7 @@ class _Channel:
             sock.close()
             raise
         self.sock = sock
+        self.max_frame = max_frame  # the largest job the daemon takes
         self._timeout = connect_timeout
         self._frames = FrameReader(sys.maxsize)  # the daemon is trusted: no limit
         self._ids = itertools.count(1)
@@ -187,6 +194,7 @@ class _Channel:
     def _call(self, payload, timeout, kind):
         if self.closed:
             raise _ChannelLost(ServiceUnavailable("the connection to the dbservice daemon was closed"), unsent=True)
+        check_size(payload, self.max_frame)
         job_id = next(self._ids)
         wait = _reply_wait(timeout)
         if wait != self._timeout:  # settimeout costs syscalls: only when it changes

@@ -17,7 +17,7 @@ import stat
 
 from .backpressure import ResultGate
 from .errors import JobCancelled, JobRefused
-from .jobs import dumps_reply, encode_reply, loads_job
+from .jobs import encode_reply, loads_job
 from .wire import (
     HEADER,
     MAX_AUTH_FRAME,
@@ -30,6 +30,7 @@ from .wire import (
     MSG_STATUS,
     FrameError,
     FrameReader,
+    OversizedFrame,
     encode_frame,
     new_challenge,
     verdict,
@@ -148,7 +149,12 @@ class _ClientProtocol(asyncio.Protocol):
                 if self.gate.backed_up or len(self.in_flight) >= self.settings.max_client_jobs:
                     self._read(False)  # the rest waits, unread, until replies go out
                     return
-                frame = self.frames.next_frame()
+                try:
+                    frame = self.frames.next_frame()
+                except OversizedFrame as exc:  # its payload is skipped: the client goes on
+                    logger.warning("refused a job: %s", exc)
+                    self.reply(exc.job_id, False, JobRefused(str(exc)))
+                    continue
                 if frame is None:
                     self._read(True)
                     return
@@ -156,10 +162,8 @@ class _ClientProtocol(asyncio.Protocol):
                     self._handle(*frame)
                 else:
                     self._authenticate(*frame)
-        except FrameError as exc:
+        except FrameError as exc:  # before the handshake: nothing of it is read
             logger.warning("dropping a client that broke the framing: %s", exc)
-            if self.trusted:  # the oversized payload is not read, so the stream is lost
-                self.transport.write(encode_frame(0, MSG_ERROR, dumps_reply(JobRefused(str(exc)))))
             self.transport.close()
         finally:
             self._cutting = False
@@ -210,7 +214,7 @@ class _ClientProtocol(asyncio.Protocol):
         self.transport.abort()
 
     def _authenticate(self, job_id, kind, payload):
-        trusted, answer = verdict(self.intake.authkey, self._challenge, kind, payload)
+        trusted, answer = verdict(self.intake.authkey, self._challenge, kind, payload, self.settings.max_frame)
         self.transport.write(answer)
         self._auth_timer.cancel()
         self._auth_timer = None
@@ -220,6 +224,7 @@ class _ClientProtocol(asyncio.Protocol):
             return
         self.trusted = True
         self.frames.max_size = self.settings.max_frame
+        self.frames.skip_oversized = True
 
     def _auth_timed_out(self):
         logger.warning("a client did not authenticate within %.1f s; dropped", self.settings.auth_timeout)

@@ -39,10 +39,22 @@ MAX_AUTH_FRAME = 128
 MAX_REFUSAL_FRAME = 512
 _NONCE_BYTES = 32
 _DIGEST_BYTES = hashlib.sha256().digest_size
+_LIMIT = struct.Struct("!Q")  # after the welcome's answer: the daemon's max_frame
 
 
 class FrameError(Exception):
     """The peer broke the framing; the connection cannot be trusted any more."""
+
+
+class OversizedFrame(FrameError):
+    """A frame announced more than the limit; its payload is skipped, the stream goes on."""
+
+    def __init__(self, job_id, size, limit):
+        super().__init__(
+            "the job takes %d bytes, more than the daemon takes in one job (max_frame %d): send fewer or "
+            "smaller parameters, or raise --max-frame" % (size, limit)
+        )
+        self.job_id = job_id
 
 
 def encode_frame(job_id, kind, payload):
@@ -93,23 +105,26 @@ def recv_frame(sock, max_size=None):
 
 
 def client_handshake(sock, authkey):
-    """Prove we hold *authkey* and check that the daemon does too."""
+    """Prove we hold *authkey* and check that the daemon does too; return its max_frame."""
     _, kind, challenge = recv_frame(sock, MAX_REFUSAL_FRAME)
     ours = new_challenge()
     sock.sendall(encode_frame(0, MSG_AUTH, answer_challenge(authkey, kind, challenge) + ours))
     _, _, verdict = recv_frame(sock, MAX_AUTH_FRAME)
-    check_verdict(authkey, ours, verdict)
+    return check_verdict(authkey, ours, verdict)
 
 
 def check_verdict(authkey, our_challenge, verdict):
-    """Raise AuthenticationError unless the daemon welcomed us and answered our challenge."""
+    """The daemon's max_frame, or AuthenticationError unless it welcomed us and answered our challenge."""
     if not verdict.startswith(WELCOME):
         raise AuthenticationError(
             "the dbservice daemon refused our secret; pass the daemon's authkey "
             "or check the secret file next to its socket"
         )
-    if not check_answer(authkey, our_challenge, verdict[len(WELCOME):]):
+    answer = verdict[len(WELCOME):len(WELCOME) + _DIGEST_BYTES]
+    if not check_answer(authkey, our_challenge, answer):
         raise AuthenticationError("the process behind the socket does not know our secret")
+    (max_frame,) = _LIMIT.unpack_from(verdict, len(WELCOME) + _DIGEST_BYTES)
+    return max_frame
 
 
 # -- the asyncio side, used by the daemon -------------------------------------
@@ -125,11 +140,13 @@ async def read_frame(reader, max_size):
     return job_id, kind, (await reader.readexactly(size)) if size else b""
 
 
-def verdict(authkey, our_challenge, kind, payload):
+def verdict(authkey, our_challenge, kind, payload, max_frame):
     """The daemon's side of the handshake: (trusted, the frame to send back).
 
     *payload* is the client's first frame: its answer to *our_challenge*,
-    then a challenge of its own, which we answer when we welcome it.
+    then a challenge of its own, which we answer when we welcome it, with
+    the largest job we take (*max_frame*), so that the client refuses a
+    larger one itself.
     """
     digest, theirs = payload[:_DIGEST_BYTES], payload[_DIGEST_BYTES:]
     if (
@@ -138,7 +155,8 @@ def verdict(authkey, our_challenge, kind, payload):
         or not check_answer(authkey, our_challenge, digest)
     ):
         return False, encode_frame(0, MSG_AUTH, FAILURE)
-    return True, encode_frame(0, MSG_AUTH, WELCOME + answer_challenge(authkey, MSG_AUTH, theirs))
+    welcome = WELCOME + answer_challenge(authkey, MSG_AUTH, theirs) + _LIMIT.pack(max_frame)
+    return True, encode_frame(0, MSG_AUTH, welcome)
 
 
 class FrameReader:
@@ -146,15 +164,22 @@ class FrameReader:
 
     Feed it what arrives; take the complete frames with :meth:`next_frame`.
     A frame announcing more than *max_size* bytes raises FrameError before
-    any of it is buffered.
+    any of it is buffered; with *skip_oversized* it raises OversizedFrame
+    instead, and its payload is skipped as it arrives, never buffered.
     """
 
-    def __init__(self, max_size):
+    def __init__(self, max_size, skip_oversized=False):
         self.max_size = max_size
+        self.skip_oversized = skip_oversized
         self._buffer = bytearray()
         self._start = 0
+        self._skipping = 0  # bytes still to come of an oversized frame
 
     def feed(self, data):
+        if self._skipping:
+            skipped = min(self._skipping, len(data))
+            self._skipping -= skipped
+            data = memoryview(data)[skipped:]
         self._buffer += data
 
     def next_frame(self):
@@ -164,7 +189,12 @@ class FrameReader:
             return self._compact()
         size, job_id, kind = HEADER.unpack_from(buffer, start)
         if size > self.max_size:
-            raise FrameError("frame of %d bytes exceeds the limit of %d bytes" % (size, self.max_size))
+            if not self.skip_oversized:
+                raise FrameError("frame of %d bytes exceeds the limit of %d bytes" % (size, self.max_size))
+            buffered = min(size, len(buffer) - start - HEADER.size)
+            self._start = start + HEADER.size + buffered
+            self._skipping = size - buffered
+            raise OversizedFrame(job_id, size, self.max_size)
         end = start + HEADER.size + size
         if end > len(buffer):
             return self._compact()

@@ -209,3 +209,23 @@ def test_jobs_beyond_max_client_jobs_wait_unread_and_all_get_their_reply(dsn, so
 def _status(svc):
     with svc.client(timeout=10) as c:
         return c.status()
+
+
+def test_a_job_over_max_frame_is_refused_in_its_client_naming_the_limit(dsn, socket_path):
+    """It got 'Broken pipe' with no word of the limit, was sent again, and failed six other jobs."""
+    with start_service(dsn, socket_path, min_size=1, max_size=4, max_frame=100_000) as svc:
+        with svc.client(timeout=30) as c:
+            with pytest.raises(dbservice.JobRefused, match=r"max_frame 100000\).*--max-frame"):
+                c.fetchval("select length(%s)", ["x" * 200_000])
+            assert c.fetchval("select 'same connection'") == "same connection"
+            assert c.status()["socket_clients"] == 1  # not reconnected to send it again
+
+        async def main():
+            async with dbservice.connect_async(svc.socket, svc.authkey, timeout=30) as db:
+                others = [asyncio.ensure_future(db.fetchval("select %s::int from pg_sleep(0.2)", [i])) for i in range(6)]
+                await asyncio.sleep(0.05)
+                with pytest.raises(dbservice.JobRefused, match="max_frame"):
+                    await db.fetchval("select length(%s)", ["x" * 200_000])
+                return await asyncio.gather(*others)
+
+        assert asyncio.run(asyncio.wait_for(main(), 30)) == list(range(6))
