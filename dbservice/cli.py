@@ -10,7 +10,8 @@ import psycopg2
 
 from . import daemon
 from .client import connect
-from .config import OPERATOR_SETTINGS, ConfigError, StateDir, defaults, load_config
+from . import config
+from .config import ConfigError, StateDir, load_config
 from .display import format_status, format_table, rows_json
 from .errors import Error
 from .pidfile import AlreadyRunning, running_pid
@@ -24,74 +25,17 @@ RELOAD_TIMEOUT = 10.0
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
-_SETTING_HELP = {
-    "dsn": (
-        "DSN",
-        "the PostgreSQL to serve, as a libpq connection string or URI. Without one the daemon runs "
-        "its own PostgreSQL cluster (see --cluster-dir).",
-    ),
-    "min_size": ("N", "connections the pool keeps open, at most --max-size"),
-    "max_size": ("N", "connections the pool opens at most"),
-    "max_idle": ("SECONDS", "how long a connection above --min-size may stay idle"),
-    "pool_timeout": ("SECONDS", "how long a job without a timeout may wait for a free connection"),
-    "connect_timeout": ("SECONDS", "how long opening one connection to PostgreSQL may take"),
-    "max_queue": (
-        "N",
-        "jobs queued at most; more wait up to their timeout for room (as many again), then are "
-        "refused as busy",
-    ),
-    "max_clients": ("N", "socket clients connected at once; more are refused as busy"),
-    "max_client_jobs": ("N", "jobs of one client connection in the daemon at once; its further jobs wait, unread"),
-    "max_client_buffer": (
-        "BYTES",
-        "replies waiting for one client beyond which it is backed up: none of its jobs is read and none "
-        "reads more of its result until it reads its replies",
-    ),
-    "client_stall_timeout": ("SECONDS", "how long a backed-up client may read nothing before it is dropped"),
-    "max_frame": ("BYTES", "the largest job a client may send, once pickled; a larger one is refused"),
-    "max_params_size": (
-        "BYTES",
-        "what a job's parameters may cost once bound: 64 per value plus the length of each string and "
-        "bytes, a shared reference counted each time it is used; more is refused [default: --max-frame]",
-    ),
-    "max_result_bytes": ("BYTES", "the largest result sent back; a larger one is an error for that job"),
-    "idle_in_transaction_timeout": (
-        "SECONDS",
-        "how long a client's transaction may sit idle before it is rolled back",
-    ),
-    "stop_timeout": ("SECONDS", "how long a graceful stop lets queued and running jobs finish"),
-    "slow_ms": ("MS", "log every job slower than this, queueing included; 0 logs none"),
-    "session_reset": (
-        "WHEN",
-        "when a connection's session is reset (DISCARD ALL) before it serves another job: auto, after a job "
-        "whose SQL may change it (SET, temporary tables, PREPARE, LISTEN, advisory locks...); always, after "
-        "every job, for functions that change session state",
-    ),
-    "log_level": ("LEVEL", "DEBUG, INFO, WARNING or ERROR"),
-    "selector": (
-        "LOOP",
-        "the event loop: auto (epoll on Linux), epoll, select, or uvloop, which costs the daemon "
-        "less CPU per job (pip install 'dbservice[uvloop]')",
-    ),
-    "cluster_dir": (
-        "DIR",
-        "where the embedded PostgreSQL keeps its data [default: STATE_DIR/postgresql; as root, "
-        "where the postgres user can reach it: /var/lib/dbservice/postgresql-HASH]",
-    ),
-}
-
-
-def _setting_option(name):
-    metavar, text = _SETTING_HELP[name]
-    default = defaults()[name]
+def _setting_option(field):
+    text = field.metadata["help"]
+    default = config.daemon_default(field)
     if default is not None:
         text += " [default: %s]" % default
     return click.option(
-        "--" + name.replace("_", "-"),
-        name,
-        type=OPERATOR_SETTINGS[name],
-        metavar=metavar,
-        envvar="DBSERVICE_" + name.upper(),
+        "--" + field.name.replace("_", "-"),
+        field.name,
+        type=config.value_type(field),
+        metavar=field.metadata["metavar"],
+        envvar="DBSERVICE_" + field.name.upper(),
         show_envvar=True,
         help=text,
     )
@@ -99,8 +43,8 @@ def _setting_option(name):
 
 def setting_options(command):
     """The daemon's settings as options; each also reads its DBSERVICE_* variable."""
-    for name in reversed(list(_SETTING_HELP)):
-        command = _setting_option(name)(command)
+    for field in reversed(config.operator_settings()):
+        command = _setting_option(field)(command)
     return command
 
 
@@ -184,7 +128,7 @@ def stop(timeout, force, state_dir, config_path):
     """
     state = StateDir(state_dir)
     if timeout is None:
-        timeout = _config(config_path)["stop_timeout"]
+        timeout = _config(config_path).stop_timeout
     pid = _stop(state, timeout, force)
     click.echo("dbserviced stopped (pid %d)" % pid if pid else "dbserviced is not running")
 
@@ -226,7 +170,7 @@ def status(as_json, state_dir):
 def restart(state_dir, config_path, **given):
     """Stop the daemon gracefully if it runs, then start it with these settings."""
     dbd = _daemon(state_dir, given, config_path)
-    pid = _stop(dbd.state, dbd.config["stop_timeout"], force=False)
+    pid = _stop(dbd.state, dbd.settings.stop_timeout, force=False)
     if pid:
         click.echo("dbserviced stopped (pid %d)" % pid)
     _start(dbd, foreground=False)

@@ -1,4 +1,10 @@
-"""The daemon's settings: their defaults, and where an operator sets them.
+"""The daemon's settings, each declared once, and where an operator sets them.
+
+Each setting is a field of :class:`Settings` carrying what everything else
+derives from it: its type and default, its help and metavar for the
+command line, the values it may take, and whether a reload applies it. The
+CLI's options, the TOML file's keys and their checks, and what ``reload``
+changes all come from these fields.
 
 A setting comes from the first place that has it: a command-line flag, a
 ``DBSERVICE_<NAME>`` environment variable (the CLI reads both), the TOML config
@@ -7,6 +13,7 @@ file (``--config``), then the defaults here.
 
 import dataclasses
 import os
+import typing
 from typing import Optional
 
 try:
@@ -29,62 +36,160 @@ PIDFILE_NAME = "dbserviced.pid"
 LOG_NAME = "dbserviced.log"
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+SELECTORS = ("auto", "epoll", "select", "uvloop")
 
 
 def default_state_dir():
     return os.path.expanduser(os.environ.get("DBSERVICE_HOME") or DEFAULT_STATE_DIR)
 
 
+class ConfigError(ValueError):
+    """A setting has a value the daemon cannot run with; the message says which and why."""
+
+
+def setting(default, metavar, help, reloadable=False, choices=(), daemon_default=dataclasses.MISSING):
+    """A field of Settings that an operator sets: its default and what the CLI says of it.
+
+    *daemon_default* is the daemon's own default where it differs from the
+    engine's (which DBService runs with).
+    """
+    metadata = {"metavar": metavar, "help": help, "reloadable": reloadable, "choices": choices}
+    if daemon_default is not dataclasses.MISSING:
+        metadata["daemon_default"] = daemon_default
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass
 class Settings:
-    """Everything the engine needs to run; the daemon's CLI fills it in."""
+    """Everything the engine needs to run; the daemon's CLI fills it in.
 
-    dsn: str
-    min_size: int = 2
-    max_size: int = 10
-    #: seconds an idle connection above min_size stays open
-    max_idle: float = 300.0
-    #: seconds a job without a timeout may wait for a free connection
-    pool_timeout: float = 30.0
-    #: seconds to open one connection to PostgreSQL
-    connect_timeout: float = 10.0
-    #: Unix socket to serve on; None serves the multiprocessing queue instead
+    The fields declared with :func:`setting` are the operator's; ``socket``
+    and ``authkey`` come from the state directory, or from DBService.
+    """
+
+    dsn: Optional[str] = setting(
+        None, "DSN",
+        "the PostgreSQL to serve, as a libpq connection string or URI. Without one the daemon runs "
+        "its own PostgreSQL cluster (see --cluster-dir).",
+    )
+    min_size: int = setting(2, "N", "connections the pool keeps open, at most --max-size", reloadable=True)
+    max_size: int = setting(10, "N", "connections the pool opens at most", reloadable=True)
+    max_idle: float = setting(
+        300.0, "SECONDS", "how long a connection above --min-size may stay idle", reloadable=True
+    )
+    pool_timeout: float = setting(
+        30.0, "SECONDS", "how long a job without a timeout may wait for a free connection", reloadable=True
+    )
+    connect_timeout: float = setting(
+        10.0, "SECONDS", "how long opening one connection to PostgreSQL may take", reloadable=True
+    )
+    max_queue: int = setting(
+        10000, "N",
+        "jobs queued at most; more wait up to their timeout for room (as many again), then are refused as busy",
+    )
+    max_clients: int = setting(2048, "N", "socket clients connected at once; more are refused as busy")
+    max_client_jobs: int = setting(
+        1024, "N", "jobs of one client connection in the daemon at once; its further jobs wait, unread"
+    )
+    max_client_buffer: int = setting(
+        16 * 1024 * 1024, "BYTES",
+        "replies waiting for one client beyond which it is backed up: none of its jobs is read and none "
+        "reads more of its result until it reads its replies",
+    )
+    client_stall_timeout: float = setting(
+        30.0, "SECONDS", "how long a backed-up client may read nothing before it is dropped"
+    )
+    max_frame: int = setting(
+        32 * 1024 * 1024, "BYTES", "the largest job a client may send, once pickled; a larger one is refused"
+    )
+    max_params_size: Optional[int] = setting(
+        None, "BYTES",
+        "what a job's parameters may cost once bound: 64 per value plus the length of each string and "
+        "bytes, a shared reference counted each time it is used; more is refused [default: --max-frame]",
+    )
+    max_result_bytes: int = setting(
+        256 * 1024 * 1024, "BYTES", "the largest result sent back; a larger one is an error for that job"
+    )
+    idle_in_transaction_timeout: float = setting(
+        60.0, "SECONDS", "how long a client's transaction may sit idle before it is rolled back"
+    )
+    stop_timeout: float = setting(
+        30.0, "SECONDS", "how long a graceful stop lets queued and running jobs finish", reloadable=True
+    )
+    slow_ms: float = setting(
+        1000.0, "MS", "log every job slower than this, queueing included; 0 logs none", reloadable=True
+    )
+    session_reset: str = setting(
+        AUTO, "WHEN",
+        "when a connection's session is reset (DISCARD ALL) before it serves another job: auto, after a job "
+        "whose SQL may change it (SET, temporary tables, PREPARE, LISTEN, advisory locks...); always, after "
+        "every job, for functions that change session state",
+        reloadable=True, choices=SESSION_RESETS,
+    )
+    log_level: str = setting(
+        "WARNING", "LEVEL", "DEBUG, INFO, WARNING or ERROR", reloadable=True, choices=LOG_LEVELS,
+        daemon_default="INFO",
+    )
+    selector: str = setting(
+        "auto", "LOOP",
+        "the event loop: auto (epoll on Linux), epoll, select, or uvloop, which costs the daemon "
+        "less CPU per job (pip install 'dbservice[uvloop]')",
+        choices=SELECTORS,
+    )
+    cluster_dir: Optional[str] = setting(
+        None, "DIR",
+        "where the embedded PostgreSQL keeps its data [default: STATE_DIR/postgresql; as root, "
+        "where the postgres user can reach it: /var/lib/dbservice/postgresql-HASH]",
+    )
+    auth_timeout: float = 10.0  # seconds a new socket client has to authenticate
+    #: the Unix socket to serve on; None serves the multiprocessing queue instead
     socket: Optional[str] = None
     authkey: Optional[bytes] = None
-    #: "auto", "epoll" or "select"
-    selector: str = "auto"
-    #: jobs queued at most before new ones are refused as busy
-    max_queue: int = 10000
-    #: bytes one job message may take on the socket
-    max_frame: int = 32 * 1024 * 1024
-    #: what a job's parameters may cost once bound (see jobs.check_params); None: max_frame
-    max_params_size: Optional[int] = None
-    #: socket clients connected at once; more are refused as busy
-    max_clients: int = 2048
-    #: jobs of one client connection in the daemon at once; its further frames wait unread
-    max_client_jobs: int = 1024
-    #: bytes of replies waiting for one client before it is backed up (backpressure.py)
-    max_client_buffer: int = 16 * 1024 * 1024
-    #: seconds a backed-up client may read nothing before it is dropped
-    client_stall_timeout: float = 30.0
-    #: bytes one job's pickled result may take; a larger one is an error
-    max_result_bytes: int = 256 * 1024 * 1024
-    #: seconds a new socket client has to authenticate
-    auth_timeout: float = 10.0
-    #: seconds a graceful stop waits for queued and running jobs
-    stop_timeout: float = 30.0
-    #: seconds a client's transaction may sit idle before it is rolled back
-    idle_in_transaction_timeout: float = 60.0
-    #: jobs that take longer (milliseconds, queueing included) are logged; 0 logs none
-    slow_ms: float = 1000.0
-    #: "auto": reset a connection's session after a job whose SQL may change it; "always": after every job
-    session_reset: str = AUTO
-    log_level: str = "WARNING"
 
     def __post_init__(self):
-        check_sizes(self.min_size, self.max_size)
+        check(self)
         if self.max_params_size is None:
             self.max_params_size = self.max_frame
+
+
+def operator_settings():
+    """The fields of Settings an operator sets, in the order the CLI shows them."""
+    return [field for field in dataclasses.fields(Settings) if "help" in field.metadata]
+
+
+def reloadable_settings():
+    """The names of the settings a reload applies while jobs flow; the others need a restart."""
+    return tuple(field.name for field in operator_settings() if field.metadata["reloadable"])
+
+
+def value_type(field):
+    """int, float or str: the type of a setting's value, Optional[...] or not."""
+    kinds = [kind for kind in typing.get_args(field.type) if kind is not type(None)]
+    return kinds[0] if kinds else field.type
+
+
+def daemon_default(field):
+    return field.metadata.get("daemon_default", field.default)
+
+
+def check(settings):
+    """Raise ConfigError, saying what is wrong, unless *settings* can run; fold the log level to capitals."""
+    for field in operator_settings():
+        value = getattr(settings, field.name)
+        if value is None:
+            continue
+        if value_type(field) is not str and value < 0:
+            raise ConfigError("%s must not be negative, got %r" % (field.name, value))
+        choices = field.metadata["choices"]
+        if choices and str(value).upper() not in [choice.upper() for choice in choices]:
+            raise ConfigError("%s must be one of %s, got %r" % (field.name, ", ".join(choices), value))
+    settings.log_level = settings.log_level.upper()
+    try:
+        check_sizes(settings.min_size, settings.max_size)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if settings.dsn is not None:
+        check_dsn(settings.dsn)
 
 
 class StateDir:
@@ -98,59 +203,20 @@ class StateDir:
         self.log = os.path.join(self.path, LOG_NAME)
 
 
-class ConfigError(ValueError):
-    """A setting has a value the daemon cannot run with; the message says which and why."""
-
-
-#: What an operator sets, with its type: these Settings fields, plus the
-#: directory of the embedded cluster. No dsn means: run the embedded cluster.
-OPERATOR_SETTINGS = {
-    "dsn": str,
-    "min_size": int,
-    "max_size": int,
-    "max_idle": float,
-    "pool_timeout": float,
-    "connect_timeout": float,
-    "max_queue": int,
-    "max_clients": int,
-    "max_client_jobs": int,
-    "max_client_buffer": int,
-    "client_stall_timeout": float,
-    "max_frame": int,
-    "max_params_size": int,
-    "max_result_bytes": int,
-    "idle_in_transaction_timeout": float,
-    "selector": str,
-    "stop_timeout": float,
-    "slow_ms": float,
-    "session_reset": str,
-    "log_level": str,
-    "cluster_dir": str,
-}
-
-#: The daemon's defaults where they differ from Settings': it logs its lifecycle.
-_DAEMON_DEFAULTS = {"dsn": None, "cluster_dir": None, "log_level": "INFO"}
-
-
-def defaults():
-    """The operator settings' defaults, by name."""
-    values = {f.name: f.default for f in dataclasses.fields(Settings) if f.name in OPERATOR_SETTINGS}
-    values.update(_DAEMON_DEFAULTS)
-    return values
-
-
 def load_config(given, path=None):
-    """The operator settings: *given* (flags and environment) over the file at *path* over the defaults.
+    """The daemon's Settings: *given* (flags and environment) over the file at *path* over the defaults.
 
     Values of None in *given* were not given. Raises ConfigError.
     """
-    config = defaults()
+    values = {field.name: daemon_default(field) for field in operator_settings()}
     if path:
-        config.update(read_config_file(path))
-    config.update({name: value for name, value in given.items() if value is not None})
-    if config["min_size"] == defaults()["min_size"]:
-        config["min_size"] = min(config["min_size"], config["max_size"])  # max_size = 1 alone is fine
-    return check_config(config)
+        values.update(read_config_file(path))
+    values.update({name: value for name, value in given.items() if value is not None})
+    if given.get("min_size") is None and values["min_size"] == Settings.min_size:
+        values["min_size"] = min(values["min_size"], values["max_size"])  # max_size = 1 alone is fine
+    if values["cluster_dir"]:
+        values["cluster_dir"] = os.path.abspath(values["cluster_dir"])
+    return Settings(**values)
 
 
 def read_config_file(path):
@@ -162,40 +228,20 @@ def read_config_file(path):
         raise ConfigError("cannot read the config file %s: %s" % (path, exc.strerror)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("the config file %s is not valid TOML: %s" % (path, exc)) from None
+    fields = {field.name: field for field in operator_settings()}
     for name, value in values.items():
-        kind = OPERATOR_SETTINGS.get(name)
-        if kind is None:
+        if name not in fields:
             raise ConfigError(
                 "the config file %s sets %r, which is no setting; the settings are: %s"
-                % (path, name, ", ".join(OPERATOR_SETTINGS))
+                % (path, name, ", ".join(fields))
             )
+        kind = value_type(fields[name])
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
             raise ConfigError(
                 "the config file %s sets %s = %r; it must be %s"
                 % (path, name, value, {int: "an integer", float: "a number", str: "a string"}[kind])
             )
     return values
-
-
-def check_config(config):
-    """Return *config* with the log level in capitals; ConfigError if a value is out of range."""
-    for name, kind in OPERATOR_SETTINGS.items():
-        if kind is not str and config[name] is not None and config[name] < 0:
-            raise ConfigError("%s must not be negative, got %r" % (name, config[name]))
-    try:
-        check_sizes(config["min_size"], config["max_size"])
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    if config["dsn"] is not None:
-        check_dsn(config["dsn"])
-    if config["session_reset"] not in SESSION_RESETS:
-        raise ConfigError(
-            "session_reset must be one of %s, got %r" % (", ".join(SESSION_RESETS), config["session_reset"])
-        )
-    level = config["log_level"].upper()
-    if level not in LOG_LEVELS:
-        raise ConfigError("log_level must be one of %s, got %r" % (", ".join(LOG_LEVELS), config["log_level"]))
-    return dict(config, log_level=level)
 
 
 def check_dsn(dsn):

@@ -43,6 +43,7 @@ import time
 
 import psycopg2
 
+from .config import reloadable_settings
 from .errors import Error, JobRefused, QueryOutcomeUnknown, QueryTimeout, ServiceBusy, ServiceUnavailable
 from .jobs import FETCH_BEGIN
 from .pool import AsyncConnectionPool, mask_dsn, refused_for_good
@@ -92,19 +93,6 @@ class Server:
 
     #: Seconds between two warnings that jobs wait because every connection is busy.
     FULL_POOL_WARNING_INTERVAL = 10.0
-
-    #: The settings :meth:`reload` applies while jobs flow; the others need a restart.
-    RELOADABLE = (
-        "min_size",
-        "max_size",
-        "max_idle",
-        "pool_timeout",
-        "connect_timeout",
-        "stop_timeout",
-        "slow_ms",
-        "log_level",
-        "session_reset",
-    )
 
     def __init__(self, settings):
         self.settings = settings
@@ -486,17 +474,18 @@ class Server:
             hurry.cancel()
 
     def reload(self, settings):
-        """Apply the RELOADABLE fields of *settings* without dropping a job.
+        """Apply the reloadable fields of *settings* (config.reloadable_settings) without dropping a job.
 
         The pool grows or shrinks to its new bounds (busy connections above
         the new maximum close as their jobs end). Other changed fields keep
         their old values, with a warning to restart.
         """
         old = self.settings
+        reloadable = reloadable_settings()
         for field in dataclasses.fields(settings):
-            if field.name not in self.RELOADABLE and getattr(settings, field.name) != getattr(old, field.name):
+            if field.name not in reloadable and getattr(settings, field.name) != getattr(old, field.name):
                 logger.warning("%s changed in the configuration; restart the daemon to apply it", field.name)
-        new = self.settings = dataclasses.replace(old, **{name: getattr(settings, name) for name in self.RELOADABLE})
+        new = self.settings = dataclasses.replace(old, **{name: getattr(settings, name) for name in reloadable})
         if (new.min_size, new.max_size) != (old.min_size, old.max_size):
             self.pool.resize(new.min_size, new.max_size)
         self.pool.max_idle = new.max_idle

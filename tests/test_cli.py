@@ -376,9 +376,9 @@ def test_flags_beat_the_config_file_which_beats_the_defaults(tmp_path):
     config = tmp_path / "dbservice.toml"
     config.write_text('max_size = 7\nmin_size = 3\nlog_level = "debug"\n')
     settings = load_config({"max_size": 5, "slow_ms": None}, str(config))
-    assert (settings["min_size"], settings["max_size"]) == (3, 5)
-    assert settings["log_level"] == "DEBUG"
-    assert settings["slow_ms"] == 1000.0
+    assert (settings.min_size, settings.max_size) == (3, 5)
+    assert settings.log_level == "DEBUG"
+    assert settings.slow_ms == 1000.0
 
 
 @pytest.mark.parametrize(
@@ -397,6 +397,24 @@ def test_a_bad_config_file_is_refused_saying_what_is_wrong(state_dir, text, comp
     assert result.returncode == 1
     assert complaint in result.stderr
     assert not os.path.exists(StateDir(str(state_dir)).pidfile)
+
+
+def test_every_setting_is_a_flag_a_variable_and_a_key_of_the_file(tmp_path):
+    from dbservice import config as settings
+
+    help_text = CliRunner().invoke(cli.main, ["start", "--help"]).output
+    values = {int: 7, float: 7.5, str: None}
+    lines = []
+    for field in settings.operator_settings():
+        assert "--" + field.name.replace("_", "-") in help_text
+        assert "DBSERVICE_" + field.name.upper() in help_text
+        value = values[settings.value_type(field)]
+        if value is not None:
+            lines.append("%s = %r" % (field.name, value))
+    path = tmp_path / "all.toml"
+    path.write_text("\n".join(lines) + "\n")
+    loaded = load_config({}, str(path))
+    assert loaded.max_client_jobs == 7 and loaded.stop_timeout == 7.5
 
 
 @pytest.mark.parametrize("command", ["start", "stop", "status", "restart", "reload", "query"])
