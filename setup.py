@@ -16,7 +16,6 @@ setup(
     install_requires=[
         "psycopg2-binary>=2.9",
         "click>=8.0",
-        "testing.postgresql>=1.3",
         'tomli>=1.1; python_version < "3.11"',
     ],
     extras_require={

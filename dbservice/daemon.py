@@ -15,7 +15,7 @@ import sys
 
 from .client import read_secret
 from .config import load_config
-from .embedded import EmbeddedCluster, default_cluster_dir
+from .embedded import Cluster, default_cluster_dir
 from .pidfile import AlreadyRunning, Pidfile, running_pid, wait_for_exit
 from .service import serve
 from .socket_intake import check_private_file, check_socket_dir
@@ -156,13 +156,13 @@ class Daemon:
         directory = self.settings.cluster_dir or default_cluster_dir(self.state.path)
         if not os.path.exists(os.path.join(directory, "data", "PG_VERSION")):
             logger.info("creating the embedded PostgreSQL cluster in %s", directory)
-        cluster = EmbeddedCluster(directory)
+        cluster = Cluster(directory)
         logger.info("embedded PostgreSQL running in %s (pid %d)", directory, cluster.server_pid)
         return cluster
 
     def _settings(self, settings):
         """*settings* with what the state directory (and the embedded cluster) decides."""
-        dsn = settings.dsn if settings.dsn is not None else self.cluster.dsn_string()
+        dsn = settings.dsn if settings.dsn is not None else self.cluster.dsn()
         return dataclasses.replace(settings, dsn=dsn, socket=self.state.socket, authkey=read_secret(self.state.secret))
 
     # -- while running -------------------------------------------------------------

@@ -7,19 +7,19 @@ import psycopg2
 import pytest
 
 import dbservice
-from dbservice.embedded import EmbeddedPostgresql
+from dbservice.embedded import Cluster
 
 
 @pytest.fixture(scope="session")
 def postgresql():
-    server = EmbeddedPostgresql()
+    server = Cluster.temporary()
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
 def dsn(postgresql):
-    return postgresql.dsn_string()
+    return postgresql.dsn()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 
 import dbservice
 from conftest import active, start_service, wait_until
-from dbservice.embedded import EmbeddedPostgresql
+from dbservice.embedded import Cluster
 from dbservice.pool import AsyncConnectionPool, Backoff
 from dbservice.wait import new_event_loop
 from proxy import TcpProxy
@@ -62,14 +62,14 @@ def test_a_client_that_dies_mid_query_has_its_query_cancelled(dsn, socket_path, 
 @pytest.fixture(scope="module")
 def private_postgresql():
     """A cluster of this module's own, which its tests may stop and restart."""
-    server = EmbeddedPostgresql()
+    server = Cluster.temporary()
     yield server
     server.stop()
 
 
 @pytest.fixture
 def proxy(postgresql):
-    link = TcpProxy("127.0.0.1", postgresql.settings["port"])
+    link = TcpProxy("127.0.0.1", postgresql.port)
     link.start()
     yield link
     link.close()
@@ -112,11 +112,11 @@ class Load:
 
 
 def test_postgres_restart_under_load(private_postgresql, socket_path):
-    with dbservice.DBService(private_postgresql.dsn_string(), socket=socket_path, min_size=2, max_size=4) as svc:
+    with dbservice.DBService(private_postgresql.dsn(), socket=socket_path, min_size=2, max_size=4) as svc:
         load = Load(svc.client())
         try:
             wait_until(lambda: load.successes_since(0) > 50, message="load to run")
-            private_postgresql.terminate()  # the postmaster stops; its data stays
+            private_postgresql.shut_down()  # the postmaster stops; its data stays
             down_at = time.monotonic()
             private_postgresql.start()
             up_at = time.monotonic()
@@ -197,16 +197,14 @@ def test_stalled_network_fails_jobs_within_their_timeout_then_recovers(proxy, so
 @pytest.fixture(scope="module")
 def crowded_postgresql():
     """A cluster with three connection slots and none kept for superusers."""
-    server = EmbeddedPostgresql(
-        postgres_args="-h 127.0.0.1 -F -c logging_collector=off -c max_connections=3 -c superuser_reserved_connections=0"
-    )
+    server = Cluster.temporary(max_connections=3, superuser_reserved_connections=0)
     yield server
     server.stop()
 
 
 def test_a_timed_out_query_is_cancelled_even_when_the_server_has_no_slot_left(crowded_postgresql, socket_path):
     """Cancelling must not need a connection: a cancel that could not connect let the UPDATE commit later."""
-    dsn = crowded_postgresql.dsn_string()
+    dsn = crowded_postgresql.dsn()
     setup = psycopg2.connect(dsn)
     setup.autocommit = True
     setup.cursor().execute("create table if not exists crowded (id int primary key, v int)")

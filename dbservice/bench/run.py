@@ -6,7 +6,7 @@ import os
 
 import psycopg2
 
-from ..embedded import EmbeddedPostgresql
+from ..embedded import Cluster
 from ..errors import Error
 from . import report
 from .machine import describe_machine
@@ -166,11 +166,8 @@ def database(plan, dsn=None):
         load_accounts(dsn, plan.rows)
         yield dsn
         return
-    postgres_args = EmbeddedPostgresql.DEFAULT_SETTINGS["postgres_args"] + " -c max_connections=%d" % (
-        plan.max_clients + SPARE_CONNECTIONS
-    )
-    with EmbeddedPostgresql(postgres_args=postgres_args) as server:
-        dsn = server.dsn_string()
+    with Cluster.temporary(max_connections=plan.max_clients + SPARE_CONNECTIONS) as server:
+        dsn = server.dsn()
         load_accounts(dsn, plan.rows)
         yield dsn
 
