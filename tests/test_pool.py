@@ -32,7 +32,7 @@ async def query(pool, sql, params=None, fetch="value", timeout=None):
 
 @pytest.mark.parametrize("selector", SELECTORS)
 def test_waiting_on_a_query_does_not_block_the_loop(dsn, selector):
-    """Bug 1: the loop keeps running other coroutines while a query is in flight."""
+    """The event loop keeps running other coroutines while a query is in flight: no wait blocks it."""
 
     async def main():
         pool = AsyncConnectionPool(dsn, min_size=2, max_size=2)
@@ -53,7 +53,7 @@ def test_waiting_on_a_query_does_not_block_the_loop(dsn, selector):
 
 @pytest.mark.parametrize("selector", SELECTORS)
 def test_a_fast_query_overtakes_a_slow_one(dsn, selector):
-    """Bugs 1 and 4: with one connection busy, the next job takes the idle one."""
+    """With one connection busy, the next job takes the idle one: no job waits behind a slow one."""
 
     async def main():
         pool = AsyncConnectionPool(dsn, min_size=2, max_size=2)
