@@ -54,7 +54,7 @@ class Settings:
     selector: str = "auto"
     #: jobs queued at most before new ones are refused as busy
     max_queue: int = 10000
-    #: bytes one job message may take on the socket
+    #: bytes one job message may take, on the socket or the queue
     max_frame: int = 32 * 1024 * 1024
     #: socket clients connected at once; more are refused as busy
     max_clients: int = 2048
@@ -62,6 +62,9 @@ class Settings:
     max_result_bytes: int = 256 * 1024 * 1024
     #: seconds a new socket client has to authenticate
     auth_timeout: float = 10.0
+    #: seconds a reply may go unread by a queue client (a stopped or stalled
+    #: process) before its reply channel is dropped and its jobs cancelled
+    unread_reply_timeout: float = 10.0
     #: seconds a graceful stop waits for queued and running jobs
     stop_timeout: float = 30.0
     #: seconds a client's transaction may sit idle before it is rolled back
