@@ -111,6 +111,8 @@ class _ReplyChannel:
             raise _ChannelLost(QueryTimeout("no reply from the dbservice process within %.1f s" % wait))
         if all(fd == self._sentinel for fd, _ in ready):
             raise _ChannelLost(ServiceUnavailable("the dbservice process has exited"))
+        if self.fd is None:
+            raise _ChannelLost(Error("this dbservice client was closed while the job ran"))
         try:
             data = os.read(self.fd, RECEIVE_BYTES)
         except BlockingIOError:

@@ -18,6 +18,7 @@ trusted pickles; they go through :meth:`Job.from_wire`'s checks all the same.
 """
 
 import asyncio
+import errno
 import functools
 import logging
 import os
@@ -54,13 +55,13 @@ class QueueIntake:
     async def close(self):
         """Stop reading jobs; send the replies still unsent, then close every channel.
 
-        Jobs still on the queue are answered first (the server, stopping,
-        refuses them). A channel whose client does not read is waited for
-        no longer than its ``unread_reply_timeout``.
+        The jobs on the queue now (at most a pipe's capacity, less than a
+        read) are answered first: the server, stopping, refuses them. A
+        channel whose client does not read is waited for no longer than its
+        ``unread_reply_timeout``.
         """
         self._loop.remove_reader(self._fd)
-        while self._read_jobs():
-            pass
+        self._read_jobs()
         unsent = [channel.drained() for channel in self._channels.values() if channel.unsent is not None]
         if unsent:
             await asyncio.wait(unsent)
@@ -77,26 +78,25 @@ class QueueIntake:
         return dict(self.server.status(), queue_channels=self.channels)
 
     def _read_jobs(self):
-        """Take in what the job queue holds; False once it is empty."""
+        """Take in what the job queue holds."""
         try:
             data = os.read(self._fd, READ_BYTES)
         except BlockingIOError:
-            return False
+            return
         if not data:  # every process of the app is gone
             self._loop.remove_reader(self._fd)
-            return False
+            return
         self._frames.feed(data)
         try:
             while True:
                 frame = self._frames.next_frame()
                 if frame is None:
-                    return True
+                    return
                 self._handle(*frame)
         except FrameError as exc:
             # Only QueueClient writes here, a frame at a time: this is a bug.
             logger.error("the job queue carries a frame that is no job's (%s); what was buffered is dropped", exc)
             self._frames = FrameReader(FRAME_BYTES)
-            return True
 
     def _handle(self, channel_id, kind, payload):
         channel = self._channels.get(channel_id)
@@ -111,8 +111,14 @@ class QueueIntake:
         path = channel_path(self.directory, channel_id)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return None  # ENXIO: nobody reads it any more; ENOENT: its thread ended, or we dropped it
+        except OSError as exc:
+            # ENOENT: its thread ended, or we dropped the channel; ENXIO: nobody reads it any more.
+            if exc.errno not in (errno.ENOENT, errno.ENXIO):
+                logger.error(
+                    "cannot open a queue client's reply channel, so its job is dropped and the client "
+                    "times out: %s. If it says 'Too many open files', raise the service's limit (ulimit -n)", exc,
+                )
+            return None
         try:
             os.unlink(path)  # nobody else may open it now
         except FileNotFoundError:
