@@ -11,6 +11,9 @@ import pytest
 
 import dbservice
 from conftest import active, start_service, wait_until
+from dbservice.jobs import FETCH_VALUE, Job, dumps_job
+from dbservice.queue_wire import channel_path, job_frames
+from dbservice.wire import MSG_JOB
 
 #: Seconds the other processes' jobs may take while one client process is stopped.
 DEADLINE = 10.0
@@ -264,3 +267,37 @@ def test_a_job_in_many_parts_and_one_over_max_frame(dsn):
 
 def _md5(text):
     return hashlib.md5(text.encode()).hexdigest()
+
+
+def test_a_graceful_stop_answers_every_job(dsn, admin):
+    svc = start_service(dsn, max_size=4)
+    c = svc.client(timeout=30)
+    with concurrent.futures.ThreadPoolExecutor(4) as executor:
+        sql = "select pg_sleep(1)::text || %s /* marker-queue-stop */"
+        jobs = [executor.submit(c.fetchval, sql, [str(i)]) for i in range(4)]
+        wait_until(lambda: active(admin, "marker-queue-stop") == 4, message="all jobs to run")
+        stopper = threading.Thread(target=svc.stop)
+        stopper.start()
+        assert sorted(job.result(timeout=30) for job in jobs) == [str(i) for i in range(4)]
+        stopper.join(30)
+    with pytest.raises(dbservice.ServiceUnavailable):
+        c.fetchval("select 1")
+
+
+def test_a_channel_left_with_more_than_one_reply_unread_is_dropped_at_once(dsn):
+    """The daemon keeps one reply's worth for a client that does not read; a QueueClient never asks more."""
+    with start_service(dsn, max_size=2, max_result_bytes=3 * LARGE_RESULT, unread_reply_timeout=600.0) as svc:
+        c = svc.client(timeout=30)
+        channel_id = 0x5EED
+        path = channel_path(svc.queue.directory, channel_id)
+        os.mkfifo(path, 0o600)
+        unread = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            job = dumps_job(Job("select repeat('r', %s)", [2 * LARGE_RESULT], FETCH_VALUE, 30))
+            os.write(svc.queue.writer.fileno(), job_frames(channel_id, 1, MSG_JOB, job)[0])
+            wait_until(lambda: c.status()["queue_channels"] == 2, message="the daemon to open the channel")
+            os.write(svc.queue.writer.fileno(), job_frames(channel_id, 2, MSG_JOB, job)[0])
+            # 4 MiB unread is more than one reply (max_result_bytes, 3 MiB): dropped, long before 600 s.
+            wait_until(lambda: c.status()["queue_channels"] == 1, message="the channel to be dropped")
+        finally:
+            os.close(unread)
