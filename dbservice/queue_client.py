@@ -101,7 +101,7 @@ class _ReplyChannel:
                 raise _ChannelLost(
                     QueryTimeout("the dbservice process took no job for %.1f s: its job queue stayed full" % wait)
                 )
-            if all(fd == self._sentinel for fd, _ in ready):
+            if not _includes(ready, self._jobs):
                 raise _ChannelLost(ServiceUnavailable("the dbservice process has exited"))
 
     def _receive(self, deadline, wait):
@@ -109,16 +109,16 @@ class _ReplyChannel:
         ready = self._replies.poll(_milliseconds(deadline))
         if not ready:
             raise _ChannelLost(QueryTimeout("no reply from the dbservice process within %.1f s" % wait))
-        if all(fd == self._sentinel for fd, _ in ready):
-            raise _ChannelLost(ServiceUnavailable("the dbservice process has exited"))
         if self.fd is None:
             raise _ChannelLost(Error("this dbservice client was closed while the job ran"))
+        if not _includes(ready, self.fd):
+            raise _ChannelLost(ServiceUnavailable("the dbservice process has exited"))
         try:
             data = os.read(self.fd, RECEIVE_BYTES)
         except BlockingIOError:
             return
         if not data:
-            exited = any(fd == self._sentinel for fd, _ in self._replies.poll(0))
+            exited = _includes(self._replies.poll(0), self._sentinel)
             raise _ChannelLost(ServiceUnavailable("the dbservice process has exited" if exited else DROPPED))
         self._frames.feed(data)
 
@@ -139,6 +139,14 @@ class _ReplyChannel:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _includes(ready, fd):
+    """Whether poll()'s *ready* events include one of *fd*."""
+    for ready_fd, _ in ready:
+        if ready_fd == fd:
+            return True
+    return False
 
 
 def _milliseconds(deadline):
