@@ -245,6 +245,7 @@ class _ReplyChannel:
             self._stall_timer = None
             if self._drained is not None:
                 self._drained.set_result(None)
+                self._drained = None
 
     def _check_stall(self):
         """Drop the channel if its client read nothing for unread_reply_timeout."""
