@@ -7,7 +7,7 @@ everybody's SQL on them.
 """
 
 from .async_client import AsyncClient, connect_async
-from .client import Client, QueueClient, connect
+from .client import Client, connect
 from .errors import (
     AuthenticationError,
     Error,
@@ -21,6 +21,7 @@ from .errors import (
     StatementTimeout,
 )
 from .pool import AsyncConnectionPool
+from .queue_client import QueueClient
 from .service import DBService
 
 __all__ = [

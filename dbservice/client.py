@@ -5,13 +5,11 @@ each thread gets a connection of its own (opened on its first job), so threads
 never wait on each other. It is fork-safe: a child process forked after
 :func:`connect` opens its own connections rather than share the parent's.
 
-:class:`QueueClient` talks to a :class:`~dbservice.DBService` child through its
-multiprocessing queue, with a new pipe per job (the original design).
+:class:`~dbservice.QueueClient`, in :mod:`dbservice.queue_client`, talks to a
+:class:`~dbservice.DBService` child through its job queue instead.
 """
 
 import itertools
-import multiprocessing
-import multiprocessing.connection
 import os
 import pickle
 import socket as socketlib
@@ -19,7 +17,6 @@ import sys
 import threading
 import time
 import weakref
-from multiprocessing.reduction import ForkingPickler
 
 import psycopg2
 
@@ -477,49 +474,3 @@ def read_secret(path):
         ) from None
     except PermissionError:
         raise ServiceUnavailable("cannot read the secret %s: run as the daemon's user" % path) from None
-
-
-class QueueClient(_QueryMethods):
-    """Submits jobs through a :class:`~dbservice.DBService` multiprocessing queue.
-
-    Each job carries the sending end of a new pipe; the reply comes back on
-    it. *sentinel* (the service process's sentinel) tells a dead service from a
-    slow one, so no caller waits forever.
-    """
-
-    def __init__(self, queue, sentinel, timeout=None):
-        self.queue = queue
-        self.sentinel = sentinel
-        self.timeout = timeout
-
-    def _run(self, job):
-        receiver, sender = multiprocessing.Pipe(duplex=False)
-        try:
-            try:
-                # Pickle here, not in the queue's feeder thread, so that our
-                # end of the pipe can be closed now: then the pipe reports EOF
-                # if the service drops it.
-                data = bytes(ForkingPickler.dumps((job.to_wire(), sender), PICKLE_PROTOCOL))
-            except Exception as exc:
-                raise JobRefused("the job's parameters cannot be sent: %s" % exc) from None
-            finally:
-                sender.close()
-            self.queue.put(data)
-            ready = multiprocessing.connection.wait([receiver, self.sentinel], _reply_wait(job.timeout))
-            if receiver in ready:
-                try:
-                    reply = receiver.recv_bytes()
-                except EOFError:
-                    raise ServiceUnavailable("the dbservice process dropped the job") from None
-                value = loads_reply(memoryview(reply)[1:])
-                if reply[0] != 1:
-                    raise value
-                return value
-            if ready:
-                raise ServiceUnavailable("the dbservice process has exited")
-            raise QueryTimeout("no reply from the dbservice process within %.1f s" % _reply_wait(job.timeout))
-        finally:
-            receiver.close()
-
-    def close(self):
-        """Nothing to close: every job has its own pipe."""

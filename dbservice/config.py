@@ -141,6 +141,11 @@ class Settings:
         "where the embedded PostgreSQL keeps its data [default: STATE_DIR/postgresql; as root, "
         "where the postgres user can reach it: /var/lib/dbservice/postgresql-HASH]",
     )
+    unread_reply_timeout: float = setting(
+        10.0, "SECONDS",
+        "how long a reply may go unread by a client of the multiprocessing queue (a stopped or stalled "
+        "process) before its reply channel is dropped and its jobs cancelled",
+    )
     auth_timeout: float = 10.0  # seconds a new socket client has to authenticate
     #: the Unix socket to serve on; None serves the multiprocessing queue instead
     socket: Optional[str] = None

@@ -9,11 +9,13 @@ import os
 import signal
 
 from . import types
-from .client import QueueClient, connect
+from .client import connect
 from .config import Settings
 from .pool import mask_dsn
 from .errors import ServiceUnavailable
+from .queue_client import QueueClient
 from .queue_intake import QueueIntake
+from .queue_wire import JobQueue
 from .server import Server
 from .socket_intake import SocketIntake
 from .wait import new_event_loop
@@ -30,10 +32,11 @@ SIGNALS = {
 }
 
 
-def serve(settings, mp_queue=None, ready=None, reload=None, reopen_log=None):
+def serve(settings, queue=None, ready=None, reload=None, reopen_log=None):
     """Run the engine in this process until SIGTERM (graceful) or SIGINT (fast).
 
-    Jobs come from the Unix socket ``settings.socket`` and/or *mp_queue*.
+    Jobs come from the Unix socket ``settings.socket`` and/or *queue*, the
+    service's end of a :class:`~dbservice.queue_wire.JobQueue`.
     *ready*, a multiprocessing connection, is sent ``("ready", info)`` once
     jobs are accepted, or ``("error", message)`` if the engine cannot start.
     On SIGHUP, ``reload()`` returns new Settings to apply; on SIGUSR1,
@@ -42,12 +45,12 @@ def serve(settings, mp_queue=None, ready=None, reload=None, reopen_log=None):
     """
     loop = new_event_loop(settings.selector)
     try:
-        loop.run_until_complete(_run(settings, mp_queue, ready, reload, reopen_log))
+        loop.run_until_complete(_run(settings, queue, ready, reload, reopen_log))
     finally:
         loop.close()
 
 
-async def _run(settings, mp_queue, ready, reload, reopen_log):
+async def _run(settings, queue, ready, reload, reopen_log):
     loop = asyncio.get_running_loop()
     types.install_adapters()
     server = Server(settings)
@@ -68,9 +71,9 @@ async def _run(settings, mp_queue, ready, reload, reopen_log):
         if settings.socket:
             socket_intake = SocketIntake(server, settings.socket, settings.authkey)
             await socket_intake.start()
-        if mp_queue is not None:
-            queue_intake = QueueIntake(server, mp_queue)
-            queue_intake.start(loop)
+        if queue is not None:
+            queue_intake = QueueIntake(server, queue)
+            queue_intake.start()
     except Exception as exc:
         if ready is not None:
             ready.send(("error", "%s: %s" % (type(exc).__name__, exc)))
@@ -96,7 +99,7 @@ async def _run(settings, mp_queue, ready, reload, reopen_log):
     if socket_intake is not None:
         await socket_intake.close()
     if queue_intake is not None:
-        await loop.run_in_executor(None, queue_intake.close)
+        await queue_intake.close()
     logger.info("dbservice stopped")
 
 
@@ -135,16 +138,17 @@ def _reopen_log(reopen_log):
         logger.error("cannot reopen the log file, logging on to the old one: %s", exc)
 
 
-def _child_main(settings, mp_queue, ready):
+def _child_main(settings, queue, ready):
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    serve(settings, mp_queue, ready)
+    serve(settings, queue, ready)
 
 
 class DBService:
     """The dbservice engine in a child process of this one.
 
     With ``socket=None`` it serves intake (a): :attr:`queue` is the
-    ``multiprocessing.Queue`` and :meth:`client` submits through it. With
+    :class:`~dbservice.queue_wire.JobQueue` and :meth:`client` returns a
+    :class:`~dbservice.QueueClient` that submits through it. With
     ``socket=PATH`` it serves intake (b) on that Unix socket, and :meth:`client`
     returns ``dbservice.connect(socket=PATH, authkey=svc.authkey)``.
     Other keyword arguments are :class:`~dbservice.config.Settings` fields.
@@ -170,48 +174,63 @@ class DBService:
     def start(self, timeout=60.0):
         """Start the engine; return once it accepts jobs, or raise why it cannot."""
         ctx = multiprocessing.get_context("spawn")
+        service_queue = None
         if self.settings.socket is None:
-            self.queue = ctx.Queue()
+            self.queue = JobQueue.create()
+            service_queue = self.queue.for_service()
         ready_in, ready_out = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
-            target=_child_main, args=(self.settings, self.queue, ready_out), name="dbservice", daemon=True
+            target=_child_main, args=(self.settings, service_queue, ready_out), name="dbservice", daemon=True
         )
         self.process.start()
         ready_out.close()
+        if self.queue is not None:
+            self.queue.close_reader()
         try:
-            if not multiprocessing.connection.wait([ready_in], timeout):
-                self._kill()
-                raise ServiceUnavailable("dbservice did not start within %.0f s" % timeout)
-            try:
-                state, info = ready_in.recv()
-            except EOFError:
-                self.process.join(5)
-                raise ServiceUnavailable(
-                    "dbservice exited during start (exit code %s)" % self.process.exitcode
-                ) from None
+            state, info = self._wait_until_ready(ready_in, timeout)
+        except BaseException:
+            self._remove_queue()
+            raise
         finally:
             ready_in.close()
         if state != "ready":
             self.process.join(5)
+            self._remove_queue()
             raise ServiceUnavailable("dbservice could not start: %s" % info)
         return self
+
+    def _wait_until_ready(self, ready_in, timeout):
+        if not multiprocessing.connection.wait([ready_in], timeout):
+            self._kill()
+            raise ServiceUnavailable("dbservice did not start within %.0f s" % timeout)
+        try:
+            return ready_in.recv()
+        except EOFError:
+            self.process.join(5)
+            raise ServiceUnavailable("dbservice exited during start (exit code %s)" % self.process.exitcode) from None
 
     def client(self, timeout=None):
         """A client of this service, for this process or one forked from it."""
         if self.settings.socket is None:
-            return QueueClient(self.queue, self.process.sentinel, timeout=timeout)
+            return QueueClient(
+                self.queue, self.process.sentinel, timeout=timeout, max_frame=self.settings.max_frame
+            )
         return connect(socket=self.settings.socket, authkey=self.settings.authkey, timeout=timeout)
 
     def stop(self, force=False, timeout=None):
         """Stop the engine: gracefully (queued and running jobs finish), or at once with *force*."""
-        if self.process is None or not self.process.is_alive():
-            return
-        os.kill(self.process.pid, signal.SIGINT if force else signal.SIGTERM)
-        limit = (self.settings.stop_timeout if timeout is None else timeout) + 10.0
-        self.process.join(limit)
-        if self.process.is_alive():
-            logger.warning("dbservice did not stop within %.0f s; killing it", limit)
-            self._kill()
+        if self.process is not None and self.process.is_alive():
+            os.kill(self.process.pid, signal.SIGINT if force else signal.SIGTERM)
+            limit = (self.settings.stop_timeout if timeout is None else timeout) + 10.0
+            self.process.join(limit)
+            if self.process.is_alive():
+                logger.warning("dbservice did not stop within %.0f s; killing it", limit)
+                self._kill()
+        self._remove_queue()
+
+    def _remove_queue(self):
+        if self.queue is not None:
+            self.queue.remove_directory()
 
     def _kill(self):
         self.process.kill()

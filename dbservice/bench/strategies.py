@@ -54,7 +54,7 @@ class ThreadPool(Strategy):
 
 class QueuePipe(Strategy):
     name = "mp-queue-pipe"
-    description = "dbservice's original intake: a multiprocessing.Queue, a new Pipe per job"
+    description = "dbservice's queue intake: jobs on one pipe, a reply FIFO per client thread, made once"
 
     @contextlib.contextmanager
     def serving(self, dsn, plan):

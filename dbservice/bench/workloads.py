@@ -76,13 +76,14 @@ WORKLOADS = (
         (dataclasses.replace(POINT_READ, weight=95), dataclasses.replace(SLEEP, weight=5)),
     ),
     Workload("many-clients", "point reads from 256 client threads", (POINT_READ,), clients=256),
-    # The latency floor: one client, the service against one plain connection,
-    # and PgBouncer for what the same two extra hops cost a proxy in C.
+    # The latency floor: one client, the service (on either intake) against one
+    # plain connection, and PgBouncer for what the same two extra hops cost a
+    # proxy in C.
     Workload(
         "single-client",
         "point reads from one client thread",
         (POINT_READ,),
         clients=1,
-        strategies=("threadpool", "pgbouncer", "dbservice"),
+        strategies=("threadpool", "pgbouncer", "dbservice", "mp-queue-pipe"),
     ),
 )
