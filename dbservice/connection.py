@@ -1,11 +1,13 @@
 """PooledConnection: one psycopg2 async connection, watched on the event loop.
 
-Its socket stays registered for reading from open to close, instead of being
-added to the selector and removed again around every wait: that pair of
-epoll_ctl calls was the event loop's largest cost per job. The registration
-also notices, at no cost, when the server ends an idle connection (a restart,
-pg_terminate_backend): the socket turns readable, and the pool drops the
-connection before a job is lost on it.
+It is the one driver of its socket, for connecting, running a job and
+cancelling one alike. The socket stays registered for reading from open to
+close, instead of being added to the selector and removed again around
+every wait: that pair of epoll_ctl calls was the event loop's largest cost
+per job. A writer is added only while libpq asks to write. The
+registration also notices, at no cost, when the server ends an idle
+connection (a restart, pg_terminate_backend): the socket turns readable, and
+the pool drops the connection before a job is lost on it.
 """
 
 import functools
@@ -13,6 +15,7 @@ import functools
 import psycopg2
 import psycopg2.extensions as ext
 
+from . import types
 from .wait import set_done, until, wait_writable
 
 
@@ -25,15 +28,30 @@ class PooledConnection:
     """
 
     __slots__ = (
-        "pgconn", "number", "load", "last_used", "jobs_done", "needs_reset", "gate", "dropped",
-        "_loop", "_fd", "_watching", "_busy", "_on_readable", "_on_lost",
+        "pgconn", "number", "lent", "last_used", "jobs_done", "needs_reset", "gate", "dropped",
+        "_loop", "_fd", "_watching", "_busy", "_connecting", "_on_readable", "_on_lost",
     )
+
+    @classmethod
+    async def connect(cls, dsn, number, loop, on_lost, deadline):
+        """Open a connection to *dsn*, without blocking the loop; QueryTimeout or the server's error at *deadline*."""
+        conn = cls(psycopg2.connect(dsn, async_=True), number, loop, on_lost)
+        conn._busy = conn._connecting = True  # what the socket says is for wait()
+        try:
+            await conn.wait(deadline)
+            types.register(conn.pgconn)
+        except BaseException:
+            conn.close()
+            raise
+        conn._connecting = False
+        conn._watch()
+        return conn
 
     def __init__(self, pgconn, number, loop, on_lost):
         self.pgconn = pgconn
         self.number = number
-        #: jobs running on this connection or handed to it and not yet started
-        self.load = 0
+        #: lent to a job (or being reset for the next), not idle in the pool
+        self.lent = False
         self.last_used = loop.time()
         self.jobs_done = 0
         #: a job on it may have changed its session: reset before it serves another
@@ -47,10 +65,11 @@ class PooledConnection:
         self._on_lost = on_lost  # called when the server ends it while idle
         self._fd = pgconn.fileno()
         self._watching = False
+        self._connecting = False
         self._watch()
 
     def __repr__(self):
-        return "<PooledConnection #%d load=%d>" % (self.number, self.load)
+        return "<PooledConnection #%d%s>" % (self.number, " lent" if self.lent else "")
 
     @property
     def usable(self):
@@ -73,6 +92,8 @@ class PooledConnection:
             state = self.poll()
             if state == ext.POLL_OK:
                 return
+            if self._connecting:
+                self._follow_socket()
             if state == ext.POLL_READ:
                 if gated and arrived and self.gate is not None:
                     await self.gate.turn(self, deadline)
@@ -87,6 +108,15 @@ class PooledConnection:
                 await wait_writable(loop, self._fd, deadline)
             else:  # pragma: no cover - psycopg2 documents no other state
                 raise ext.OperationalError("unexpected poll() state %r" % (state,))
+
+    def _follow_socket(self):
+        """Watch the socket libpq uses now: connecting to several hosts, or retrying, it opens new ones.
+
+        Registered anew at each step, since a new socket can take the number
+        of the one closed before it.
+        """
+        self._unwatch()
+        self._fd = self.pgconn.fileno()
 
     def when_readable(self, callback):
         """Call ``callback()`` once, when the reply to the operation under way arrives.
@@ -103,7 +133,7 @@ class PooledConnection:
             state = self.pgconn.poll()
         except BaseException:
             self._busy = False
-            if not self._forget_if_closed():
+            if not self._forget_if_closed() and not self._connecting:  # a failed connect has no socket left
                 self._watch()  # again, if the error came while nobody waited
             raise
         if state == ext.POLL_OK:

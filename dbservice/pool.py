@@ -18,13 +18,11 @@ import psycopg2
 import psycopg2.extensions as ext
 from psycopg2.extensions import make_dsn, parse_dsn
 
-from . import types
 from .cancel import cancel_query
 from .connection import PooledConnection
-from .errors import QueryTimeout, ServiceUnavailable
+from .errors import QueryTimeout, ServiceBusy, ServiceUnavailable
 from .runner import CLEANUP_GRACE
 from .session import ALWAYS, AUTO, RESET, may_change_session
-from .wait import wait_ready
 
 logger = logging.getLogger("dbservice.pool")
 
@@ -70,6 +68,7 @@ class AsyncConnectionPool:
         connect_timeout=10.0,
         name="pool",
         session_reset=AUTO,
+        max_waiting=0,
     ):
         check_sizes(min_size, max_size)
         self.dsn = dsn
@@ -80,10 +79,12 @@ class AsyncConnectionPool:
         self.connect_timeout = connect_timeout
         self.name = name
         self.session_reset = session_reset
+        self.max_waiting = max_waiting
 
         self._connections = set()
         self._idle = collections.deque()  # least recently used first: lent from the right, closed from the left
-        self._waiters = collections.deque()
+        self._waiting = collections.deque()  # waiters for a connection, oldest first (see lend)
+        self._waiting_count = 0  # of which still waiting
         self._opening = None  # the task opening a connection, if one is
         self._resets = set()  # the tasks resetting sessions, under way
         self._closed = True
@@ -132,9 +133,7 @@ class AsyncConnectionPool:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, *self._resets, return_exceptions=True)
-        for fut in self._waiters:  # each waiter takes itself off the queue
-            if not fut.done():
-                fut.set_exception(ServiceUnavailable("the pool %r is closed" % self.name))
+        self.fail_waiting(ServiceUnavailable("the pool %r is closed" % self.name))
         while self._idle:
             self._discard(self._idle.popleft())
         logger.info("pool %r closed", self.name)
@@ -152,70 +151,104 @@ class AsyncConnectionPool:
         self._maybe_grow()
 
     # -- lending ---------------------------------------------------------------
+    #
+    # One queue of waiters: the jobs waiting for a connection, oldest first.
+    # A waiter is anything with accept(conn), which takes the connection or
+    # says it waits no more (False), and fail(error): the engine's PendingJob,
+    # or getconn()'s _Borrower. A waiter that gives up withdraws, and is
+    # skipped when its turn comes.
+
+    def lend(self, waiter):
+        """Lend *waiter* a connection: now if one is idle, else the next that is free.
+
+        Returns False, with nothing done, when ``max_waiting`` waiters wait
+        already (0: no limit).
+        """
+        if self._closed:
+            raise ServiceUnavailable("the pool %r is closed" % self.name)
+        if not self._waiting_count:  # nobody ahead of it
+            conn = self._pop_idle()
+            if conn is not None:
+                if not waiter.accept(conn):
+                    self._pass_on(conn)
+                return True
+        if self.max_waiting and self._waiting_count >= self.max_waiting:
+            return False
+        self._waiting.append(waiter)
+        self._waiting_count += 1
+        self.requests_waits += 1
+        self._maybe_grow()
+        return True
+
+    def fail_waiting(self, error):
+        """Answer every waiter with *error*: none will get a connection."""
+        waiting, self._waiting = self._waiting, collections.deque()
+        for waiter in waiting:  # each that still waits withdraws
+            waiter.fail(error)
+
+    def withdraw(self, waiter):
+        """*waiter*, queued by :meth:`lend`, waits no more (its timeout passed, it was cancelled)."""
+        self._waiting_count -= 1
+
+    @property
+    def waiting(self):
+        """How many waiters wait for a connection."""
+        return self._waiting_count
 
     async def getconn(self, deadline=None):
-        """Borrow the least-loaded connection, waiting for one up to *deadline*.
+        """Borrow a connection, waiting for one up to *deadline*; give it back with :meth:`putconn`.
 
         *deadline* is on the loop's clock; without one the pool's ``timeout``
         applies. Raises QueryTimeout when no connection became free in time,
         ServiceUnavailable when the database could not be reached meanwhile.
         """
-        if self._closed:
-            raise ServiceUnavailable("the pool %r is closed" % self.name)
-        conn = self._pop_idle()
-        if conn is not None:
-            return conn
-        return await self._wait_for_connection(deadline)
-
-    def lend_idle(self):
-        """An idle connection now, as :meth:`getconn` would lend it, or None."""
-        return None if self._closed else self._pop_idle()
-
-    def pass_on(self, conn):
-        """Count a job done on *conn*, which stays lent for the next one."""
-        conn.jobs_done += 1
-        conn.last_used = self._loop.time()
-
-    @property
-    def lendable(self):
-        """True unless the pool is closed or over max_size (after a resize)."""
-        return not self._closed and len(self._connections) <= self.max_size
+        borrower = _Borrower(self, deadline or self._loop.time() + self.timeout)
+        if not self.lend(borrower):
+            raise ServiceBusy("%d jobs wait for a connection of pool %r already" % (self.waiting, self.name))
+        return await borrower.connection()
 
     def putconn(self, conn):
-        """Give back a connection borrowed with :meth:`getconn`.
+        """Give back a lent connection: to the next waiter, or to the idle ones.
 
         A connection that broke is closed and replaced as needed; one left
         inside a transaction is rolled back, and one whose session a job may
-        have changed is reset, before it goes to the next waiting job.
+        have changed is reset, before anybody else gets it.
         """
-        conn.load -= 1
         conn.jobs_done += 1
         conn.last_used = self._loop.time()
         if not self._closed and not conn.pgconn.closed and (conn.needs_reset or _in_transaction(conn)):
             self._reset_soon(conn)
         else:
-            self._put_back(conn)
+            self._pass_on(conn)
 
     def note_job(self, conn, sql):
         """A job runs *sql* on *conn*: if it may change the session, reset it when it comes back."""
         if self.session_reset == ALWAYS or may_change_session(sql):
             conn.needs_reset = True
 
-    def _put_back(self, conn):
+    def _pass_on(self, conn):
+        """Pass *conn* on to the first waiter that takes it, otherwise put it back among the idle."""
+        conn.lent = False
         if self._closed or not conn.usable or len(self._connections) > self.max_size:
             self._discard(conn)
             self._maybe_grow()
-        else:
-            self._hand_over(conn)
+            return
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            conn.lent = True
+            if waiter.accept(conn):
+                self._waiting_count -= 1
+                return
+            conn.lent = False  # it gave up and withdrew already
+        self._idle.append(conn)
 
     def _reset_soon(self, conn):
-        conn.load += 1  # busy until its reset is done
         task = self._loop.create_task(self._reset(conn))
         self._resets.add(task)
         task.add_done_callback(self._resets.discard)
 
     async def _reset(self, conn):
-        """Roll back what a job left open, clear what it left in the session (session.py), give it back.
+        """Roll back what a job left open, clear what it left in the session (session.py), pass it on.
 
         A transaction is left open when the BEGIN of a client's transaction
         ran but the client gave up on it (its task was cancelled meanwhile).
@@ -236,8 +269,7 @@ class AsyncConnectionPool:
         finally:
             cursor.close()
             del conn.pgconn.notifies[:]  # what arrived before UNLISTEN: nobody will read it
-        conn.load -= 1
-        self._put_back(conn)
+        self._pass_on(conn)
 
     def _pop_idle(self):
         while self._idle:
@@ -245,7 +277,7 @@ class AsyncConnectionPool:
             if conn.pgconn.closed:
                 self._discard(conn)
                 continue
-            conn.load += 1
+            conn.lent = True
             return conn
         return None
 
@@ -257,39 +289,6 @@ class AsyncConnectionPool:
             return  # lent out: its job finds out, and putconn drops it
         self._discard(conn)
         self._maybe_grow()
-
-    async def _wait_for_connection(self, deadline):
-        loop = self._loop
-        if deadline is None:
-            deadline = loop.time() + self.timeout
-        fut = loop.create_future()
-        self._waiters.append(fut)
-        self.requests_waits += 1
-        self._maybe_grow()
-        timer = loop.call_at(deadline, self._expire, fut, loop.time())
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            # The connection may have been handed to us just as we were
-            # cancelled: give it to the next waiter rather than lose it.
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self.putconn(fut.result())
-            raise
-        finally:
-            timer.cancel()
-            if not fut.done():
-                fut.cancel()
-            if fut.cancelled() or fut.exception() is not None:
-                # Not handed a connection, so most likely still queued (a
-                # hand-over pops the futures it skips, though).
-                try:
-                    self._waiters.remove(fut)
-                except ValueError:
-                    pass
-
-    def _expire(self, fut, since):
-        if not fut.done():
-            fut.set_exception(self.wait_error(self._loop.time() - since))
 
     def wait_error(self, waited):
         """The error for a job that waited *waited* seconds and got no connection."""
@@ -326,15 +325,6 @@ class AsyncConnectionPool:
             "the database is unreachable (for %.1f s, %s): %s" % (lasted, mask_dsn(self.dsn), _one_line(self.last_error))
         )
 
-    def _hand_over(self, conn):
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                conn.load += 1
-                fut.set_result(conn)
-                return
-        self._idle.append(conn)
-
     # -- growing and shrinking -------------------------------------------------
 
     def _maybe_grow(self):
@@ -345,13 +335,16 @@ class AsyncConnectionPool:
         # Unreachable, it goes on trying even with min_size 0: that is how it
         # learns that the database is back.
         floor = self.min_size or (1 if self.unreachable else 0)
-        wanted = size < floor or any(not w.done() for w in self._waiters)
+        wanted = size < floor or self._waiting_count > 0
         if wanted and size < self.max_size:
             self._opening = self._loop.create_task(self._open_one())
 
     async def _open_one(self):
+        self._numbers += 1
         try:
-            pgconn = await self._connect()
+            conn = await PooledConnection.connect(
+                self.dsn, self._numbers, self._loop, self._lost, self._loop.time() + self.connect_timeout
+            )
         except Exception as exc:
             self._opening = None
             self._connect_failed(exc)
@@ -362,17 +355,16 @@ class AsyncConnectionPool:
         self.ever_connected = True
         self._unreachable_since = None
         if self._closed:
-            pgconn.close()
+            conn.close()
             return
-        self._numbers += 1
         self.connections_num += 1
-        conn = PooledConnection(pgconn, self._numbers, self._loop, self._lost)
         self._connections.add(conn)
         logger.info(
             "opened connection #%d; pool %r has %d (min %d, max %d)",
             conn.number, self.name, len(self._connections), self.min_size, self.max_size,
         )
-        self._hand_over(conn)
+        conn.lent = True
+        self._pass_on(conn)
         if len(self._connections) >= self.min_size and not self._opened.done():
             self._opened.set_result(None)
         self._maybe_grow()
@@ -394,16 +386,6 @@ class AsyncConnectionPool:
         ``connect_timeout``; OperationalError if it could not be sent.
         """
         await cancel_query(conn.pgconn, self.connect_timeout)
-
-    async def _connect(self, deadline=None):
-        pgconn = psycopg2.connect(self.dsn, async_=True)
-        try:
-            await wait_ready(pgconn, deadline or self._loop.time() + self.connect_timeout)
-            types.register(pgconn)
-        except BaseException:
-            pgconn.close()
-            raise
-        return pgconn
 
     def _connect_failed(self, exc):
         self.connections_errors += 1
@@ -482,7 +464,7 @@ class AsyncConnectionPool:
             "pool_max": self.max_size,
             "pool_size": len(self._connections),
             "pool_available": len(self._idle),
-            "requests_waiting": sum(1 for w in self._waiters if not w.done()),
+            "requests_waiting": self._waiting_count,
             "requests_waits": self.requests_waits,
             "connections_num": self.connections_num,
             "connections_errors": self.connections_errors,
@@ -493,9 +475,9 @@ class AsyncConnectionPool:
             "connections": [
                 {
                     "number": c.number,
-                    "load": c.load,
+                    "busy": c.lent,
                     "jobs_done": c.jobs_done,
-                    "idle_s": round(now - c.last_used, 3) if c.load == 0 else 0.0,
+                    "idle_s": 0.0 if c.lent else round(now - c.last_used, 3),
                 }
                 for c in sorted(self._connections, key=lambda c: c.number)
             ],
@@ -556,3 +538,42 @@ def mask_dsn(dsn):
 def _one_line(exc):
     text = str(exc).strip() or type(exc).__name__
     return " ".join(text.split())
+
+
+class _Borrower:
+    """getconn()'s waiter: a future the pool's connection goes to, and a timer."""
+
+    __slots__ = ("pool", "future", "timer", "since")
+
+    def __init__(self, pool, deadline):
+        loop = pool._loop
+        self.pool = pool
+        self.future = loop.create_future()
+        self.since = loop.time()
+        self.timer = loop.call_at(deadline, self._expire)
+
+    def accept(self, conn):
+        if self.future.done():
+            return False
+        self.timer.cancel()
+        self.future.set_result(conn)
+        return True
+
+    def fail(self, error):
+        if not self.future.done():
+            self.future.set_exception(error)
+            self.pool.withdraw(self)
+
+    def _expire(self):
+        self.fail(self.pool.wait_error(self.pool._loop.time() - self.since))
+
+    async def connection(self):
+        try:
+            return await self.future
+        except asyncio.CancelledError:
+            if self.future.cancelled():  # cancelled while it waited: it waits no more
+                self.timer.cancel()
+                self.pool.withdraw(self)
+            else:  # cancelled just as it was handed a connection: pass it on
+                self.pool.putconn(self.future.result())
+            raise

@@ -36,10 +36,10 @@ READ_BYTES = 256 * 1024
 
 
 class QueueIntake:
-    """Feeds jobs from *queue* (a :class:`~dbservice.queue_wire.JobQueue`) to *server*."""
+    """Feeds jobs from *queue* (a :class:`~dbservice.queue_wire.JobQueue`) to *engine*."""
 
-    def __init__(self, server, queue):
-        self.server = server
+    def __init__(self, engine, queue):
+        self.engine = engine
         self.directory = queue.directory
         self._reader = queue.reader
         self._fd = queue.reader.fileno()
@@ -56,7 +56,7 @@ class QueueIntake:
         """Stop reading jobs; send the replies still unsent, then close every channel.
 
         The jobs on the queue now (at most a pipe's capacity, less than a
-        read) are answered first: the server, stopping, refuses them. A
+        read) are answered first: the engine, stopping, refuses them. A
         channel whose client does not read is waited for no longer than its
         ``unread_reply_timeout``.
         """
@@ -74,8 +74,8 @@ class QueueIntake:
         return len(self._channels)
 
     def status(self):
-        """The server's figures, and this queue's."""
-        return dict(self.server.status(), queue_channels=self.channels)
+        """The engine's figures, and this queue's."""
+        return dict(self.engine.status(), queue_channels=self.channels)
 
     def _read_jobs(self):
         """Take in what the job queue holds."""
@@ -131,14 +131,14 @@ class _ReplyChannel:
     """The daemon's end of one client thread's reply channel: its jobs in flight, its unsent replies."""
 
     __slots__ = (
-        "intake", "server", "settings", "loop", "id", "fd", "in_flight", "part", "unsent", "closed",
+        "intake", "engine", "settings", "loop", "id", "fd", "in_flight", "part", "unsent", "closed",
         "_progress_at", "_stall_timer", "_drained",
     )
 
     def __init__(self, intake, channel_id, fd):
         self.intake = intake
-        self.server = intake.server
-        self.settings = intake.server.settings
+        self.engine = intake.engine
+        self.settings = intake.engine.settings
         self.loop = intake._loop
         self.id = channel_id
         self.fd = fd
@@ -190,7 +190,7 @@ class _ReplyChannel:
             logger.warning("refused a job that could not be decoded: %s", exc)
             self.reply(job_id, False, JobRefused("the job could not be decoded: %s" % exc))
             return
-        pending = self.server.submit(job, functools.partial(self.reply, job_id))
+        pending = self.engine.submit(job, functools.partial(self.reply, job_id))
         if not pending.done:
             self.in_flight[job_id] = pending
 
@@ -270,7 +270,7 @@ class _ReplyChannel:
             return
         self.close()
         for pending in list(self.in_flight.values()):
-            self.server.cancel(pending, error)
+            self.engine.cancel(pending, error)
 
     def close(self):
         if self.closed:

@@ -16,9 +16,9 @@ from .errors import ServiceUnavailable
 from .queue_client import QueueClient
 from .queue_intake import QueueIntake
 from .queue_wire import JobQueue
-from .server import Server
+from .engine import Engine
 from .socket_intake import SocketIntake
-from .wait import new_event_loop
+from .loops import new_event_loop
 
 logger = logging.getLogger("dbservice")
 
@@ -53,13 +53,13 @@ def serve(settings, queue=None, ready=None, reload=None, reopen_log=None):
 async def _run(settings, queue, ready, reload, reopen_log):
     loop = asyncio.get_running_loop()
     types.install_adapters()
-    server = Server(settings)
+    engine = Engine(settings)
     asked = asyncio.Queue()
 
     # Handlers only set an event and queue what was asked; the loop does the work.
     def on_signal(what):
         if what == "fast stop":
-            server.hurry()  # also cuts short a graceful stop already under way
+            engine.hurry()  # also cuts short a graceful stop already under way
         asked.put_nowait(what)
 
     for signum, what in SIGNALS.items():
@@ -67,17 +67,17 @@ async def _run(settings, queue, ready, reload, reopen_log):
 
     socket_intake = queue_intake = None
     try:
-        await server.start()
+        await engine.start()
         if settings.socket:
-            socket_intake = SocketIntake(server, settings.socket, settings.authkey)
+            socket_intake = SocketIntake(engine, settings.socket, settings.authkey)
             await socket_intake.start()
         if queue is not None:
-            queue_intake = QueueIntake(server, queue)
+            queue_intake = QueueIntake(engine, queue)
             queue_intake.start()
     except Exception as exc:
         if ready is not None:
             ready.send(("error", "%s: %s" % (type(exc).__name__, exc)))
-        await server.stop(force=True)
+        await engine.stop(force=True)
         raise
     # What exists now (modules, the pool, the settings) lives as long as the
     # daemon: frozen, the cyclic collector stops traversing it again and
@@ -91,11 +91,11 @@ async def _run(settings, queue, ready, reload, reopen_log):
         ready.send(("ready", {"pid": os.getpid(), "socket": settings.socket}))
         ready.close()
 
-    what = await _serve_signals(asked, server, reload, reopen_log)
+    what = await _serve_signals(asked, engine, reload, reopen_log)
     logger.info("dbservice stopping (%s)", "fast" if what == "fast stop" else "graceful")
     if socket_intake is not None:
         await socket_intake.stop_listening()
-    await server.stop(force=what == "fast stop")
+    await engine.stop(force=what == "fast stop")
     if socket_intake is not None:
         await socket_intake.close()
     if queue_intake is not None:
@@ -103,19 +103,19 @@ async def _run(settings, queue, ready, reload, reopen_log):
     logger.info("dbservice stopped")
 
 
-async def _serve_signals(asked, server, reload, reopen_log):
+async def _serve_signals(asked, engine, reload, reopen_log):
     """Reload and reopen the log as asked, until a stop is asked; return which stop."""
     while True:
         what = await asked.get()
         if what == "reload":
-            _reload(server, reload)
+            _reload(engine, reload)
         elif what == "reopen log":
             _reopen_log(reopen_log)
         else:
             return what
 
 
-def _reload(server, reload):
+def _reload(engine, reload):
     if reload is None:
         logger.warning("SIGHUP: this engine has no configuration to read again; nothing changes")
         return
@@ -123,9 +123,9 @@ def _reload(server, reload):
         settings = reload()
     except Exception as exc:
         logger.error("reload failed, the current settings stay: %s", exc)
-        server.reload_failed(exc)
+        engine.reload_failed(exc)
     else:
-        server.reload(settings)
+        engine.reload(settings)
 
 
 def _reopen_log(reopen_log):

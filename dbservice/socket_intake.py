@@ -43,13 +43,13 @@ LARGE_REPLY = 65536
 
 
 class SocketIntake:
-    """Serves the Unix socket at *path* for *server*."""
+    """Serves the Unix socket at *path* for *engine*."""
 
-    def __init__(self, server, path, authkey):
-        self.server = server
+    def __init__(self, engine, path, authkey):
+        self.engine = engine
         self.path = path
         self.authkey = authkey
-        self.settings = server.settings
+        self.settings = engine.settings
         self._listener = None
         self._clients = set()  # the _ClientProtocol of every connected client
 
@@ -91,8 +91,8 @@ class SocketIntake:
         return len(self._clients)
 
     def status(self):
-        """The server's figures, and this socket's."""
-        return dict(self.server.status(), socket=self.path, socket_clients=self.clients)
+        """The engine's figures, and this socket's."""
+        return dict(self.engine.status(), socket=self.path, socket_clients=self.clients)
 
 
 class _ClientProtocol(asyncio.Protocol):
@@ -105,7 +105,7 @@ class _ClientProtocol(asyncio.Protocol):
 
     def __init__(self, intake):
         self.intake = intake
-        self.server = intake.server
+        self.engine = intake.engine
         self.settings = intake.settings
         self.transport = None
         self.frames = FrameReader(MAX_AUTH_FRAME)
@@ -187,8 +187,8 @@ class _ClientProtocol(asyncio.Protocol):
         for conn in self.gate.close():
             conn.close()
         for pending in list(self.in_flight.values()):
-            self.server.cancel(pending, JobCancelled("the client went away"))
-        self.server.transactions.abandon(self)
+            self.engine.cancel(pending, JobCancelled("the client went away"))
+        self.engine.transactions.abandon(self)
 
     # More than max_client_buffer bytes of replies wait: the client is backed
     # up, and is given client_stall_timeout to read them.
@@ -237,7 +237,7 @@ class _ClientProtocol(asyncio.Protocol):
         elif kind == MSG_CANCEL:
             pending = self.in_flight.get(job_id)
             if pending is not None:
-                self.server.cancel(pending, JobCancelled("the client cancelled the job"))
+                self.engine.cancel(pending, JobCancelled("the client cancelled the job"))
         elif kind == MSG_STATUS:
             self.reply(job_id, True, self.intake.status())
         else:
@@ -250,7 +250,7 @@ class _ClientProtocol(asyncio.Protocol):
             logger.warning("refused a job: %s", exc)
             self.reply(job_id, False, exc)
             return
-        pending = self.server.submit(job, functools.partial(self.reply, job_id), owner=self)
+        pending = self.engine.submit(job, functools.partial(self.reply, job_id), owner=self)
         if not pending.done:
             self.in_flight[job_id] = pending
 

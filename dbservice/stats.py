@@ -1,7 +1,8 @@
-"""Counters and latency percentiles of the jobs the daemon ran."""
+"""Counters and latency percentiles of the jobs the daemon ran, and how the log names a job."""
 
 import collections
 import math
+import re
 
 
 class JobStats:
@@ -50,3 +51,12 @@ def percentile(ordered, pct):
 
 def _ms(seconds):
     return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+_PASSWORD_LITERAL = re.compile(r"(password\s+)'(?:[^']|'')*'", re.IGNORECASE)
+
+
+def sql_for_log(sql, limit=200):
+    """*sql* on one line, cut at *limit* characters, any ``PASSWORD '...'`` masked."""
+    text = _PASSWORD_LITERAL.sub(r"\1'***'", " ".join(sql.split()))
+    return text if len(text) <= limit else text[: limit - 3] + "..."

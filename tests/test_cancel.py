@@ -8,7 +8,7 @@ import psycopg2.errors
 import pytest
 
 from dbservice import cancel
-from dbservice.wait import wait_ready
+from dbservice.connection import PooledConnection
 
 
 @pytest.mark.parametrize("nonblocking", [True, False], ids=["nonblocking", "thread"])
@@ -18,15 +18,15 @@ def test_cancel_query_stops_a_running_query(dsn, monkeypatch, nonblocking):
     monkeypatch.setattr(cancel, "NONBLOCKING", nonblocking)
 
     async def main():
-        conn = psycopg2.connect(dsn, async_=True)
-        await wait_ready(conn)
-        cursor = conn.cursor()  # kept: psycopg2 forgets a query whose cursor is gone
-        cursor.execute("select pg_sleep(30)")
+        loop = asyncio.get_running_loop()
+        conn = await PooledConnection.connect(dsn, 1, loop, on_lost=None, deadline=loop.time() + 10)
+        cursor = conn.pgconn.cursor()  # kept: psycopg2 forgets a query whose cursor is gone
+        conn.execute(cursor, "select pg_sleep(30)")
         await asyncio.sleep(0.2)  # let the server start on it
         started = time.monotonic()
-        await cancel.cancel_query(conn, timeout=5)
+        await cancel.cancel_query(conn.pgconn, timeout=5)
         with pytest.raises(psycopg2.errors.QueryCanceled):
-            await wait_ready(conn, asyncio.get_running_loop().time() + 5)
+            await conn.wait(loop.time() + 5)
         elapsed = time.monotonic() - started
         conn.close()
         return elapsed

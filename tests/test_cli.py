@@ -111,7 +111,7 @@ def test_status_carries_every_figure_and_never_the_password(running):
     assert "password=***" in figures["dsn"] and PASSWORD not in result.stdout
     assert (figures["pool_min"], figures["pool_max"]) == (1, 2)  # the environment beats the file
     assert figures["pool_size"] >= 1
-    assert all("load" in c for c in figures["connections"]) and figures["connections"]
+    assert all("busy" in c for c in figures["connections"]) and figures["connections"]
     for name in ("queue_depth", "jobs_done", "jobs_failed", "jobs_timed_out"):
         assert isinstance(figures[name], int)
     assert figures["jobs_done"] >= 1

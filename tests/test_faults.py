@@ -18,7 +18,7 @@ import dbservice
 from conftest import active, start_service, wait_until
 from dbservice.embedded import Cluster
 from dbservice.pool import AsyncConnectionPool, Backoff
-from dbservice.wait import new_event_loop
+from dbservice.loops import new_event_loop
 from proxy import TcpProxy
 
 CLIENT = """
@@ -31,7 +31,7 @@ db.fetchval("select pg_sleep(60) /* marker-client-death */")
 
 def _pool_at_rest(figures):
     return (figures["pool_size"], figures["pool_available"], figures["jobs_running"]) == (1, 1, 0) and (
-        figures["connections"][0]["load"] == 0
+        figures["connections"][0]["busy"] is False
     )
 
 

@@ -7,7 +7,7 @@ import pytest
 from dbservice import AsyncConnectionPool, QueryTimeout
 from dbservice.jobs import Job
 from dbservice.runner import run_job
-from dbservice.wait import new_event_loop
+from dbservice.loops import new_event_loop
 
 SELECTORS = ["epoll", "select", "uvloop"]
 
@@ -79,7 +79,7 @@ def test_lends_the_most_recently_used_idle_connection(dsn):
         b = await pool.getconn()
         c = await pool.getconn()
         assert len({a.number, b.number, c.number}) == 3  # never the same one twice
-        assert [x.load for x in (a, b, c)] == [1, 1, 1]
+        assert [x.lent for x in (a, b, c)] == [True, True, True]
         for conn in (b, c, a):
             pool.putconn(conn)
         first = await pool.getconn()
@@ -151,6 +151,14 @@ def test_getconn_times_out_when_every_connection_stays_busy(dsn):
         loop = asyncio.get_running_loop()
         with pytest.raises(QueryTimeout, match="became free"):
             await pool.getconn(loop.time() + 0.2)
+        assert pool.waiting == 0  # the one that timed out waits no more
+        cancelled = asyncio.ensure_future(pool.getconn(loop.time() + 10))
+        await asyncio.sleep(0.05)
+        assert pool.waiting == 1
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert pool.waiting == 0
         pool.putconn(held)
         again = await pool.getconn(loop.time() + 1)  # the pool is fine afterwards
         pool.putconn(again)
@@ -183,7 +191,7 @@ def test_cancelled_waiter_does_not_lose_the_connection(dsn):
     stats = run("epoll", main)
     assert stats["pool_size"] == 1
     assert stats["pool_available"] == 1
-    assert stats["connections"][0]["load"] == 0
+    assert stats["connections"][0]["busy"] is False
 
 
 def test_rejects_impossible_sizes(dsn):

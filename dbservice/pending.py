@@ -1,0 +1,77 @@
+"""A job between its arrival and its one reply: where it stands, its timer, its reply.
+
+A job is *queued* once it waits in the pool for a connection, *running* once
+it has one (by callbacks, a ``runner.Statement``, or in a task), and *done*
+once its reply went. Its state changes here and nowhere else: the engine and
+the pool ask it where it stands rather than keep lists of their own.
+"""
+
+import time
+
+QUEUED = "queued"  # waiting in the pool for a connection
+RUNNING = "running"  # on a connection, or on its transaction's
+DONE = "done"  # replied
+
+
+class PendingJob:
+    """One job in the daemon. It is the pool's waiter while it queues (:meth:`accept`, :meth:`fail`)."""
+
+    __slots__ = (
+        "job", "reply", "owner", "engine", "arrived", "received", "deadline", "state", "timer",
+        "statement", "task", "started", "cancelled_with",
+    )
+
+    def __init__(self, engine, job, reply, owner, now):
+        self.job = job
+        self.reply = reply  # reply(ok, value), called once
+        self.owner = owner  # the client connection it came on, for transactions
+        self.engine = engine
+        self.arrived = now  # on the loop's clock, which deadlines are on
+        self.received = time.perf_counter()  # for its latency: some loops tick in whole ms
+        self.deadline = None if job.timeout is None else now + job.timeout
+        self.state = None  # until it queues or runs
+        self.timer = None  # its deadline, or the pool's timeout while it queues
+        self.statement = None  # while it runs by callbacks (runner.Statement)
+        self.task = None  # while it runs in a task
+        self.started = False  # its task took its first step: it can be cancelled at once
+        self.cancelled_with = None  # the error to reply with once its query is cancelled
+
+    @property
+    def done(self):
+        return self.state is DONE
+
+    def queue(self):
+        self.state = QUEUED
+
+    def run(self):
+        self.state = RUNNING
+
+    def accept(self, conn):
+        """The pool lends *conn*: run on it, unless the job waits no more (then False)."""
+        if self.state is not QUEUED and self.state is not None:
+            return False
+        self.state = RUNNING
+        self.engine.run_on(self, conn)
+        return True
+
+    def fail(self, error):
+        """The pool gives up on the job (it is closing): reply with *error*."""
+        self.engine.finish(self, False, error)
+
+    def finish(self, ok, value):
+        """Send the reply unless one was sent already; True if this one went."""
+        if self.state is DONE:
+            return False
+        if self.state is QUEUED:
+            self.engine.pool.withdraw(self)
+        self.state = DONE
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.reply(ok, value)
+        return True
+
+    def cancel_timer(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
