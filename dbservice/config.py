@@ -84,8 +84,7 @@ class Settings:
         10.0, "SECONDS", "how long opening one connection to PostgreSQL may take", reloadable=True
     )
     max_queue: int = setting(
-        10000, "N",
-        "jobs queued at most; more wait up to their timeout for room (as many again), then are refused as busy",
+        10000, "N", "jobs waiting for a connection at most; more are refused as busy at once"
     )
     max_clients: int = setting(2048, "N", "socket clients connected at once; more are refused as busy")
     max_client_jobs: int = setting(

@@ -1,12 +1,13 @@
-"""AsyncConnectionPool: a bounded pool of psycopg2 connections in async mode.
+"""AsyncConnectionPool: a bounded pool of psycopg2 connections in async mode, and its queue of jobs.
 
-The pool lends a connection to one job at a time. It picks the least-loaded
-connection, and among idle ones the most recently used, as PgBouncer does:
-the connections a load needs stay busy and warm, and those it does not need
-stay idle, so that the ones above ``min_size`` close after ``max_idle``
-seconds even while jobs keep coming. When none is free it opens another, one
-at a time, up to ``max_size``. When the database cannot be reached it retries
-with a capped, jittered exponential backoff and never spins.
+The pool lends a connection to one job at a time, in order of arrival: the
+jobs waiting for one are its waiters, in one queue. Among idle connections it
+lends the most recently used, as PgBouncer does: the connections a load needs
+stay busy and warm, and those it does not need stay idle, so that the ones
+above ``min_size`` close after ``max_idle`` seconds even while jobs keep
+coming. When none is free it opens another, one at a time, up to
+``max_size``. When the database cannot be reached it retries with a capped,
+jittered exponential backoff and never spins.
 """
 
 import asyncio
