@@ -24,8 +24,8 @@ except ModuleNotFoundError:  # Python < 3.11
 import psycopg2
 from psycopg2.extensions import parse_dsn
 
-from .pool import check_sizes
 from .session import AUTO, SESSION_RESETS
+from .supply import check_sizes
 
 #: The state directory when none is given: socket, secret, pidfile, log,
 #: and the embedded cluster unless we are root (see embedded.default_cluster_dir).

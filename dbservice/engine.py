@@ -46,7 +46,8 @@ from .config import reloadable_settings
 from .errors import Error, JobRefused, QueryOutcomeUnknown, QueryTimeout, ServiceBusy, ServiceUnavailable
 from .jobs import FETCH_BEGIN
 from .pending import QUEUED, PendingJob
-from .pool import AsyncConnectionPool, mask_dsn, refused_for_good
+from .health import mask_dsn, refused_for_good
+from .pool import AsyncConnectionPool
 from .runner import STATEMENT_FETCHES, Statement, run_job
 from .stats import JobStats, sql_for_log
 from .transactions import TransactionTable

@@ -18,7 +18,7 @@ import time
 import weakref
 
 from .client import _ChannelLost, _encode, _QueryMethods, _reply_wait, check_size
-from .errors import Error, JobRefused, QueryTimeout, ServiceUnavailable
+from .errors import Error, QueryTimeout, ServiceUnavailable
 from .jobs import loads_reply
 from .queue_wire import channel_path, job_frames
 from .wire import MSG_ERROR, MSG_JOB, MSG_STATUS, FrameReader

@@ -11,7 +11,7 @@ import signal
 from . import types
 from .client import connect
 from .config import Settings
-from .pool import mask_dsn
+from .health import mask_dsn
 from .errors import ServiceUnavailable
 from .queue_client import QueueClient
 from .queue_intake import QueueIntake

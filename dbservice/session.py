@@ -16,6 +16,8 @@ its body (a PL/pgSQL ``SET``, or ``CREATE TEMP TABLE``): with
 
 import re
 
+import psycopg2.extensions as ext
+
 #: What clears a session: settings, role, temporary tables, prepared
 #: statements, cursors, LISTEN, advisory locks, cached plans and sequences.
 RESET = "DISCARD ALL"
@@ -69,3 +71,33 @@ def _changing_statement(sql):
             ):
                 return True
     return False
+
+
+def in_transaction(conn):
+    """True if *conn*, a PooledConnection, was left inside a transaction (or a failed one)."""
+    status = conn.pgconn.get_transaction_status()
+    return status in (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR)
+
+
+async def clean(conn, deadline):
+    """Roll back what a job left open on *conn*, reset its session if a job may have changed it.
+
+    A transaction is left open when the BEGIN of a client's transaction ran
+    but the client gave up on it (its task was cancelled meanwhile). Returns
+    True if the session was reset; raises what stopped it (then the
+    connection must be closed).
+    """
+    cursor = conn.pgconn.cursor()
+    try:
+        if in_transaction(conn):
+            conn.execute(cursor, "ROLLBACK")
+            await conn.wait(deadline)
+        if not conn.needs_reset:
+            return False
+        conn.execute(cursor, RESET)
+        await conn.wait(deadline)
+        conn.needs_reset = False
+        return True
+    finally:
+        cursor.close()
+        del conn.pgconn.notifies[:]  # what arrived before UNLISTEN: nobody will read it

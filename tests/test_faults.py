@@ -17,7 +17,8 @@ import pytest
 import dbservice
 from conftest import active, start_service, wait_until
 from dbservice.embedded import Cluster
-from dbservice.pool import AsyncConnectionPool, Backoff
+from dbservice.health import Backoff
+from dbservice.pool import AsyncConnectionPool
 from dbservice.loops import new_event_loop
 from proxy import TcpProxy
 
