@@ -2,6 +2,8 @@ from setuptools import find_packages, setup
 
 # What the example web app (examples/blog) runs on; its test runs in CI too.
 BLOG_REQUIRES = ["flask>=3", "gunicorn>=21"]
+# PEP 249's compliance suite (dbapi20.py), which dbservice.dbapi passes in CI.
+DBAPI_TEST_REQUIRES = ["dbapi-compliance>=1.15"]
 # The optional faster event loop (selector = "uvloop"); tested in CI too.
 UVLOOP_REQUIRES = ["uvloop>=0.17"]
 
@@ -20,7 +22,10 @@ setup(
         'tomli>=1.1; python_version < "3.11"',
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"] + BLOG_REQUIRES + UVLOOP_REQUIRES,
+        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"]
+        + BLOG_REQUIRES
+        + UVLOOP_REQUIRES
+        + DBAPI_TEST_REQUIRES,
         "blog": BLOG_REQUIRES,
         "uvloop": UVLOOP_REQUIRES,
         "plot": ["matplotlib>=3"],
