@@ -1,10 +1,12 @@
 """dbservice.dbapi against a real daemon: the PEP 249 suite, transactions, named cursors, errors, faults."""
 
 import asyncio
+import datetime
 import enum
 import os
 import pickle
 import threading
+import zoneinfo
 
 import dbapi20
 import psycopg2
@@ -222,6 +224,9 @@ def test_framework_subclasses_of_plain_values_are_sent_as_those_values(connect):
     assert cur.fetchone() == ("draft", 5, "<b>", b"\x00\x01")
     cur.execute("select %(s)s, 5 in %(t)s", {"s": Status.DRAFT, "t": (Stars.FIVE, Stars.FIVE)})
     assert cur.fetchone() == ("draft", True)
+    paris = datetime.datetime(2026, 3, 29, 3, 30, tzinfo=zoneinfo.ZoneInfo("Europe/Paris"))  # just past DST
+    cur.execute("select %s", [paris])
+    assert cur.fetchone() == (paris,)  # the same instant (at its offset then, +02:00)
 
 
 def test_a_named_cursor_streams_in_batches(connect, service):

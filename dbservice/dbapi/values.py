@@ -5,11 +5,13 @@ The daemon decodes a job with an unpickler that admits plain values only
 pass such subclasses all the time: Django's ``SafeString`` and its choices
 (``TextChoices`` members are ``str``), ``IntEnum`` members, psycopg 3's
 ``Int4``. They are sent as the plain value they stand for, as psycopg2 would
-have quoted them; anything else goes as it is, and the daemon says what it
-refuses.
+have quoted them; so is a datetime in a named zone (zoneinfo, pytz, a pandas
+Timestamp): as the same instant at its UTC offset, which is all psycopg2
+sends of it. Anything else goes as it is, and the daemon says what it refuses.
 """
 
 import datetime
+from collections.abc import Mapping
 import decimal
 import enum
 import uuid
@@ -19,7 +21,7 @@ from psycopg2 import ProgrammingError
 _PLAIN = frozenset(
     (
         str, int, float, bool, bytes, type(None), decimal.Decimal, uuid.UUID,
-        datetime.date, datetime.datetime, datetime.time, datetime.timedelta,
+        datetime.date, datetime.time, datetime.timedelta,
     )
 )
 
@@ -34,8 +36,8 @@ def plain_params(params, many):
         return None
     if many:
         return [plain_params(each, many=False) for each in params]
-    if isinstance(params, dict):
-        if all(type(value) in _PLAIN for value in params.values()):
+    if isinstance(params, Mapping):
+        if type(params) is dict and all(type(value) in _PLAIN for value in params.values()):
             return params
         return {key: plain(value) for key, value in params.items()}
     if type(params) in (list, tuple) and all(type(value) in _PLAIN for value in params):
@@ -53,8 +55,10 @@ def plain(value):
         return value
     if kind in (list, tuple):
         return kind(plain(item) for item in value)
-    if kind is dict:
+    if isinstance(value, Mapping):
         return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, datetime.datetime):
+        return _plain_datetime(value)
     # Each by its contents, not by str() or int(), which an enum overrides.
     if isinstance(value, str):
         return str.__str__(value)
@@ -65,6 +69,17 @@ def plain(value):
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(memoryview(value))
     return value
+
+
+def _plain_datetime(value):
+    zone = value.tzinfo
+    if type(value) is datetime.datetime and (zone is None or type(zone) is datetime.timezone):
+        return value
+    offset = value.utcoffset()
+    return datetime.datetime(
+        value.year, value.month, value.day, value.hour, value.minute, value.second, value.microsecond,
+        None if offset is None else datetime.timezone(offset),
+    )
 
 
 def isolation_name(level):
