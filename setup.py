@@ -2,8 +2,9 @@ from setuptools import find_packages, setup
 
 # What the example web app (examples/blog) runs on; its test runs in CI too.
 BLOG_REQUIRES = ["flask>=3", "gunicorn>=21"]
-# PEP 249's compliance suite (dbapi20.py), which dbservice.dbapi passes in CI.
-DBAPI_TEST_REQUIRES = ["dbapi-compliance>=1.15"]
+# What the adoption tests run: PEP 249's compliance suite (dbapi20.py), and the
+# libraries apps reach PostgreSQL through, on postgresql+dbservice://.
+ADOPTION_TEST_REQUIRES = ["dbapi-compliance>=1.15", "sqlalchemy>=2.0.38", "pandas>=2", "alembic>=1.13"]
 # The optional faster event loop (selector = "uvloop"); tested in CI too.
 UVLOOP_REQUIRES = ["uvloop>=0.17"]
 
@@ -25,12 +26,17 @@ setup(
         "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"]
         + BLOG_REQUIRES
         + UVLOOP_REQUIRES
-        + DBAPI_TEST_REQUIRES,
+        + ADOPTION_TEST_REQUIRES,
         "blog": BLOG_REQUIRES,
         "uvloop": UVLOOP_REQUIRES,
         "plot": ["matplotlib>=3"],
+        "sqlalchemy": ["sqlalchemy>=2.0.38"],
     },
-    entry_points={"console_scripts": ["dbserviced = dbservice.cli:main"]},
+    entry_points={
+        "console_scripts": ["dbserviced = dbservice.cli:main"],
+        # create_engine("postgresql+dbservice://") finds the dialect by this name.
+        "sqlalchemy.dialects": ["postgresql.dbservice = dbservice.sqlalchemy:DBServiceDialect"],
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Database",

@@ -52,6 +52,11 @@ class ConnectionBase:
         return self._session.closed
 
     @property
+    def in_transaction(self):
+        """True from the statement that began a transaction until its commit() or rollback()."""
+        return self._session.tx is not None
+
+    @property
     def timeout(self):
         """Seconds each job may take (its wait in the daemon's queue included); None: no limit."""
         return self._session.timeout
