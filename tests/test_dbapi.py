@@ -234,11 +234,13 @@ def test_a_named_cursor_streams_in_batches(connect, service):
     cur = conn.cursor("rows")
     cur.itersize = 100
     cur.execute("select g, repeat('x', 10) from generate_series(1, 1000) g")
+    assert cur.fetchone() == (1, "xxxxxxxxxx")
     assert [c.name for c in cur.description] == ["g", "repeat"]
     assert cur.description[0].type_code == dbapi.NUMBER
     assert len(cur._rows) == 100  # one batch in hand, the rest on the server
-    assert cur.fetchmany(150)[-1][0] == 150
-    assert [row[0] for row in cur] == list(range(151, 1001))
+    assert cur.fetchmany(150)[-1][0] == 151
+    assert len(cur._rows) == cur.rownumber  # it fetched the 51 missing rows, no more
+    assert [row[0] for row in cur] == list(range(152, 1001))
     cur.close()
     conn.commit()
     # A named cursor lives in the transaction it was declared in.

@@ -133,7 +133,7 @@ class AsyncCursor(CursorCore):
         self._check_results()
         size = self.arraysize if size is None else size
         while self._wants(size):
-            await self.connection._run(self._fetch_op(self._batch(size)))
+            await self.connection._run(self._fetch_op(self._missing(size)))
         return self._take(size)
 
     async def fetchall(self):

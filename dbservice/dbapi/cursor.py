@@ -3,7 +3,8 @@
 A cursor's statement is one job, and its reply carries the whole result, so
 fetching is local. A named cursor (``connection.cursor(name=...)``, as in
 psycopg2) streams instead: its query is DECLAREd as a server-side cursor, and
-the rows come ``itersize`` at a time. A server-side cursor lives inside a
+the rows come as fetchmany() asks for them, or ``itersize`` at a time for
+fetchone(), iteration and fetchall(). A server-side cursor lives inside a
 transaction on one pooled connection, so in autocommit mode a named cursor
 gets a daemon transaction of its own, from its DECLARE until its last row or
 its close(); otherwise it lives in the connection's transaction. Either way
@@ -104,8 +105,8 @@ class CursorCore:
         """True if a named cursor must fetch before *count* rows are in hand."""
         return self._more and len(self._rows) - self._next < count
 
-    def _batch(self, count):
-        return max(self.itersize, count)
+    def _missing(self, count):
+        return count - (len(self._rows) - self._next)
 
     def _one(self):
         rows, index = self._rows, self._next
@@ -160,8 +161,9 @@ class CursorCore:
                 "DECLARE %s NO SCROLL CURSOR FOR %s" % (self._quoted, operation),
                 params, FETCH_ROWCOUNT, session.timeout, tx.id,
             )
+            # No rows yet, nor a description, as with psycopg2: the first fetch
+            # brings as many as it asks for, so a caller's batch bounds memory.
             self._rows, self._more = [], True
-            yield from self._fetch_op(self.itersize)
         except Exception:
             yield from self._end_own_tx(FETCH_ROLLBACK, quietly=True)
             raise
@@ -239,7 +241,7 @@ class Cursor(CursorCore):
         self._check_results()
         size = self.arraysize if size is None else size
         while self._wants(size):
-            self.connection._run(self._fetch_op(self._batch(size)))
+            self.connection._run(self._fetch_op(self._missing(size)))
         return self._take(size)
 
     def fetchall(self):
