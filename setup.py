@@ -4,7 +4,13 @@ from setuptools import find_packages, setup
 BLOG_REQUIRES = ["flask>=3", "gunicorn>=21"]
 # What the adoption tests run: PEP 249's compliance suite (dbapi20.py), and the
 # libraries apps reach PostgreSQL through, on postgresql+dbservice://.
-ADOPTION_TEST_REQUIRES = ["dbapi-compliance>=1.15", "sqlalchemy>=2.0.38", "pandas>=2", "alembic>=1.13"]
+ADOPTION_TEST_REQUIRES = [
+    "dbapi-compliance>=1.15",
+    "sqlalchemy>=2.0.38",
+    "pandas>=2",
+    "alembic>=1.13",
+    "django>=5.1",
+]
 # The optional faster event loop (selector = "uvloop"); tested in CI too.
 UVLOOP_REQUIRES = ["uvloop>=0.17"]
 
