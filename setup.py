@@ -10,6 +10,7 @@ ADOPTION_TEST_REQUIRES = [
     "pandas>=2",
     "alembic>=1.13",
     "django>=5.1",
+    "gevent>=23",
 ]
 # The optional faster event loop (selector = "uvloop"); tested in CI too.
 UVLOOP_REQUIRES = ["uvloop>=0.17"]
