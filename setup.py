@@ -2,6 +2,8 @@ from setuptools import find_packages, setup
 
 # What the example web app (examples/blog) runs on; its test runs in CI too.
 BLOG_REQUIRES = ["flask>=3", "gunicorn>=21"]
+# What the example Django shop (examples/shop) runs on; its test runs in CI too.
+SHOP_REQUIRES = ["django>=5.1", "gunicorn>=21"]
 # What the adoption tests run: PEP 249's compliance suite (dbapi20.py), and the
 # libraries apps reach PostgreSQL through, on postgresql+dbservice://.
 ADOPTION_TEST_REQUIRES = [
@@ -9,7 +11,6 @@ ADOPTION_TEST_REQUIRES = [
     "sqlalchemy>=2.0.38",
     "pandas>=2",
     "alembic>=1.13",
-    "django>=5.1",
     "gevent>=23",
 ]
 # The optional faster event loop (selector = "uvloop"); tested in CI too.
@@ -33,8 +34,10 @@ setup(
         "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"]
         + BLOG_REQUIRES
         + UVLOOP_REQUIRES
+        + SHOP_REQUIRES
         + ADOPTION_TEST_REQUIRES,
         "blog": BLOG_REQUIRES,
+        "shop": SHOP_REQUIRES,
         "uvloop": UVLOOP_REQUIRES,
         "plot": ["matplotlib>=3"],
         "sqlalchemy": ["sqlalchemy>=2.0.38"],
