@@ -26,6 +26,9 @@ STRATEGY_NAMES = {
     "dbservice-async",
     "pgbouncer",
     "pgbench",
+    "dbservice-dbapi",
+    "dbservice-sqlalchemy",
+    "pgbouncer-sqlalchemy",
 }
 WORKLOAD_NAMES = {"point-read", "write", "slow-mix", "many-clients", "single-client"}
 
@@ -173,6 +176,24 @@ def test_ratios_are_dbservice_qps_over_each_other_strategy_per_workload():
         },
         "single-client": {"dbservice/threadpool": 0.444},
     }
+
+
+def test_layers_are_each_layers_qps_over_the_one_it_rides_on():
+    results = RESULTS + [
+        row("dbservice-dbapi", "point-read", 9000.0),
+        row("dbservice-sqlalchemy", "point-read", 4500.0),
+        row("pgbouncer-sqlalchemy", "point-read", 5000.0),
+    ]
+    assert report.layers(results) == {
+        "point-read": {
+            "dbservice-dbapi/dbservice": 0.9,
+            "dbservice-sqlalchemy/dbservice-dbapi": 0.5,
+            "pgbouncer-sqlalchemy/pgbouncer": 0.4,
+            "dbservice-sqlalchemy/pgbouncer-sqlalchemy": 0.9,
+        }
+    }
+    text = report.format_report(dict(DOCUMENT, results=results, layers=report.layers(results)))
+    assert "point-read     SQLAlchemy Core: on dbservice / on PgBouncer" in text and text.count("0.90x") == 2
 
 
 def test_targets_say_pass_fail_or_not_measured_with_the_measured_value():
@@ -379,7 +400,7 @@ def test_the_quick_run_compares_every_strategy_and_writes_the_json(tmp_path):
     assert {workload for _, workload in measured} == WORKLOAD_NAMES
     for r in document["results"]:
         assert set(r) >= {"strategy", "workload", "qps", "p50_ms", "p99_ms", "errors", "server_connections"}
-        if r["strategy"] in ("dbservice", "mp-queue-pipe", "dbservice-async"):
+        if r["strategy"] in ("dbservice", "mp-queue-pipe", "dbservice-async", "dbservice-dbapi", "dbservice-sqlalchemy"):
             assert r["qps"] > 0, r
             assert r["server_connections"] <= 8, r  # the pool, and nothing else
     assert "dbservice/connect-per-query" in document["ratios"]["point-read"]

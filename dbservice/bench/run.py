@@ -82,7 +82,7 @@ def run(plan, dsn=None, strategies=STRATEGIES, workloads=WORKLOADS, guard_rounds
     with database(plan, dsn) as dsn:
         machine = describe_machine(dsn)
         for strategy in runnable:
-            mine = [workload for workload in workloads if workload.runs(strategy.name)]
+            mine = [w for w in workloads if w.runs(strategy.name) and strategy.runs(w.name)]
             done = 0
             progress.begin("%s: starting" % strategy.name)
             try:
@@ -110,6 +110,7 @@ def run(plan, dsn=None, strategies=STRATEGIES, workloads=WORKLOADS, guard_rounds
         "guard_rounds": guard_results,
         "notes": notes,
         "ratios": report.ratios(results),
+        "layers": report.layers(results),
         "targets": report.targets(results, plan),
     }
 
