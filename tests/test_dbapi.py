@@ -222,7 +222,7 @@ def test_framework_subclasses_of_plain_values_are_sent_as_those_values(connect):
     cur = connect().cursor()
     cur.execute("select %s, %s, %s, %s", [Status.DRAFT, Stars.FIVE, Safe("<b>"), bytearray(b"\x00\x01")])
     assert cur.fetchone() == ("draft", 5, "<b>", b"\x00\x01")
-    cur.execute("select %(s)s, 5 in %(t)s", {"s": Status.DRAFT, "t": (Stars.FIVE, Stars.FIVE)})
+    cur.execute("select %(s)s, 5 in %(t)s", {Safe("s"): Status.DRAFT, "t": (Stars.FIVE, Stars.FIVE)})
     assert cur.fetchone() == ("draft", True)
     paris = datetime.datetime(2026, 3, 29, 3, 30, tzinfo=zoneinfo.ZoneInfo("Europe/Paris"))  # just past DST
     cur.execute("select %s", [paris])

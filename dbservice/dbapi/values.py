@@ -37,9 +37,10 @@ def plain_params(params, many):
     if many:
         return [plain_params(each, many=False) for each in params]
     if isinstance(params, Mapping):
-        if type(params) is dict and all(type(value) in _PLAIN for value in params.values()):
+        # Keys too: SQLAlchemy names a table's columns with quoted_name, a str.
+        if type(params) is dict and all(type(key) is str and type(value) in _PLAIN for key, value in params.items()):
             return params
-        return {key: plain(value) for key, value in params.items()}
+        return {plain(key): plain(value) for key, value in params.items()}
     if type(params) in (list, tuple) and all(type(value) in _PLAIN for value in params):
         return params
     try:
@@ -56,7 +57,7 @@ def plain(value):
     if kind in (list, tuple):
         return kind(plain(item) for item in value)
     if isinstance(value, Mapping):
-        return {key: plain(item) for key, item in value.items()}
+        return {plain(key): plain(item) for key, item in value.items()}
     if isinstance(value, datetime.datetime):
         return _plain_datetime(value)
     # Each by its contents, not by str() or int(), which an enum overrides.
