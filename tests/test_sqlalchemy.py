@@ -190,6 +190,9 @@ def test_isolation_levels_and_autocommit_go_into_each_begin(engine, service):
     with engine.connect().execution_options(postgresql_readonly=True) as conn:
         with pytest.raises(sa.exc.InternalError):  # ReadOnlySqlTransaction
             conn.execute(sa.text("create temporary table never (n int)"))
+    options = {"isolation_level": "SERIALIZABLE", "postgresql_readonly": True, "postgresql_deferrable": True}
+    with engine.connect().execution_options(**options) as conn:
+        assert conn.scalar(sa.text("show transaction_deferrable")) == "on"
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(sa.text("select 1"))
         assert open_transactions(service) == 0  # autocommit pins no pooled connection
