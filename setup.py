@@ -8,7 +8,7 @@ SHOP_REQUIRES = ["django>=5.1", "gunicorn>=21"]
 # libraries apps reach PostgreSQL through, on postgresql+dbservice://.
 ADOPTION_TEST_REQUIRES = [
     "dbapi-compliance>=1.15",
-    "sqlalchemy>=2.0.38",
+    "sqlalchemy>=2.0.44",
     "pandas>=2",
     "alembic>=1.13",
     "gevent>=23",
@@ -40,7 +40,7 @@ setup(
         "shop": SHOP_REQUIRES,
         "uvloop": UVLOOP_REQUIRES,
         "plot": ["matplotlib>=3"],
-        "sqlalchemy": ["sqlalchemy>=2.0.38"],
+        "sqlalchemy": ["sqlalchemy>=2.0.44"],
     },
     entry_points={
         "console_scripts": ["dbserviced = dbservice.cli:main"],

@@ -21,15 +21,15 @@ of them; its query may carry ``socket``, ``timeout`` and ``connect_timeout``.
 import decimal
 from contextlib import contextmanager
 
-from sqlalchemy import exc, util
+from sqlalchemy import exc, pool, util
 from sqlalchemy.connectors.asyncio import (
     AsyncAdapt_dbapi_connection,
     AsyncAdapt_dbapi_cursor,
-    AsyncAdapt_dbapi_module,
     AsyncAdapt_dbapi_ss_cursor,
     AsyncAdapt_terminate,
 )
 from sqlalchemy.dialects.postgresql.base import _FLOAT_TYPES, PGDialect, PGExecutionContext
+from sqlalchemy.dialects.postgresql.json import JSON, JSONB
 from sqlalchemy.dialects.postgresql.pg_catalog import INT2VECTOR, OIDVECTOR, _SpaceVector
 from sqlalchemy.engine import processors
 from sqlalchemy.sql import sqltypes
@@ -70,6 +70,16 @@ class _Float(_NumericResults, sqltypes.Float):
     pass
 
 
+class _JSON(JSON):
+    def result_processor(self, dialect, coltype):
+        return None  # psycopg2 parsed it in the daemon
+
+
+class _JSONB(JSONB):
+    def result_processor(self, dialect, coltype):
+        return None
+
+
 class _Int2Vector(_SpaceVector, INT2VECTOR):
     """psycopg2 gives int2vector (the catalogs' index columns) as text: "1 3"."""
 
@@ -95,12 +105,18 @@ class DBServiceDialect(PGDialect):
     supports_sane_multi_rowcount = True  # executemany's rowcount is the total
     use_insertmanyvalues_wo_returning = True
     returns_native_bytes = True  # the daemon gives bytea as bytes
-    supports_native_json_serialization = False
-    supports_native_json_deserialization = True  # psycopg2 parsed it in the daemon
     execution_ctx_cls = _ExecutionContext
     colspecs = util.update_copy(
         PGDialect.colspecs,
-        {sqltypes.Numeric: _Numeric, sqltypes.Float: _Float, INT2VECTOR: _Int2Vector, OIDVECTOR: _OidVector},
+        {
+            sqltypes.Numeric: _Numeric,
+            sqltypes.Float: _Float,
+            sqltypes.JSON: _JSON,
+            JSON: _JSON,
+            JSONB: _JSONB,
+            INT2VECTOR: _Int2Vector,
+            OIDVECTOR: _OidVector,
+        },
     )
 
     def __init__(self, json_deserializer=None, **kwargs):
@@ -268,11 +284,10 @@ class _AsyncAdaptedConnection(AsyncAdapt_terminate, AsyncAdapt_dbapi_connection)
         self._connection.terminate()
 
 
-class _AsyncAdaptedDBAPI(AsyncAdapt_dbapi_module):
-    """dbservice.dbapi as SQLAlchemy's asyncio dialects see a driver module."""
+class _AsyncAdaptedDBAPI:
+    """dbservice.dbapi as SQLAlchemy's asyncio dialects see a driver module: its connect() blocks."""
 
     def __init__(self):
-        super().__init__(dbapi, dbapi_module=dbapi)
         for name in dbapi.__all__:
             if not name.startswith("connect"):
                 setattr(self, name, getattr(dbapi, name))
@@ -280,7 +295,7 @@ class _AsyncAdaptedDBAPI(AsyncAdapt_dbapi_module):
 
     def connect(self, *args, **kwargs):
         creator = kwargs.pop("async_creator_fn", dbapi.connect_async)
-        return await_(_AsyncAdaptedConnection.create(self, creator(*args, **kwargs)))
+        return _AsyncAdaptedConnection(self, await_(creator(*args, **kwargs)))
 
 
 class DBServiceAsyncDialect(DBServiceDialect):
@@ -292,6 +307,10 @@ class DBServiceAsyncDialect(DBServiceDialect):
     @classmethod
     def import_dbapi(cls):
         return _AsyncAdaptedDBAPI()
+
+    @classmethod
+    def get_pool_class(cls, url):
+        return pool.AsyncAdaptedQueuePool  # what SQLAlchemy 2.1 picks for any asyncio dialect
 
     def get_driver_connection(self, connection):
         return connection._connection
