@@ -273,6 +273,11 @@ def test_a_named_cursor_in_autocommit_holds_a_transaction_of_its_own_while_it_ha
         bad = conn.cursor("bad")
         bad.execute("select * from no_such_table")
     assert open_transactions(service) == 0
+    failing = conn.cursor("failing")
+    failing.execute("select 1 / (g - 3) from generate_series(1, 5) g")  # fails as the rows are made
+    with pytest.raises(psycopg2.errors.DivisionByZero):
+        failing.fetchall()
+    assert open_transactions(service) == 0  # ended at once, not when the cursor is closed
 
 
 def test_a_restarted_daemon_loses_open_transactions_and_nothing_else(dsn, socket_path):

@@ -176,7 +176,13 @@ class CursorCore:
         if not self._owns_tx and tx is not self._session.tx:
             raise ProgrammingError("named cursor %r isn't valid anymore: its transaction ended" % self.name)
         sql = "FETCH FORWARD %%s FROM %s" % self._quoted
-        description, _, rows, status = yield Job(sql, [count], FETCH_CURSOR, self._session.timeout, tx.id)
+        try:
+            description, _, rows, status = yield Job(sql, [count], FETCH_CURSOR, self._session.timeout, tx.id)
+        except Exception:
+            # The query failed as it ran: a transaction of its own is of no more use.
+            self._more = False
+            yield from self._end_own_tx(FETCH_ROLLBACK, quietly=True)
+            raise
         self._description, self._columns, self.statusmessage = description, None, status
         self._rows = self._rows[self._next :] + rows
         self._next = 0
