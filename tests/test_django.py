@@ -96,6 +96,7 @@ def site(service, tmp_path_factory):
         }
     ''' % (service.socket, service.authkey)))
     sys.path.insert(0, str(root))
+    settings_before = os.environ.get("DJANGO_SETTINGS_MODULE")
     os.environ["DJANGO_SETTINGS_MODULE"] = "dj_settings"
     django.setup()
     from django.core.management import call_command
@@ -107,6 +108,11 @@ def site(service, tmp_path_factory):
 
     connections.close_all()
     sys.path.remove(str(root))
+    # Django stays set up in this process, but the processes other tests start must not inherit it.
+    if settings_before is None:
+        del os.environ["DJANGO_SETTINGS_MODULE"]
+    else:
+        os.environ["DJANGO_SETTINGS_MODULE"] = settings_before
 
 
 def open_transactions(service):

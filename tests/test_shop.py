@@ -60,7 +60,7 @@ def service(shop_dsn, tmp_path_factory):
 @pytest.fixture(scope="module")
 def env(service):
     """The environment the shop runs in: it finds the daemon through $DBSERVICE_SOCKET."""
-    return dict(os.environ, DBSERVICE_SOCKET=service.socket)
+    return dict(os.environ, DBSERVICE_SOCKET=service.socket, DJANGO_SETTINGS_MODULE="shop.settings")
 
 
 def manage(env, *args):
