@@ -145,10 +145,12 @@ class Connection(ConnectionBase):
         return Cursor(self, name, withhold, scrollable)
 
     def commit(self):
-        self._run(self._session.end(FETCH_COMMIT))
+        if self._session.tx is not None or self._session.closed:  # else nothing to send: pools call these a lot
+            self._run(self._session.end(FETCH_COMMIT))
 
     def rollback(self):
-        self._run(self._session.end(FETCH_ROLLBACK))
+        if self._session.tx is not None or self._session.closed:
+            self._run(self._session.end(FETCH_ROLLBACK))
 
     def close(self):
         """Roll back what is open and hang up; closing twice raises InterfaceError, as the PEP's suite wants."""

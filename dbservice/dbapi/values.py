@@ -36,13 +36,21 @@ def plain_params(params, many):
         return None
     if many:
         return [plain_params(each, many=False) for each in params]
+    kind = type(params)  # the usual cases first, and checked without a copy: this is every statement's path
+    if kind is tuple or kind is list:
+        for value in params:
+            if type(value) not in _PLAIN:
+                return [plain(value) for value in params]
+        return params
+    if kind is dict:
+        for key, value in params.items():
+            if type(key) is not str or type(value) not in _PLAIN:
+                break
+        else:
+            return params
     if isinstance(params, Mapping):
         # Keys too: SQLAlchemy names a table's columns with quoted_name, a str.
-        if type(params) is dict and all(type(key) is str and type(value) in _PLAIN for key, value in params.items()):
-            return params
         return {plain(key): plain(value) for key, value in params.items()}
-    if type(params) in (list, tuple) and all(type(value) in _PLAIN for value in params):
-        return params
     try:
         return [plain(value) for value in params]
     except TypeError:
