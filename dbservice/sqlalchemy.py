@@ -57,7 +57,8 @@ class _NumericResults:
     def result_processor(self, dialect, coltype):
         if self.asdecimal:
             if coltype in _FLOAT_TYPES:
-                return processors.to_decimal_processor_factory(decimal.Decimal, self._effective_decimal_return_scale)
+                scale = self._effective_decimal_return_scale
+                return processors.to_decimal_processor_factory(decimal.Decimal, scale)
             return None
         return None if coltype in _FLOAT_TYPES else processors.to_float
 

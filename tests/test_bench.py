@@ -30,6 +30,8 @@ STRATEGY_NAMES = {
     "dbservice-sqlalchemy",
     "pgbouncer-sqlalchemy",
 }
+#: The strategies that run on dbservice's pool, and so on its server connections alone.
+DAEMON_STRATEGIES = {"dbservice", "mp-queue-pipe", "dbservice-async", "dbservice-dbapi", "dbservice-sqlalchemy"}
 WORKLOAD_NAMES = {"point-read", "write", "slow-mix", "many-clients", "single-client"}
 
 
@@ -400,7 +402,7 @@ def test_the_quick_run_compares_every_strategy_and_writes_the_json(tmp_path):
     assert {workload for _, workload in measured} == WORKLOAD_NAMES
     for r in document["results"]:
         assert set(r) >= {"strategy", "workload", "qps", "p50_ms", "p99_ms", "errors", "server_connections"}
-        if r["strategy"] in ("dbservice", "mp-queue-pipe", "dbservice-async", "dbservice-dbapi", "dbservice-sqlalchemy"):
+        if r["strategy"] in DAEMON_STRATEGIES:
             assert r["qps"] > 0, r
             assert r["server_connections"] <= 8, r  # the pool, and nothing else
     assert "dbservice/connect-per-query" in document["ratios"]["point-read"]

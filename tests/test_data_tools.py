@@ -41,7 +41,8 @@ def test_pandas_to_sql_and_read_sql(engine):
     frame.to_sql("pd_frame", engine, index=False, if_exists="replace")
     try:
         back = pd.read_sql("select * from pd_frame order by id", engine)
-        expected = frame.assign(local=frame["local"].dt.tz_convert("UTC"))  # the same instants, as PostgreSQL gives them
+        # The same instants, as PostgreSQL gives them back: in UTC.
+        expected = frame.assign(local=frame["local"].dt.tz_convert("UTC"))
         pd.testing.assert_frame_equal(back, expected)
         chunks = pd.read_sql(
             sa.text("select id from pd_frame where id < :n order by id"), engine, params={"n": 250}, chunksize=100

@@ -127,7 +127,8 @@ def test_migrate_creates_the_contrib_and_app_tables(site):
 
     tables = connection.introspection.table_names()
     assert {"auth_user", "auth_permission", "django_session", "django_admin_log", "shelf_item"} <= set(tables)
-    assert MigrationExecutor(connection).migration_plan(MigrationExecutor(connection).loader.graph.leaf_nodes()) == []
+    executor = MigrationExecutor(connection)
+    assert executor.migration_plan(executor.loader.graph.leaf_nodes()) == []  # nothing left to apply
     constraints = connection.introspection.get_constraints(connection.cursor(), "shelf_item")
     assert constraints["price_not_negative"]["check"]
     description = connection.introspection.get_table_description(connection.cursor(), "shelf_item")
@@ -157,7 +158,8 @@ def test_the_orm(site):
         blob=b"\x00\xff",
     )
     got = Item.objects.get(pk=item.pk)
-    assert (got.kind, got.price, got.key, got.ip, bytes(got.blob)) == ("disc", decimal.Decimal("9.50"), key, "192.0.2.1", b"\x00\xff")
+    assert (got.kind, got.price, got.key, got.ip) == ("disc", decimal.Decimal("9.50"), key, "192.0.2.1")
+    assert bytes(got.blob) == b"\x00\xff"
     assert got.data == item.data and got.added.tzinfo is not None
     assert Item.objects.filter(data__pages__gte=300, data__tags__contains=["sf"]).count() == 1
     assert Item.objects.filter(data__contains={"rating": {"stars": 5}}).exists()

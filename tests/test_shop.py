@@ -105,7 +105,8 @@ def test_a_bad_order_is_refused_with_a_reason(stocked, shop_db):
     assert "at least 1" in _json(post(stocked + "/orders", {"product": product, "quantity": 0}), 400)["error"]
     assert "send JSON" in _json(post(stocked + "/orders", {"product": "x"}), 400)["error"]
     assert post(stocked + "/orders", {"product": 999999, "quantity": 1})[0] == 404
-    assert "only %d left" % STOCK in _json(post(stocked + "/orders", {"product": product, "quantity": STOCK + 1}), 409)["error"]
+    too_many = post(stocked + "/orders", {"product": product, "quantity": STOCK + 1})
+    assert "only %d left" % STOCK in _json(too_many, 409)["error"]
     shop_db.execute("select count(*) from store_order")
     assert shop_db.fetchone() == (0,)
 
@@ -116,7 +117,8 @@ def test_orders_racing_for_the_last_units_never_oversell(stocked, shop_db):
     buyers = STOCK + 24
 
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
-        replies = list(pool.map(lambda _: post(stocked + "/orders", {"product": product, "quantity": 1}), range(buyers)))
+        order = {"product": product, "quantity": 1}
+        replies = list(pool.map(lambda _: post(stocked + "/orders", order), range(buyers)))
     statuses = collections.Counter(status for status, _ in replies)
     assert statuses == {201: STOCK, 409: buyers - STOCK}, replies
     left = sorted(json.loads(body)["left"] for status, body in replies if status == 201)

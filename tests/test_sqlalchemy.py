@@ -24,9 +24,8 @@ def service(socket_service):
 
 @pytest.fixture(scope="module")
 def engine(service):
-    engine = sa.create_engine(
-        "postgresql+dbservice://", connect_args={"socket": service.socket, "authkey": service.authkey, "timeout": 30}
-    )
+    address = {"socket": service.socket, "authkey": service.authkey, "timeout": 30}
+    engine = sa.create_engine("postgresql+dbservice://", connect_args=address)
     yield engine
     engine.dispose()
 
@@ -122,7 +121,8 @@ def test_insert_many_returning_and_rowcounts(engine, schema):
             [{"name": "many-%d" % n} for n in range(50)],
         ).scalars().all()
         assert len(ids) == 50 and ids == sorted(ids)
-        updated = conn.execute(authors.update().where(authors.c.name.like("many-%")).values(name=authors.c.name + "!"))
+        renamed = authors.update().where(authors.c.name.like("many-%")).values(name=authors.c.name + "!")
+        updated = conn.execute(renamed)
         assert updated.rowcount == 50
         assert conn.execute(authors.delete().where(authors.c.id.in_(ids))).rowcount == 50
 
@@ -168,7 +168,8 @@ def test_stream_results_and_yield_per_use_a_server_side_cursor(engine, schema, s
         )
         first = next(iter(result))
         assert first.n == 1
-        assert conn.scalar(sa.text("select count(*) from pg_cursors where name <> ''")) == 1  # rows wait on the server
+        # The rows wait on the server, in its cursor.
+        assert conn.scalar(sa.text("select count(*) from pg_cursors where name <> ''")) == 1
         assert sum(row.n for row in result) == sum(range(2, 10001))
     with orm.Session(engine) as session:
         session.add_all([Author(name="yield-%d" % n) for n in range(30)])
@@ -254,7 +255,8 @@ def test_the_asyncio_extension(service, schema):
         async with engine.begin() as conn:
             await conn.execute(Author.__table__.insert(), [{"name": "async-%d" % n} for n in range(20)])
         async with engine.connect() as conn:
-            result = await conn.stream(sa.select(Author.name).where(Author.name.like("async-%")).order_by(Author.id))
+            names = sa.select(Author.name).where(Author.name.like("async-%")).order_by(Author.id)
+            result = await conn.stream(names)
             assert [name async for name in result.scalars()] == ["async-%d" % n for n in range(20)]
         async with AsyncSession(engine) as session:
             author = Author(name="async-orm", books=[Book(title="one")])

@@ -130,10 +130,8 @@ class SQLAlchemyService(Strategy):
     @contextlib.contextmanager
     def serving(self, dsn, plan):
         with _socket_service(dsn, plan) as service:
-            address = {"socket": service.socket, "authkey": service.authkey}
-            yield SQLAlchemyConnector(
-                "postgresql+dbservice://", plan.max_clients, connect_args=dict(address, timeout=connectors.QUERY_TIMEOUT)
-            )
+            address = {"socket": service.socket, "authkey": service.authkey, "timeout": connectors.QUERY_TIMEOUT}
+            yield SQLAlchemyConnector("postgresql+dbservice://", plan.max_clients, connect_args=address)
 
 
 class SQLAlchemyPgBouncer(Strategy):

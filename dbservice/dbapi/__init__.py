@@ -86,7 +86,8 @@ class DBAPITypeObject:
 STRING = DBAPITypeObject("STRING", (18, 19, 25, 1042, 1043))  # char, name, text, bpchar, varchar
 BINARY = DBAPITypeObject("BINARY", (17,))  # bytea
 NUMBER = DBAPITypeObject("NUMBER", (20, 21, 23, 26, 700, 701, 790, 1700))  # ints, oid, floats, money, numeric
-DATETIME = DBAPITypeObject("DATETIME", (1082, 1083, 1114, 1184, 1186, 1266))  # date, time(tz), timestamp(tz), interval
+# date, time, timetz, timestamp, timestamptz, interval
+DATETIME = DBAPITypeObject("DATETIME", (1082, 1083, 1266, 1114, 1184, 1186))
 ROWID = DBAPITypeObject("ROWID", (26,))  # oid
 
 __version__ = "0.1.0"

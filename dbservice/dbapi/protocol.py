@@ -52,7 +52,9 @@ class Session:
     def change(self, name, value):
         """Set one of autocommit, isolation_level, readonly, deferrable: between transactions only."""
         if self.tx is not None:
-            raise ProgrammingError("%s cannot be changed inside a transaction: commit() or rollback() first" % name)
+            raise ProgrammingError(
+                "%s cannot be changed inside a transaction: commit() or rollback() first" % name
+            )
         if name == "isolation_level":
             value = isolation_name(value)
         elif name == "autocommit":

@@ -114,7 +114,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             self.isolation_level = IsolationLevel.READ_COMMITTED if level is None else IsolationLevel(level)
         except ValueError:
             raise ImproperlyConfigured(
-                "Invalid transaction isolation level %r specified. Use one of the IsolationLevel values." % (level,)
+                "Invalid transaction isolation level %r specified. Use one of the IsolationLevel values."
+                % (level,)
             ) from None
         connection = self.Database.connect(**conn_params)
         if level is not None:
