@@ -75,14 +75,12 @@ def run(plan, dsn=None, strategies=STRATEGIES, workloads=WORKLOADS, guard_rounds
             runnable.append(strategy)
     guard_workload = next((w for w in workloads if w.name == report.GUARD_WORKLOAD), None)
     guarded = [s for s in runnable if guard_workload and s.name in (report.GUARD_BASELINE, report.OURS)]
-    progress = Progress(
-        sum(workload.runs(s.name) for s in runnable for workload in workloads) + guard_rounds * len(guarded)
-    )
+    progress = Progress(sum(len(_cells(s, workloads)) for s in runnable) + guard_rounds * len(guarded))
     results, guard_results = [], []
     with database(plan, dsn) as dsn:
         machine = describe_machine(dsn)
         for strategy in runnable:
-            mine = [w for w in workloads if w.runs(strategy.name) and strategy.runs(w.name)]
+            mine = _cells(strategy, workloads)
             done = 0
             progress.begin("%s: starting" % strategy.name)
             try:
@@ -113,6 +111,11 @@ def run(plan, dsn=None, strategies=STRATEGIES, workloads=WORKLOADS, guard_rounds
         "layers": report.layers(results),
         "targets": report.targets(results, plan),
     }
+
+
+def _cells(strategy, workloads):
+    """The workloads *strategy* runs: those that run it, of those it runs."""
+    return [w for w in workloads if w.runs(strategy.name) and strategy.runs(w.name)]
 
 
 def _guard_cell(strategy, workload, plan, dsn, progress):
