@@ -42,10 +42,12 @@ class AsyncConnection(ConnectionBase):
         return AsyncCursor(self, name, withhold, scrollable)
 
     async def commit(self):
-        await self._run(self._session.end(FETCH_COMMIT))
+        if self._ends_something():
+            await self._run(self._session.end(FETCH_COMMIT))
 
     async def rollback(self):
-        await self._run(self._session.end(FETCH_ROLLBACK))
+        if self._ends_something():
+            await self._run(self._session.end(FETCH_ROLLBACK))
 
     async def close(self):
         """Roll back what is open and hang up; closing twice raises InterfaceError."""

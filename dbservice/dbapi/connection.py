@@ -114,6 +114,10 @@ class ConnectionBase:
         if self._session.closed:
             raise InterfaceError("connection already closed")
 
+    def _ends_something(self):
+        """False when commit() or rollback() has nothing to send: pools call them at every checkin."""
+        return self._session.tx is not None or self._session.closed
+
 
 _live_connections = weakref.WeakSet()
 
@@ -145,11 +149,11 @@ class Connection(ConnectionBase):
         return Cursor(self, name, withhold, scrollable)
 
     def commit(self):
-        if self._session.tx is not None or self._session.closed:  # else nothing to send: pools call these a lot
+        if self._ends_something():
             self._run(self._session.end(FETCH_COMMIT))
 
     def rollback(self):
-        if self._session.tx is not None or self._session.closed:
+        if self._ends_something():
             self._run(self._session.end(FETCH_ROLLBACK))
 
     def close(self):
