@@ -15,7 +15,7 @@ from dbservice.bench import load, pgbench, pgbouncer, plot, report
 from dbservice.bench.__main__ import command
 from dbservice.bench.progress import Progress
 from dbservice.bench.results import NotMeasured, Samples, summarize
-from dbservice.bench.run import Plan
+from dbservice.bench.run import Plan, best_rounds
 from dbservice.bench.workloads import FAST, POINT_READ, SLOW, WORKLOADS, WRITE, param_range
 
 STRATEGY_NAMES = {
@@ -272,6 +272,22 @@ def test_the_printed_command_reruns_the_plan_without_the_password():
         "python -m dbservice.bench --dsn 'dbname=x host=db port=5433 user=u' --scale 100000"
     )
     assert "--duration 2 " in line and line.endswith("--workload write")
+
+
+def test_with_rounds_each_cell_keeps_its_best_round_and_the_command_says_so():
+    rounds = [
+        row("dbservice", "point-read", 9000.0, p50=3.0),
+        row("threadpool", "point-read", 20000.0),
+        row("dbservice", "point-read", 11000.0, p50=2.5),
+        row("threadpool", "point-read", 15000.0),
+    ]
+    best = best_rounds(rounds)
+    cells = [(r["strategy"], r["qps"], r["p50_ms"]) for r in best]
+    assert cells == [("dbservice", 11000.0, 2.5), ("threadpool", 20000.0, 1.0)]
+    assert "--rounds 3" in command(Plan(rounds=3), None, (), ())
+    assert "--rounds" not in command(Plan(), None, (), ())
+    text = report.format_report(dict(DOCUMENT, plan=dict(DOCUMENT["plan"], rounds=3)))
+    assert "5 s measured, the best of 3 rounds in turns;" in text
 
 
 def test_progress_off_a_terminal_is_one_plain_line_per_cell():

@@ -173,11 +173,12 @@ def format_report(report):
             ", " + machine["pgbench"] if machine["pgbench"] else "",
         ),
         "command: %s" % report["command"],
-        "each cell: %g s warm-up, then %g s measured; %d client threads over %d processes unless the workload "
-        "says otherwise; pools of %d server connections; %d accounts"
+        "each cell: %g s warm-up, then %g s measured%s; %d client threads over %d processes unless the "
+        "workload says otherwise; pools of %d server connections; %d accounts"
         % (
             plan["warmup"],
             plan["duration"],
+            ", the best of %d rounds in turns" % plan["rounds"] if plan.get("rounds", 1) > 1 else "",
             plan["clients"],
             plan["processes"],
             plan["pool_size"],
