@@ -7,6 +7,7 @@ greenlet blocking the worker could never make them.
 
 import collections
 import concurrent.futures
+import importlib.util
 import os
 
 import pytest
@@ -14,7 +15,8 @@ import pytest
 from conftest import active, start_service, wait_until, write_secret
 from webserver import get, gunicorn
 
-pytest.importorskip("gevent")
+# Not imported here: only gunicorn's worker needs it, and patches itself with it.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("gevent") is None, reason="gevent is not installed")
 
 POOL = 10
 REQUESTS = 50
