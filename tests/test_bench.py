@@ -394,7 +394,13 @@ def test_guard_compares_the_best_rounds_of_dbservice_and_threadpool_in_one_run()
     assert not passed and "same run" in measured
 
 
-@pytest.mark.timeout(120)
+#: Seconds the --quick run may take. Every cell of every strategy runs in it:
+#: 40.5 s before the DB-API and SQLAlchemy strategies (PgBouncer's skipped, as
+#: in CI), 53 s with them and with PgBouncer's (load average 3 to 6).
+QUICK_LIMIT = 90
+
+
+@pytest.mark.timeout(150)
 def test_the_quick_run_compares_every_strategy_and_writes_the_json(tmp_path):
     path = tmp_path / "bench.json"
     started = time.monotonic()
@@ -403,12 +409,12 @@ def test_the_quick_run_compares_every_strategy_and_writes_the_json(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        timeout=110,
+        timeout=140,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
-    assert elapsed < 60, "the --quick run took %.0f s" % elapsed
+    assert elapsed < QUICK_LIMIT, "the --quick run took %.0f s" % elapsed
     document = json.loads(path.read_text())
     assert set(document) >= {"machine", "results", "ratios", "targets", "notes"}
     assert {"cores", "cpu_model", "load_average", "postgresql", "python", "date"} <= set(document["machine"])
