@@ -2,6 +2,17 @@ from setuptools import find_packages, setup
 
 # What the example web app (examples/blog) runs on; its test runs in CI too.
 BLOG_REQUIRES = ["flask>=3", "gunicorn>=21"]
+# What the example Django shop (examples/shop) runs on; its test runs in CI too.
+SHOP_REQUIRES = ["django>=5.1", "gunicorn>=21"]
+# What the adoption tests run: PEP 249's compliance suite (dbapi20.py), and the
+# libraries apps reach PostgreSQL through, on postgresql+dbservice://.
+ADOPTION_TEST_REQUIRES = [
+    "dbapi-compliance>=1.15",
+    "sqlalchemy>=2.0.44",
+    "pandas>=2",
+    "alembic>=1.13",
+    "gevent>=23",
+]
 # The optional faster event loop (selector = "uvloop"); tested in CI too.
 UVLOOP_REQUIRES = ["uvloop>=0.17"]
 
@@ -19,12 +30,22 @@ setup(
         'tomli>=1.1; python_version < "3.11"',
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"] + BLOG_REQUIRES + UVLOOP_REQUIRES,
+        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"]
+        + BLOG_REQUIRES
+        + UVLOOP_REQUIRES
+        + SHOP_REQUIRES
+        + ADOPTION_TEST_REQUIRES,
         "blog": BLOG_REQUIRES,
+        "shop": SHOP_REQUIRES,
         "uvloop": UVLOOP_REQUIRES,
         "plot": ["matplotlib>=3"],
+        "sqlalchemy": ["sqlalchemy>=2.0.44"],
     },
-    entry_points={"console_scripts": ["dbserviced = dbservice.cli:main"]},
+    entry_points={
+        "console_scripts": ["dbserviced = dbservice.cli:main"],
+        # create_engine("postgresql+dbservice://") finds the dialect by this name.
+        "sqlalchemy.dialects": ["postgresql.dbservice = dbservice.sqlalchemy:DBServiceDialect"],
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Database",

@@ -24,13 +24,18 @@ FETCH_VALUE = "value"  # first column of the first row, or None
 FETCH_ROWCOUNT = "rowcount"  # number of rows affected
 FETCH_MANY = "many"  # params is a list of parameter sets; total rowcount
 FETCH_TABLE = "table"  # (column names, list of tuples)
+#: What a DB-API cursor needs: (description, rowcount, rows, status message), where
+#: description is a list of psycopg2's 7-item column tuples (type_code: the type's
+#: OID), and it and rows are None for a statement that returns no rows.
+FETCH_CURSOR = "cursor"
 #: Transaction control: the daemon writes the SQL itself, from allowed options.
 FETCH_BEGIN = "begin"  # params: {"isolation_level", "readonly", "deferrable"}
 FETCH_COMMIT = "commit"
 FETCH_ROLLBACK = "rollback"
 TRANSACTION_CONTROL = frozenset((FETCH_BEGIN, FETCH_COMMIT, FETCH_ROLLBACK))
 FETCH_MODES = frozenset(
-    (FETCH_ALL, FETCH_ONE, FETCH_VALUE, FETCH_ROWCOUNT, FETCH_MANY, FETCH_TABLE) + tuple(TRANSACTION_CONTROL)
+    (FETCH_ALL, FETCH_ONE, FETCH_VALUE, FETCH_ROWCOUNT, FETCH_MANY, FETCH_TABLE, FETCH_CURSOR)
+    + tuple(TRANSACTION_CONTROL)
 )
 
 #: Isolation levels by name, and by psycopg2's ISOLATION_LEVEL_* numbers.

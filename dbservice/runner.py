@@ -26,6 +26,7 @@ from .errors import Error, JobRefused, QueryOutcomeUnknown, QueryTimeout, Statem
 from .jobs import (
     FETCH_ALL,
     FETCH_COMMIT,
+    FETCH_CURSOR,
     FETCH_MANY,
     FETCH_ONE,
     FETCH_ROWCOUNT,
@@ -42,7 +43,7 @@ CLEANUP_GRACE = 5.0
 _EMPTY = {FETCH_ALL: [], FETCH_ONE: None, FETCH_VALUE: None, **dict.fromkeys(TRANSACTION_CONTROL)}
 
 #: The fetch modes of a job that is one statement: the jobs a Statement can run.
-STATEMENT_FETCHES = frozenset((FETCH_ALL, FETCH_ONE, FETCH_VALUE, FETCH_ROWCOUNT, FETCH_TABLE))
+STATEMENT_FETCHES = frozenset((FETCH_ALL, FETCH_ONE, FETCH_VALUE, FETCH_ROWCOUNT, FETCH_TABLE, FETCH_CURSOR))
 
 #: A query up to this many bytes leaves in one send, so its reply is the next
 #: thing to wait for; a longer one may still be sending (psycopg2 reports
@@ -212,6 +213,11 @@ def _send(conn, cursor, sql, params=None):
 def _fetch(cursor, mode):
     if mode == FETCH_ROWCOUNT:
         return cursor.rowcount
+    if mode == FETCH_CURSOR:
+        if cursor.description is None:
+            return None, cursor.rowcount, None, cursor.statusmessage
+        description = [tuple(column) for column in cursor.description]
+        return description, cursor.rowcount, cursor.fetchall(), cursor.statusmessage
     if cursor.description is None:  # a statement that returns no rows
         return ([], []) if mode == FETCH_TABLE else _EMPTY[mode]
     if mode == FETCH_ALL:

@@ -67,6 +67,14 @@ def socket_service(dsn, tmp_path_factory):
     svc.stop()
 
 
+def write_secret(service):
+    """Put *service*'s secret next to its socket, where a client given only the socket finds it."""
+    path = os.path.join(os.path.dirname(service.socket), "secret")
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        f.write(service.authkey)
+    return service
+
+
 def wait_until(condition, timeout=10.0, interval=0.02, message="condition"):
     """Poll *condition* until it is true; fail the test after *timeout* seconds."""
     deadline = time.monotonic() + timeout

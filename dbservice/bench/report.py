@@ -9,6 +9,15 @@ OURS = "dbservice"
 #: The headline: dbservice over these, on point reads.
 HEADLINE = (("pgbouncer", "PgBouncer"), ("pgbench", "pgbench"), ("connect-per-query", "connect-per-query"))
 
+#: What each layer an app puts over its connection costs: its throughput over that of the layer
+#: it rides on, in the same workload: (upper strategy, lower strategy, label).
+LAYERS = (
+    ("dbservice-dbapi", "dbservice", "dbservice.dbapi / dbservice Client"),
+    ("dbservice-sqlalchemy", "dbservice-dbapi", "SQLAlchemy Core / dbservice.dbapi"),
+    ("pgbouncer-sqlalchemy", "pgbouncer", "SQLAlchemy Core / psycopg2, both on PgBouncer"),
+    ("dbservice-sqlalchemy", "pgbouncer-sqlalchemy", "SQLAlchemy Core: on dbservice / on PgBouncer"),
+)
+
 COLUMNS = (
     ("workload", "workload", "<"),
     ("strategy", "strategy", "<"),
@@ -34,6 +43,17 @@ def ratios(results):
                 table.setdefault(workload, {})["%s/%s" % (OURS, row["strategy"])] = round(
                     ours["qps"] / row["qps"], 3
                 )
+    return table
+
+
+def layers(results):
+    """Each of LAYERS' ratios that this run measured, per workload."""
+    table = {}
+    for workload in _workloads(results):
+        for upper, lower, _ in LAYERS:
+            value = _ratio(_field(results, workload, upper, "qps"), _field(results, workload, lower, "qps"))
+            if value is not None:
+                table.setdefault(workload, {})["%s/%s" % (upper, lower)] = round(value, 3)
     return table
 
 
@@ -153,11 +173,12 @@ def format_report(report):
             ", " + machine["pgbench"] if machine["pgbench"] else "",
         ),
         "command: %s" % report["command"],
-        "each cell: %g s warm-up, then %g s measured; %d client threads over %d processes unless the workload "
-        "says otherwise; pools of %d server connections; %d accounts"
+        "each cell: %g s warm-up, then %g s measured%s; %d client threads over %d processes unless the "
+        "workload says otherwise; pools of %d server connections; %d accounts"
         % (
             plan["warmup"],
             plan["duration"],
+            ", the best of %d rounds in turns" % plan["rounds"] if plan.get("rounds", 1) > 1 else "",
             plan["clients"],
             plan["processes"],
             plan["pool_size"],
@@ -181,6 +202,12 @@ def format_report(report):
         lines.append(
             "  dbservice / %-20s %s" % (label, "n/a (not measured)" if ratio is None else "%.2fx" % ratio)
         )
+    if report.get("layers"):
+        lines += ["", "layers (queries per second over the layer below, this run):"]
+        for workload, measured in report["layers"].items():
+            for upper, lower, label in LAYERS:
+                if "%s/%s" % (upper, lower) in measured:
+                    lines.append("  %-14s %-48s %.2fx" % (workload, label, measured["%s/%s" % (upper, lower)]))
     lines += ["", "targets:"]
     for target in report["targets"]:
         value = "not measured" if target["value"] is None else "%.2fx" % target["value"]

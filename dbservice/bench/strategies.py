@@ -11,8 +11,14 @@ import tempfile
 
 import dbservice
 
-from . import load, pgbench, pgbouncer
-from .connectors import AsyncClientConnector, ClientConnector, DirectConnector
+import psycopg2
+
+from . import connectors, load, pgbench, pgbouncer
+from .connectors import AsyncClientConnector, ClientConnector, DBAPIConnector, DirectConnector, SQLAlchemyConnector
+
+#: Where the layers apps put over a connection (DB-API, SQLAlchemy) show their cost; the
+#: other workloads would measure the same daemon or PgBouncer again.
+LAYER_WORKLOADS = ("point-read", "single-client")
 
 
 class Strategy:
@@ -20,6 +26,11 @@ class Strategy:
 
     name = ""
     description = ""
+    #: the names of the workloads it runs; None: every workload that runs it
+    workloads = None
+
+    def runs(self, workload_name):
+        return self.workloads is None or workload_name in self.workloads
 
     def skip_reason(self):
         """Why this strategy cannot run on this machine, or None."""
@@ -97,6 +108,54 @@ class PgBouncer(Strategy):
             yield DirectConnector(bouncer.dsn, persistent=True)
 
 
+class DBAPIService(Strategy):
+    name = "dbservice-dbapi"
+    description = "dbservice.dbapi over the socket: a DB-API connection per client thread"
+    workloads = LAYER_WORKLOADS
+
+    @contextlib.contextmanager
+    def serving(self, dsn, plan):
+        with _socket_service(dsn, plan) as service:
+            yield DBAPIConnector(service.socket, service.authkey)
+
+
+class SQLAlchemyService(Strategy):
+    name = "dbservice-sqlalchemy"
+    description = "SQLAlchemy Core on postgresql+dbservice://, a QueuePool per client process"
+    workloads = LAYER_WORKLOADS
+
+    def skip_reason(self):
+        return _sqlalchemy_missing()
+
+    @contextlib.contextmanager
+    def serving(self, dsn, plan):
+        with _socket_service(dsn, plan) as service:
+            address = {"socket": service.socket, "authkey": service.authkey, "timeout": connectors.QUERY_TIMEOUT}
+            yield SQLAlchemyConnector("postgresql+dbservice://", plan.max_clients, connect_args=address)
+
+
+class SQLAlchemyPgBouncer(Strategy):
+    name = "pgbouncer-sqlalchemy"
+    description = "SQLAlchemy Core with psycopg2 on PgBouncer in transaction mode, a QueuePool per client process"
+    workloads = LAYER_WORKLOADS
+
+    def skip_reason(self):
+        return _sqlalchemy_missing() or pgbouncer.skip_reason()
+
+    @contextlib.contextmanager
+    def serving(self, dsn, plan):
+        with pgbouncer.running(dsn, plan.pool_size, plan.max_clients) as bouncer:
+            target = bouncer.dsn
+            yield SQLAlchemyConnector(
+                "postgresql+psycopg2://", plan.max_clients,
+                creator=lambda: psycopg2.connect(target, connect_timeout=connectors.CONNECT_TIMEOUT),
+            )
+
+
+def _sqlalchemy_missing():
+    return None if connectors.sqlalchemy is not None else "SQLAlchemy is not installed (pip install sqlalchemy)"
+
+
 class PgBench(Strategy):
     name = "pgbench"
     description = "pgbench's C clients straight to the server: its own limit on this machine"
@@ -131,4 +190,7 @@ STRATEGIES = (
     AsyncSocketService(),
     PgBouncer(),
     PgBench(),
+    DBAPIService(),
+    SQLAlchemyService(),
+    SQLAlchemyPgBouncer(),
 )

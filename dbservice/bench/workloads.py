@@ -78,12 +78,15 @@ WORKLOADS = (
     Workload("many-clients", "point reads from 256 client threads", (POINT_READ,), clients=256),
     # The latency floor: one client, the service (on either intake) against one
     # plain connection, and PgBouncer for what the same two extra hops cost a
-    # proxy in C.
+    # proxy in C; the layers over each (DB-API, SQLAlchemy) for what they add to it.
     Workload(
         "single-client",
         "point reads from one client thread",
         (POINT_READ,),
         clients=1,
-        strategies=("threadpool", "pgbouncer", "dbservice", "mp-queue-pipe"),
+        strategies=(
+            "threadpool", "pgbouncer", "dbservice", "mp-queue-pipe",
+            "dbservice-dbapi", "dbservice-sqlalchemy", "pgbouncer-sqlalchemy",
+        ),
     ),
 )
