@@ -19,23 +19,18 @@ import itertools
 import socket as socketlib
 import sys
 
-from .client import REPLY_GRACE, _encode, _QueryMethods, _TransactionJobs, check_size, resolve_address
 from .errors import Error, QueryTimeout, ServiceUnavailable
 from .jobs import FETCH_COMMIT, FETCH_ROLLBACK, STREAM_DECLARE, STREAM_FETCH, loads_reply, transaction_options
-from .wire import (
-    MAX_AUTH_FRAME,
-    MAX_REFUSAL_FRAME,
-    MSG_AUTH,
-    MSG_CANCEL,
-    MSG_ERROR,
-    MSG_JOB,
-    FrameError,
-    FrameReader,
-    answer_challenge,
-    check_verdict,
-    encode_frame,
-    new_challenge,
+from .queries import (
+    REPLY_GRACE,
+    QueryMethods,
+    TransactionJobs,
+    check_size,
+    connect_error,
+    encode_job,
+    resolve_address,
 )
+from .wire import MSG_CANCEL, MSG_ERROR, MSG_JOB, ClientHandshake, FrameError, FrameReader, encode_frame
 
 #: Bytes buffered for the daemon before a sender waits for the socket to drain.
 WRITE_HIGH_WATER = 256 * 1024
@@ -49,14 +44,13 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, authkey):
         loop = asyncio.get_running_loop()
-        self.authkey = authkey
         self.transport = None
         self.ready = loop.create_future()  # the handshake's outcome
         self.max_frame = None  # the largest job the daemon takes, from the handshake
         self.replies = {}  # job id -> the future of the job waiting for it
         self.lost = None  # once the connection ended: the error for every job
-        self._frames = FrameReader(MAX_REFUSAL_FRAME)
-        self._challenge = None
+        self._handshake_state = ClientHandshake(authkey)
+        self._frames = FrameReader(self._handshake_state.frame_limit)
         self._drained = None  # a future while the daemon reads more slowly than we write
         self._ids = itertools.count(1)
 
@@ -115,13 +109,12 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     def _handshake(self, job_id, kind, payload):
-        if self._challenge is None:  # the daemon's challenge, or why it takes no more clients
-            self._challenge = new_challenge()
-            answer = answer_challenge(self.authkey, kind, payload)
-            self.transport.write(encode_frame(0, MSG_AUTH, answer + self._challenge))
-            self._frames.max_size = MAX_AUTH_FRAME
+        answer = self._handshake_state.receive(kind, payload)
+        if answer is not None:
+            self.transport.write(answer)
+            self._frames.max_size = self._handshake_state.frame_limit
         else:
-            self.max_frame = check_verdict(self.authkey, self._challenge, payload)
+            self.max_frame = self._handshake_state.max_frame
             self._frames.max_size = sys.maxsize  # the daemon is trusted now
             self.ready.set_result(None)
 
@@ -159,7 +152,7 @@ async def _closes_with_loop(connection):
         connection.close()
 
 
-class AsyncClient(_QueryMethods):
+class AsyncClient(QueryMethods):
     """An asyncio client of a dbservice daemon; build it with :func:`connect_async`.
 
     The query methods are those of :class:`~dbservice.Client`, as coroutines:
@@ -194,8 +187,8 @@ class AsyncClient(_QueryMethods):
                 "make one client per event loop (or thread), with dbservice.connect_async() in it"
             )
 
-    async def _connect(self):
-        """Open and authenticate the connection unless it is open already."""
+    async def connect(self):
+        """Open and authenticate the connection unless it is open already; ServiceUnavailable if no daemon answers."""
         self._check_loop()
         if self._connecting is None:
             self._connecting = asyncio.Lock()
@@ -204,28 +197,41 @@ class AsyncClient(_QueryMethods):
                 return
             try:
                 connection = await asyncio.wait_for(_open(self.socket, self._authkey), self.connect_timeout)
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
-                raise ServiceUnavailable(
-                    "no dbservice daemon listens on %s (%s); start it with `dbserviced start`"
-                    % (self.socket, exc.strerror)
-                ) from None
-            except asyncio.TimeoutError:
-                raise ServiceUnavailable(
-                    "the dbservice daemon on %s did not answer within %.1f s" % (self.socket, self.connect_timeout)
-                ) from None
-            except OSError as exc:
-                raise ServiceUnavailable("cannot connect to the dbservice daemon on %s: %s" % (self.socket, exc)) from None
+            except (OSError, asyncio.TimeoutError) as exc:
+                raise connect_error(self.socket, exc, self.connect_timeout) from None
             self._connection = connection
             self._closer = _closes_with_loop(connection)
             await self._closer.__anext__()
+
+    async def run(self, job):
+        """Send *job* (a :class:`dbservice.jobs.Job`) and return its result: what the query methods are made of.
+
+        For layers on top of the client (the asyncio DB-API connection).
+        """
+        return await self._run(job)
+
+    @property
+    def connection(self):
+        """The connection to the daemon the next job goes on (None before the first), as an opaque token.
+
+        A new one after the old one ended (the daemon restarted): the
+        transactions begun on the old one were lost with it.
+        """
+        return self._connection
+
+    def abort(self):
+        """Close at once, without waiting, from the loop's thread: jobs waiting get ServiceUnavailable."""
+        self.closed = True
+        if self._connection is not None:
+            self._connection.close()
 
     async def _run(self, job):
         if self.closed:
             raise Error("this dbservice client is closed")
         self._check_loop()
-        payload = _encode(job)
+        payload = encode_job(job)
         if self._connection is None or self._connection.lost is not None:
-            await self._connect()
+            await self.connect()
         connection = self._connection
         check_size(payload, connection.max_frame)
         loop = self._loop
@@ -253,7 +259,7 @@ class AsyncClient(_QueryMethods):
     def _send_only(self, job):
         """Send *job* with nobody to wait for its reply, if the connection is still up."""
         if self._connection is not None and self._connection.lost is None:
-            self._connection.send(MSG_JOB, _encode(job))
+            self._connection.send(MSG_JOB, encode_job(job))
 
     def transaction(self, isolation_level=None, readonly=None, deferrable=None, timeout=None):
         """``async with client.transaction() as tx:`` runs tx's jobs in one transaction.
@@ -297,7 +303,7 @@ class AsyncClient(_QueryMethods):
         await self.close()
 
 
-class AsyncTransaction(_TransactionJobs):
+class AsyncTransaction(TransactionJobs):
     """Jobs that run on one pinned connection and commit or roll back together.
 
     Get one from :meth:`AsyncClient.transaction`; its query methods are the
@@ -366,7 +372,7 @@ class _Connecting(collections.abc.Coroutine):
         self._connected = self._connect()
 
     async def _connect(self):
-        await self._client._connect()
+        await self._client.connect()
         return self._client
 
     def send(self, value):

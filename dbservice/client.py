@@ -11,266 +11,17 @@ never wait on each other. It is fork-safe: a child process forked after
 
 import itertools
 import os
-import pickle
-import socket as socketlib
-import sys
 import threading
-import time
 import weakref
 
-import psycopg2
-
-from .config import SECRET_NAME, SOCKET_NAME, default_state_dir
-from .errors import Error, JobRefused, QueryTimeout, ServiceUnavailable
-from .jobs import (
-    FETCH_ALL,
-    FETCH_BEGIN,
-    FETCH_COMMIT,
-    FETCH_MANY,
-    FETCH_ONE,
-    FETCH_ROLLBACK,
-    FETCH_ROWCOUNT,
-    FETCH_TABLE,
-    FETCH_VALUE,
-    PICKLE_PROTOCOL,
-    STREAM_DECLARE,
-    STREAM_FETCH,
-    Job,
-    loads_reply,
-    transaction_options,
-)
-from .wire import MSG_ERROR, MSG_JOB, MSG_STATUS, FrameReader, OversizedFrame, client_handshake, encode_frame
-
-#: Bytes asked of the socket at a time: most replies come in one receive.
-RECEIVE_BYTES = 65536
-
-#: Seconds the client waits beyond a job's timeout for the daemon's own
-#: QueryTimeout reply, before it gives up on the daemon itself.
-REPLY_GRACE = 10.0
+from .channel import Channel
+from .errors import Error
+from .jobs import FETCH_COMMIT, FETCH_ROLLBACK, STREAM_DECLARE, STREAM_FETCH, transaction_options
+from .queries import ChannelLost, QueryMethods, TransactionJobs, encode_job, resolve_address
+from .wire import MSG_JOB, MSG_STATUS
 
 
-class _QueryMethods:
-    """The query methods of every client; subclasses provide ``_run(job)``."""
-
-    timeout = None
-    _tx = None  # the id of the transaction the jobs belong to, if any
-
-    def fetchall(self, sql, params=None, *, timeout=None):
-        """Run *sql* and return all its rows as a list of tuples."""
-        return self._submit(sql, params, FETCH_ALL, timeout)
-
-    def fetchone(self, sql, params=None, *, timeout=None):
-        """Run *sql* and return its first row as a tuple, or None."""
-        return self._submit(sql, params, FETCH_ONE, timeout)
-
-    def fetchval(self, sql, params=None, *, timeout=None):
-        """Run *sql* and return the first column of its first row, or None."""
-        return self._submit(sql, params, FETCH_VALUE, timeout)
-
-    def fetchtable(self, sql, params=None, *, timeout=None):
-        """Run *sql* and return ``(column_names, rows)``."""
-        return self._submit(sql, params, FETCH_TABLE, timeout)
-
-    def execute(self, sql, params=None, *, timeout=None):
-        """Run *sql* and return the number of rows it affected."""
-        return self._submit(sql, params, FETCH_ROWCOUNT, timeout)
-
-    def executemany(self, sql, seq_of_params, *, timeout=None):
-        """Run *sql* once per parameter set, all in one transaction; return the total rowcount."""
-        return self._submit(sql, list(seq_of_params), FETCH_MANY, timeout)
-
-    def _submit(self, sql, params, fetch, timeout):
-        if timeout is None:
-            timeout = self.timeout
-        return self._run(Job(sql, params, fetch, timeout, self._tx))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-
-def _encode(job):
-    try:
-        return pickle.dumps(job.to_wire(), PICKLE_PROTOCOL)
-    except Exception as exc:
-        raise JobRefused("the job's parameters cannot be sent: %s" % exc) from None
-
-
-def check_size(payload, max_frame):
-    """Refuse, before it is sent, a job larger than the daemon takes: it would only be refused there."""
-    if len(payload) > max_frame:
-        raise JobRefused(str(OversizedFrame(0, len(payload), max_frame))) from None
-
-
-def _reply_wait(timeout):
-    return None if timeout is None else timeout + REPLY_GRACE
-
-
-class _ChannelLost(Exception):
-    """The connection to the daemon is unusable; *error* is for the caller.
-
-    *unsent* says the job never reached the daemon, so sending it again on a
-    new connection cannot run it twice.
-    """
-
-    def __init__(self, error, unsent=False):
-        super().__init__(error)
-        self.error = error
-        self.unsent = unsent
-
-
-def _connect_unix(sock, path, deadline):
-    """Connect, waiting while the daemon's listen backlog is full.
-
-    With a timeout set, a Unix socket's connect fails at once with EAGAIN
-    when the backlog is full (many clients connecting together), where a TCP
-    one would wait: so wait here, until *deadline*.
-    """
-    while True:
-        try:
-            return sock.connect(path)
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise socketlib.timeout("the daemon's listen backlog stayed full") from None
-            time.sleep(0.002)
-
-
-class _Channel:
-    """One authenticated socket connection to the daemon: a thread's, and its transactions'.
-
-    A call interrupted midway (KeyboardInterrupt, a signal's exception)
-    leaves the stream in an unknown state, so it closes the socket: the
-    daemon then cancels the job and rolls back the channel's transactions.
-    """
-
-    def __init__(self, path, authkey, connect_timeout):
-        sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
-        try:
-            sock.settimeout(connect_timeout)
-            _connect_unix(sock, path, time.monotonic() + connect_timeout)
-            max_frame = client_handshake(sock, authkey)
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            sock.close()
-            raise ServiceUnavailable(
-                "no dbservice daemon listens on %s (%s); start it with `dbserviced start`"
-                % (path, exc.strerror)
-            ) from None
-        except socketlib.timeout:
-            sock.close()
-            raise ServiceUnavailable(
-                "the dbservice daemon on %s did not answer within %.1f s" % (path, connect_timeout)
-            ) from None
-        except OSError as exc:
-            sock.close()
-            raise ServiceUnavailable("cannot connect to the dbservice daemon on %s: %s" % (path, exc)) from None
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-        self.max_frame = max_frame  # the largest job the daemon takes
-        self._timeout = connect_timeout
-        self._frames = FrameReader(sys.maxsize)  # the daemon is trusted: no limit
-        self._ids = itertools.count(1)
-        self._lock = threading.Lock()  # a transaction may be ended from another thread
-
-    @property
-    def closed(self):
-        return self.sock is None or self.sock.fileno() == -1
-
-    def call(self, payload, timeout, kind=MSG_JOB):
-        with self._lock:
-            try:
-                return self._call(payload, timeout, kind)
-            except BaseException as exc:
-                if not isinstance(exc, (Error, psycopg2.Error)) or isinstance(exc, _ChannelLost):
-                    self.close()  # not a reply: the stream is in an unknown state
-                raise
-
-    def _call(self, payload, timeout, kind):
-        if self.closed:
-            raise _ChannelLost(ServiceUnavailable("the connection to the dbservice daemon was closed"), unsent=True)
-        check_size(payload, self.max_frame)
-        job_id = next(self._ids)
-        wait = _reply_wait(timeout)
-        if wait != self._timeout:  # settimeout costs syscalls: only when it changes
-            self.sock.settimeout(wait)
-            self._timeout = wait
-        try:
-            self.sock.sendall(encode_frame(job_id, kind, payload))
-        except OSError as exc:
-            raise _ChannelLost(
-                ServiceUnavailable("cannot send to the dbservice daemon: %s" % exc), unsent=True
-            ) from None
-        try:
-            while True:
-                reply_id, kind, body = self._next_frame()
-                if reply_id == job_id:
-                    break
-                if reply_id == 0 and kind == MSG_ERROR:  # the daemon dropped us
-                    raise _ChannelLost(loads_reply(body))
-                # else: a late reply to an earlier job that timed out here; skip it
-        except socketlib.timeout:
-            raise _ChannelLost(QueryTimeout("no reply from the dbservice daemon within %.1f s" % wait)) from None
-        except OSError as exc:
-            raise _ChannelLost(
-                ServiceUnavailable("lost the connection to the dbservice daemon: %s" % exc)
-            ) from None
-        value = loads_reply(body)
-        if kind == MSG_ERROR:
-            raise value
-        return value
-
-    def _next_frame(self):
-        """The next reply, read in as few receives as it takes (one, mostly)."""
-        while True:
-            frame = self._frames.next_frame()
-            if frame is not None:
-                return frame
-            data = self.sock.recv(RECEIVE_BYTES)
-            if not data:
-                raise _ChannelLost(ServiceUnavailable("the dbservice daemon closed the connection"))
-            self._frames.feed(data)
-
-    sock = None  # until the handshake succeeded
-
-    def close(self):
-        if self.sock is not None:
-            self.sock.close()
-
-    __del__ = close  # its thread ended: hang up rather than wait for the daemon to notice
-
-
-class _TransactionJobs(_QueryMethods):
-    """What the sync and async transactions share: their jobs carry the transaction's id."""
-
-    def __init__(self, client, options, timeout):
-        self._client = client
-        self._options = options
-        self.timeout = timeout
-
-    def _begin_job(self):
-        self._tx = next(self._client._tx_ids)
-        return Job("", self._options, FETCH_BEGIN, self.timeout, self._tx)
-
-    def _end_job(self, fetch):
-        """COMMIT or ROLLBACK; the transaction is over whether or not it succeeds."""
-        tx, self._tx = self._tx, None
-        if tx is None:
-            raise Error("the transaction is already over")
-        return Job("", None, fetch, self.timeout, tx)
-
-    def _run(self, job):
-        if self._tx is None:
-            raise Error("the transaction is not open: use it as a context manager")
-        return self._call(job)
-
-    def _call(self, job):
-        return self._client._run(job)
-
-
-class Transaction(_TransactionJobs):
+class Transaction(TransactionJobs):
     """Jobs that run on one pinned connection and commit or roll back together.
 
     Get one from :meth:`Client.transaction`; its query methods are the
@@ -311,7 +62,7 @@ class Transaction(_TransactionJobs):
 _live_clients = weakref.WeakSet()
 
 
-class Client(_QueryMethods):
+class Client(QueryMethods):
     """A thread-safe, fork-safe client of a dbservice daemon's Unix socket.
 
     Build it with :func:`connect`. Every query method takes ``timeout=``
@@ -340,7 +91,7 @@ class Client(_QueryMethods):
         """This thread's connection to the daemon, opened on its first use or after it was lost."""
         channel = getattr(self._local, "channel", None)
         if channel is None or channel.closed:
-            channel = _Channel(self.socket, self._authkey, self.connect_timeout)
+            channel = Channel(self.socket, self._authkey, self.connect_timeout)
             self._local.channel = channel
             with self._lock:
                 self._channels.add(channel)
@@ -385,15 +136,15 @@ class Client(_QueryMethods):
         return self._request(MSG_STATUS, b"", self.connect_timeout)
 
     def _run(self, job):
-        return self._request(MSG_JOB, _encode(job), job.timeout)
+        return self._request(MSG_JOB, encode_job(job), job.timeout)
 
     def _call_on(self, channel, job):
         """Run *job* on *channel*, the connection its transaction began on, and on no other."""
         if self.closed:
             raise Error("this dbservice client is closed")
         try:
-            return channel.call(_encode(job), job.timeout)
-        except _ChannelLost as lost:
+            return channel.call(encode_job(job), job.timeout)
+        except ChannelLost as lost:
             self._drop(channel)
             raise lost.error from None
 
@@ -404,7 +155,7 @@ class Client(_QueryMethods):
             channel = self._channel()
             try:
                 return channel.call(payload, timeout, kind)
-            except _ChannelLost as lost:
+            except ChannelLost as lost:
                 self._drop(channel)
                 # A job that never left (the daemon restarted since our last
                 # one) is sent once more on a new connection; any other loss
@@ -454,23 +205,3 @@ def connect(socket=None, authkey=None, timeout=None):
     return client
 
 
-def resolve_address(socket=None, authkey=None):
-    """The daemon's socket path and secret, from the arguments or the defaults."""
-    if socket is None:
-        socket = os.environ.get("DBSERVICE_SOCKET") or os.path.join(default_state_dir(), SOCKET_NAME)
-    if authkey is None:
-        authkey = read_secret(os.path.join(os.path.dirname(socket), SECRET_NAME))
-    return socket, authkey
-
-
-def read_secret(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read().strip()
-    except FileNotFoundError:
-        raise ServiceUnavailable(
-            "no secret at %s: is dbserviced running with that state directory? "
-            "Otherwise pass authkey= to connect()" % path
-        ) from None
-    except PermissionError:
-        raise ServiceUnavailable("cannot read the secret %s: run as the daemon's user" % path) from None

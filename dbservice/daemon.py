@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from .client import read_secret
+from .queries import read_secret
 from .config import load_config
 from .embedded import Cluster, default_cluster_dir
 from .pidfile import AlreadyRunning, Pidfile, running_pid, wait_for_exit

@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 
-from .client import _ChannelLost, _encode, _QueryMethods, _reply_wait, check_size
+from .queries import ChannelLost, QueryMethods, check_size, encode_job, reply_wait
 from .errors import Error, QueryTimeout, ServiceUnavailable
 from .jobs import loads_reply
 from .queue_wire import channel_path, job_frames
@@ -67,9 +67,9 @@ class _ReplyChannel:
         self._ids = itertools.count(1)
 
     def call(self, kind, payload, timeout):
-        """Send one message and return its reply as ``(ok, value)``; _ChannelLost if the channel is unusable."""
+        """Send one message and return its reply as ``(ok, value)``; ChannelLost if the channel is unusable."""
         job_id = next(self._ids)
-        wait = _reply_wait(timeout)
+        wait = reply_wait(timeout)
         deadline = None if wait is None else time.monotonic() + wait
         for frame in job_frames(self.id, job_id, kind, payload):
             self._send(frame, deadline, wait)
@@ -80,7 +80,7 @@ class _ReplyChannel:
             self._receive(deadline, wait)
         reply_id, kind, body = frame
         if reply_id != job_id:
-            raise _ChannelLost(Error("dbservice internal error: a reply to job %d came for job %d" % (reply_id, job_id)))
+            raise ChannelLost(Error("dbservice internal error: a reply to job %d came for job %d" % (reply_id, job_id)))
         return kind != MSG_ERROR, loads_reply(body)
 
     def _send(self, frame, deadline, wait):
@@ -91,35 +91,35 @@ class _ReplyChannel:
             except BlockingIOError:
                 pass  # the job queue is full: wait for room
             except BrokenPipeError:
-                raise _ChannelLost(ServiceUnavailable("the dbservice process has exited")) from None
+                raise ChannelLost(ServiceUnavailable("the dbservice process has exited")) from None
             if self._room is None:
                 self._room = select.poll()
                 self._room.register(self._jobs, select.POLLOUT)
                 self._room.register(self._sentinel, select.POLLIN)
             ready = self._room.poll(_milliseconds(deadline))
             if not ready:
-                raise _ChannelLost(
+                raise ChannelLost(
                     QueryTimeout("the dbservice process took no job for %.1f s: its job queue stayed full" % wait)
                 )
             if not _includes(ready, self._jobs):
-                raise _ChannelLost(ServiceUnavailable("the dbservice process has exited"))
+                raise ChannelLost(ServiceUnavailable("the dbservice process has exited"))
 
     def _receive(self, deadline, wait):
         """Wait for the next bytes of a reply and take them in."""
         ready = self._replies.poll(_milliseconds(deadline))
         if not ready:
-            raise _ChannelLost(QueryTimeout("no reply from the dbservice process within %.1f s" % wait))
+            raise ChannelLost(QueryTimeout("no reply from the dbservice process within %.1f s" % wait))
         if self.fd is None:
-            raise _ChannelLost(Error("this dbservice client was closed while the job ran"))
+            raise ChannelLost(Error("this dbservice client was closed while the job ran"))
         if not _includes(ready, self.fd):
-            raise _ChannelLost(ServiceUnavailable("the dbservice process has exited"))
+            raise ChannelLost(ServiceUnavailable("the dbservice process has exited"))
         try:
             data = os.read(self.fd, RECEIVE_BYTES)
         except BlockingIOError:
             return
         if not data:
             exited = _includes(self._replies.poll(0), self._sentinel)
-            raise _ChannelLost(ServiceUnavailable("the dbservice process has exited" if exited else DROPPED))
+            raise ChannelLost(ServiceUnavailable("the dbservice process has exited" if exited else DROPPED))
         self._frames.feed(data)
 
     def close(self):
@@ -159,7 +159,7 @@ def _milliseconds(deadline):
 _live_clients = weakref.WeakSet()
 
 
-class QueueClient(_QueryMethods):
+class QueueClient(QueryMethods):
     """A thread-safe, fork-safe client of a :class:`~dbservice.DBService` without a socket.
 
     Get it from ``svc.client()``. *queue* is the service's
@@ -189,7 +189,7 @@ class QueueClient(_QueryMethods):
         return self._request(MSG_STATUS, b"", STATUS_TIMEOUT)
 
     def _run(self, job):
-        payload = _encode(job)
+        payload = encode_job(job)
         if self.max_frame is not None:
             check_size(payload, self.max_frame)
         return self._request(MSG_JOB, payload, job.timeout)
@@ -200,7 +200,7 @@ class QueueClient(_QueryMethods):
         channel = self._channel()
         try:
             ok, value = channel.call(kind, payload, timeout)
-        except _ChannelLost as lost:
+        except ChannelLost as lost:
             self._drop(channel)
             raise lost.error from None
         except BaseException:

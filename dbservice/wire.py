@@ -104,13 +104,42 @@ def recv_frame(sock, max_size=None):
     return job_id, kind, bytes(recv_exactly(sock, size)) if size else b""
 
 
+class ClientHandshake:
+    """The client's side of the handshake, with no I/O: the sync and the asyncio drivers feed it.
+
+    Give each frame the daemon sends to :meth:`receive`, which returns the
+    frame to send back, if any; once :attr:`max_frame` is set, the daemon is
+    trusted. :attr:`frame_limit` is how large the next frame from it may be.
+    """
+
+    def __init__(self, authkey):
+        self.authkey = authkey
+        self.max_frame = None
+        self._ours = None  # our challenge, once we answered the daemon's
+
+    @property
+    def frame_limit(self):
+        return MAX_REFUSAL_FRAME if self._ours is None else MAX_AUTH_FRAME
+
+    def receive(self, kind, payload):
+        """Take the daemon's challenge (answered), or its verdict; raise AuthenticationError or ServiceBusy."""
+        if self._ours is None:
+            answer = answer_challenge(self.authkey, kind, payload)
+            self._ours = new_challenge()
+            return encode_frame(0, MSG_AUTH, answer + self._ours)
+        self.max_frame = check_verdict(self.authkey, self._ours, payload)
+        return None
+
+
 def client_handshake(sock, authkey):
-    """Prove we hold *authkey* and check that the daemon does too; return its max_frame."""
-    _, kind, challenge = recv_frame(sock, MAX_REFUSAL_FRAME)
-    ours = new_challenge()
-    sock.sendall(encode_frame(0, MSG_AUTH, answer_challenge(authkey, kind, challenge) + ours))
-    _, _, verdict = recv_frame(sock, MAX_AUTH_FRAME)
-    return check_verdict(authkey, ours, verdict)
+    """Prove we hold *authkey* on the blocking socket *sock* and check that the daemon does too; its max_frame."""
+    handshake = ClientHandshake(authkey)
+    while handshake.max_frame is None:
+        _, kind, payload = recv_frame(sock, handshake.frame_limit)
+        answer = handshake.receive(kind, payload)
+        if answer is not None:
+            sock.sendall(answer)
+    return handshake.max_frame
 
 
 def check_verdict(authkey, our_challenge, verdict):
@@ -127,17 +156,7 @@ def check_verdict(authkey, our_challenge, verdict):
     return max_frame
 
 
-# -- the asyncio side, used by the daemon -------------------------------------
-
-
-async def read_frame(reader, max_size):
-    """Read one frame from an asyncio StreamReader; FrameError if oversized."""
-    size, job_id, kind = HEADER.unpack(await reader.readexactly(HEADER.size))
-    if size > max_size:
-        raise FrameError(
-            "frame of %d bytes exceeds the limit of %d bytes" % (size, max_size)
-        )
-    return job_id, kind, (await reader.readexactly(size)) if size else b""
+# -- the daemon's side -----------------------------------------------------
 
 
 def verdict(authkey, our_challenge, kind, payload, max_frame):

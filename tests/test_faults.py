@@ -15,6 +15,7 @@ import psycopg2
 import pytest
 
 import dbservice
+import dbservice.queries
 from conftest import active, start_service, wait_until
 from dbservice.embedded import Cluster
 from dbservice.health import Backoff
@@ -364,7 +365,7 @@ def test_clients_reconnect_after_the_daemon_is_killed_and_restarted(dsn, socket_
 
 def test_a_daemon_that_stops_answering_is_a_timeout_for_its_clients(dsn, socket_path, monkeypatch):
     """The sync client bounds its wait for a reply itself: a frozen daemon cannot hang it."""
-    monkeypatch.setattr(dbservice.client, "REPLY_GRACE", 0.3)
+    monkeypatch.setattr(dbservice.queries, "REPLY_GRACE", 0.3)
     with start_service(dsn, socket_path, min_size=1, max_size=1) as svc, svc.client() as c:
         assert c.fetchval("select 1") == 1
         os.kill(svc.process.pid, signal.SIGSTOP)

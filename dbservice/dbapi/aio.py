@@ -13,7 +13,7 @@ import asyncio
 from psycopg2 import InterfaceError
 
 from ..async_client import AsyncClient
-from ..client import resolve_address
+from ..queries import resolve_address
 from ..errors import ServiceUnavailable
 from ..jobs import FETCH_BEGIN, FETCH_COMMIT, FETCH_ROLLBACK
 from .connection import CONNECT_TIMEOUT, ConnectionBase
@@ -31,7 +31,7 @@ class AsyncConnection(ConnectionBase):
         super().__init__(client.socket, session)
         self._client = client
         self._lock = asyncio.Lock()
-        self._writer = client._connection  # the client's socket, on which the open transactions began
+        self._socket = client.connection  # the client's socket, on which the open transactions began
 
     def __repr__(self):
         return "<dbservice.dbapi.AsyncConnection %s%s>" % (self.socket, " closed" if self.closed else "")
@@ -57,9 +57,7 @@ class AsyncConnection(ConnectionBase):
     def terminate(self):
         """Hang up at once, without waiting: for a connection given up on outside the event loop."""
         self._session.closed = True
-        self._client.closed = True
-        if self._client._connection is not None:
-            self._client._connection.close()
+        self._client.abort()
 
     async def __aenter__(self):
         return self
@@ -92,7 +90,7 @@ class AsyncConnection(ConnectionBase):
                 "rolled back; roll back, then run the transaction again"
             )
         try:
-            return await self._client._run(job)
+            return await self._client.run(job)
         finally:
             self._socket_changed(None)
 
@@ -103,11 +101,11 @@ class AsyncConnection(ConnectionBase):
         the transactions on the old one are then lost (*job*'s own spared,
         if it is a BEGIN).
         """
-        writer = self._client._connection
-        if writer is self._writer:
+        socket = self._client.connection
+        if socket is self._socket:
             return False
-        changed = self._writer is not None
-        self._writer = writer
+        changed = self._socket is not None
+        self._socket = socket
         if changed:
             spare = job.tx if job is not None and job.fetch == FETCH_BEGIN else None
             self._session.channel_lost("lost the connection to the dbservice daemon", spare)
@@ -179,5 +177,5 @@ async def connect_async(socket=None, authkey=None, timeout=None, *, connect_time
     socket, authkey = resolve_address(socket, authkey)
     session = Session(timeout, autocommit, isolation_level, readonly, deferrable)
     client = AsyncClient(socket, authkey, connect_timeout=connect_timeout)
-    await client._connect()
+    await client.connect()
     return AsyncConnection(client, session)

@@ -20,7 +20,8 @@ import weakref
 import psycopg2
 from psycopg2 import InterfaceError
 
-from ..client import _Channel, _ChannelLost, _encode, resolve_address
+from ..channel import Channel
+from ..queries import ChannelLost, encode_job, resolve_address
 from ..jobs import FETCH_BEGIN, FETCH_COMMIT, FETCH_ROLLBACK
 from .cursor import Cursor
 from .protocol import Session, drive
@@ -180,7 +181,7 @@ class Connection(ConnectionBase):
         """Connect to the daemon now, rather than on the first job: fail here if nobody is there."""
         with self._lock:
             if self._channel is None:
-                self._channel = _Channel(self.socket, self._authkey, self.connect_timeout)
+                self._channel = Channel(self.socket, self._authkey, self.connect_timeout)
 
     def _run(self, operation):
         with self._lock:
@@ -190,13 +191,13 @@ class Connection(ConnectionBase):
             return drive(operation, self._send)
 
     def _send(self, job):
-        payload = _encode(job)
+        payload = encode_job(job)
         for attempt in (1, 2):
             if self._channel is None:
-                self._channel = _Channel(self.socket, self._authkey, self.connect_timeout)
+                self._channel = Channel(self.socket, self._authkey, self.connect_timeout)
             try:
                 return self._channel.call(payload, job.timeout)
-            except _ChannelLost as lost:
+            except ChannelLost as lost:
                 self._hang_up()
                 # A job that never left (the daemon restarted since the last
                 # one) goes again on a new socket, unless its transaction
