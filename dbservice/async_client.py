@@ -20,7 +20,7 @@ import socket as socketlib
 import sys
 
 from .errors import Error, QueryTimeout, ServiceUnavailable
-from .jobs import FETCH_COMMIT, FETCH_ROLLBACK, STREAM_DECLARE, STREAM_FETCH, loads_reply, transaction_options
+from .jobs import COMMIT, ROLLBACK, STREAM_DECLARE, STREAM_FETCH, loads_reply, transaction_options
 from .queries import (
     REPLY_GRACE,
     QueryMethods,
@@ -318,7 +318,7 @@ class AsyncTransaction(TransactionJobs):
         except (asyncio.CancelledError, QueryTimeout):
             # The BEGIN may have run with its reply lost to us: a ROLLBACK
             # after it, which the daemon takes in order, leaves nothing open.
-            self._client._send_only(self._end_job(FETCH_ROLLBACK))
+            self._client._send_only(self._end_job(ROLLBACK))
             raise
         return self
 
@@ -334,10 +334,10 @@ class AsyncTransaction(TransactionJobs):
                 pass  # the block's own exception is the one to see
 
     async def commit(self):
-        await self._client._run(self._end_job(FETCH_COMMIT))
+        await self._client._run(self._end_job(COMMIT))
 
     async def rollback(self):
-        await self._client._run(self._end_job(FETCH_ROLLBACK))
+        await self._client._run(self._end_job(ROLLBACK))
 
 
 def _give_up(reply, waited):

@@ -16,7 +16,7 @@ import weakref
 
 from .channel import Channel
 from .errors import Error
-from .jobs import FETCH_COMMIT, FETCH_ROLLBACK, STREAM_DECLARE, STREAM_FETCH, transaction_options
+from .jobs import COMMIT, ROLLBACK, STREAM_DECLARE, STREAM_FETCH, transaction_options
 from .queries import ChannelLost, QueryMethods, TransactionJobs, encode_job, resolve_address
 from .wire import MSG_JOB, MSG_STATUS
 
@@ -53,10 +53,10 @@ class Transaction(TransactionJobs):
                 pass  # the block's own exception is the one to see
 
     def commit(self):
-        self._call(self._end_job(FETCH_COMMIT))
+        self._call(self._end_job(COMMIT))
 
     def rollback(self):
-        self._call(self._end_job(FETCH_ROLLBACK))
+        self._call(self._end_job(ROLLBACK))
 
 
 _live_clients = weakref.WeakSet()

@@ -44,7 +44,7 @@ import psycopg2
 
 from .config import reloadable_settings
 from .errors import Error, JobRefused, QueryOutcomeUnknown, QueryTimeout, ServiceBusy, ServiceUnavailable
-from .jobs import FETCH_BEGIN
+from .jobs import BEGIN
 from .pending import QUEUED, PendingJob
 from .health import mask_dsn, refused_for_good
 from .pool import AsyncConnectionPool
@@ -120,14 +120,14 @@ class Engine:
             self.finish(pending, False, ServiceUnavailable("the dbservice daemon is stopping"))
         elif job.tx is not None and owner is None:
             self.finish(pending, False, JobRefused("transactions need a connection of their own: use the socket"))
-        elif job.tx is not None and job.fetch != FETCH_BEGIN:
+        elif job.tx is not None and job.kind != BEGIN:
             self._start_task(pending, self.transactions.run(pending, owner))
         else:
             self._queue(pending)
         return pending
 
     def _queue(self, pending):
-        if pending.job.fetch == FETCH_BEGIN:
+        if pending.job.kind == BEGIN:
             try:
                 self.transactions.begin(pending)
             except JobRefused as exc:
@@ -179,7 +179,7 @@ class Engine:
         self.pool.note_job(conn, job.sql)
         conn.gate = None if pending.owner is None else pending.owner.gate
         self._running.add(pending)
-        if job.tx is not None or job.fetch not in STATEMENT_FETCHES:
+        if job.tx is not None or job.kind not in STATEMENT_FETCHES:
             pending.cancel_timer()  # run_job keeps the deadline
             self._start_task(pending, self._execute(pending, conn))
             return
@@ -221,7 +221,7 @@ class Engine:
     async def _execute(self, pending, conn, statement=None):
         pending.started = True
         job = pending.job
-        begins = job.fetch == FETCH_BEGIN
+        begins = job.kind == BEGIN
         try:
             result = await run_job(conn, job, pending.deadline, self.pool.cancel, begins, statement)
             if begins and pending.cancelled_with is None:
@@ -285,7 +285,7 @@ class Engine:
         self._running.discard(pending)
         if not self._running and not self.pool.waiting:
             self._quiet.set()
-        if not ok and pending.job.fetch == FETCH_BEGIN:
+        if not ok and pending.job.kind == BEGIN:
             self.transactions.begun(pending)  # it opened no transaction
         if ok:
             outcome = "done"

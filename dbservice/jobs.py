@@ -17,7 +17,8 @@ import pickle
 
 from .errors import JobRefused, ResultTooLarge
 
-#: How a job's result is fetched, and what the client gets back.
+#: A job is of one kind: a statement, with how its result is fetched (what
+#: the client gets back), or the control of a client's transaction.
 FETCH_ALL = "all"  # list of tuples
 FETCH_ONE = "one"  # tuple or None
 FETCH_VALUE = "value"  # first column of the first row, or None
@@ -29,14 +30,12 @@ FETCH_TABLE = "table"  # (column names, list of tuples)
 #: OID), and it and rows are None for a statement that returns no rows.
 FETCH_CURSOR = "cursor"
 #: Transaction control: the daemon writes the SQL itself, from allowed options.
-FETCH_BEGIN = "begin"  # params: {"isolation_level", "readonly", "deferrable"}
-FETCH_COMMIT = "commit"
-FETCH_ROLLBACK = "rollback"
-TRANSACTION_CONTROL = frozenset((FETCH_BEGIN, FETCH_COMMIT, FETCH_ROLLBACK))
-FETCH_MODES = frozenset(
-    (FETCH_ALL, FETCH_ONE, FETCH_VALUE, FETCH_ROWCOUNT, FETCH_MANY, FETCH_TABLE, FETCH_CURSOR)
-    + tuple(TRANSACTION_CONTROL)
-)
+BEGIN = "begin"  # params: {"isolation_level", "readonly", "deferrable"}
+COMMIT = "commit"
+ROLLBACK = "rollback"
+TRANSACTION_CONTROL = frozenset((BEGIN, COMMIT, ROLLBACK))
+FETCH_MODES = frozenset((FETCH_ALL, FETCH_ONE, FETCH_VALUE, FETCH_ROWCOUNT, FETCH_MANY, FETCH_TABLE, FETCH_CURSOR))
+JOB_KINDS = FETCH_MODES | TRANSACTION_CONTROL
 
 #: Isolation levels by name, and by psycopg2's ISOLATION_LEVEL_* numbers.
 ISOLATION_LEVELS = {
@@ -89,20 +88,20 @@ class Job:
     is its own transaction).
     """
 
-    __slots__ = ("sql", "params", "fetch", "timeout", "tx")
+    __slots__ = ("sql", "params", "kind", "timeout", "tx")
 
-    def __init__(self, sql, params=None, fetch=FETCH_ALL, timeout=None, tx=None):
+    def __init__(self, sql, params=None, kind=FETCH_ALL, timeout=None, tx=None):
         self.sql = sql
         self.params = params
-        self.fetch = fetch
+        self.kind = kind  # one of JOB_KINDS
         self.timeout = timeout
         self.tx = tx
 
     def __repr__(self):
-        return "<Job %s %.60r timeout=%s>" % (self.fetch, self.sql, self.timeout)
+        return "<Job %s %.60r timeout=%s>" % (self.kind, self.sql, self.timeout)
 
     def to_wire(self):
-        return (self.sql, self.params, self.fetch, self.timeout, self.tx)
+        return (self.sql, self.params, self.kind, self.timeout, self.tx)
 
     @classmethod
     def from_wire(cls, message, max_params_size=DEFAULT_MAX_PARAMS_SIZE):
@@ -112,11 +111,11 @@ class Job:
         :func:`check_params`).
         """
         if not (isinstance(message, tuple) and len(message) == 5):
-            raise JobRefused("a job must be a tuple (sql, params, fetch, timeout, tx)")
-        sql, params, fetch, timeout, tx = message
-        if fetch not in FETCH_MODES:
+            raise JobRefused("a job must be a tuple (sql, params, kind, timeout, tx)")
+        sql, params, kind, timeout, tx = message
+        if kind not in JOB_KINDS:
             raise JobRefused(
-                "unknown fetch mode %r; use one of %s" % (fetch, ", ".join(sorted(FETCH_MODES)))
+                "unknown kind of job %r; use one of %s" % (kind, ", ".join(sorted(JOB_KINDS)))
             )
         if timeout is not None and (
             isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
@@ -124,14 +123,14 @@ class Job:
             raise JobRefused("the job's timeout must be a positive number of seconds, not %r" % (timeout,))
         if tx is not None and (isinstance(tx, bool) or not isinstance(tx, int)):
             raise JobRefused("a transaction id must be an integer, not %r" % (tx,))
-        if fetch in TRANSACTION_CONTROL:
+        if kind in TRANSACTION_CONTROL:
             if tx is None:
-                raise JobRefused("%s needs the id of its transaction" % fetch)
-            return cls(_control_statement(fetch, params), None, fetch, timeout, tx)
+                raise JobRefused("%s needs the id of its transaction" % kind)
+            return cls(_control_statement(kind, params), None, kind, timeout, tx)
         if not isinstance(sql, str) or not sql.strip():
             raise JobRefused("the job's SQL must be a non-empty string")
-        check_params(params, fetch == FETCH_MANY, max_params_size)
-        return cls(sql, params, fetch, timeout, tx)
+        check_params(params, kind == FETCH_MANY, max_params_size)
+        return cls(sql, params, kind, timeout, tx)
 
 
 def transaction_options(isolation_level=None, readonly=None, deferrable=None):
@@ -140,11 +139,11 @@ def transaction_options(isolation_level=None, readonly=None, deferrable=None):
     return {name: value for name, value in options.items() if value is not None}
 
 
-def _control_statement(fetch, options):
+def _control_statement(kind, options):
     """The SQL of BEGIN, COMMIT or ROLLBACK; BEGIN's options come from allowlists."""
-    if fetch == FETCH_COMMIT:
+    if kind == COMMIT:
         return "COMMIT"
-    if fetch == FETCH_ROLLBACK:
+    if kind == ROLLBACK:
         return "ROLLBACK"
     if options is not None and not isinstance(options, dict):
         raise JobRefused(

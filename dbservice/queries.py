@@ -16,7 +16,7 @@ from .config import SECRET_NAME, SOCKET_NAME, default_state_dir
 from .errors import Error, JobRefused, ServiceUnavailable
 from .jobs import (
     FETCH_ALL,
-    FETCH_BEGIN,
+    BEGIN,
     FETCH_MANY,
     FETCH_ONE,
     FETCH_ROWCOUNT,
@@ -84,7 +84,7 @@ class TransactionJobs(QueryMethods):
 
     def _begin_job(self):
         self._tx = next(self._client._tx_ids)
-        return Job("", self._options, FETCH_BEGIN, self.timeout, self._tx)
+        return Job("", self._options, BEGIN, self.timeout, self._tx)
 
     def _end_job(self, fetch):
         """COMMIT or ROLLBACK; the transaction is over whether or not it succeeds."""

@@ -25,7 +25,7 @@ from .backpressure import GateClosed
 from .errors import Error, JobRefused, QueryOutcomeUnknown, QueryTimeout, StatementTimeout
 from .jobs import (
     FETCH_ALL,
-    FETCH_COMMIT,
+    COMMIT,
     FETCH_CURSOR,
     FETCH_MANY,
     FETCH_ONE,
@@ -55,22 +55,22 @@ class Statement:
     """A one-statement job on *conn*, driven by the socket's readiness callback.
 
     ``done(ok, value)`` is called once with the job's outcome, *conn* then
-    being idle or closed. ``hand_over()`` is called instead when the job needs
+    being idle or closed. ``needs_task()`` is called instead when the job needs
     :func:`run_job`, which the caller must then await with this statement.
     Neither is called from :meth:`start`, so a caller that starts the next
     job from ``done`` never recurses.
     """
 
-    __slots__ = ("conn", "job", "cursor", "error", "active", "_done", "_hand_over")
+    __slots__ = ("conn", "job", "cursor", "error", "active", "_done", "_needs_task")
 
-    def __init__(self, conn, job, done, hand_over):
+    def __init__(self, conn, job, done, needs_task):
         self.conn = conn
         self.job = job
         self.cursor = None
         self.error = None  # what failed, when the connection needs cleaning after it
         self.active = False  # waiting on the socket: interrupt() may take it over
         self._done = done
-        self._hand_over = hand_over
+        self._needs_task = needs_task
 
     def start(self):
         """Send the statement, and wait for its reply without blocking."""
@@ -115,7 +115,7 @@ class Statement:
             if state != ext.POLL_OK or conn.pgconn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
                 self._give_up()  # more to send, or a transaction to roll back
                 return
-            result = _fetch(self.cursor, self.job.fetch)
+            result = _fetch(self.cursor, self.job.kind)
         except Exception as exc:
             self._failed(exc)
             return
@@ -141,7 +141,7 @@ class Statement:
 
     def _give_up(self):
         self.active = False
-        self._hand_over()
+        self._needs_task()
 
 
 async def run_job(conn, job, deadline, cancel, in_transaction=False, statement=None):
@@ -159,14 +159,14 @@ async def run_job(conn, job, deadline, cancel, in_transaction=False, statement=N
     try:
         if statement is not None and statement.error is not None:
             raise statement.error
-        if job.fetch == FETCH_MANY:
+        if job.kind == FETCH_MANY:
             result = await _execute_many(conn, cursor, job, deadline, cancel, in_transaction)
         else:
             if statement is None:
                 _send(conn, cursor, job.sql, job.params)
-            commits = job.fetch == FETCH_COMMIT if in_transaction else True
+            commits = job.kind == COMMIT if in_transaction else True
             await _wait_or_cancel(conn, deadline, cancel, commits)
-            result = _fetch(cursor, job.fetch)
+            result = _fetch(cursor, job.kind)
     except BaseException:
         await _clean_up(conn, cancel, keep_transaction=in_transaction)
         raise

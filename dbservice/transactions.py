@@ -14,7 +14,7 @@ import logging
 import psycopg2
 
 from .errors import Error, JobRefused, ServiceUnavailable
-from .jobs import FETCH_COMMIT, FETCH_ROLLBACK, Job
+from .jobs import COMMIT, ROLLBACK, Job
 from .runner import CLEANUP_GRACE, run_job
 
 logger = logging.getLogger("dbservice.transactions")
@@ -94,7 +94,7 @@ class TransactionTable:
                     self._finish(pending, True, result)
                 finally:
                     tx.conn.release_gate()
-                    if job.fetch in (FETCH_COMMIT, FETCH_ROLLBACK) or tx.conn.pgconn.closed:
+                    if job.kind in (COMMIT, ROLLBACK) or tx.conn.pgconn.closed:
                         self._release(tx)
                     else:
                         self._arm(tx)
@@ -105,11 +105,11 @@ class TransactionTable:
 
     def _after_end(self, tx, pending):
         """Answer a job of a transaction we already rolled back."""
-        if pending.job.fetch == FETCH_ROLLBACK:
+        if pending.job.kind == ROLLBACK:
             self._finish(pending, True, None)  # what the client wanted
         else:
             self._finish(pending, False, tx.ended)
-        if pending.job.fetch in (FETCH_COMMIT, FETCH_ROLLBACK):
+        if pending.job.kind in (COMMIT, ROLLBACK):
             del self._table[tx.key]
 
     def abandon(self, owner):
@@ -156,7 +156,7 @@ class TransactionTable:
             logger.warning("rolling back a transaction on connection #%d: %s", tx.conn.number, why)
             deadline = asyncio.get_running_loop().time() + CLEANUP_GRACE
             try:
-                await run_job(tx.conn, Job("ROLLBACK", fetch=FETCH_ROLLBACK), deadline, self.pool.cancel)
+                await run_job(tx.conn, Job("ROLLBACK", kind=ROLLBACK), deadline, self.pool.cancel)
             except Exception as exc:
                 logger.warning("rollback failed (%s); closing the connection", exc)
                 tx.conn.close()

@@ -31,11 +31,11 @@ def test_job_decoder_on_random_bytes(data):
 
 
 @FUZZ
-@given(values, st.sampled_from(sorted(jobs.FETCH_MODES) + ["", "x"]), values, values)
-@example(params=b"\x00", fetch="begin", timeout=None, tx=0)  # BEGIN's options not a dict
-@example(params={"isolation_level": []}, fetch="begin", timeout=None, tx=0)
-def test_job_decoder_on_random_messages(params, fetch, timeout, tx):
-    for message in [("select 1", params, fetch, timeout, tx), params, (params,)]:
+@given(values, st.sampled_from(sorted(jobs.JOB_KINDS) + ["", "x"]), values, values)
+@example(params=b"\x00", kind="begin", timeout=None, tx=0)  # BEGIN's options not a dict
+@example(params={"isolation_level": []}, kind="begin", timeout=None, tx=0)
+def test_job_decoder_on_random_messages(params, kind, timeout, tx):
+    for message in [("select 1", params, kind, timeout, tx), params, (params,)]:
         data = pickle.dumps(message)
         for cut in (len(data), len(data) // 2):  # whole and truncated
             try:

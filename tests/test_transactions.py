@@ -11,7 +11,7 @@ import pytest
 import dbservice
 from conftest import active, start_service, wait_until
 from dbservice import jobs, wire
-from dbservice.jobs import FETCH_BEGIN, Job
+from dbservice.jobs import BEGIN, Job
 from test_security import raw_connect
 
 
@@ -186,7 +186,7 @@ def test_transactions_need_the_socket(dsn):
         client = svc.client(timeout=10)
         assert not hasattr(client, "transaction")
         with pytest.raises(dbservice.JobRefused, match="socket"):
-            client._run(Job("", {}, FETCH_BEGIN, 10, 1))
+            client._run(Job("", {}, BEGIN, 10, 1))
 
 
 def test_a_job_cancelled_while_it_waits_behind_its_transactions_previous_job_gets_its_reply(tx_service):
@@ -194,7 +194,7 @@ def test_a_job_cancelled_while_it_waits_behind_its_transactions_previous_job_get
     sock = raw_connect(tx_service.socket)
     wire.client_handshake(sock, tx_service.authkey)
     sock.settimeout(10)
-    sock.sendall(wire.encode_frame(1, wire.MSG_JOB, jobs.dumps_job(Job("", {}, FETCH_BEGIN, None, 7))))
+    sock.sendall(wire.encode_frame(1, wire.MSG_JOB, jobs.dumps_job(Job("", {}, BEGIN, None, 7))))
     assert wire.recv_frame(sock)[:2] == (1, wire.MSG_RESULT)
     slow = Job("select pg_sleep(1)::text || 'slept'", None, "value", None, 7)
     sock.sendall(  # in one write: the second job waits for the first, then is cancelled
@@ -293,9 +293,9 @@ def test_a_begin_reusing_an_open_transaction_id_is_refused(tx_service, admin, le
         assert reply_id == job_id
         return kind, pickle.loads(body)
 
-    assert call(1, Job("", None, FETCH_BEGIN, None, 7)) == (wire.MSG_RESULT, None)
+    assert call(1, Job("", None, BEGIN, None, 7)) == (wire.MSG_RESULT, None)
     assert call(2, Job("insert into ledger values (1, 10)", None, "rowcount", None, 7)) == (wire.MSG_RESULT, 1)
-    kind, error = call(3, Job("", None, FETCH_BEGIN, None, 7))
+    kind, error = call(3, Job("", None, BEGIN, None, 7))
     assert kind == wire.MSG_ERROR and isinstance(error, dbservice.JobRefused) and "already open" in str(error)
     assert call(4, Job("", None, "commit", None, 7)) == (wire.MSG_RESULT, None)
     sock.close()

@@ -15,7 +15,7 @@ from psycopg2 import InterfaceError
 from ..async_client import AsyncClient
 from ..queries import resolve_address
 from ..errors import ServiceUnavailable
-from ..jobs import FETCH_BEGIN, FETCH_COMMIT, FETCH_ROLLBACK
+from ..jobs import BEGIN, COMMIT, ROLLBACK
 from .connection import CONNECT_TIMEOUT, ConnectionBase
 from .cursor import CursorCore
 from .protocol import Session, drive_async
@@ -43,11 +43,11 @@ class AsyncConnection(ConnectionBase):
 
     async def commit(self):
         if self._ends_something():
-            await self._run(self._session.end(FETCH_COMMIT))
+            await self._run(self._session.end(COMMIT))
 
     async def rollback(self):
         if self._ends_something():
-            await self._run(self._session.end(FETCH_ROLLBACK))
+            await self._run(self._session.end(ROLLBACK))
 
     async def close(self):
         """Roll back what is open and hang up; closing twice raises InterfaceError."""
@@ -81,9 +81,9 @@ class AsyncConnection(ConnectionBase):
             return await drive_async(operation, self._send)
 
     async def _send(self, job):
-        if self._socket_changed(job) and job.tx is not None and job.fetch != FETCH_BEGIN:
+        if self._socket_changed(job) and job.tx is not None and job.kind != BEGIN:
             # Its transaction began on the socket that is gone, and went with it.
-            if job.fetch == FETCH_ROLLBACK:
+            if job.kind == ROLLBACK:
                 return None
             raise ServiceUnavailable(
                 "the connection to the dbservice daemon was lost inside a transaction, which the daemon "
@@ -107,7 +107,7 @@ class AsyncConnection(ConnectionBase):
         changed = self._socket is not None
         self._socket = socket
         if changed:
-            spare = job.tx if job is not None and job.fetch == FETCH_BEGIN else None
+            spare = job.tx if job is not None and job.kind == BEGIN else None
             self._session.channel_lost("lost the connection to the dbservice daemon", spare)
         return changed
 

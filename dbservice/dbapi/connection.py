@@ -22,7 +22,7 @@ from psycopg2 import InterfaceError
 
 from ..channel import Channel
 from ..queries import ChannelLost, encode_job, resolve_address
-from ..jobs import FETCH_BEGIN, FETCH_COMMIT, FETCH_ROLLBACK
+from ..jobs import BEGIN, COMMIT, ROLLBACK
 from .cursor import Cursor
 from .protocol import Session, drive
 
@@ -151,11 +151,11 @@ class Connection(ConnectionBase):
 
     def commit(self):
         if self._ends_something():
-            self._run(self._session.end(FETCH_COMMIT))
+            self._run(self._session.end(COMMIT))
 
     def rollback(self):
         if self._ends_something():
-            self._run(self._session.end(FETCH_ROLLBACK))
+            self._run(self._session.end(ROLLBACK))
 
     def close(self):
         """Roll back what is open and hang up; closing twice raises InterfaceError, as the PEP's suite wants."""
@@ -202,11 +202,11 @@ class Connection(ConnectionBase):
                 # A job that never left (the daemon restarted since the last
                 # one) goes again on a new socket, unless its transaction
                 # began on the old one.
-                again = lost.unsent and attempt == 1 and (job.tx is None or job.fetch == FETCH_BEGIN)
+                again = lost.unsent and attempt == 1 and (job.tx is None or job.kind == BEGIN)
                 self._session.channel_lost(lost.error, spare=job.tx if again else None)
                 if again:
                     continue
-                if job.fetch == FETCH_ROLLBACK and job.tx is not None:
+                if job.kind == ROLLBACK and job.tx is not None:
                     return None  # the daemon rolls back what a lost socket began
                 raise lost.error from None
 

@@ -20,7 +20,7 @@ import collections
 import psycopg2.errors
 from psycopg2 import InterfaceError, NotSupportedError, ProgrammingError
 
-from ..jobs import FETCH_COMMIT, FETCH_CURSOR, FETCH_MANY, FETCH_ROLLBACK, FETCH_ROWCOUNT, Job
+from ..jobs import COMMIT, FETCH_CURSOR, FETCH_MANY, ROLLBACK, FETCH_ROWCOUNT, Job
 from .values import plain_params
 
 #: One column of cursor.description, as psycopg2 gives it: a 7-item tuple with names.
@@ -165,7 +165,7 @@ class CursorCore:
             # brings as many as it asks for, so a caller's batch bounds memory.
             self._rows, self._more = [], True
         except Exception:
-            yield from self._end_own_tx(FETCH_ROLLBACK, quietly=True)
+            yield from self._end_own_tx(ROLLBACK, quietly=True)
             raise
 
     def _fetch_op(self, count):
@@ -181,7 +181,7 @@ class CursorCore:
         except Exception:
             # The query failed as it ran: a transaction of its own is of no more use.
             self._more = False
-            yield from self._end_own_tx(FETCH_ROLLBACK, quietly=True)
+            yield from self._end_own_tx(ROLLBACK, quietly=True)
             raise
         self._description, self._columns, self.statusmessage = description, None, status
         self._rows = self._rows[self._next :] + rows
@@ -189,7 +189,7 @@ class CursorCore:
         self.rowcount = max(self.rowcount, 0) + len(rows)
         if len(rows) < count:
             self._more = False
-            yield from self._end_own_tx(FETCH_COMMIT)
+            yield from self._end_own_tx(COMMIT)
 
     def _close_op(self):
         """End what a named cursor holds on the server, before its last row if need be."""
@@ -198,7 +198,7 @@ class CursorCore:
         self._more = False
         tx = self._tx
         if self._owns_tx:
-            yield from self._end_own_tx(FETCH_COMMIT, quietly=True)
+            yield from self._end_own_tx(COMMIT, quietly=True)
         elif tx is self._session.tx and tx.lost is None:
             try:
                 yield Job("CLOSE %s" % self._quoted, None, FETCH_ROWCOUNT, self._session.timeout, tx.id)

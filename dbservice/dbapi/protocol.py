@@ -20,7 +20,7 @@ import itertools
 from psycopg2 import ProgrammingError
 
 from ..errors import Error, ServiceUnavailable
-from ..jobs import FETCH_BEGIN, FETCH_COMMIT, FETCH_MANY, FETCH_ROLLBACK, Job, transaction_options
+from ..jobs import BEGIN, COMMIT, FETCH_MANY, ROLLBACK, Job, transaction_options
 from .values import isolation_name, plain_params
 
 
@@ -101,7 +101,7 @@ class Session:
         self._open.add(tx)
         options = transaction_options(self.isolation_level, self.readonly, self.deferrable)
         try:
-            yield Job("", options, FETCH_BEGIN, self.timeout, tx.id)
+            yield Job("", options, BEGIN, self.timeout, tx.id)
         except Exception:
             self._open.discard(tx)
             raise
@@ -117,13 +117,13 @@ class Session:
         """COMMIT or ROLLBACK *tx*. A lost one cannot commit: its work is gone."""
         self._open.discard(tx)
         if tx.lost is not None:
-            if fetch == FETCH_COMMIT:
+            if fetch == COMMIT:
                 raise tx.lost
             return
         try:
             yield Job("", None, fetch, self.timeout, tx.id)
         except Error:
-            if tx.begun or fetch == FETCH_COMMIT:
+            if tx.begun or fetch == COMMIT:
                 raise
             # Its BEGIN never answered, so the daemon may hold nothing to roll back.
 
@@ -131,7 +131,7 @@ class Session:
         """Roll back the connection's transaction before the socket closes."""
         self.closed = True
         try:
-            yield from self.end(FETCH_ROLLBACK)
+            yield from self.end(ROLLBACK)
         except Error:
             pass  # the socket is closing anyway: the daemon rolls back what is left
 
