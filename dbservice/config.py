@@ -12,6 +12,7 @@ file (``--config``), then the defaults here.
 """
 
 import dataclasses
+import logging
 import os
 import typing
 from typing import Optional
@@ -34,6 +35,8 @@ SOCKET_NAME = "dbservice.sock"
 SECRET_NAME = "secret"
 PIDFILE_NAME = "dbserviced.pid"
 LOG_NAME = "dbserviced.log"
+
+logger = logging.getLogger("dbservice.config")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SELECTORS = ("auto", "epoll", "select", "uvloop")
@@ -164,6 +167,15 @@ def operator_settings():
 def reloadable_settings():
     """The names of the settings a reload applies while jobs flow; the others need a restart."""
     return tuple(field.name for field in operator_settings() if field.metadata["reloadable"])
+
+
+def reloaded(old, new):
+    """*old* with *new*'s reloadable settings; a warning names each other one that changed."""
+    reloadable = reloadable_settings()
+    for field in dataclasses.fields(new):
+        if field.name not in reloadable and getattr(new, field.name) != getattr(old, field.name):
+            logger.warning("%s changed in the configuration; restart the daemon to apply it", field.name)
+    return dataclasses.replace(old, **{name: getattr(new, name) for name in reloadable})
 
 
 def value_type(field):

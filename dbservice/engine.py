@@ -34,7 +34,6 @@ unbounded memory. The bounds, and where each is enforced:
 """
 
 import asyncio
-import dataclasses
 import functools
 import logging
 import os
@@ -42,14 +41,14 @@ import time
 
 import psycopg2
 
-from .config import reloadable_settings
-from .errors import Error, JobRefused, QueryOutcomeUnknown, QueryTimeout, ServiceBusy, ServiceUnavailable
+from .config import reloaded
+from .errors import Error, JobRefused, ServiceBusy, ServiceUnavailable
 from .jobs import BEGIN
-from .pending import QUEUED, PendingJob
+from .pending import PendingJob
 from .health import mask_dsn, refused_for_good
 from .pool import AsyncConnectionPool
 from .runner import STATEMENT_FETCHES, Statement, run_job
-from .stats import JobStats, sql_for_log
+from .stats import JobStats
 from .transactions import TransactionTable
 
 logger = logging.getLogger("dbservice.engine")
@@ -108,6 +107,10 @@ class Engine:
 
     # -- a job's way in --------------------------------------------------------
 
+    def cancel(self, pending, error):
+        """Cancel *pending* (see :meth:`PendingJob.cancel`): its reply is *error*, unless it ends first."""
+        pending.cancel(error)
+
     def submit(self, job, reply, owner=None):
         """Take *job*; ``reply(ok, value)`` is called exactly once, later or now.
 
@@ -149,7 +152,7 @@ class Engine:
             # A job without a timeout still waits for a connection no longer
             # than the pool's timeout: if the database stays unreachable, it is told.
             wait_until = pending.deadline or pending.arrived + self.settings.pool_timeout
-            pending.timer = self._loop.call_at(wait_until, self._timer_fired, pending)
+            pending.timer = self._loop.call_at(wait_until, pending.time_is_up)
 
     def _warn_if_pool_full(self):
         """Say, at most every FULL_POOL_WARNING_INTERVAL, that jobs wait for want of connections."""
@@ -162,14 +165,6 @@ class Engine:
             "if the database can take more, raise --max-size",
             self.pool.waiting, self.pool.max_size,
         )
-
-    def _timer_fired(self, pending):
-        """The one timer of a job: its deadline, or the pool's timeout while it queued."""
-        pending.timer = None
-        if pending.statement is not None:
-            pending.statement.interrupt()  # run_job cancels the query, the deadline being past
-        elif pending.state is QUEUED:
-            self.finish(pending, False, self.pool.wait_error(self._loop.time() - pending.arrived))
 
     # -- running ---------------------------------------------------------------
 
@@ -186,7 +181,7 @@ class Engine:
         if pending.deadline is None:
             pending.cancel_timer()  # the queue's, and a running job has no limit
         elif pending.timer is None:
-            pending.timer = self._loop.call_at(pending.deadline, self._timer_fired, pending)
+            pending.timer = self._loop.call_at(pending.deadline, pending.time_is_up)
         pending.statement = Statement(
             conn, job, functools.partial(self._statement_done, pending), functools.partial(self._to_task, pending)
         )
@@ -249,35 +244,6 @@ class Engine:
             exc = Error("dbservice internal error: %s: %s" % (type(exc).__name__, exc))
         self.finish(pending, False, exc)
 
-    def cancel(self, pending, error):
-        """Cancel a job: take it out of the queue, or cancel its query on the server.
-
-        Its reply is *error*, unless the query ends first. A job that already
-        ended is left alone.
-        """
-        if pending.done:
-            return
-        pending.cancelled_with = error
-        if pending.statement is not None:
-            pending.deadline = self._loop.time()  # run_job takes over and cancels at once
-            pending.statement.interrupt()
-        elif pending.task is not None:
-            self._cancel_task(pending)
-        else:
-            self.finish(pending, False, error)  # queued: the pool skips it
-
-    def _cancel_task(self, pending):
-        """Cancel the task of *pending*, once it has taken its first step.
-
-        Cancelled before it, the coroutine would die without running a line,
-        so without replying or giving back its connection. That step is
-        queued already, so a cancel queued now comes after it.
-        """
-        if pending.started:
-            pending.task.cancel()
-        else:
-            self._loop.call_soon(pending.task.cancel)
-
     def finish(self, pending, ok, value):
         """Send *pending*'s one reply, count it and log it if it was slow; nothing if it was sent."""
         if not pending.finish(ok, value):
@@ -287,16 +253,7 @@ class Engine:
             self._quiet.set()
         if not ok and pending.job.kind == BEGIN:
             self.transactions.begun(pending)  # it opened no transaction
-        if ok:
-            outcome = "done"
-        elif isinstance(value, (QueryTimeout, QueryOutcomeUnknown)):
-            outcome = "timed_out"
-        else:
-            outcome = "failed"
-        seconds = time.perf_counter() - pending.received
-        self.stats.record(outcome, seconds)
-        if self.settings.slow_ms and seconds * 1000.0 >= self.settings.slow_ms:
-            logger.warning("slow job, %.0f ms (%s): %s", seconds * 1000.0, outcome, sql_for_log(pending.job.sql))
+        self.stats.record(pending.job, ok, value, time.perf_counter() - pending.received, self.settings.slow_ms)
 
     # -- stopping --------------------------------------------------------------
 
@@ -319,10 +276,7 @@ class Engine:
         self.pool.fail_waiting(ServiceUnavailable("the dbservice daemon stopped before the job ran"))
         stopped = ServiceUnavailable("the dbservice daemon stopped before the job ended")
         for pending in list(self._running):
-            if pending.statement is not None:
-                self.cancel(pending, stopped)  # handed to a task that cancels the query on the server
-            elif pending.task is not None:
-                self._cancel_task(pending)
+            pending.cancel(stopped)  # a query running is cancelled on the server
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.transactions.close()
@@ -344,18 +298,14 @@ class Engine:
         return len(self._running)
 
     def reload(self, settings):
-        """Apply the reloadable fields of *settings* (config.reloadable_settings) without dropping a job.
+        """Apply the reloadable fields of *settings* (see config.reloaded) without dropping a job.
 
         The pool grows or shrinks to its new bounds (busy connections above
         the new maximum close as their jobs end). Other changed fields keep
         their old values, with a warning to restart.
         """
         old = self.settings
-        reloadable = reloadable_settings()
-        for field in dataclasses.fields(settings):
-            if field.name not in reloadable and getattr(settings, field.name) != getattr(old, field.name):
-                logger.warning("%s changed in the configuration; restart the daemon to apply it", field.name)
-        new = self.settings = dataclasses.replace(old, **{name: getattr(settings, name) for name in reloadable})
+        new = self.settings = reloaded(old, settings)
         if (new.min_size, new.max_size) != (old.min_size, old.max_size):
             self.pool.resize(new.min_size, new.max_size)
         self.pool.max_idle = new.max_idle

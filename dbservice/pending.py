@@ -6,6 +6,7 @@ once its reply went. Its state changes here and nowhere else: the engine and
 the pool ask it where it stands rather than keep lists of their own.
 """
 
+import asyncio
 import time
 
 QUEUED = "queued"  # waiting in the pool for a connection
@@ -70,6 +71,43 @@ class PendingJob:
             self.timer = None
         self.reply(ok, value)
         return True
+
+    def time_is_up(self):
+        """Its one timer fired: its deadline, or the pool's timeout while it queued."""
+        self.timer = None
+        if self.statement is not None:
+            self.statement.interrupt()  # run_job cancels the query, the deadline being past
+        elif self.state is QUEUED:
+            loop = asyncio.get_running_loop()
+            self.engine.finish(self, False, self.engine.pool.wait_error(loop.time() - self.arrived))
+
+    def cancel(self, error):
+        """Take it out of the queue, or cancel its query on the server; done, it is left alone.
+
+        Its reply is *error*, unless the query ends first.
+        """
+        if self.state is DONE:
+            return
+        self.cancelled_with = error
+        if self.statement is not None:
+            self.deadline = asyncio.get_running_loop().time()  # run_job takes over and cancels at once
+            self.statement.interrupt()
+        elif self.task is not None:
+            self.cancel_task()
+        else:
+            self.engine.finish(self, False, error)  # queued: the pool skips it
+
+    def cancel_task(self):
+        """Cancel its task, once the task has taken its first step.
+
+        Cancelled before it, the coroutine would die without running a line,
+        so without replying or giving back its connection. That step is
+        queued already, so a cancel queued now comes after it.
+        """
+        if self.started:
+            self.task.cancel()
+        else:
+            asyncio.get_running_loop().call_soon(self.task.cancel)
 
     def cancel_timer(self):
         if self.timer is not None:
