@@ -107,6 +107,8 @@ class ConnectionSupply:
         See :meth:`Reachability.outage_error`; jobs turned away also make the
         pool try again soon.
         """
+        if self.health.last_error is None:  # every job asks: the usual answer, at once
+            return None
         error = self.health.outage_error(self._loop.time(), not self._connections, self.patience)
         if error is not None:
             self._retry_soon()
