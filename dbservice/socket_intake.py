@@ -16,6 +16,7 @@ import socket
 import stat
 
 from .backpressure import ResultGate
+from .copying import ClientCopies, CopySlots
 from .errors import JobCancelled, JobRefused
 from .jobs import encode_reply, loads_job
 from .wire import (
@@ -23,6 +24,10 @@ from .wire import (
     MAX_AUTH_FRAME,
     MSG_AUTH,
     MSG_CANCEL,
+    MSG_COPY,
+    MSG_COPY_CREDIT,
+    MSG_COPY_DATA,
+    MSG_COPY_DONE,
     MSG_ERROR,
     MSG_JOB,
     MSG_REFUSED,
@@ -40,6 +45,8 @@ logger = logging.getLogger("dbservice.socket")
 
 #: Replies of this many bytes or more are written without joining them to their header.
 LARGE_REPLY = 65536
+#: What the client sends of a COPY under way (copying.py).
+COPY_FRAMES = frozenset((MSG_COPY_DATA, MSG_COPY_DONE, MSG_COPY_CREDIT))
 
 
 class SocketIntake:
@@ -52,6 +59,7 @@ class SocketIntake:
         self.settings = engine.settings
         self._listener = None
         self._clients = set()  # the _ClientProtocol of every connected client
+        self.copy_slots = CopySlots(self.settings.max_copies)
 
     async def start(self):
         check_socket_dir(os.path.dirname(self.path))
@@ -92,7 +100,8 @@ class SocketIntake:
 
     def status(self):
         """The engine's figures, and this socket's."""
-        return dict(self.engine.status(), socket=self.path, socket_clients=self.clients)
+        return dict(self.engine.status(), socket=self.path, socket_clients=self.clients,
+                    copies_running=self.copy_slots.running)
 
 
 class _ClientProtocol(asyncio.Protocol):
@@ -112,6 +121,7 @@ class _ClientProtocol(asyncio.Protocol):
         self.trusted = False
         self.in_flight = {}  # job id -> PendingJob
         self.gate = ResultGate()  # its turn to read large results, and whether it is backed up
+        self.copies = None  # its COPYs (ClientCopies), from its first
         self._challenge = None
         self._auth_timer = None
         self._stall_timer = None  # while backed up: when to give up on it
@@ -240,6 +250,13 @@ class _ClientProtocol(asyncio.Protocol):
                 self.engine.cancel(pending, JobCancelled("the client cancelled the job"))
         elif kind == MSG_STATUS:
             self.reply(job_id, True, self.intake.status())
+        elif kind == MSG_COPY:
+            if self.copies is None:
+                self.copies = ClientCopies(self, self.intake.copy_slots)
+            self.copies.start(job_id, payload)
+        elif kind in COPY_FRAMES:
+            if self.copies is not None:
+                self.copies.receive(job_id, kind, payload)
         else:
             self.reply(job_id, False, JobRefused("unknown message kind %d" % kind))
 
