@@ -42,6 +42,8 @@ MSG_COPY_STARTED = 21  # daemon to client: the server copies now: direction, enc
 MSG_COPY_DATA = 22  # either way: a chunk of the data
 MSG_COPY_DONE = 23  # client to daemon: the data ended
 MSG_COPY_CREDIT = 24  # either way: the receiver took this many more bytes: the sender may send as many more
+COPY_IN, COPY_OUT = "in", "out"  # a MSG_COPY_STARTED's direction: from STDIN, to STDOUT
+COPY_CREDIT = struct.Struct("!Q")  # a MSG_COPY_CREDIT's payload
 
 PROTOCOL = b"dbservice/1"
 CHALLENGE_PREFIX = b"#CHALLENGE#" + PROTOCOL + b"#"
