@@ -19,6 +19,7 @@ import itertools
 import socket as socketlib
 import sys
 
+from .copy_client import CopyMethods, copy_on_connection
 from .errors import Error, QueryTimeout, ServiceUnavailable
 from .jobs import COMMIT, ROLLBACK, STREAM_DECLARE, STREAM_FETCH, loads_reply, transaction_options
 from .queries import (
@@ -48,6 +49,7 @@ class _Connection(asyncio.Protocol):
         self.ready = loop.create_future()  # the handshake's outcome
         self.max_frame = None  # the largest job the daemon takes, from the handshake
         self.replies = {}  # job id -> the future of the job waiting for it
+        self.streams = {}  # job id -> what takes the frames of a job of many (a COPY's, a subscription's)
         self.lost = None  # once the connection ended: the error for every job
         self._handshake_state = ClientHandshake(authkey)
         self._frames = FrameReader(self._handshake_state.frame_limit)
@@ -104,6 +106,30 @@ class _Connection(asyncio.Protocol):
         if self._drained is not None:
             await self._drained
 
+    def open_stream(self, receiver):
+        """A job id whose frames, its reply among them, go to ``receiver.frame(kind, payload)``.
+
+        ``receiver.lost(error)`` is called if the connection ends first; close it with :meth:`close_stream`.
+        """
+        job_id = next(self._ids)
+        self.streams[job_id] = receiver
+        return job_id
+
+    def close_stream(self, job_id):
+        self.streams.pop(job_id, None)
+
+    def write_nowait(self, job_id, kind, payload):
+        """Write one frame of job *job_id*; the transport buffers what the socket does not take yet."""
+        self.transport.write(encode_frame(job_id, kind, payload))
+
+    async def write(self, job_id, kind, payload):
+        """Write one frame of job *job_id*, then wait while the daemon reads more slowly than we write."""
+        if self.lost is not None:
+            raise self.lost
+        self.transport.write(encode_frame(job_id, kind, payload))
+        if self.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+            await self.drain()
+
     def close(self):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
@@ -123,8 +149,13 @@ class _Connection(asyncio.Protocol):
             self._end(loads_reply(body))
             return
         reply = self.replies.pop(job_id, None)
-        if reply is None or reply.done():
-            return  # a job given up on or cancelled here, or one nobody waits for
+        if reply is None:
+            stream = self.streams.get(job_id)
+            if stream is not None:
+                stream.frame(kind, body)
+            return  # else a job given up on or cancelled here, or one nobody waits for
+        if reply.done():
+            return
         value = loads_reply(body)
         if kind == MSG_ERROR:
             reply.set_exception(value)
@@ -141,6 +172,9 @@ class _Connection(asyncio.Protocol):
         for reply in replies.values():
             if not reply.done():
                 reply.set_exception(self.lost)
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.lost(self.lost)
         self.resume_writing()
 
 
@@ -152,7 +186,7 @@ async def _closes_with_loop(connection):
         connection.close()
 
 
-class AsyncClient(QueryMethods):
+class AsyncClient(QueryMethods, CopyMethods):
     """An asyncio client of a dbservice daemon; build it with :func:`connect_async`.
 
     The query methods are those of :class:`~dbservice.Client`, as coroutines:
@@ -256,6 +290,15 @@ class AsyncClient(QueryMethods):
                 timer.cancel()
             connection.replies.pop(job_id, None)
 
+    async def _copy(self, job, file, size):
+        """Run a COPY job on the connection, streaming *file* (see copy_client.py)."""
+        if self.closed:
+            raise Error("this dbservice client is closed")
+        self._check_loop()
+        if self._connection is None or self._connection.lost is not None:
+            await self.connect()
+        return await copy_on_connection(self._connection, job, file, size)
+
     def _send_only(self, job):
         """Send *job* with nobody to wait for its reply, if the connection is still up."""
         if self._connection is not None and self._connection.lost is None:
@@ -303,7 +346,7 @@ class AsyncClient(QueryMethods):
         await self.close()
 
 
-class AsyncTransaction(TransactionJobs):
+class AsyncTransaction(TransactionJobs, CopyMethods):
     """Jobs that run on one pinned connection and commit or roll back together.
 
     Get one from :meth:`AsyncClient.transaction`; its query methods are the
@@ -332,6 +375,11 @@ class AsyncTransaction(TransactionJobs):
                 await self.rollback()
             except Error:
                 pass  # the block's own exception is the one to see
+
+    async def _copy(self, job, file, size):
+        if self._tx is None:
+            raise Error("the transaction is not open: use it as a context manager")
+        return await self._client._copy(job, file, size)
 
     async def commit(self):
         await self._client._run(self._end_job(COMMIT))
