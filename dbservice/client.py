@@ -15,13 +15,14 @@ import threading
 import weakref
 
 from .channel import Channel
+from .copy_client import CopyMethods, copy_on_channel
 from .errors import Error
 from .jobs import COMMIT, ROLLBACK, STREAM_DECLARE, STREAM_FETCH, transaction_options
 from .queries import ChannelLost, QueryMethods, TransactionJobs, encode_job, resolve_address
 from .wire import MSG_JOB, MSG_STATUS
 
 
-class Transaction(TransactionJobs):
+class Transaction(TransactionJobs, CopyMethods):
     """Jobs that run on one pinned connection and commit or roll back together.
 
     Get one from :meth:`Client.transaction`; its query methods are the
@@ -40,6 +41,11 @@ class Transaction(TransactionJobs):
 
     def _call(self, job):
         return self._client._call_on(self._channel, job)
+
+    def _copy(self, job, file, size):
+        if self._tx is None:
+            raise Error("the transaction is not open: use it as a context manager")
+        return self._client._copy_on(self._channel, job, file, size)
 
     def __exit__(self, exc_type, exc, tb):
         if self._tx is None:
@@ -62,7 +68,7 @@ class Transaction(TransactionJobs):
 _live_clients = weakref.WeakSet()
 
 
-class Client(QueryMethods):
+class Client(QueryMethods, CopyMethods):
     """A thread-safe, fork-safe client of a dbservice daemon's Unix socket.
 
     Build it with :func:`connect`. Every query method takes ``timeout=``
@@ -144,6 +150,30 @@ class Client(QueryMethods):
             raise Error("this dbservice client is closed")
         try:
             return channel.call(encode_job(job), job.timeout)
+        except ChannelLost as lost:
+            self._drop(channel)
+            raise lost.error from None
+
+    def _copy(self, job, file, size):
+        """Run a COPY job on this thread's connection, streaming *file* (see copy_client.py)."""
+        if self.closed:
+            raise Error("this dbservice client is closed")
+        for attempt in (1, 2):
+            channel = self._channel()
+            try:
+                return copy_on_channel(channel, job, file, size)
+            except ChannelLost as lost:
+                self._drop(channel)
+                # Never sent (the daemon restarted since our last job): nothing of the file was read.
+                if not (lost.unsent and attempt == 1):
+                    raise lost.error from None
+
+    def _copy_on(self, channel, job, file, size):
+        """Run a COPY job on *channel*, its transaction's, and on no other."""
+        if self.closed:
+            raise Error("this dbservice client is closed")
+        try:
+            return copy_on_channel(channel, job, file, size)
         except ChannelLost as lost:
             self._drop(channel)
             raise lost.error from None
