@@ -101,11 +101,7 @@ class Channel:
         and closes the channel.
         """
         with self._lock:
-            if self.closed:
-                raise ChannelLost(ServiceUnavailable("the connection to the dbservice daemon was closed"), unsent=True)
-            if timeout != self._timeout:
-                self.sock.settimeout(timeout)
-                self._timeout = timeout
+            self._ready(timeout, unsent=True)
             try:
                 yield Link(self, next(self._ids), timeout)
             except BaseException as exc:
@@ -113,17 +109,28 @@ class Channel:
                     self.close()
                 raise
 
-    def receive(self, timeout):
-        """The next frame the daemon sends unasked (a subscription's), or None after *timeout* seconds.
+    # A channel of subscriptions carries frames nobody waits for: it is read
+    # frame by frame, for whichever of its jobs each is.
 
-        For a channel that carries nothing else; ChannelLost once the daemon is gone.
+    def send(self, kind, payload):
+        """Send one frame of a new job and return its id, without waiting for anything; ChannelLost if it cannot."""
+        with self._lock:
+            self._ready(self._timeout)
+            job_id = next(self._ids)
+            try:
+                self.sock.sendall(encode_frame(job_id, kind, payload))
+            except OSError as exc:
+                self.close()
+                raise ChannelLost(ServiceUnavailable("cannot send to the dbservice daemon: %s" % exc)) from None
+            return job_id
+
+    def receive(self, timeout):
+        """The next frame, of any job, as (job_id, kind, payload), or None after *timeout* seconds (0: now).
+
+        ChannelLost once the daemon is gone.
         """
         with self._lock:
-            if self.closed:
-                raise ChannelLost(ServiceUnavailable("the connection to the dbservice daemon was closed"))
-            if timeout != self._timeout:
-                self.sock.settimeout(timeout)
-                self._timeout = timeout
+            self._ready(timeout)
             try:
                 return self._next_frame()
             except (socketlib.timeout, BlockingIOError):
@@ -134,6 +141,13 @@ class Channel:
             except ChannelLost:
                 self.close()
                 raise
+
+    def _ready(self, timeout, unsent=False):
+        if self.closed:
+            raise ChannelLost(ServiceUnavailable("the connection to the dbservice daemon was closed"), unsent=unsent)
+        if timeout != self._timeout:
+            self.sock.settimeout(timeout)
+            self._timeout = timeout
 
     def _next_frame(self):
         """The next reply, read in as few receives as it takes (one, mostly)."""
