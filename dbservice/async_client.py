@@ -21,6 +21,7 @@ import sys
 
 from .copy_client import CopyMethods, copy_on_connection
 from .errors import Error, QueryTimeout, ServiceUnavailable
+from .subscriptions import AsyncSubscription
 from .jobs import COMMIT, ROLLBACK, STREAM_DECLARE, STREAM_FETCH, loads_reply, transaction_options
 from .queries import (
     REPLY_GRACE,
@@ -311,6 +312,15 @@ class AsyncClient(QueryMethods, CopyMethods):
         """
         options = transaction_options(isolation_level, readonly, deferrable)
         return AsyncTransaction(self, options, self.timeout if timeout is None else timeout)
+
+    def listen(self, *channels, timeout=None):
+        """An :class:`~dbservice.subscriptions.AsyncSubscription` to *channels*: ``async for n in client.listen(...)``.
+
+        ``await`` it (or ``async with`` it) to be subscribed before going on;
+        iterating subscribes first too. *timeout* bounds each wait, ending the
+        iteration when it passes. See :meth:`dbservice.Client.listen`.
+        """
+        return AsyncSubscription(self, channels, timeout)
 
     async def iterate(self, sql, params=None, *, batch=1000, timeout=None):
         """Yield the rows of *sql*, fetched *batch* at a time through a server-side cursor.

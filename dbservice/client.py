@@ -19,6 +19,7 @@ from .copy_client import CopyMethods, copy_on_channel
 from .errors import Error
 from .jobs import COMMIT, ROLLBACK, STREAM_DECLARE, STREAM_FETCH, transaction_options
 from .queries import ChannelLost, QueryMethods, TransactionJobs, encode_job, resolve_address
+from .subscriptions import Subscription
 from .wire import MSG_JOB, MSG_STATUS
 
 
@@ -136,6 +137,16 @@ class Client(QueryMethods, CopyMethods):
                 yield from rows
                 if len(rows) < batch:
                     return
+
+    def listen(self, *channels, timeout=None):
+        """A :class:`~dbservice.subscriptions.Subscription` to *channels*, subscribed when this returns.
+
+        Iterate over it for :class:`~dbservice.Notification` objects (and
+        :class:`~dbservice.NotificationsLost` markers where some may be
+        missing); *timeout* bounds each wait, ending the iteration when it
+        passes. It has a socket of its own; close it when done.
+        """
+        return Subscription(self.socket, self._authkey, self.connect_timeout, channels, timeout)
 
     def status(self):
         """The daemon's figures: pool, queue, jobs, latency (``dbserviced status --json``)."""

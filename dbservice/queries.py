@@ -62,6 +62,10 @@ class QueryMethods:
         """Run *sql* once per parameter set, all in one transaction; return the total rowcount."""
         return self._submit(sql, list(seq_of_params), FETCH_MANY, timeout)
 
+    def notify(self, channel, payload="", *, timeout=None):
+        """Send *payload* on *channel* (``pg_notify()``); its listeners hear it once its transaction commits."""
+        return self._submit("SELECT pg_notify(%s, %s)", [channel, payload], FETCH_ROWCOUNT, timeout)
+
     def _submit(self, sql, params, fetch, timeout):
         if timeout is None:
             timeout = self.timeout
