@@ -61,25 +61,24 @@ class CopyMethods:
 
     def copy_from(self, file, table, sep="\t", null="\\N", size=8192, columns=None, *, timeout=None):
         """Copy *file*'s lines, in COPY's text format, into *table* (a name, quoted: no schema; see copy_expert())."""
-        _check_file(file, "read", "copy_from")
-        return self._copy(self._copy_job("", (COPY_IN, table, _names(columns), sep, null), timeout), file, size)
+        form = table_form(COPY_IN, file, table, sep, null, columns)
+        return self._copy(self._copy_job("", form, timeout), file, size)
 
     def copy_to(self, file, table, sep="\t", null="\\N", columns=None, *, timeout=None):
         """Write *table*'s rows to *file* in COPY's text format."""
-        _check_file(file, "write", "copy_to")
-        return self._copy(self._copy_job("", (COPY_OUT, table, _names(columns), sep, null), timeout), file, 8192)
+        form = table_form(COPY_OUT, file, table, sep, null, columns)
+        return self._copy(self._copy_job("", form, timeout), file, 8192)
 
     def _copy_job(self, sql, form, timeout):
         return Job(sql, form, COPY, self.timeout if timeout is None else timeout, self._tx)
 
 
-def _check_file(file, method, caller):
+def table_form(direction, file, table, sep, null, columns):
+    """What a COPY job carries for copy_from() or copy_to(): the daemon writes its SQL (copying.CopyJob)."""
+    method, caller = ("read", "copy_from") if direction == COPY_IN else ("write", "copy_to")
     if not callable(getattr(file, method, None)):
         raise TypeError("%s() needs a file with a %s() method, not %s" % (caller, method, type(file).__name__))
-
-
-def _names(columns):
-    return None if columns is None else list(columns)
+    return direction, table, None if columns is None else list(columns), sep, null
 
 
 def conversation(job, size, text):
