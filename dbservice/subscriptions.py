@@ -20,8 +20,10 @@ dropping it) ends it on the daemon.
 
 import asyncio
 import collections
+import os
 import pickle
 import time
+import weakref
 
 from .channel import Channel
 from .errors import Error, ServiceUnavailable
@@ -53,10 +55,15 @@ def _answer(kind, payload):
         raise Error("the dbservice daemon answered a subscription with a frame of kind %d" % kind)
 
 
+_live_subscriptions = weakref.WeakSet()
+
+
 class Subscription:
     """What :meth:`dbservice.Client.listen` returns: notifications on *channels*, on a socket of its own.
 
-    Iterate over it, or call :meth:`receive`; close it when done.
+    Iterate over it, or call :meth:`receive`; close it when done. Fork-safe:
+    a process forked from the one that subscribed subscribes again on its
+    own socket, with a marker, on its first receive().
     """
 
     def __init__(self, socket, authkey, connect_timeout, channels, timeout=None):
@@ -67,6 +74,7 @@ class Subscription:
         self._channel = None
         self._pending = collections.deque()  # what arrived while it waited for an answer
         self._subscribe()
+        _live_subscriptions.add(self)
 
     def __repr__(self):
         return "<dbservice.Subscription %s%s>" % (", ".join(self.channels), " closed" if self.closed else "")
@@ -132,21 +140,28 @@ class Subscription:
         self._channel = None
         self._why = why
 
+    def add(self, *channels):
+        """Listen to *channels* too, from when this returns on."""
+        new = [channel for channel in check_channels(list(channels)) if channel not in self.channels]
+        if not new:
+            return
+        if self.closed:
+            raise Error("this subscription is closed")
+        if self._channel is not None:
+            try:
+                self._request(self._channel, new)
+            except ChannelLost as lost:
+                self._channel, self._why = None, lost.error
+        self.channels += tuple(new)
+        if self._channel is None and not self._subscribe_again(time.monotonic() + self._address[2]):
+            raise ServiceUnavailable("this subscription has lost the dbservice daemon: %s" % self._why)
+
     def _subscribe(self):
-        """Connect, subscribe and wait for the daemon's answer: ServiceUnavailable, AuthenticationError or its error."""
+        """Connect and subscribe: ServiceUnavailable, AuthenticationError or the daemon's refusal if it cannot."""
         socket, authkey, connect_timeout = self._address
         channel = Channel(socket, authkey, connect_timeout)
         try:
-            job_id = channel.send(MSG_LISTEN, pickle.dumps(list(self.channels)))
-            deadline = time.monotonic() + connect_timeout
-            while True:
-                frame = channel.receive(_left(deadline))
-                if frame is None:
-                    raise ServiceUnavailable("the dbservice daemon did not answer a subscription within %.1f s"
-                                             % connect_timeout)
-                if frame[0] == job_id:
-                    _answer(frame[1], frame[2])
-                    break
+            self._request(channel, self.channels)
         except ChannelLost as lost:
             channel.close()
             raise lost.error from None
@@ -154,6 +169,21 @@ class Subscription:
             channel.close()
             raise
         self._channel = channel
+
+    def _request(self, channel, channels):
+        """Subscribe to *channels* on *channel* and wait for the daemon's answer, keeping what comes meanwhile."""
+        job_id = channel.send(MSG_LISTEN, pickle.dumps(list(channels)))
+        deadline = time.monotonic() + self._address[2]
+        while True:
+            frame = channel.receive(_left(deadline))
+            if frame is None:
+                raise ServiceUnavailable("the dbservice daemon did not answer a subscription within %.1f s"
+                                         % self._address[2])
+            if frame[0] == job_id:
+                return _answer(frame[1], frame[2])
+            item = _item(frame[1], frame[2])
+            if item is not None:
+                self._pending.append(item)
 
     def _subscribe_again(self, deadline):
         """Subscribe on a new connection, trying again with backoff until *deadline*; True once it did.
@@ -172,6 +202,15 @@ class Subscription:
                 continue
             self._pending.append(NotificationsLost(_DAEMON_LOST % self._why, None))
             return True
+
+
+def _forget_parents_sockets():
+    for subscription in list(_live_subscriptions):
+        if subscription._channel is not None:
+            subscription._hang_up("the process forked: the parent's subscription stays the parent's")
+
+
+os.register_at_fork(after_in_child=_forget_parents_sockets)
 
 
 def _left(deadline):
