@@ -291,6 +291,10 @@ class AsyncClient(QueryMethods, CopyMethods):
                 timer.cancel()
             connection.replies.pop(job_id, None)
 
+    async def run_copy(self, job, file, size=8192):
+        """Run a COPY *job*, streaming *file* (see copy_client.py); its rowcount. For layers on top of the client."""
+        return await self._copy(job, file, size)
+
     async def _copy(self, job, file, size):
         """Run a COPY job on the connection, streaming *file* (see copy_client.py)."""
         if self.closed:
