@@ -20,7 +20,9 @@ import collections
 import psycopg2.errors
 from psycopg2 import InterfaceError, NotSupportedError, ProgrammingError
 
-from ..jobs import COMMIT, FETCH_CURSOR, FETCH_MANY, ROLLBACK, FETCH_ROWCOUNT, Job
+from ..copy_client import table_form
+from ..jobs import COMMIT, COPY, FETCH_CURSOR, FETCH_MANY, ROLLBACK, FETCH_ROWCOUNT, Job
+from ..wire import COPY_IN, COPY_OUT
 from .values import plain_params
 
 #: One column of cursor.description, as psycopg2 gives it: a 7-item tuple with names.
@@ -138,6 +140,15 @@ class CursorCore:
             rowcount = yield from self._session.statement(operation, seq_of_parameters, FETCH_MANY)
         self._received((None, rowcount, None, None))
 
+    def _copy_op(self, sql, form):
+        """A COPY, in the connection's transaction (begun first if need be) or in one of its own in autocommit."""
+        if self._quoted is not None:
+            raise ProgrammingError("can't COPY on a named cursor")
+        session = self._session
+        tx_id = None if session.autocommit else (yield from session.current()).id
+        rowcount = yield Job(sql, form, COPY, session.timeout, tx_id)
+        self._received((None, rowcount, None, "COPY %d" % rowcount))
+
     def _declare(self, operation, parameters):
         if self._tx is not None:
             raise ProgrammingError("can't call .execute() on named cursors more than once")
@@ -236,6 +247,23 @@ class Cursor(CursorCore):
         """Run *operation* once per parameter set, all in one job; rowcount is their total."""
         self._check_open()
         self.connection._run(self._executemany_op(operation, seq_of_parameters))
+
+    def copy_expert(self, sql, file, size=8192):
+        """Run *sql*, a ``COPY ... FROM STDIN`` reading *file* or ``COPY ... TO STDOUT`` writing it, as psycopg2's."""
+        self._check_open()
+        self.connection._copy(self._copy_op(sql, None), file, size)
+
+    def copy_from(self, file, table, sep="\t", null="\\N", size=8192, columns=None):
+        """Copy *file*'s lines into *table*, as psycopg2's (the name is quoted: no schema; use copy_expert())."""
+        self._check_open()
+        form = table_form(COPY_IN, file, table, sep, null, columns)
+        self.connection._copy(self._copy_op("", form), file, size)
+
+    def copy_to(self, file, table, sep="\t", null="\\N", columns=None):
+        """Write *table*'s rows to *file*, as psycopg2's."""
+        self._check_open()
+        form = table_form(COPY_OUT, file, table, sep, null, columns)
+        self.connection._copy(self._copy_op("", form), file, 8192)
 
     def fetchone(self):
         self._check_results()
