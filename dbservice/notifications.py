@@ -11,7 +11,7 @@ MAX_CHANNELS = 1024
 
 
 class Notification(collections.namedtuple("Notification", "channel payload pid")):
-    """A NOTIFY on one of the channels listened to: its *payload* ('' if none), the *pid* of the backend that sent it."""
+    """A NOTIFY on a channel listened to: its *payload* ('' if none), the *pid* of the backend that sent it."""
 
     __slots__ = ()
 
