@@ -301,7 +301,7 @@ class AsyncSubscription:
         connection = self._connection
         if connection is not None:
             connection.close_stream(self._job_id)
-            if connection.lost is None:
+            if connection.lost is None and not connection.transport.is_closing():
                 connection.write_nowait(self._job_id, MSG_UNLISTEN, b"")
         self._connection = None
         self._wake()
