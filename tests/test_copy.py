@@ -317,7 +317,7 @@ class Sink(io.RawIOBase):
     def write(self, data):
         self.size += len(data)
         if self.size % (4 * 1024 * 1024) < len(data):
-            time.sleep(0.01)
+            time.sleep(0.05)
         return len(data)
 
 
@@ -356,18 +356,31 @@ class PeakRss:
 
 
 class Served:
-    """Point reads on another client while it runs: how many were answered."""
+    """Point reads on another client while it runs: how long each took to be answered."""
 
     def __init__(self, svc):
         self.client = svc.client(timeout=60)
-        self.count = 0
+        self.latencies = []
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run)
 
     def _run(self):
         while not self._done.is_set():
+            began = time.perf_counter()
             assert self.client.fetchval("select 1") == 1
-            self.count += 1
+            self.latencies.append(time.perf_counter() - began)
+
+    @property
+    def count(self):
+        return len(self.latencies)
+
+    def percentile(self, p):
+        """The *p*th percentile latency, in milliseconds."""
+        ordered = sorted(self.latencies)
+        return 1000 * ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
+
+    def __str__(self):
+        return "%d point reads served, p50 %.2f ms, p99 %.2f ms" % (self.count, self.percentile(50), self.percentile(99))
 
     def __enter__(self):
         self._thread.start()
@@ -387,6 +400,8 @@ def test_copies_of_any_size_hold_a_window_of_memory_and_others_are_served(copy_s
     db.execute("drop table if exists bulk; create unlogged table bulk (n int, word text)")
     try:
         pids = (copy_service.process.pid, os.getpid())
+        with Served(copy_service) as alone:  # the point reads' latency without a COPY, to compare
+            wait_until(lambda: alone.count >= 500, message="500 point reads")
         with PeakRss(*pids) as copy_in, Served(copy_service) as served_in:
             rows = db.copy_from(Rows(size), "bulk", size=65536)
         assert rows == size // len(Rows.ROW)
@@ -396,9 +411,9 @@ def test_copies_of_any_size_hold_a_window_of_memory_and_others_are_served(copy_s
         assert sink.size == rows * len(Rows.ROW)
         with capsys.disabled():
             print("\nCOPY of %d MiB: daemon RSS +%.1f MiB in, +%.1f MiB out; this client +%.1f MiB in, "
-                  "+%.1f MiB out; %d and %d point reads served meanwhile"
+                  "+%.1f MiB out; without a COPY: %s; meanwhile, in: %s; out: %s"
                   % (size >> 20, copy_in.growth[0] / 2**20, copy_out.growth[0] / 2**20,
-                     copy_in.growth[1] / 2**20, copy_out.growth[1] / 2**20, served_in.count, served_out.count))
+                     copy_in.growth[1] / 2**20, copy_out.growth[1] / 2**20, alone, served_in, served_out))
         for growth in copy_in.growth + copy_out.growth:
             assert growth < 16 * 1024 * 1024
         assert served_in.count > 0 and served_out.count > 0
