@@ -109,6 +109,11 @@ class Settings:
         "what a job's parameters may cost once bound: 64 per value plus the length of each string and "
         "bytes, a shared reference counted each time it is used; more is refused [default: --max-frame]",
     )
+    max_prepared: int = setting(
+        256, "N",
+        "statements each pooled connection keeps prepared on the server, so that it does not parse and plan "
+        "them again (the least recently used are deallocated); 0 prepares none",
+    )
     max_result_bytes: int = setting(
         256 * 1024 * 1024, "BYTES", "the largest result sent back; a larger one is an error for that job"
     )

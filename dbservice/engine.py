@@ -71,6 +71,7 @@ class Engine:
             connect_timeout=settings.connect_timeout,
             session_reset=settings.session_reset,
             max_waiting=settings.max_queue,
+            max_prepared=settings.max_prepared,
         )
         self.stats = JobStats()
         self.transactions = TransactionTable(self.pool, settings.idle_in_transaction_timeout, self.finish)

@@ -43,8 +43,9 @@ class AsyncConnectionPool(ConnectionSupply):
         name="pool",
         session_reset=AUTO,
         max_waiting=0,
+        max_prepared=0,
     ):
-        super().__init__(dsn, min_size, max_size, max_idle, connect_timeout, name)
+        super().__init__(dsn, min_size, max_size, max_idle, connect_timeout, name, max_prepared)
         self.timeout = timeout
         self.session_reset = session_reset
         self.max_waiting = max_waiting

@@ -31,7 +31,7 @@ SESSION_RESETS = (AUTO, ALWAYS)
 _FIRST_WORDS = re.compile(r"(?:\s|--[^\n]*|/\*[^*]*\*+(?:[^/*][^*]*\*+)*/)*(\w+)(?:\s+(\w+))?")
 # Statements that may change the session. SET LOCAL, SET TRANSACTION and SET
 # CONSTRAINTS end with the transaction.
-_CHANGING_STATEMENTS = frozenset(("set", "reset", "prepare", "listen", "load", "do", "call"))
+_CHANGING_STATEMENTS = frozenset(("set", "reset", "prepare", "deallocate", "discard", "listen", "load", "do", "call"))
 _TRANSACTION_SETS = frozenset(("local", "transaction", "constraints"))
 # Anywhere in the text: temporary objects, WITH HOLD cursors, session
 # advisory locks (not the _xact_ ones), set_config(), dblink connections.
@@ -97,6 +97,7 @@ async def clean(conn, deadline):
         conn.execute(cursor, RESET)
         await conn.wait(deadline)
         conn.needs_reset = False
+        conn.statements.clear()  # DISCARD ALL deallocated them
         return True
     finally:
         cursor.close()

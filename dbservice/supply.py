@@ -25,7 +25,7 @@ class ConnectionSupply:
     returned connection on (:meth:`_pass_on`).
     """
 
-    def __init__(self, dsn, min_size, max_size, max_idle, connect_timeout, name):
+    def __init__(self, dsn, min_size, max_size, max_idle, connect_timeout, name, max_prepared=0):
         check_sizes(min_size, max_size)
         self.dsn = dsn
         self.min_size = min_size
@@ -33,6 +33,7 @@ class ConnectionSupply:
         self.max_idle = max_idle
         self.connect_timeout = connect_timeout
         self.name = name
+        self.max_prepared = max_prepared  # statements each connection keeps prepared (prepared.py)
         self.health = Reachability(mask_dsn(dsn))
         self.connections_num = 0
         self.connections_lost = 0
@@ -151,6 +152,7 @@ class ConnectionSupply:
             conn.close()
             return
         self.connections_num += 1
+        conn.statements.max_prepared = self.max_prepared
         self._connections.add(conn)
         logger.info(
             "opened connection #%d; pool %r has %d (min %d, max %d)",

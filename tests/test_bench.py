@@ -23,15 +23,19 @@ STRATEGY_NAMES = {
     "threadpool",
     "mp-queue-pipe",
     "dbservice",
+    "dbservice-unprepared",
     "dbservice-async",
     "pgbouncer",
     "pgbench",
+    "pgbench-prepared",
     "dbservice-dbapi",
     "dbservice-sqlalchemy",
     "pgbouncer-sqlalchemy",
 }
 #: The strategies that run on dbservice's pool, and so on its server connections alone.
-DAEMON_STRATEGIES = {"dbservice", "mp-queue-pipe", "dbservice-async", "dbservice-dbapi", "dbservice-sqlalchemy"}
+DAEMON_STRATEGIES = {
+    "dbservice", "dbservice-unprepared", "mp-queue-pipe", "dbservice-async", "dbservice-dbapi", "dbservice-sqlalchemy",
+}
 WORKLOAD_NAMES = {"point-read", "write", "slow-mix", "many-clients", "single-client"}
 
 

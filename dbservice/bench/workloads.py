@@ -85,7 +85,7 @@ WORKLOADS = (
         (POINT_READ,),
         clients=1,
         strategies=(
-            "threadpool", "pgbouncer", "dbservice", "mp-queue-pipe",
+            "threadpool", "pgbouncer", "dbservice", "dbservice-unprepared", "mp-queue-pipe",
             "dbservice-dbapi", "dbservice-sqlalchemy", "pgbouncer-sqlalchemy",
         ),
     ),
