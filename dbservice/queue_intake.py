@@ -19,7 +19,6 @@ trusted pickles; they go through :meth:`Job.from_wire`'s checks all the same.
 
 import asyncio
 import errno
-import functools
 import logging
 import os
 import pickle
@@ -190,7 +189,7 @@ class _ReplyChannel:
             logger.warning("refused a job that could not be decoded: %s", exc)
             self.reply(job_id, False, JobRefused("the job could not be decoded: %s" % exc))
             return
-        pending = self.engine.submit(job, functools.partial(self.reply, job_id))
+        pending = self.engine.submit(job, self.reply, job_id)
         if not pending.done:
             self.in_flight[job_id] = pending
 

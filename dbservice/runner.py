@@ -54,24 +54,24 @@ SENT_AT_ONCE = 4096
 class Statement:
     """A one-statement job on *conn*, driven by the socket's readiness callback.
 
-    ``done(ok, value)`` is called once with the job's outcome, *conn* then
-    being idle or closed. ``needs_task()`` is called instead when the job needs
-    :func:`run_job`, which the caller must then await with this statement.
+    ``owner.statement_done(ok, value)`` is called once with the job's outcome,
+    *conn* then being idle or closed. ``owner.statement_needs_task()`` is
+    called instead when the job needs :func:`run_job`, which the owner must
+    then await with this statement.
     Neither is called from :meth:`start`, so a caller that starts the next
     job from ``done`` never recurses.
     """
 
-    __slots__ = ("conn", "job", "cursor", "query", "error", "active", "_done", "_needs_task")
+    __slots__ = ("conn", "job", "owner", "cursor", "query", "error", "active")
 
-    def __init__(self, conn, job, done, needs_task):
+    def __init__(self, conn, job, owner):
         self.conn = conn
         self.job = job
+        self.owner = owner  # the engine's PendingJob
         self.cursor = None
         self.query = None  # the prepared.PreparedQuery it went as, if it went prepared
         self.error = None  # what failed, when the connection needs cleaning after it
         self.active = False  # waiting on the socket: interrupt() may take it over
-        self._done = done
-        self._needs_task = needs_task
 
     def start(self, prepared=True):
         """Send the statement (*prepared*: as a prepared statement, if it can be), and wait for its reply."""
@@ -124,7 +124,7 @@ class Statement:
             conn.statements.sent(self.query)
         self.active = False
         self.cursor.close()
-        self._done(True, result)
+        self.owner.statement_done(True, result)
 
     def _resume(self):
         """The client's turn to read this large result came."""
@@ -142,14 +142,14 @@ class Statement:
         if pgconn.closed or idle:
             self.active = False
             self.cursor.close()
-            self._done(False, _server_error(exc))
+            self.owner.statement_done(False, _server_error(exc))
         else:
             self.error = _server_error(exc)
             self._give_up()
 
     def _give_up(self):
         self.active = False
-        self._needs_task()
+        self.owner.statement_needs_task()
 
 
 async def run_job(conn, job, deadline, cancel, in_transaction=False, statement=None):
