@@ -24,6 +24,7 @@ import time
 
 import psycopg2
 
+from .. import __version__
 from .aio import AsyncConnection, AsyncCursor, connect_async
 from .connection import Connection, connect
 from .cursor import Column, Cursor
@@ -89,8 +90,6 @@ NUMBER = DBAPITypeObject("NUMBER", (20, 21, 23, 26, 700, 701, 790, 1700))  # int
 # date, time, timetz, timestamp, timestamptz, interval
 DATETIME = DBAPITypeObject("DATETIME", (1082, 1083, 1266, 1114, 1184, 1186))
 ROWID = DBAPITypeObject("ROWID", (26,))  # oid
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BINARY", "Binary", "Column", "Connection", "AsyncConnection", "AsyncCursor", "Cursor", "DATETIME",
