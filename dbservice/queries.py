@@ -11,7 +11,8 @@ reply, what a failed connect means to the user, and where the daemon is.
 import os
 import pickle
 import socket as socketlib
-from typing import Any, Callable, Coroutine, Dict, Generic, Iterable, List, Literal, Optional, Tuple, TypeVar, overload
+from types import TracebackType
+from typing import Any, Callable, Coroutine, Dict, Generic, Iterable, List, Literal, Optional, Tuple, Type, TypeVar, overload
 
 from .config import SECRET_NAME, SOCKET_NAME, default_state_dir
 from .errors import Error, JobRefused, ServiceUnavailable
@@ -50,7 +51,7 @@ class QueryMethods(Generic[_Rows, _Row, _Value, _Table, _Count]):
     """The query methods of every client; subclasses provide ``_run(job)``.
 
     Its type parameters are what the methods return, from fetchall()'s to
-    execute()'s: see :data:`Blocking` and :data:`Awaiting`.
+    execute()'s: see :data:`Blocking` and :data:`Awaiting` below.
     """
 
     timeout: Optional[float] = None
@@ -106,20 +107,10 @@ class QueryMethods(Generic[_Rows, _Row, _Value, _Table, _Count]):
     def __enter__(self: _Self) -> _Self:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(
+        self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+    ) -> None:
         self.close()
-
-
-#: The query methods of the blocking clients return the results themselves.
-Blocking = QueryMethods[List[Row], Optional[Row], Any, Table, int]
-#: The asyncio client's return coroutines of them, to await.
-Awaiting = QueryMethods[
-    Coroutine[Any, Any, List[Row]],
-    Coroutine[Any, Any, Optional[Row]],
-    Coroutine[Any, Any, Any],
-    Coroutine[Any, Any, Table],
-    Coroutine[Any, Any, int],
-]
 
 
 class TransactionJobs(QueryMethods[_Rows, _Row, _Value, _Table, _Count]):
@@ -148,6 +139,20 @@ class TransactionJobs(QueryMethods[_Rows, _Row, _Value, _Table, _Count]):
 
     def _call(self, job: Job) -> Any:
         return self._client._run(job)
+
+
+# What the query methods return, with and without a transaction: the results
+# themselves for the blocking clients, coroutines of them for the asyncio one.
+Blocking = QueryMethods[List[Row], Optional[Row], Any, Table, int]
+BlockingTransactionJobs = TransactionJobs[List[Row], Optional[Row], Any, Table, int]
+Awaiting = QueryMethods[
+    Coroutine[Any, Any, List[Row]], Coroutine[Any, Any, Optional[Row]], Coroutine[Any, Any, Any],
+    Coroutine[Any, Any, Table], Coroutine[Any, Any, int],
+]
+AwaitingTransactionJobs = TransactionJobs[
+    Coroutine[Any, Any, List[Row]], Coroutine[Any, Any, Optional[Row]], Coroutine[Any, Any, Any],
+    Coroutine[Any, Any, Table], Coroutine[Any, Any, int],
+]
 
 
 
