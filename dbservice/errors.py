@@ -53,7 +53,8 @@ class StatementTimeout(QueryTimeout, psycopg2.errors.QueryCanceled):
     @classmethod
     def from_server(cls: Type[_StatementTimeout], exc: psycopg2.Error) -> _StatementTimeout:
         error = cls(str(exc))
-        error.__setstate__({"pgerror": exc.pgerror, "pgcode": exc.pgcode})
+        # types-psycopg2 leaves __setstate__ unannotated.
+        error.__setstate__({"pgerror": exc.pgerror, "pgcode": exc.pgcode})  # type: ignore[no-untyped-call]
         return error
 
 
