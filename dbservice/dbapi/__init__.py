@@ -21,6 +21,7 @@ them (a lost daemon, ``ServiceUnavailable``, is an ``OperationalError``).
 
 import datetime
 import time
+from typing import Iterable
 
 import psycopg2
 
@@ -53,34 +54,34 @@ Timestamp = datetime.datetime
 Binary = bytes
 
 
-def DateFromTicks(ticks):
+def DateFromTicks(ticks: float) -> datetime.date:
     return Date(*time.localtime(ticks)[:3])
 
 
-def TimeFromTicks(ticks):
+def TimeFromTicks(ticks: float) -> datetime.time:
     return Time(*time.localtime(ticks)[3:6])
 
 
-def TimestampFromTicks(ticks):
+def TimestampFromTicks(ticks: float) -> datetime.datetime:
     return Timestamp(*time.localtime(ticks)[:6])
 
 
 class DBAPITypeObject:
     """A PEP 249 type object: equal to the OID of each PostgreSQL type it stands for."""
 
-    def __init__(self, name, oids):
+    def __init__(self, name: str, oids: Iterable[int]) -> None:
         self.name = name
         self.values = frozenset(oids)
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         if isinstance(other, DBAPITypeObject):
             return self.values == other.values
         return other in self.values
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash(self.values)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<dbservice.dbapi.%s>" % self.name
 
 
