@@ -11,7 +11,7 @@ lends and to whom is :class:`~dbservice.pool.AsyncConnectionPool`'s.
 import asyncio
 import collections
 import logging
-from typing import Any, Deque, Optional, Set
+from typing import Deque, Optional, Set
 
 from .connection import PooledConnection
 from .errors import ServiceUnavailable

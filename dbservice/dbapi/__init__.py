@@ -25,7 +25,7 @@ from typing import Iterable
 
 import psycopg2
 
-from .. import __version__
+from .. import __version__  # noqa: F401 - the package's, as a driver module gives its own
 from .aio import AsyncConnection, AsyncCursor, connect_async
 from .connection import Connection, connect
 from .cursor import Column, Cursor

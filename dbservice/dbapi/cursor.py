@@ -15,8 +15,7 @@ cursor share: their state, and their operations as generators of jobs
 (:mod:`dbservice.dbapi.protocol`).
 """
 
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Any, Iterable, List, NamedTuple, Optional, Tuple
 
 import psycopg2.errors
 from psycopg2 import InterfaceError, NotSupportedError, ProgrammingError

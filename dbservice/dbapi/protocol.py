@@ -16,7 +16,7 @@ statements then raise until the application rolls back.
 """
 
 import itertools
-from typing import Any, Awaitable, Callable, Generator, Optional, Set, Tuple, TypeVar
+from typing import Any, Awaitable, Callable, Generator, Optional, Set, TypeVar
 
 from psycopg2 import ProgrammingError
 
@@ -166,7 +166,8 @@ class Session:
 
 def drive(operation: Operation[_T], send: Callable[[Job], Any]) -> _T:
     """Run *operation*, sending each job it yields with ``send(job)``; return its result."""
-    ok, value = True, None  # type: Tuple[bool, Any]
+    ok = True
+    value: Any = None
     while True:
         try:
             job = operation.send(value) if ok else operation.throw(value)
@@ -180,7 +181,8 @@ def drive(operation: Operation[_T], send: Callable[[Job], Any]) -> _T:
 
 async def drive_async(operation: Operation[_T], send: Callable[[Job], Awaitable[Any]]) -> _T:
     """:func:`drive` with ``await send(job)``."""
-    ok, value = True, None  # type: Tuple[bool, Any]
+    ok = True
+    value: Any = None
     while True:
         try:
             job = operation.send(value) if ok else operation.throw(value)
