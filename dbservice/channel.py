@@ -110,6 +110,7 @@ class Channel:
             self.sock.close()
 
     __del__ = close  # its thread ended: hang up rather than wait for the daemon to notice
+    forget = close  # in a forked child: closing our copy of the socket leaves the parent's be
 
 
 def _connect_unix(sock: socketlib.socket, path: str, deadline: float) -> None:

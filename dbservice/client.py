@@ -10,16 +10,13 @@ never wait on each other. It is fork-safe: a child process forked after
 """
 
 import itertools
-import os
-import threading
-import weakref
 from types import TracebackType
 from typing import Any, Dict, Iterator, Optional, Type, Union, cast
 
 from .channel import Channel
 from .errors import Error
 from .jobs import COMMIT, ROLLBACK, STREAM_DECLARE, STREAM_FETCH, Job, Params, Row, transaction_options
-from .queries import Blocking, BlockingTransactionJobs, ChannelLost, encode_job, resolve_address
+from .queries import Blocking, BlockingTransactionJobs, ChannelLost, ThreadChannels, encode_job, resolve_address
 from .wire import MSG_JOB, MSG_STATUS
 
 
@@ -64,10 +61,7 @@ class Transaction(BlockingTransactionJobs):
         self._call(self._end_job(ROLLBACK))
 
 
-_live_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
-
-
-class Client(Blocking):
+class Client(Blocking, ThreadChannels[Channel]):
     """A thread-safe, fork-safe client of a dbservice daemon's Unix socket.
 
     Build it with :func:`connect`. Every query method takes ``timeout=``
@@ -82,32 +76,15 @@ class Client(Blocking):
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._authkey = authkey
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        # Weak: a thread's channel lives in its thread-local and closes when
-        # the thread ends, so one thread per request leaks nothing.
-        self._channels: "weakref.WeakSet[Channel]" = weakref.WeakSet()
         self._tx_ids = itertools.count(1)
         self.closed = False
-        _live_clients.add(self)
+        self._init_channels()
 
     def __repr__(self) -> str:
         return "<dbservice.Client %s%s>" % (self.socket, " closed" if self.closed else "")
 
-    def _channel(self) -> Channel:
-        """This thread's connection to the daemon, opened on its first use or after it was lost."""
-        channel: Optional[Channel] = getattr(self._local, "channel", None)
-        if channel is None or channel.closed:
-            channel = Channel(self.socket, self._authkey, self.connect_timeout)
-            self._local.channel = channel
-            with self._lock:
-                self._channels.add(channel)
-        return channel
-
-    def _drop(self, channel: Channel) -> None:
-        channel.close()
-        with self._lock:
-            self._channels.discard(channel)
+    def _open_channel(self) -> Channel:
+        return Channel(self.socket, self._authkey, self.connect_timeout)
 
     def transaction(
         self, isolation_level: Union[str, int, None] = None, readonly: Optional[bool] = None,
@@ -174,32 +151,6 @@ class Client(Blocking):
                 # may have run it, so it is the caller's to decide.
                 if not (lost.unsent and attempt == 1):
                     raise lost.error from None
-
-    def close(self) -> None:
-        """Close every thread's connection to the daemon."""
-        self.closed = True
-        with self._lock:
-            channels, self._channels = list(self._channels), weakref.WeakSet()
-        for channel in channels:
-            channel.close()
-
-    def _after_fork(self) -> None:
-        # The parent's sockets belong to the parent: forget them, close our
-        # copies of their file descriptors (that does not touch the parent's).
-        for channel in list(self._channels):
-            channel.close()
-        self._channels = weakref.WeakSet()
-        self._local = threading.local()
-        self._lock = threading.Lock()
-
-
-def _reset_after_fork() -> None:
-    for client in list(_live_clients):
-        client._after_fork()
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
-
 
 def connect(socket: Optional[str] = None, authkey: Optional[bytes] = None, timeout: Optional[float] = None) -> Client:
     """Connect to a dbservice daemon and return a :class:`Client`.

@@ -11,8 +11,25 @@ reply, what a failed connect means to the user, and where the daemon is.
 import os
 import pickle
 import socket as socketlib
+import threading
+import weakref
 from types import TracebackType
-from typing import Any, Callable, Coroutine, Dict, Generic, Iterable, List, Literal, Optional, Tuple, Type, TypeVar, overload
+from typing import (
+    Any,
+    Callable,
+    Coroutine,
+    Dict,
+    Generic,
+    Iterable,
+    List,
+    Literal,
+    Optional,
+    Protocol,
+    Tuple,
+    Type,
+    TypeVar,
+    overload,
+)
 
 from .config import SECRET_NAME, SOCKET_NAME, default_state_dir
 from .errors import Error, JobRefused, ServiceUnavailable
@@ -155,6 +172,81 @@ AwaitingTransactionJobs = TransactionJobs[
 ]
 
 
+_Channel = TypeVar("_Channel", bound="ThreadChannel")
+
+
+class ThreadChannel(Protocol):
+    """What :class:`ThreadChannels` needs of a channel."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+    def forget(self) -> None: ...
+
+
+class ThreadChannels(Generic[_Channel]):
+    """A blocking client's channels to the daemon: one per thread, opened on its first job.
+
+    Thread-safe: threads never share a channel. Fork-safe: a child process
+    forked with the client opens channels of its own and leaves its parent's
+    alone. A channel lives in its thread's local storage (the client keeps
+    it weakly), so it closes when its thread ends. Subclasses say how one
+    is opened (:meth:`_open_channel`).
+    """
+
+    closed = False
+
+    def _init_channels(self) -> None:
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._channels: "weakref.WeakSet[_Channel]" = weakref.WeakSet()
+        _with_channels.add(self)
+
+    def _open_channel(self) -> _Channel:
+        raise NotImplementedError
+
+    def _channel(self) -> _Channel:
+        """This thread's channel, opened on its first use or after it was lost."""
+        channel: Optional[_Channel] = getattr(self._local, "channel", None)
+        if channel is None or channel.closed:
+            channel = self._open_channel()
+            self._local.channel = channel
+            with self._lock:
+                self._channels.add(channel)
+        return channel
+
+    def _drop(self, channel: _Channel) -> None:
+        channel.close()
+        with self._lock:
+            self._channels.discard(channel)
+
+    def close(self) -> None:
+        """Close every thread's channel."""
+        self.closed = True
+        with self._lock:
+            channels, self._channels = list(self._channels), weakref.WeakSet()
+        for channel in channels:
+            channel.close()
+
+    def _after_fork(self) -> None:
+        for channel in list(self._channels):
+            channel.forget()  # our copy of the parent's: closed, the parent's left be
+        self._channels = weakref.WeakSet()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+
+_with_channels: "weakref.WeakSet[ThreadChannels[Any]]" = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for client in list(_with_channels):
+        client._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 class ChannelLost(Exception):

@@ -13,12 +13,10 @@ import itertools
 import os
 import select
 import sys
-import threading
 import time
-import weakref
 from typing import Any, Dict, List, Optional, Tuple, cast
 
-from .queries import Blocking, ChannelLost, check_size, encode_job, reply_wait
+from .queries import Blocking, ChannelLost, ThreadChannels, check_size, encode_job, reply_wait
 from .errors import Error, QueryTimeout, ServiceUnavailable
 from .jobs import Job, loads_reply
 from .queue_wire import JobQueue, channel_path, job_frames
@@ -39,7 +37,7 @@ DROPPED = (
 class _ReplyChannel:
     """One thread's reply channel, and the job queue it sends on."""
 
-    fd: Optional[int] = None  # until the FIFO is open
+    fd: Optional[int] = None  # until the FIFO is open, and once it is closed
 
     def __init__(self, queue: JobQueue, sentinel: int) -> None:
         self.id = int.from_bytes(os.urandom(8), "big")
@@ -66,6 +64,10 @@ class _ReplyChannel:
         self._room: Optional[select.poll] = None  # a poll for room on the job queue, made if it ever fills
         self._frames = FrameReader(sys.maxsize)  # the service is trusted: no limit
         self._ids = itertools.count(1)
+
+    @property
+    def closed(self) -> bool:
+        return self.fd is None
 
     def call(self, kind: int, payload: bytes, timeout: Optional[float]) -> Tuple[bool, Any]:
         """Send one message and return its reply as ``(ok, value)``; ChannelLost if the channel is unusable."""
@@ -160,10 +162,7 @@ def _milliseconds(deadline: Optional[float]) -> Optional[int]:
     return max(0, int((deadline - time.monotonic()) * 1000.0 + 0.999))
 
 
-_live_clients: "weakref.WeakSet[QueueClient]" = weakref.WeakSet()
-
-
-class QueueClient(Blocking):
+class QueueClient(Blocking, ThreadChannels[_ReplyChannel]):
     """A thread-safe, fork-safe client of a :class:`~dbservice.DBService` without a socket.
 
     Get it from ``svc.client()``. *queue* is the service's
@@ -179,13 +178,8 @@ class QueueClient(Blocking):
         self.sentinel = sentinel
         self.timeout = timeout
         self.max_frame = max_frame
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        # Weak: a thread's channel lives in its thread-local and closes when
-        # the thread ends, so one thread per request leaks nothing.
-        self._channels: "weakref.WeakSet[_ReplyChannel]" = weakref.WeakSet()
         self.closed = False
-        _live_clients.add(self)
+        self._init_channels()
 
     def __repr__(self) -> str:
         return "<dbservice.QueueClient %s%s>" % (self.queue.directory, " closed" if self.closed else "")
@@ -216,40 +210,5 @@ class QueueClient(Blocking):
             raise value
         return value
 
-    def _channel(self) -> _ReplyChannel:
-        channel: Optional[_ReplyChannel] = getattr(self._local, "channel", None)
-        if channel is None:
-            channel = _ReplyChannel(self.queue, self.sentinel)
-            self._local.channel = channel
-            with self._lock:
-                self._channels.add(channel)
-        return channel
-
-    def _drop(self, channel: _ReplyChannel) -> None:
-        channel.close()
-        self._local.channel = None
-        with self._lock:
-            self._channels.discard(channel)
-
-    def close(self) -> None:
-        """Close every thread's reply channel."""
-        self.closed = True
-        with self._lock:
-            channels, self._channels = list(self._channels), weakref.WeakSet()
-        for channel in channels:
-            channel.close()
-
-    def _after_fork(self) -> None:
-        for channel in list(self._channels):
-            channel.forget()
-        self._channels = weakref.WeakSet()
-        self._local = threading.local()
-        self._lock = threading.Lock()
-
-
-def _reset_after_fork() -> None:
-    for client in list(_live_clients):
-        client._after_fork()
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
+    def _open_channel(self) -> _ReplyChannel:
+        return _ReplyChannel(self.queue, self.sentinel)
