@@ -6,13 +6,14 @@ import socket as socketlib
 import sys
 import threading
 import time
+from typing import Any, Iterator, Optional, Tuple
 
 import psycopg2
 
 from .errors import Error, QueryTimeout, ServiceUnavailable
 from .jobs import loads_reply
 from .queries import ChannelLost, check_size, connect_error, reply_wait
-from .wire import MSG_ERROR, MSG_JOB, FrameReader, client_handshake, encode_frame
+from .wire import MSG_ERROR, MSG_JOB, Frame, FrameReader, client_handshake, encode_frame
 
 #: Bytes asked of the socket at a time: most replies come in one receive.
 RECEIVE_BYTES = 65536
@@ -26,7 +27,7 @@ class Channel:
     daemon then cancels the job and rolls back the channel's transactions.
     """
 
-    def __init__(self, path, authkey, connect_timeout):
+    def __init__(self, path: str, authkey: bytes, connect_timeout: float) -> None:
         sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
         try:
             sock.settimeout(connect_timeout)
@@ -40,16 +41,16 @@ class Channel:
             raise
         self.sock = sock
         self.max_frame = max_frame  # the largest job the daemon takes
-        self._timeout = connect_timeout
+        self._timeout: Optional[float] = connect_timeout
         self._frames = FrameReader(sys.maxsize)  # the daemon is trusted: no limit
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # a transaction may be ended from another thread
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self.sock is None or self.sock.fileno() == -1
 
-    def call(self, payload, timeout, kind=MSG_JOB):
+    def call(self, payload: bytes, timeout: Optional[float], kind: int = MSG_JOB) -> Any:
         with self._lock:
             try:
                 return self._call(payload, timeout, kind)
@@ -58,7 +59,7 @@ class Channel:
                     self.close()  # not a reply: the stream is in an unknown state
                 raise
 
-    def _call(self, payload, timeout, kind):
+    def _call(self, payload: bytes, timeout: Optional[float], kind: int) -> Any:
         if self.closed:
             raise ChannelLost(ServiceUnavailable("the connection to the dbservice daemon was closed"), unsent=True)
         check_size(payload, self.max_frame)
@@ -93,7 +94,7 @@ class Channel:
         return value
 
     @contextlib.contextmanager
-    def exchange(self, timeout):
+    def exchange(self, timeout: Optional[float]) -> Iterator["Link"]:
         """The channel, held for one job that takes more than a frame each way (a COPY): its :class:`Link`.
 
         *timeout* bounds each wait for a frame. As with :meth:`call`, an
@@ -112,7 +113,7 @@ class Channel:
     # A channel of subscriptions carries frames nobody waits for: it is read
     # frame by frame, for whichever of its jobs each is.
 
-    def send(self, kind, payload):
+    def send(self, kind: int, payload: bytes) -> int:
         """Send one frame of a new job and return its id, without waiting for anything; ChannelLost if it cannot."""
         with self._lock:
             self._ready(self._timeout)
@@ -124,7 +125,7 @@ class Channel:
                 raise ChannelLost(ServiceUnavailable("cannot send to the dbservice daemon: %s" % exc)) from None
             return job_id
 
-    def receive(self, timeout):
+    def receive(self, timeout: Optional[float]) -> Optional[Frame]:
         """The next frame, of any job, as (job_id, kind, payload), or None after *timeout* seconds (0: now).
 
         ChannelLost once the daemon is gone.
@@ -142,14 +143,14 @@ class Channel:
                 self.close()
                 raise
 
-    def _ready(self, timeout, unsent=False):
+    def _ready(self, timeout: Optional[float], unsent: bool = False) -> None:
         if self.closed:
             raise ChannelLost(ServiceUnavailable("the connection to the dbservice daemon was closed"), unsent=unsent)
         if timeout != self._timeout:
             self.sock.settimeout(timeout)
             self._timeout = timeout
 
-    def _next_frame(self):
+    def _next_frame(self) -> Frame:
         """The next reply, read in as few receives as it takes (one, mostly)."""
         while True:
             frame = self._frames.next_frame()
@@ -160,25 +161,26 @@ class Channel:
                 raise ChannelLost(ServiceUnavailable("the dbservice daemon closed the connection"))
             self._frames.feed(data)
 
-    sock = None  # until the handshake succeeded
+    sock: Optional[socketlib.socket] = None  # until the handshake succeeded
 
-    def close(self):
+    def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
 
     __del__ = close  # its thread ended: hang up rather than wait for the daemon to notice
+    forget = close  # in a forked child: closing our copy of the socket leaves the parent's be
 
 
 class Link:
     """The frames of one job on a held channel (see :meth:`Channel.exchange`)."""
 
-    def __init__(self, channel, job_id, timeout):
+    def __init__(self, channel: Channel, job_id: int, timeout: Optional[float]) -> None:
         self.job_id = job_id
         self._channel = channel
         self._timeout = timeout
         self._sent = False
 
-    def send(self, kind, payload):
+    def send(self, kind: int, payload: bytes) -> None:
         """Send a frame of the job; ChannelLost if the daemon is gone (*unsent* if this was its first)."""
         try:
             self._channel.sock.sendall(encode_frame(self.job_id, kind, payload))
@@ -188,7 +190,7 @@ class Link:
             ) from None
         self._sent = True
 
-    def receive(self):
+    def receive(self) -> Tuple[int, bytes]:
         """The job's next frame, as (kind, payload); ChannelLost if the daemon is gone or silent past the timeout."""
         try:
             while True:
@@ -205,7 +207,7 @@ class Link:
             raise ChannelLost(ServiceUnavailable("lost the connection to the dbservice daemon: %s" % exc)) from None
 
 
-def _connect_unix(sock, path, deadline):
+def _connect_unix(sock: socketlib.socket, path: str, deadline: float) -> None:
     """Connect, waiting while the daemon's listen backlog is full.
 
     With a timeout set, a Unix socket's connect fails at once with EAGAIN

@@ -16,6 +16,7 @@ import psycopg2
 import psycopg2.extensions as ext
 
 from . import types
+from .prepared import ConnectionStatements
 from .wait import set_done, until, wait_writable
 
 
@@ -28,7 +29,7 @@ class PooledConnection:
     """
 
     __slots__ = (
-        "pgconn", "number", "lent", "last_used", "jobs_done", "needs_reset", "gate", "dropped",
+        "pgconn", "number", "lent", "last_used", "jobs_done", "needs_reset", "gate", "dropped", "statements",
         "_loop", "_fd", "_watching", "_busy", "_connecting", "_on_readable", "_on_lost",
     )
 
@@ -59,6 +60,8 @@ class PooledConnection:
         #: the ResultGate of the client whose job runs on it (backpressure.py), if any
         self.gate = None
         self.dropped = False  # closed by us, not by the server
+        #: what it prepared on the server (prepared.ConnectionStatements)
+        self.statements = ConnectionStatements(0)
         self._loop = loop
         self._on_readable = None  # who waits for the reply: called once, when it arrives
         self._busy = False  # an operation is under way: what comes is its reply

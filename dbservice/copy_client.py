@@ -20,6 +20,7 @@ import collections
 import inspect
 import io
 import pickle
+from typing import Any, Callable, Deque, Generator, Generic, Iterable, List, Optional, Tuple, TypeVar
 
 from .errors import Error, QueryTimeout
 from .jobs import COPY, Job
@@ -44,36 +45,53 @@ RECEIVE = "receive"  # (RECEIVE,): the job's next frame, as (kind, payload)
 READ = "read"  # (READ, size): the file's next chunk ("" or b"" at its end)
 WRITE = "write"  # (WRITE, data): write it to the file
 
+#: A conversation: it yields what to do, is sent what came of it, and returns the rowcount.
+Conversation = Generator[Tuple[Any, ...], Any, int]
+#: What a table's COPY job carries (see table_form()).
+TableForm = Tuple[str, str, Optional[List[str]], str, str]
 
-class CopyMethods:
+# What the copy methods return: the rowcount (Client), or a coroutine of it (AsyncClient).
+_Count = TypeVar("_Count")
+
+
+class CopyMethods(Generic[_Count]):
     """psycopg2's copy methods, over a ``_copy(job, file, size)`` of each client or transaction.
 
     Each returns the number of rows copied. A COPY is one job: *timeout*
     covers all of it (the client's own timeout by default).
     """
 
-    timeout = None
-    _tx = None
+    timeout: Optional[float]
+    _tx: Optional[int]
+    _copy: Callable[[Job, Any, int], _Count]  # what a subclass provides: running the COPY job, streaming the file
 
-    def copy_expert(self, sql, file, size=8192, *, timeout=None):
+    def copy_expert(self, sql: str, file: Any, size: int = 8192, *, timeout: Optional[float] = None) -> _Count:
         """Run *sql*, a ``COPY ... FROM STDIN`` (reading *file*) or ``COPY ... TO STDOUT`` (writing it)."""
         return self._copy(self._copy_job(sql, None, timeout), file, size)
 
-    def copy_from(self, file, table, sep="\t", null="\\N", size=8192, columns=None, *, timeout=None):
+    def copy_from(
+        self, file: Any, table: str, sep: str = "\t", null: str = "\\N", size: int = 8192,
+        columns: Optional[Iterable[str]] = None, *, timeout: Optional[float] = None,
+    ) -> _Count:
         """Copy *file*'s lines, in COPY's text format, into *table* (a name, quoted: no schema; see copy_expert())."""
         form = table_form(COPY_IN, file, table, sep, null, columns)
         return self._copy(self._copy_job("", form, timeout), file, size)
 
-    def copy_to(self, file, table, sep="\t", null="\\N", columns=None, *, timeout=None):
+    def copy_to(
+        self, file: Any, table: str, sep: str = "\t", null: str = "\\N", columns: Optional[Iterable[str]] = None,
+        *, timeout: Optional[float] = None,
+    ) -> _Count:
         """Write *table*'s rows to *file* in COPY's text format."""
         form = table_form(COPY_OUT, file, table, sep, null, columns)
         return self._copy(self._copy_job("", form, timeout), file, 8192)
 
-    def _copy_job(self, sql, form, timeout):
+    def _copy_job(self, sql: str, form: Optional[TableForm], timeout: Optional[float]) -> Job:
         return Job(sql, form, COPY, self.timeout if timeout is None else timeout, self._tx)
 
 
-def table_form(direction, file, table, sep, null, columns):
+def table_form(
+    direction: str, file: Any, table: str, sep: str, null: str, columns: Optional[Iterable[str]]
+) -> TableForm:
     """What a COPY job carries for copy_from() or copy_to(): the daemon writes its SQL (copying.CopyJob)."""
     method, caller = ("read", "copy_from") if direction == COPY_IN else ("write", "copy_to")
     if not callable(getattr(file, method, None)):
@@ -81,7 +99,7 @@ def table_form(direction, file, table, sep, null, columns):
     return direction, table, None if columns is None else list(columns), sep, null
 
 
-def conversation(job, size, text):
+def conversation(job: Job, size: int, text: bool) -> Conversation:
     """The client's side of a COPY job, with no I/O: a generator of what to do (SEND, RECEIVE, READ, WRITE).
 
     Each RECEIVE is sent back the job's next frame, each READ the file's next
@@ -105,7 +123,7 @@ def conversation(job, size, text):
             return _reply(*ended)
 
 
-def _send_file(size, codec, window):
+def _send_file(size: int, codec: str, window: int) -> Generator[Tuple[Any, ...], Any, Optional[Tuple[int, bytes]]]:
     """Send the file under the daemon's credit; the job's reply if it came before the end of the data."""
     credit = window
     largest = window // 4
@@ -132,7 +150,7 @@ def _send_file(size, codec, window):
     return None
 
 
-def _receive_file(text, codec, window):
+def _receive_file(text: bool, codec: str, window: int) -> Generator[Tuple[Any, ...], Any, Tuple[int, bytes]]:
     """Write the daemon's data to the file, granting credit back as it is written; the reply that ends it."""
     decoder = codecs.getincrementaldecoder(codec)() if text else None
     unacknowledged = 0
@@ -151,7 +169,7 @@ def _receive_file(text, codec, window):
             unacknowledged = 0
 
 
-def _cancel():
+def _cancel() -> Generator[Tuple[Any, ...], Any, None]:
     """The file failed: have the daemon stop the COPY (none of a COPY FROM commits), and wait for its reply."""
     yield SEND, MSG_CANCEL, b""
     while True:
@@ -160,7 +178,7 @@ def _cancel():
             return
 
 
-def _reply(kind, payload):
+def _reply(kind: int, payload: bytes) -> int:
     value = pickle.loads(payload)
     if kind == MSG_ERROR:
         raise value
@@ -169,7 +187,7 @@ def _reply(kind, payload):
     return value
 
 
-def copy_on_channel(channel, job, file, size):
+def copy_on_channel(channel: Any, job: Job, file: Any, size: int) -> int:
     """Run the COPY *job* on *channel*, a blocking Channel, reading or writing *file*; its rowcount."""
     talk = conversation(job, size, isinstance(file, io.TextIOBase))
     with channel.exchange(reply_wait(job.timeout)) as link:
@@ -191,7 +209,7 @@ def copy_on_channel(channel, job, file, size):
                 return done.value
 
 
-async def copy_on_connection(connection, job, file, size):
+async def copy_on_connection(connection: Any, job: Job, file: Any, size: int) -> int:
     """Run the COPY *job* on the asyncio client's *connection*; the file's read() and write() may be coroutines."""
     talk = conversation(job, size, isinstance(file, io.TextIOBase))
     frames = FrameQueue(reply_wait(job.timeout))
@@ -226,23 +244,23 @@ async def copy_on_connection(connection, job, file, size):
 class FrameQueue:
     """The frames of one job on the asyncio client's connection, as they come (a COPY's, bounded by its credit)."""
 
-    def __init__(self, timeout):
+    def __init__(self, timeout: Optional[float]) -> None:
         self.timeout = timeout
-        self._frames = collections.deque()
-        self._ready = None  # the future get() waits on
-        self._lost = None
+        self._frames: Deque[Tuple[int, bytes]] = collections.deque()
+        self._ready: "Optional[asyncio.Future[None]]" = None  # the future get() waits on
+        self._lost: Optional[BaseException] = None
 
-    def frame(self, kind, payload):
+    def frame(self, kind: int, payload: bytes) -> None:
         self._frames.append((kind, payload))
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(None)
 
-    def lost(self, error):
+    def lost(self, error: BaseException) -> None:
         self._lost = error
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(None)
 
-    async def get(self):
+    async def get(self) -> Tuple[int, bytes]:
         """The next frame, as (kind, payload); the connection's error once it is lost."""
         while not self._frames:
             if self._lost is not None:

@@ -153,7 +153,7 @@ class ClientCopies:
             ))
             return
         job.stream = self.streams[job_id] = CopyStream(protocol.transport, job_id)
-        pending = protocol.engine.submit(job, functools.partial(self._reply, job_id), owner=protocol)
+        pending = protocol.engine.submit(job, self._reply, job_id, owner=protocol)
         if not pending.done:
             protocol.in_flight[job_id] = pending
 

@@ -8,7 +8,10 @@ that one's: the library psycopg2 loaded, as this process's memory map names it.
 import ctypes
 import ctypes.util
 
-import psycopg2._psycopg  # noqa: F401 - loads the libpq we must use
+import psycopg2._psycopg
+
+#: psycopg2's C extension: importing it loaded the libpq it is linked with, the one _find() looks for.
+EXTENSION = psycopg2._psycopg.__file__
 
 
 def _find():

@@ -7,9 +7,11 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Optional, Tuple, TypeVar, Union, cast
 
 from . import types
-from .client import connect
+from .client import Client, connect
 from .config import Settings
 from .health import mask_dsn
 from .errors import ServiceUnavailable
@@ -22,6 +24,8 @@ from .loops import new_event_loop
 
 logger = logging.getLogger("dbservice")
 
+_DBService = TypeVar("_DBService", bound="DBService")
+
 
 #: What each signal asks of the engine.
 SIGNALS = {
@@ -32,7 +36,10 @@ SIGNALS = {
 }
 
 
-def serve(settings, queue=None, ready=None, reload=None, reopen_log=None):
+def serve(
+    settings: Settings, queue: Optional[JobQueue] = None, ready: Optional[Connection] = None,
+    reload: Optional[Callable[[], Settings]] = None, reopen_log: Optional[Callable[[], None]] = None,
+) -> None:
     """Run the engine in this process until SIGTERM (graceful) or SIGINT (fast).
 
     Jobs come from the Unix socket ``settings.socket`` and/or *queue*, the
@@ -50,14 +57,17 @@ def serve(settings, queue=None, ready=None, reload=None, reopen_log=None):
         loop.close()
 
 
-async def _run(settings, queue, ready, reload, reopen_log):
+async def _run(
+    settings: Settings, queue: Optional[JobQueue], ready: Optional[Connection],
+    reload: Optional[Callable[[], Settings]], reopen_log: Optional[Callable[[], None]],
+) -> None:
     loop = asyncio.get_running_loop()
     types.install_adapters()
     engine = Engine(settings)
-    asked = asyncio.Queue()
+    asked: "asyncio.Queue[str]" = asyncio.Queue()
 
     # Handlers only set an event and queue what was asked; the loop does the work.
-    def on_signal(what):
+    def on_signal(what: str) -> None:
         if what == "fast stop":
             engine.hurry()  # also cuts short a graceful stop already under way
         asked.put_nowait(what)
@@ -103,7 +113,10 @@ async def _run(settings, queue, ready, reload, reopen_log):
     logger.info("dbservice stopped")
 
 
-async def _serve_signals(asked, engine, reload, reopen_log):
+async def _serve_signals(
+    asked: "asyncio.Queue[str]", engine: Engine, reload: Optional[Callable[[], Settings]],
+    reopen_log: Optional[Callable[[], None]],
+) -> str:
     """Reload and reopen the log as asked, until a stop is asked; return which stop."""
     while True:
         what = await asked.get()
@@ -115,7 +128,7 @@ async def _serve_signals(asked, engine, reload, reopen_log):
             return what
 
 
-def _reload(engine, reload):
+def _reload(engine: Engine, reload: Optional[Callable[[], Settings]]) -> None:
     if reload is None:
         logger.warning("SIGHUP: this engine has no configuration to read again; nothing changes")
         return
@@ -128,7 +141,7 @@ def _reload(engine, reload):
         engine.reload(settings)
 
 
-def _reopen_log(reopen_log):
+def _reopen_log(reopen_log: Optional[Callable[[], None]]) -> None:
     if reopen_log is None:
         logger.info("SIGUSR1: this engine logs to stderr; there is no log file to reopen")
         return
@@ -138,7 +151,7 @@ def _reopen_log(reopen_log):
         logger.error("cannot reopen the log file, logging on to the old one: %s", exc)
 
 
-def _child_main(settings, queue, ready):
+def _child_main(settings: Settings, queue: Optional[JobQueue], ready: Connection) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve(settings, queue, ready)
 
@@ -154,24 +167,27 @@ class DBService:
     Other keyword arguments are :class:`~dbservice.config.Settings` fields.
     """
 
-    def __init__(self, dsn, min_size=2, max_size=10, socket=None, authkey=None, **options):
+    def __init__(
+        self, dsn: Optional[str], min_size: int = 2, max_size: int = 10, socket: Optional[str] = None,
+        authkey: Optional[bytes] = None, **options: Any,
+    ) -> None:
         if socket is not None and authkey is None:
             authkey = os.urandom(32).hex().encode()
         self.settings = Settings(
             dsn=dsn, min_size=min_size, max_size=max_size, socket=socket, authkey=authkey, **options
         )
-        self.queue = None
-        self.process = None
+        self.queue: Optional[JobQueue] = None
+        self.process: Any = None  # a multiprocessing.Process, from start() on
 
     @property
-    def authkey(self):
+    def authkey(self) -> Optional[bytes]:
         return self.settings.authkey
 
     @property
-    def socket(self):
+    def socket(self) -> Optional[str]:
         return self.settings.socket
 
-    def start(self, timeout=60.0):
+    def start(self: _DBService, timeout: float = 60.0) -> _DBService:
         """Start the engine; return once it accepts jobs, or raise why it cannot."""
         ctx = multiprocessing.get_context("spawn")
         service_queue = None
@@ -199,25 +215,26 @@ class DBService:
             raise ServiceUnavailable("dbservice could not start: %s" % info)
         return self
 
-    def _wait_until_ready(self, ready_in, timeout):
+    def _wait_until_ready(self, ready_in: Connection, timeout: float) -> Tuple[str, Any]:
         if not multiprocessing.connection.wait([ready_in], timeout):
             self._kill()
             raise ServiceUnavailable("dbservice did not start within %.0f s" % timeout)
         try:
-            return ready_in.recv()
+            return cast(Tuple[str, Any], ready_in.recv())
         except EOFError:
             self.process.join(5)
             raise ServiceUnavailable("dbservice exited during start (exit code %s)" % self.process.exitcode) from None
 
-    def client(self, timeout=None):
+    def client(self, timeout: Optional[float] = None) -> Union[QueueClient, Client]:
         """A client of this service, for this process or one forked from it."""
         if self.settings.socket is None:
             return QueueClient(
-                self.queue, self.process.sentinel, timeout=timeout, max_frame=self.settings.max_frame
+                self.queue,  # type: ignore[arg-type]  # start() made it
+                self.process.sentinel, timeout=timeout, max_frame=self.settings.max_frame,
             )
         return connect(socket=self.settings.socket, authkey=self.settings.authkey, timeout=timeout)
 
-    def stop(self, force=False, timeout=None):
+    def stop(self, force: bool = False, timeout: Optional[float] = None) -> None:
         """Stop the engine: gracefully (queued and running jobs finish), or at once with *force*."""
         if self.process is not None and self.process.is_alive():
             os.kill(self.process.pid, signal.SIGINT if force else signal.SIGTERM)
@@ -228,18 +245,18 @@ class DBService:
                 self._kill()
         self._remove_queue()
 
-    def _remove_queue(self):
+    def _remove_queue(self) -> None:
         if self.queue is not None:
             self.queue.remove_directory()
 
-    def _kill(self):
+    def _kill(self) -> None:
         self.process.kill()
         self.process.join()
 
-    def __enter__(self):
+    def __enter__(self: _DBService) -> _DBService:
         if self.process is None:
             self.start()
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()

@@ -9,7 +9,6 @@ one that does not read its replies only holds what backpressure.py allows.
 """
 
 import asyncio
-import functools
 import logging
 import os
 import socket
@@ -283,7 +282,7 @@ class _ClientProtocol(asyncio.Protocol):
             logger.warning("refused a job: %s", exc)
             self.reply(job_id, False, exc)
             return
-        pending = self.engine.submit(job, functools.partial(self.reply, job_id), owner=self)
+        pending = self.engine.submit(job, self.reply, job_id, owner=self)
         if not pending.done:
             self.in_flight[job_id] = pending
 

@@ -24,6 +24,7 @@ import os
 import pickle
 import time
 import weakref
+from typing import Any, Generator, Iterable, Optional, Union
 
 from .channel import Channel
 from .errors import Error, ServiceUnavailable
@@ -31,6 +32,9 @@ from .health import Backoff
 from .notifications import Notification, NotificationsLost, check_channels
 from .queries import ChannelLost
 from .wire import MSG_ERROR, MSG_LISTEN, MSG_NOTIFICATION, MSG_NOTIFICATIONS_LOST, MSG_RESULT, MSG_UNLISTEN
+
+#: What a subscription yields.
+Item = Union[Notification, NotificationsLost]
 
 _DAEMON_LOST = (
     "the connection to the dbservice daemon was lost (%s): notifications sent before this subscription "
@@ -66,7 +70,10 @@ class Subscription:
     own socket, with a marker, on its first receive().
     """
 
-    def __init__(self, socket, authkey, connect_timeout, channels, timeout=None):
+    def __init__(
+        self, socket: str, authkey: bytes, connect_timeout: float, channels: Iterable[str],
+        timeout: Optional[float] = None,
+    ) -> None:
         self.channels = tuple(check_channels(list(channels)))
         self.timeout = timeout
         self.closed = False
@@ -76,19 +83,19 @@ class Subscription:
         self._subscribe()
         _live_subscriptions.add(self)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<dbservice.Subscription %s%s>" % (", ".join(self.channels), " closed" if self.closed else "")
 
-    def __iter__(self):
+    def __iter__(self) -> "Subscription":
         return self
 
-    def __next__(self):
+    def __next__(self) -> Item:
         item = self.receive(self.timeout)
         if item is None:
             raise StopIteration
         return item
 
-    def receive(self, timeout=None):
+    def receive(self, timeout: Optional[float] = None) -> Optional[Item]:
         """The next Notification (or NotificationsLost marker), or None after *timeout* seconds (0: only if here)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -114,23 +121,23 @@ class Subscription:
             if frame[0] == 0 and frame[1] == MSG_ERROR:  # the daemon dropped us, saying why
                 self._hang_up(pickle.loads(frame[2]))
 
-    def fileno(self):
+    def fileno(self) -> int:
         """The socket's descriptor, readable when a notification arrives (a new one after the daemon restarted)."""
         if self._channel is None and not self._subscribe_again(time.monotonic()):
             raise ServiceUnavailable("this subscription has lost the dbservice daemon: %s" % self._why)
         return self._channel.sock.fileno()
 
-    def close(self):
+    def close(self) -> None:
         """End the subscription: the daemon forgets it once its socket closes."""
         self.closed = True
         if self._channel is not None:
             self._channel.close()
             self._channel = None
 
-    def __enter__(self):
+    def __enter__(self) -> "Subscription":
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
     _why = None  # what the daemon's connection was lost to
@@ -140,7 +147,7 @@ class Subscription:
         self._channel = None
         self._why = why
 
-    def add(self, *channels):
+    def add(self, *channels: str) -> None:
         """Listen to *channels* too, from when this returns on."""
         new = [channel for channel in check_channels(list(channels)) if channel not in self.channels]
         if not new:
@@ -228,7 +235,7 @@ class AsyncSubscription:
     #: Bytes of notifications kept for an app that reads more slowly than they come.
     MAX_BUFFERED = 1024 * 1024
 
-    def __init__(self, client, channels, timeout=None):
+    def __init__(self, client: Any, channels: Iterable[str], timeout: Optional[float] = None) -> None:
         self.channels = tuple(check_channels(list(channels)))
         self.timeout = timeout
         self.closed = False
@@ -243,34 +250,34 @@ class AsyncSubscription:
         self._arrived = None  # the future receive() waits on
         self._why = None  # once the connection is lost: why
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<dbservice.AsyncSubscription %s%s>" % (", ".join(self.channels), " closed" if self.closed else "")
 
-    def __await__(self):
+    def __await__(self) -> Generator[Any, None, "AsyncSubscription"]:
         return self._subscribed().__await__()
 
-    async def _subscribed(self):
+    async def _subscribed(self) -> "AsyncSubscription":
         if not self._started:
             await self._subscribe()
             self._started = True
         return self
 
-    def __aiter__(self):
+    def __aiter__(self) -> "AsyncSubscription":
         return self
 
-    async def __anext__(self):
+    async def __anext__(self) -> Item:
         item = await self.receive(self.timeout)
         if item is None:
             raise StopAsyncIteration
         return item
 
-    async def __aenter__(self):
+    async def __aenter__(self) -> "AsyncSubscription":
         return await self._subscribed()
 
-    async def __aexit__(self, *exc_info):
+    async def __aexit__(self, *exc_info: Any) -> None:
         self.close()
 
-    async def receive(self, timeout=None):
+    async def receive(self, timeout: Optional[float] = None) -> Optional[Item]:
         """The next Notification (or NotificationsLost marker), or None after *timeout* seconds."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -295,7 +302,7 @@ class AsyncSubscription:
             finally:
                 self._arrived = None
 
-    def close(self):
+    def close(self) -> None:
         """End the subscription on the daemon."""
         self.closed = True
         connection = self._connection
