@@ -150,6 +150,32 @@ def test_the_asyncio_client_listens_with_async_for(notify_service, sender):
     assert asyncio.run(main()) == ["one", "two", "three"]
 
 
+def test_an_asyncio_app_that_reads_slowly_is_told_what_it_lost(notify_service, sender):
+    count, size = 300, 7900  # 2.4 MB of notifications, past the subscription's own MAX_BUFFERED
+
+    async def main():
+        async with dbservice.connect_async(notify_service.socket, notify_service.authkey, timeout=30) as client:
+            async with client.listen("slow app") as slow, client.listen("fence") as fence:
+                sender.execute("select pg_notify('slow app', lpad(n::text, %s, '.')) from generate_series(1, %s) n",
+                               [size, count])
+                sender.execute("select pg_notify('fence', '')")
+                # The fence comes on the same connection after the burst: all of it has arrived, nothing read.
+                assert (await fence.receive(10)).channel == "fence"
+                items = []
+                while not any(isinstance(item, dbservice.NotificationsLost) for item in items):
+                    item = await slow.receive(10)
+                    assert item is not None, "no NotificationsLost marker after %d notifications" % len(items)
+                    items.append(item)
+                await client.notify("slow app", "caught up")
+                return items, await slow.receive(10)
+
+    items, after = asyncio.run(main())
+    heard = [int(item.payload.strip(".")) for item in items[:-1]]
+    assert 0 < len(heard) < count and heard == list(range(1, len(heard) + 1))  # in order, up to the bound
+    assert items[-1].count == count - len(heard) and "more slowly than they came" in items[-1].reason
+    assert after.payload == "caught up"
+
+
 def test_the_dbapi_connection_has_psycopg2s_notifies(notify_service, sender):
     conn = dbapi.connect(socket=notify_service.socket, authkey=notify_service.authkey, autocommit=True)
     try:
