@@ -206,6 +206,41 @@ def test_a_copy_that_outlives_its_timeout_is_stopped_and_commits_nothing(db, tab
     assert db.copy_from(io.StringIO(ROWS), table) == 4  # the connection serves on
 
 
+class Stuck(io.RawIOBase):
+    """A sink that takes one chunk, then waits for *release* before it takes the next."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.started = threading.Event()
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if self.started.is_set():
+            self.release.wait(60)
+        self.started.set()
+        return len(data)
+
+
+def test_copies_whose_clients_stall_hold_up_no_other_client(copy_service, db, table):
+    """The daemon's loop waits for neither: a COPY FROM whose file gives nothing, a COPY TO whose file takes nothing."""
+    source, sink = Gate(), Stuck()
+    big = "COPY (SELECT n FROM generate_series(1, 1000000) n) TO STDOUT"
+    with concurrent.futures.ThreadPoolExecutor(2) as executor, copy_service.client(timeout=60) as other:
+        copying_in = executor.submit(db.copy_from, source, table)
+        copying_out = executor.submit(other.copy_expert, big, sink)
+        try:
+            assert source.started.wait(30) and sink.started.wait(30)
+            with copy_service.client(timeout=5) as third:
+                for n in range(20):
+                    assert third.fetchval("select %s::int", [n]) == n
+        finally:
+            source.release.set()
+            sink.release.set()
+        assert copying_in.result(30) == 1 and copying_out.result(30) == 1000000
+
+
 def test_copies_are_bounded_and_hold_a_pooled_connection(dsn, socket_path):
     with start_service(dsn, socket_path, min_size=1, max_size=1, max_copies=1) as svc:
         db = svc.client(timeout=60)
