@@ -184,7 +184,8 @@ def _reply(kind: int, payload: bytes) -> int:
         raise value
     if kind != MSG_RESULT:
         raise Error("the dbservice daemon answered a COPY with a frame of kind %d" % kind)
-    return value
+    rowcount: int = value
+    return rowcount
 
 
 def copy_on_channel(channel: Any, job: Job, file: Any, size: int) -> int:
@@ -206,7 +207,8 @@ def copy_on_channel(channel: Any, job: Job, file: Any, size: int) -> int:
                         continue
                 action = talk.send(result)
             except StopIteration as done:
-                return done.value
+                rowcount: int = done.value
+                return rowcount
 
 
 async def copy_on_connection(connection: Any, job: Job, file: Any, size: int) -> int:
@@ -232,7 +234,8 @@ async def copy_on_connection(connection: Any, job: Job, file: Any, size: int) ->
                         continue
                 action = talk.send(result)
             except StopIteration as done:
-                return done.value
+                rowcount: int = done.value
+                return rowcount
     except asyncio.CancelledError:
         if connection.lost is None:
             connection.write_nowait(job_id, MSG_CANCEL, b"")  # the daemon stops the COPY
@@ -269,7 +272,7 @@ class FrameQueue:
             try:
                 await asyncio.wait_for(self._ready, self.timeout)
             except asyncio.TimeoutError:
-                raise QueryTimeout("no reply from the dbservice daemon within %.1f s" % self.timeout) from None
+                raise QueryTimeout("no reply from the dbservice daemon within %.1f s" % (self.timeout or 0)) from None
             finally:
                 self._ready = None
         return self._frames.popleft()

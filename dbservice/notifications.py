@@ -1,6 +1,7 @@
 """What a subscriber gets: a notification, or word that some were lost; and which channel names the daemon takes."""
 
 import collections
+from typing import List, NamedTuple
 
 from .errors import JobRefused
 
@@ -10,12 +11,16 @@ MAX_CHANNEL_BYTES = 63
 MAX_CHANNELS = 1024
 
 
-class Notification(collections.namedtuple("Notification", "channel payload pid")):
+class Notification(NamedTuple):
     """A NOTIFY on a channel listened to: its *payload* ('' if none), the *pid* of the backend that sent it."""
 
-    __slots__ = ()
+    channel: str
+    payload: str
+    pid: int
 
 
+# (Its field "count" would shadow tuple.count in a typing.NamedTuple, which
+# type checkers refuse; a collections.namedtuple may.)
 class NotificationsLost(collections.namedtuple("NotificationsLost", "reason count")):
     """A marker among the notifications: some before it may be missing, so read again what they tell of.
 
@@ -28,7 +33,7 @@ class NotificationsLost(collections.namedtuple("NotificationsLost", "reason coun
     __slots__ = ()
 
 
-def check_channels(channels):
+def check_channels(channels: object) -> List[str]:
     """*channels* as a list of names, or JobRefused saying what is wrong with them.
 
     A channel is named exactly as ``pg_notify()`` names it: case and all.

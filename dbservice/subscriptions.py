@@ -24,7 +24,7 @@ import os
 import pickle
 import time
 import weakref
-from typing import Any, Generator, Iterable, Optional, Union
+from typing import Any, Deque, Generator, Iterable, Optional, Sequence, Tuple, Union
 
 from .channel import Channel
 from .errors import Error, ServiceUnavailable
@@ -42,7 +42,7 @@ _DAEMON_LOST = (
 )
 
 
-def _item(kind, payload):
+def _item(kind: int, payload: bytes) -> Optional[Item]:
     """What a subscription yields for a frame of the daemon's, or None if it is none of its."""
     if kind == MSG_NOTIFICATION:
         return Notification(*pickle.loads(payload))
@@ -51,7 +51,7 @@ def _item(kind, payload):
     return None
 
 
-def _answer(kind, payload):
+def _answer(kind: int, payload: bytes) -> None:
     """The daemon's answer to a MSG_LISTEN: nothing, or its error raised."""
     if kind == MSG_ERROR:
         raise pickle.loads(payload)
@@ -59,7 +59,7 @@ def _answer(kind, payload):
         raise Error("the dbservice daemon answered a subscription with a frame of kind %d" % kind)
 
 
-_live_subscriptions = weakref.WeakSet()
+_live_subscriptions: "weakref.WeakSet[Subscription]" = weakref.WeakSet()
 
 
 class Subscription:
@@ -78,8 +78,8 @@ class Subscription:
         self.timeout = timeout
         self.closed = False
         self._address = (socket, authkey, connect_timeout)
-        self._channel = None
-        self._pending = collections.deque()  # what arrived while it waited for an answer
+        self._channel: Optional[Channel] = None
+        self._pending: Deque[Item] = collections.deque()  # what arrived while it waited for an answer
         self._subscribe()
         _live_subscriptions.add(self)
 
@@ -125,6 +125,7 @@ class Subscription:
         """The socket's descriptor, readable when a notification arrives (a new one after the daemon restarted)."""
         if self._channel is None and not self._subscribe_again(time.monotonic()):
             raise ServiceUnavailable("this subscription has lost the dbservice daemon: %s" % self._why)
+        assert self._channel is not None and self._channel.sock is not None  # subscribed: on a socket
         return self._channel.sock.fileno()
 
     def close(self) -> None:
@@ -140,9 +141,10 @@ class Subscription:
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
-    _why = None  # what the daemon's connection was lost to
+    _why: object = None  # what the daemon's connection was lost to
 
-    def _hang_up(self, why):
+    def _hang_up(self, why: object) -> None:
+        assert self._channel is not None
         self._channel.close()
         self._channel = None
         self._why = why
@@ -163,7 +165,7 @@ class Subscription:
         if self._channel is None and not self._subscribe_again(time.monotonic() + self._address[2]):
             raise ServiceUnavailable("this subscription has lost the dbservice daemon: %s" % self._why)
 
-    def _subscribe(self):
+    def _subscribe(self) -> None:
         """Connect and subscribe: ServiceUnavailable, AuthenticationError or the daemon's refusal if it cannot."""
         socket, authkey, connect_timeout = self._address
         channel = Channel(socket, authkey, connect_timeout)
@@ -177,7 +179,7 @@ class Subscription:
             raise
         self._channel = channel
 
-    def _request(self, channel, channels):
+    def _request(self, channel: Channel, channels: Sequence[str]) -> None:
         """Subscribe to *channels* on *channel* and wait for the daemon's answer, keeping what comes meanwhile."""
         job_id = channel.send(MSG_LISTEN, pickle.dumps(list(channels)))
         deadline = time.monotonic() + self._address[2]
@@ -187,12 +189,13 @@ class Subscription:
                 raise ServiceUnavailable("the dbservice daemon did not answer a subscription within %.1f s"
                                          % self._address[2])
             if frame[0] == job_id:
-                return _answer(frame[1], frame[2])
+                _answer(frame[1], frame[2])
+                return
             item = _item(frame[1], frame[2])
             if item is not None:
                 self._pending.append(item)
 
-    def _subscribe_again(self, deadline):
+    def _subscribe_again(self, deadline: Optional[float]) -> bool:
         """Subscribe on a new connection, trying again with backoff until *deadline*; True once it did.
 
         Its marker then waits to be received, first.
@@ -211,7 +214,7 @@ class Subscription:
             return True
 
 
-def _forget_parents_sockets():
+def _forget_parents_sockets() -> None:
     for subscription in list(_live_subscriptions):
         if subscription._channel is not None:
             subscription._hang_up("the process forked: the parent's subscription stays the parent's")
@@ -220,7 +223,7 @@ def _forget_parents_sockets():
 os.register_at_fork(after_in_child=_forget_parents_sockets)
 
 
-def _left(deadline):
+def _left(deadline: Optional[float]) -> Optional[float]:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
@@ -241,14 +244,14 @@ class AsyncSubscription:
         self.closed = False
         self._client = client
         self._started = False  # subscribed once: from then on a lost connection is subscribed again
-        self._connection = None  # the connection it is subscribed on
-        self._job_id = None
-        self._answered = None  # a future, until the daemon answered the subscription
-        self._items = collections.deque()
+        self._connection: Any = None  # the connection it is subscribed on (an async_client._Connection)
+        self._job_id: Optional[int] = None
+        self._answered: "Optional[asyncio.Future[None]]" = None  # until the daemon answered the subscription
+        self._items: Deque[Tuple[Item, int]] = collections.deque()  # each with its size
         self._buffered = 0
         self._dropped = 0
-        self._arrived = None  # the future receive() waits on
-        self._why = None  # once the connection is lost: why
+        self._arrived: "Optional[asyncio.Future[None]]" = None  # the future receive() waits on
+        self._why: Optional[BaseException] = None  # once the connection is lost: why
 
     def __repr__(self) -> str:
         return "<dbservice.AsyncSubscription %s%s>" % (", ".join(self.channels), " closed" if self.closed else "")
@@ -315,7 +318,7 @@ class AsyncSubscription:
 
     # -- what the connection hands it (async_client.py's streams) ------------------
 
-    def frame(self, kind, payload):
+    def frame(self, kind: int, payload: bytes) -> None:
         item = _item(kind, payload)
         if item is None:
             if self._answered is not None and not self._answered.done():
@@ -336,13 +339,13 @@ class AsyncSubscription:
         self._buffered += size
         self._wake()
 
-    def lost(self, error):
+    def lost(self, error: BaseException) -> None:
         self._why = error
         if self._answered is not None and not self._answered.done():
             self._answered.set_exception(error)
         self._wake()
 
-    def _dropped_marker(self):
+    def _dropped_marker(self) -> NotificationsLost:
         lost = NotificationsLost(
             "%d notifications were dropped: this application read them more slowly than they came "
             "(more than %d bytes waited for it)" % (self._dropped, self.MAX_BUFFERED), self._dropped
@@ -350,16 +353,16 @@ class AsyncSubscription:
         self._dropped = 0
         return lost
 
-    def _take(self):
+    def _take(self) -> Item:
         item, size = self._items.popleft()
         self._buffered -= size
         return item
 
-    def _wake(self):
+    def _wake(self) -> None:
         if self._arrived is not None and not self._arrived.done():
             self._arrived.set_result(None)
 
-    async def _subscribe(self):
+    async def _subscribe(self) -> None:
         """Subscribe on the client's connection and wait for the daemon's answer."""
         client = self._client
         if client.closed:
@@ -382,7 +385,7 @@ class AsyncSubscription:
             self._answered = None
         self._connection, self._job_id, self._why = connection, job_id, None
 
-    async def _subscribe_again(self, deadline):
+    async def _subscribe_again(self, deadline: Optional[float]) -> bool:
         """Subscribe again after the connection was lost, with backoff until *deadline*; True once subscribed."""
         loop = asyncio.get_running_loop()
         backoff = Backoff()
