@@ -124,6 +124,9 @@ class Settings:
     max_result_bytes: int = setting(
         256 * 1024 * 1024, "BYTES", "the largest result sent back; a larger one is an error for that job"
     )
+    max_copies: int = setting(
+        4, "N", "COPYs running at once at most, each holding a pooled connection; more are refused as busy"
+    )
     idle_in_transaction_timeout: float = setting(
         60.0, "SECONDS", "how long a client's transaction may sit idle before it is rolled back"
     )

@@ -29,6 +29,9 @@ unbounded memory. The bounds, and where each is enforced:
   ``max_client_buffer`` bytes of unsent replies, one large result read at a
   time, ``client_stall_timeout`` backed up (``backpressure``);
 - a result: ``max_result_bytes`` once pickled (``jobs.encode_reply``);
+- a COPY: a window of its data each way, ``max_copies`` at once
+  (``copying``); a client's subscriptions: their channels, and its
+  notifications within ``max_client_buffer`` (``listener``);
 - time: each job's timeout, ``pool_timeout`` for a job without one, and
   ``CLEANUP_GRACE`` for a cancel or a rollback (``runner``).
 """

@@ -15,18 +15,26 @@ import socket
 import stat
 
 from .backpressure import ResultGate
+from .copying import ClientCopies, CopySlots
 from .errors import JobCancelled, JobRefused
 from .jobs import encode_reply, loads_job
+from .listener import Listener
 from .wire import (
     HEADER,
     MAX_AUTH_FRAME,
     MSG_AUTH,
     MSG_CANCEL,
+    MSG_COPY,
+    MSG_COPY_CREDIT,
+    MSG_COPY_DATA,
+    MSG_COPY_DONE,
     MSG_ERROR,
     MSG_JOB,
+    MSG_LISTEN,
     MSG_REFUSED,
     MSG_RESULT,
     MSG_STATUS,
+    MSG_UNLISTEN,
     FrameError,
     FrameReader,
     OversizedFrame,
@@ -39,6 +47,10 @@ logger = logging.getLogger("dbservice.socket")
 
 #: Replies of this many bytes or more are written without joining them to their header.
 LARGE_REPLY = 65536
+#: What the client sends of a COPY under way (copying.py).
+COPY_FRAMES = frozenset((MSG_COPY_DATA, MSG_COPY_DONE, MSG_COPY_CREDIT))
+#: A subscription's beginning and end (listener.py).
+SUBSCRIPTION_FRAMES = frozenset((MSG_LISTEN, MSG_UNLISTEN))
 
 
 class SocketIntake:
@@ -51,6 +63,8 @@ class SocketIntake:
         self.settings = engine.settings
         self._listener = None
         self._clients = set()  # the _ClientProtocol of every connected client
+        self.copy_slots = CopySlots(self.settings.max_copies)
+        self.listener = Listener(self.settings)
 
     async def start(self):
         check_socket_dir(os.path.dirname(self.path))
@@ -82,6 +96,7 @@ class SocketIntake:
     async def close(self):
         """Stop accepting and close every client connection, once replies are flushed."""
         await self.stop_listening()
+        await self.listener.close()
         for client in list(self._clients):
             client.transport.close()  # writes what is buffered first
 
@@ -91,7 +106,8 @@ class SocketIntake:
 
     def status(self):
         """The engine's figures, and this socket's."""
-        return dict(self.engine.status(), socket=self.path, socket_clients=self.clients)
+        return dict(self.engine.status(), socket=self.path, socket_clients=self.clients,
+                    copies_running=self.copy_slots.running, **self.listener.status())
 
 
 class _ClientProtocol(asyncio.Protocol):
@@ -111,6 +127,8 @@ class _ClientProtocol(asyncio.Protocol):
         self.trusted = False
         self.in_flight = {}  # job id -> PendingJob
         self.gate = ResultGate()  # its turn to read large results, and whether it is backed up
+        self.copies = None  # its COPYs (ClientCopies), from its first
+        self.subscriptions = None  # its subscriptions (listener.ClientSubscriptions), from its first
         self._challenge = None
         self._auth_timer = None
         self._stall_timer = None  # while backed up: when to give up on it
@@ -188,6 +206,8 @@ class _ClientProtocol(asyncio.Protocol):
         for pending in list(self.in_flight.values()):
             self.engine.cancel(pending, JobCancelled("the client went away"))
         self.engine.transactions.abandon(self)
+        if self.subscriptions is not None:
+            self.subscriptions.close()
 
     # More than max_client_buffer bytes of replies wait: the client is backed
     # up, and is given client_stall_timeout to read them.
@@ -201,6 +221,8 @@ class _ClientProtocol(asyncio.Protocol):
             self._stall_timer.cancel()
             self._stall_timer = None
         self.gate.set_backed_up(False)
+        if self.subscriptions is not None:
+            self.subscriptions.resumed()  # what they lost while it was backed up
         self._cut_frames()
 
     def _stalled(self):
@@ -239,6 +261,17 @@ class _ClientProtocol(asyncio.Protocol):
                 self.engine.cancel(pending, JobCancelled("the client cancelled the job"))
         elif kind == MSG_STATUS:
             self.reply(job_id, True, self.intake.status())
+        elif kind == MSG_COPY:
+            if self.copies is None:
+                self.copies = ClientCopies(self, self.intake.copy_slots)
+            self.copies.start(job_id, payload)
+        elif kind in COPY_FRAMES:
+            if self.copies is not None:
+                self.copies.receive(job_id, kind, payload)
+        elif kind in SUBSCRIPTION_FRAMES:
+            if self.subscriptions is None:
+                self.subscriptions = self.intake.listener.client(self)
+            self.subscriptions.receive(job_id, kind, payload)
         else:
             self.reply(job_id, False, JobRefused("unknown message kind %d" % kind))
 
