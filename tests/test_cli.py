@@ -169,6 +169,51 @@ def test_slow_jobs_are_logged_without_the_password(running):
     assert PASSWORD not in _read(log)
 
 
+def test_a_slow_jobs_sql_is_logged_on_one_line_cut_short_with_password_literals_masked(running):
+    state_dir, _, _ = running
+    log = StateDir(str(state_dir)).log
+    sql = (
+        "select pg_sleep(0.3) /* slow-cut-marker: alter role app password 'hunter2-in-sql' */\n"
+        + "-- a long comment line\n" * 20
+        + "/* slow-cut-tail */"
+    )
+    with client_of(state_dir) as db:
+        db.fetchval(sql)
+    wait_until(lambda: "slow-cut-marker" in _read(log), message="the slow job's log line")
+    line = next(line for line in _read(log).splitlines() if "slow-cut-marker" in line)
+    assert "password '***'" in line and "hunter2-in-sql" not in _read(log)
+    assert "*/ -- a long comment line -- a long comment line" in line  # its lines joined
+    assert line.endswith("...") and "slow-cut-tail" not in line
+
+
+def test_slow_ms_0_logs_no_job(dsn, daemon_dir):
+    ok(dbserviced(daemon_dir, "start", "--dsn", dsn, "--slow-ms", "0", "--min-size", "0"))
+    state = StateDir(str(daemon_dir))
+    with client_of(daemon_dir) as db:
+        assert db.fetchval("select pg_sleep(0.2)::text || 'unlogged-marker'") == "unlogged-marker"
+    os.kill(read_pid(state.pidfile), signal.SIGUSR1)  # logs a line after the job's, if it had one
+    wait_until(lambda: "reopened the log file" in _read(state.log), message="the daemon's next log line")
+    assert "slow job" not in _read(state.log)
+
+
+def test_reload_applies_the_log_level(running):
+    state_dir, config, _ = running
+    log = StateDir(str(state_dir)).log
+    settings = config.read_text()
+    try:
+        config.write_text(settings + 'log_level = "ERROR"\n')
+        ok(dbserviced(state_dir, "reload"))
+        with client_of(state_dir) as db:
+            db.fetchval("select pg_sleep(0.3)::text || 'quiet-marker'")  # a warning: not logged now
+    finally:
+        config.write_text(settings)
+        ok(dbserviced(state_dir, "reload"))
+    with client_of(state_dir) as db:
+        db.fetchval("select pg_sleep(0.3)::text || 'loud-marker'")
+    wait_until(lambda: "loud-marker" in _read(log), message="the slow job's log line")
+    assert "quiet-marker" not in _read(log)
+
+
 def test_reload_resizes_the_pool_while_jobs_keep_flowing(running):
     state_dir, config, _ = running
     errors, done = [], []
