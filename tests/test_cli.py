@@ -9,11 +9,12 @@ import sys
 import threading
 import time
 
+import psycopg2
 import pytest
 from click.testing import CliRunner
 
 import dbservice
-from conftest import wait_until
+from conftest import held_jobs, wait_until
 from dbservice import cli
 from dbservice.config import StateDir, load_config
 from dbservice.embedded import default_cluster_dir
@@ -99,6 +100,14 @@ def test_start_prints_the_pid_the_socket_and_the_database(running):
     assert "password=***" in output and PASSWORD not in output
 
 
+def test_the_daemon_is_detached_in_a_session_of_its_own(running):
+    state_dir, _, _ = running
+    pid = read_pid(StateDir(str(state_dir)).pidfile)
+    assert os.getsid(pid) != os.getsid(0)  # nothing our terminal sends reaches it
+    assert os.getsid(pid) != pid  # not a session leader, so it can never acquire a terminal
+    assert os.readlink("/proc/%d/cwd" % pid) == "/"  # it holds no directory busy
+
+
 def test_status_carries_every_figure_and_never_the_password(running):
     state_dir, _, _ = running
     with client_of(state_dir) as db:
@@ -120,6 +129,21 @@ def test_status_carries_every_figure_and_never_the_password(running):
     assert "dbserviced is running (pid %d" % figures["pid"] in human and "p99" in human
 
 
+def test_status_prints_the_figures_it_gives_as_json(running, admin):
+    state_dir, _, _ = running
+    with client_of(state_dir) as db:
+        assert [db.fetchval("select %s::int", [i]) for i in range(3)] == [0, 1, 2]
+        with pytest.raises(psycopg2.errors.DivisionByZero):
+            db.fetchval("select 1 / 0")
+        with held_jobs(admin, db):
+            figures = json.loads(ok(dbserviced(state_dir, "status", "--json")))
+            human = ok(dbserviced(state_dir, "status"))
+    assert figures["jobs_done"] > figures["jobs_failed"] >= 1  # so that a mix-up would show
+    jobs = "%d done, %d failed, %d timed out" % (figures["jobs_done"], figures["jobs_failed"], figures["jobs_timed_out"])
+    assert jobs in human
+    assert "0 queued, 1 running" in human
+
+
 def test_query_prints_an_aligned_table_or_json(running):
     state_dir, _, _ = running
     table = ok(dbserviced(state_dir, "query", "select %s::int * 2 as answer, %s as word", "21", "hi"))
@@ -131,6 +155,7 @@ def test_query_prints_an_aligned_table_or_json(running):
     ]
     rows = json.loads(ok(dbserviced(state_dir, "query", "--json", "select 1.5::numeric as n, null as z")))
     assert rows == {"columns": ["n", "z"], "rows": [["1.5", None]]}
+    assert ok(dbserviced(state_dir, "query", "do $$ begin end $$")).strip() == "OK (the statement returns no rows)"
 
 
 def test_query_errors_exit_1_with_the_servers_message(running):
@@ -364,6 +389,17 @@ def test_foreground_logs_to_stderr_and_stops_on_sigterm(dsn, daemon_dir):
         process.kill()
     assert process.returncode == 0
     assert "dbservice serving" in stderr and "dbserviced stopped" in stderr
+
+
+def test_status_says_what_is_wrong_with_a_running_daemon(daemon_dir):
+    unreachable = "host=127.0.0.1 port=1 dbname=nowhere user=nobody connect_timeout=1"
+    ok(dbserviced(daemon_dir, "start", "--dsn", unreachable))
+    result = dbserviced(daemon_dir, "status")
+    assert "the database is unreachable" in result.stdout + result.stderr
+    os.unlink(StateDir(str(daemon_dir)).socket)  # the daemon lives on, but nobody can reach it
+    result = dbserviced(daemon_dir, "status")
+    assert result.returncode == cli.EXIT_UNKNOWN
+    assert "does not answer" in result.stderr
 
 
 def test_commands_without_a_daemon_say_so_with_their_exit_codes(state_dir):
