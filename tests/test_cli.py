@@ -270,6 +270,38 @@ def test_reload_resizes_the_pool_while_jobs_keep_flowing(running):
     assert json.loads(ok(dbserviced(state_dir, "status", "--json")))["pool_max"] == 4
 
 
+def test_reload_shrinks_the_pool_idle_connections_at_once_busy_ones_as_their_jobs_end(running, admin):
+    state_dir, config, _ = running
+    settings = config.read_text()
+
+    def pool_size(db, size, jobs=0):
+        def figures():
+            status = db.status()
+            return status["pool_size"], status["jobs_running"]
+
+        wait_until(lambda: figures() == (size, jobs), message="%d connections, %d jobs running" % (size, jobs))
+
+    def reload_max_size(max_size):
+        config.write_text("max_size = %d\n" % max_size)
+        assert "pool 1-%d" % max_size in ok(dbserviced(state_dir, "reload"))
+
+    try:
+        with client_of(state_dir) as db:
+            for busy in (True, False):
+                reload_max_size(4)
+                with held_jobs(admin, db, count=4):
+                    pool_size(db, 4, jobs=4)
+                    if busy:
+                        reload_max_size(2)
+                if not busy:
+                    pool_size(db, 4)
+                    reload_max_size(2)
+                pool_size(db, 2)
+    finally:
+        config.write_text(settings)
+        ok(dbserviced(state_dir, "reload"))
+
+
 def test_a_reload_with_a_broken_config_file_keeps_the_settings(running):
     state_dir, config, _ = running
     good = config.read_text()
