@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import dbservice
 from conftest import held_jobs, wait_until
 from dbservice import cli
-from dbservice.config import StateDir, load_config
+from dbservice.config import StateDir, load_config, mask_dsn
 from dbservice.embedded import default_cluster_dir
 from dbservice.pidfile import read_pid, running_pid
 
@@ -181,6 +181,17 @@ def test_a_second_start_is_refused(running):
     assert "already running" in result.stderr and str(pid) in result.stderr
     assert read_pid(StateDir(str(state_dir)).pidfile) == pid
     ok(dbserviced(state_dir, "status"))
+
+
+def test_a_second_daemon_cannot_take_the_pidfile_of_a_running_one(running):
+    """What closes the race of two starts at once: the running daemon's lock on its pidfile."""
+    state = StateDir(str(running[0]))
+    acquire = "import sys; from dbservice.pidfile import Pidfile; Pidfile(sys.argv[1]).acquire()"
+    result = subprocess.run(
+        [sys.executable, "-c", acquire, state.pidfile], stderr=subprocess.PIPE, text=True, timeout=30
+    )
+    assert result.returncode != 0 and "AlreadyRunning" in result.stderr
+    assert "pid %d" % read_pid(state.pidfile) in result.stderr
 
 
 def test_slow_jobs_are_logged_without_the_password(running):
@@ -391,17 +402,24 @@ def test_stop_timeout_ends_a_graceful_stop_that_takes_too_long(dsn, daemon_dir):
     assert time.monotonic() - began < 15
 
 
-def test_a_stale_pidfile_is_replaced(dsn, daemon_dir):
+@pytest.mark.parametrize("left_by", ["a dead process", "a pid another process has now"])
+def test_a_stale_pidfile_is_replaced(dsn, daemon_dir, left_by):
     state = StateDir(str(daemon_dir))
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    os.makedirs(state.path, mode=0o700, exist_ok=True)
-    with open(state.pidfile, "w") as f:
-        f.write("%d\n" % dead.pid)
-    assert dbserviced(daemon_dir, "status").returncode == cli.EXIT_NOT_RUNNING
-    ok(dbserviced(daemon_dir, "start", "--dsn", dsn))
-    assert read_pid(state.pidfile) not in (None, dead.pid)
-    ok(dbserviced(daemon_dir, "status"))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        if left_by == "a dead process":
+            other.kill()
+            other.wait()
+        os.makedirs(state.path, mode=0o700, exist_ok=True)
+        with open(state.pidfile, "w") as f:
+            f.write("%d\n" % other.pid)
+        assert dbserviced(daemon_dir, "status").returncode == cli.EXIT_NOT_RUNNING
+        ok(dbserviced(daemon_dir, "start", "--dsn", dsn))
+        assert read_pid(state.pidfile) not in (None, other.pid)
+        ok(dbserviced(daemon_dir, "status"))
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_foreground_logs_to_stderr_and_stops_on_sigterm(dsn, daemon_dir):
@@ -501,6 +519,8 @@ def test_flags_beat_the_config_file_which_beats_the_defaults(tmp_path):
         ("max_size = '3'\n", "must be an integer"),
         ("min_size = 11\nmax_size = 10\n", "min_size <= max_size"),
         ("max_size = [\n", "not valid TOML"),
+        ("max_queue = -1\n", "max_queue must not be negative"),
+        ("log_level = 'loud'\n", "log_level must be one of"),
     ],
 )
 def test_a_bad_config_file_is_refused_saying_what_is_wrong(state_dir, text, complaint):
@@ -510,6 +530,21 @@ def test_a_bad_config_file_is_refused_saying_what_is_wrong(state_dir, text, comp
     assert result.returncode == 1
     assert complaint in result.stderr
     assert not os.path.exists(StateDir(str(state_dir)).pidfile)
+
+
+@pytest.mark.parametrize(
+    "dsn, still_shown",
+    [
+        ("host=db user=app password=s3cret-dsn", "host=db"),
+        ("postgresql://app:s3cret-dsn@db/app", "host=db"),
+        ("host=db password=s3cret-dsn dbname='unterminated", "does not parse"),
+    ],
+    ids=["keywords", "uri", "unparsable"],
+)
+def test_a_dsn_is_shown_without_its_password(dsn, still_shown):
+    shown = mask_dsn(dsn)
+    assert "s3cret-dsn" not in shown
+    assert still_shown in shown
 
 
 @pytest.mark.parametrize("command", ["start", "stop", "status", "restart", "reload", "query"])
@@ -528,15 +563,30 @@ def test_bin_dbserviced_runs_the_same_cli():
     assert result.returncode == 0 and "dbserviced start" in result.stdout
 
 
-def test_a_secret_others_can_read_is_refused(dsn, daemon_dir):
+@pytest.mark.parametrize("mode", [0o644, 0o640], ids=oct)
+def test_a_secret_others_can_read_is_refused(dsn, daemon_dir, mode):
     state = StateDir(str(daemon_dir))
     os.makedirs(state.path, mode=0o700, exist_ok=True)
     with open(state.secret, "w") as f:
         f.write("0123456789abcdef\n")
-    os.chmod(state.secret, 0o644)
+    os.chmod(state.secret, mode)
     result = dbserviced(daemon_dir, "start", "--dsn", dsn)
     assert result.returncode != 0
     assert "chmod 600" in result.stderr
     assert running_pid(state.pidfile) is None
     os.chmod(state.secret, 0o600)
     ok(dbserviced(daemon_dir, "start", "--dsn", dsn))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give the secret to another user")
+def test_a_secret_of_another_user_is_refused(dsn, daemon_dir):
+    state = StateDir(str(daemon_dir))
+    os.makedirs(state.path, mode=0o700, exist_ok=True)
+    with open(state.secret, "w") as f:
+        f.write("0123456789abcdef\n")
+    os.chmod(state.secret, 0o600)
+    os.chown(state.secret, 65534, 65534)
+    result = dbserviced(daemon_dir, "start", "--dsn", dsn)
+    assert result.returncode != 0
+    assert "belongs to uid 65534" in result.stderr
+    assert running_pid(state.pidfile) is None
