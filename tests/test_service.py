@@ -87,8 +87,24 @@ def test_graceful_stop_lets_running_jobs_finish(dsn, socket_path, admin):
     assert sorted(results) == [str(i) for i in range(4)]
 
 
-def test_every_waiting_client_hears_when_the_service_is_killed(dsn, socket_path, admin):
-    svc = start_service(dsn, socket_path, min_size=1, max_size=3)
+def test_a_stopping_daemon_takes_no_new_job(dsn, socket_path, admin):
+    svc = start_service(dsn, socket_path, max_size=2)
+    c = svc.client(timeout=30)
+    assert c.fetchval("select 1") == 1  # this thread's connection to the daemon stays open
+    with concurrent.futures.ThreadPoolExecutor(2) as executor:
+        running = executor.submit(c.fetchval, "select pg_sleep(1)::text || 'finished' /* marker-stopping */")
+        wait_until(lambda: active(admin, "marker-stopping") == 1, message="the job to run")
+        stopping = executor.submit(svc.stop)
+        wait_until(lambda: not os.path.exists(svc.socket), message="the daemon to stop listening")
+        with pytest.raises(dbservice.ServiceUnavailable, match="stopping"):
+            c.fetchval("select 2")
+        assert running.result(timeout=30) == "finished"  # what it took before goes on
+        stopping.result(timeout=60)
+
+
+@pytest.mark.parametrize("intake", ["socket", "queue"])
+def test_every_waiting_client_hears_when_the_service_is_killed(dsn, socket_path, admin, intake):
+    svc = start_service(dsn, socket_path if intake == "socket" else None, min_size=1, max_size=3)
     c = svc.client()
     with concurrent.futures.ThreadPoolExecutor(3) as executor:
         jobs = [executor.submit(c.fetchval, "select pg_sleep(30) /* marker-kill */") for _ in range(3)]
@@ -165,3 +181,11 @@ def test_a_connection_ended_after_a_timeout_is_replaced_before_a_job_gets_it(dsn
             admin.cursor().execute("select pg_terminate_backend(%s)", [pid])
             wait_until(lambda: c.status()["connections_lost"] == lost, message="the pool to notice")
             assert c.fetchval("select 1") == 1
+
+
+def test_a_closed_client_runs_no_more_jobs(socket_service):
+    c = socket_service.client(timeout=10)
+    assert c.fetchval("select 1") == 1
+    c.close()
+    with pytest.raises(dbservice.Error, match="closed"):
+        c.fetchval("select 2")
