@@ -8,7 +8,7 @@ import time
 import pytest
 
 import dbservice
-from conftest import active, start_service, wait_until
+from conftest import active, held_jobs, start_service, wait_until
 
 
 def test_full_queue_makes_jobs_wait_then_refuses_them_as_busy(dsn, socket_path, admin):
@@ -44,6 +44,42 @@ def test_overflow_beyond_twice_max_queue_is_refused_at_once(dsn, socket_path, ad
             assert time.monotonic() - started < 2  # not after its 30 s timeout
             hold.result(timeout=30)
             assert [o.result(timeout=30) for o in others] == [1, 1]
+
+
+def test_a_job_that_waited_for_room_in_the_queue_times_out_as_any_other(dsn, socket_path, admin):
+    with start_service(dsn, socket_path, min_size=1, max_size=1, max_queue=1) as svc, svc.client() as c:
+        with concurrent.futures.ThreadPoolExecutor(3) as executor:
+            hold = executor.submit(c.fetchval, "select pg_sleep(0.5)::text /* marker-room-hold */", timeout=30)
+            wait_until(lambda: active(admin, "marker-room-hold") == 1, message="the connection to be held")
+            queued = executor.submit(c.fetchval, "select 1", timeout=30)
+            wait_until(lambda: c.status()["queue_depth"] == 1, message="the queue to fill")
+            late = executor.submit(c.fetchval, "select pg_sleep(30) /* marker-room-late */", timeout=2)
+            wait_until(lambda: c.status()["queue_depth"] == 2, message="a job to wait for room")
+            # it gets room, runs, and at its timeout is cancelled on the server like any job
+            with pytest.raises(dbservice.QueryTimeout):
+                late.result(timeout=30)
+            wait_until(lambda: active(admin, "marker-room-late") == 0, message="the query to be cancelled")
+            assert (hold.result(timeout=30), queued.result(timeout=30)) == ("", 1)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a job answered while it waited for room (refused as busy, or cancelled) stays in the server's "
+    "overflow until the queue moves: queue_depth counts it, and the next job is refused at once, the "
+    "overflow taken for full",
+)
+def test_a_job_answered_while_it_waited_for_room_makes_room_for_the_next(dsn, socket_path, admin):
+    with start_service(dsn, socket_path, min_size=1, max_size=1, max_queue=1) as svc, svc.client(timeout=30) as c:
+        with concurrent.futures.ThreadPoolExecutor(2) as executor:
+            with held_jobs(admin, c):
+                queued = executor.submit(c.fetchval, "select 'queued'")
+                wait_until(lambda: c.status()["queue_depth"] == 1, message="the queue to fill")
+                with pytest.raises(dbservice.ServiceBusy):
+                    c.fetchval("select 'no room'", timeout=0.3)  # waited for room, in vain
+                assert c.status()["queue_depth"] == 1  # only the queued job waits now
+                waiting = executor.submit(c.fetchval, "select 'got in'")
+                wait_until(lambda: c.status()["queue_depth"] == 2, message="the next job to wait for room")
+            assert (queued.result(timeout=30), waiting.result(timeout=30)) == ("queued", "got in")
 
 
 def test_clients_beyond_max_clients_are_refused_with_a_message(dsn, socket_path):
