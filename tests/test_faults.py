@@ -217,6 +217,8 @@ def test_backoff_schedule():
     bases = [min(Backoff.MAX_DELAY, Backoff.INITIAL_DELAY * 2 ** n) for n in range(12)]
     for delay, base in zip(delays, bases):
         assert base * (1 - Backoff.JITTER) <= delay <= base * (1 + Backoff.JITTER)
+    # jittered: clients that lost the database together do not retry in step
+    assert len(set(delays[-5:])) == 5
     backoff.reset()
     assert backoff.next_delay() <= Backoff.INITIAL_DELAY * (1 + Backoff.JITTER)
 

@@ -131,16 +131,22 @@ def test_closes_idle_connections_above_min_size(dsn, trickle):
         await asyncio.gather(*[query(pool, "select pg_sleep(0.1)") for _ in range(3)])
         grown = pool.size
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
+        idle_since = loop.time()
+        first_closed = None
+        deadline = idle_since + 10
         while pool.size > 1 and loop.time() < deadline:
             if trickle:
                 await query(pool, "select 1")  # never idle for max_idle, if lent in turns
             await asyncio.sleep(0.01)
+            if first_closed is None and pool.size < grown:
+                first_closed = loop.time() - idle_since
         shrunk = pool.size
         await pool.close()
-        return grown, shrunk
+        return grown, shrunk, first_closed
 
-    assert run("epoll", main) == (3, 1)
+    grown, shrunk, first_closed = run("epoll", main)
+    assert (grown, shrunk) == (3, 1)
+    assert first_closed >= 0.3 - 0.05  # not before max_idle (less the moments the burst took to end)
 
 
 def test_getconn_times_out_when_every_connection_stays_busy(dsn):
