@@ -523,13 +523,14 @@ def test_flags_beat_the_config_file_which_beats_the_defaults(tmp_path):
         ("log_level = 'loud'\n", "log_level must be one of"),
     ],
 )
-def test_a_bad_config_file_is_refused_saying_what_is_wrong(state_dir, text, complaint):
-    config = state_dir / "dbservice.toml"
+def test_a_bad_config_file_is_refused_saying_what_is_wrong(dsn, daemon_dir, text, complaint):
+    config = daemon_dir / "dbservice.toml"
     config.write_text(text)
-    result = dbserviced(state_dir, "start", "--config", str(config))
+    # With a DSN: a daemon that started after all runs on the test cluster, and is stopped.
+    result = dbserviced(daemon_dir, "start", "--config", str(config), "--dsn", dsn)
     assert result.returncode == 1
     assert complaint in result.stderr
-    assert not os.path.exists(StateDir(str(state_dir)).pidfile)
+    assert not os.path.exists(StateDir(str(daemon_dir)).pidfile)
 
 
 @pytest.mark.parametrize(
