@@ -107,8 +107,9 @@ def test_every_waiting_client_hears_when_the_service_is_killed(dsn, socket_path,
     svc = start_service(dsn, socket_path if intake == "socket" else None, min_size=1, max_size=3)
     c = svc.client()
     with concurrent.futures.ThreadPoolExecutor(3) as executor:
-        jobs = [executor.submit(c.fetchval, "select pg_sleep(30) /* marker-kill */") for _ in range(3)]
-        wait_until(lambda: active(admin, "marker-kill") == 3, message="jobs to run")
+        marker = "marker-kill-" + intake  # the other intake's queries may still run on the server
+        jobs = [executor.submit(c.fetchval, "select pg_sleep(30) /* %s */" % marker) for _ in range(3)]
+        wait_until(lambda: active(admin, marker) == 3, message="jobs to run")
         svc.process.kill()
         for job in jobs:
             with pytest.raises(dbservice.ServiceUnavailable):
