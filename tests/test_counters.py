@@ -110,5 +110,5 @@ def test_the_pool_keeps_min_size_open_and_at_once_replaces_one_the_server_ends(d
         assert (figures["pool_size"], figures["connections_num"]) == (2, 2)  # min_size, and no more
         admin.cursor().execute("select pg_terminate_backend(%s)", [pid])  # idle now: no job notices
         replaced = lambda f: (f["connections_lost"], f["pool_size"], f["connections_num"]) == (1, 2, 3)  # noqa: E731
-        wait_until(lambda: _status_when(db, replaced), timeout=3, message="the pool to replace the lost connection")
+        wait_until(lambda: _status_when(db, replaced), timeout=5, message="the pool to replace the lost connection")
         assert db.fetchval("select pg_backend_pid()") != pid

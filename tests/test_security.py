@@ -188,7 +188,7 @@ def test_a_socket_another_service_serves_is_not_taken_over(socket_service):
 
 
 def test_a_client_that_does_not_authenticate_in_time_is_dropped(dsn, socket_path):
-    with start_service(dsn, socket_path, min_size=0, max_size=1, auth_timeout=0.5) as svc:
+    with start_service(dsn, socket_path, min_size=0, max_size=1, auth_timeout=1.0) as svc:
         sock = raw_connect(svc.socket)
         assert wire.recv_frame(sock)[1] == wire.MSG_AUTH  # the challenge, which it never answers
         with svc.client(timeout=10) as c:

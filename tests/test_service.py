@@ -8,7 +8,7 @@ import psycopg2.errors
 import pytest
 
 import dbservice
-from conftest import active, start_service, wait_until
+from conftest import active, held_jobs, start_service, wait_until
 
 
 def test_a_slow_job_does_not_hold_up_the_others(client):
@@ -91,14 +91,12 @@ def test_a_stopping_daemon_takes_no_new_job(dsn, socket_path, admin):
     svc = start_service(dsn, socket_path, max_size=2)
     c = svc.client(timeout=30)
     assert c.fetchval("select 1") == 1  # this thread's connection to the daemon stays open
-    with concurrent.futures.ThreadPoolExecutor(2) as executor:
-        running = executor.submit(c.fetchval, "select pg_sleep(1)::text || 'finished' /* marker-stopping */")
-        wait_until(lambda: active(admin, "marker-stopping") == 1, message="the job to run")
-        stopping = executor.submit(svc.stop)
-        wait_until(lambda: not os.path.exists(svc.socket), message="the daemon to stop listening")
-        with pytest.raises(dbservice.ServiceUnavailable, match="stopping"):
-            c.fetchval("select 2")
-        assert running.result(timeout=30) == "finished"  # what it took before goes on
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        with held_jobs(admin, c):  # a job it took before: it finishes, once the block ends
+            stopping = executor.submit(svc.stop)
+            wait_until(lambda: not os.path.exists(svc.socket), message="the daemon to stop listening")
+            with pytest.raises(dbservice.ServiceUnavailable, match="stopping"):
+                c.fetchval("select 2")
         stopping.result(timeout=60)
 
 
