@@ -6,13 +6,18 @@ everybody's SQL on them.
         db.fetchall("select id, name from accounts where id = %s", [42])
 """
 
+#: This version of dbservice: what ``dbserviced --version`` prints and what
+#: the package's metadata says (pyproject.toml reads it from here).
+__version__ = "0.2.0.dev0"
+
 from .async_client import AsyncClient, connect_async
-from .client import Client, QueueClient, connect
+from .client import Client, connect
 from .errors import (
     AuthenticationError,
     Error,
     JobCancelled,
     JobRefused,
+    QueryOutcomeUnknown,
     QueryTimeout,
     ResultTooLarge,
     ServiceBusy,
@@ -20,6 +25,7 @@ from .errors import (
     StatementTimeout,
 )
 from .pool import AsyncConnectionPool
+from .queue_client import QueueClient
 from .service import DBService
 
 __all__ = [
@@ -31,6 +37,7 @@ __all__ = [
     "Error",
     "JobCancelled",
     "JobRefused",
+    "QueryOutcomeUnknown",
     "QueryTimeout",
     "QueueClient",
     "ResultTooLarge",

@@ -8,7 +8,7 @@ rows and tears everything down: a smoke test of the whole path.
 import sys
 import tempfile
 
-from .embedded import EmbeddedPostgresql
+from .embedded import Cluster
 from .service import DBService
 
 
@@ -17,8 +17,8 @@ def main(argv):
         print(__doc__.strip())
         return 0 if argv else 2
     sql, params = argv[0], argv[1:] or None
-    with EmbeddedPostgresql() as postgresql, tempfile.TemporaryDirectory() as directory:
-        with DBService(postgresql.dsn_string(), socket=directory + "/dbservice.sock") as svc:
+    with Cluster.temporary() as postgresql, tempfile.TemporaryDirectory() as directory:
+        with DBService(postgresql.dsn(), socket=directory + "/dbservice.sock") as svc:
             with svc.client(timeout=30) as client:
                 columns, rows = client.fetchtable(sql, params)
     print("\t".join(columns))

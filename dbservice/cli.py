@@ -8,9 +8,10 @@ import time
 import click
 import psycopg2
 
-from . import daemon
+from . import __version__, daemon
 from .client import connect
-from .config import OPERATOR_SETTINGS, ConfigError, StateDir, defaults, load_config
+from . import config
+from .config import ConfigError, StateDir, load_config
 from .display import format_status, format_table, rows_json
 from .errors import Error
 from .pidfile import AlreadyRunning, running_pid
@@ -24,56 +25,17 @@ RELOAD_TIMEOUT = 10.0
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
-_SETTING_HELP = {
-    "dsn": (
-        "DSN",
-        "the PostgreSQL to serve, as a libpq connection string or URI. Without one the daemon runs "
-        "its own PostgreSQL cluster (see --cluster-dir).",
-    ),
-    "min_size": ("N", "connections the pool keeps open, at most --max-size"),
-    "max_size": ("N", "connections the pool opens at most"),
-    "max_idle": ("SECONDS", "how long a connection above --min-size may stay idle"),
-    "pool_timeout": ("SECONDS", "how long a job without a timeout may wait for a free connection"),
-    "connect_timeout": ("SECONDS", "how long opening one connection to PostgreSQL may take"),
-    "max_queue": (
-        "N",
-        "jobs queued at most; more wait up to their timeout for room (as many again), then are "
-        "refused as busy",
-    ),
-    "max_clients": ("N", "socket clients connected at once; more are refused as busy"),
-    "max_frame": ("BYTES", "the largest job message a client may send; a larger one drops the client"),
-    "max_result_bytes": ("BYTES", "the largest result sent back; a larger one is an error for that job"),
-    "idle_in_transaction_timeout": (
-        "SECONDS",
-        "how long a client's transaction may sit idle before it is rolled back",
-    ),
-    "stop_timeout": ("SECONDS", "how long a graceful stop lets queued and running jobs finish"),
-    "slow_ms": ("MS", "log every job slower than this, queueing included; 0 logs none"),
-    "log_level": ("LEVEL", "DEBUG, INFO, WARNING or ERROR"),
-    "selector": (
-        "LOOP",
-        "the event loop: auto (epoll on Linux), epoll, select, or uvloop, which costs the daemon "
-        "less CPU per job (pip install 'dbservice[uvloop]')",
-    ),
-    "cluster_dir": (
-        "DIR",
-        "where the embedded PostgreSQL keeps its data [default: STATE_DIR/postgresql; as root, "
-        "where the postgres user can reach it: /var/lib/dbservice/postgresql-HASH]",
-    ),
-}
-
-
-def _setting_option(name):
-    metavar, text = _SETTING_HELP[name]
-    default = defaults()[name]
+def _setting_option(field):
+    text = field.metadata["help"]
+    default = config.daemon_default(field)
     if default is not None:
         text += " [default: %s]" % default
     return click.option(
-        "--" + name.replace("_", "-"),
-        name,
-        type=OPERATOR_SETTINGS[name],
-        metavar=metavar,
-        envvar="DBSERVICE_" + name.upper(),
+        "--" + field.name.replace("_", "-"),
+        field.name,
+        type=config.value_type(field),
+        metavar=field.metadata["metavar"],
+        envvar="DBSERVICE_" + field.name.upper(),
         show_envvar=True,
         help=text,
     )
@@ -81,8 +43,8 @@ def _setting_option(name):
 
 def setting_options(command):
     """The daemon's settings as options; each also reads its DBSERVICE_* variable."""
-    for name in reversed(list(_SETTING_HELP)):
-        command = _setting_option(name)(command)
+    for field in reversed(config.operator_settings()):
+        command = _setting_option(field)(command)
     return command
 
 
@@ -107,6 +69,7 @@ config_option = click.option(
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, prog_name="dbserviced", message="%(prog)s %(version)s")
 def main():
     """Run and operate dbservice, the PostgreSQL query daemon with a connection pool.
 
@@ -166,7 +129,7 @@ def stop(timeout, force, state_dir, config_path):
     """
     state = StateDir(state_dir)
     if timeout is None:
-        timeout = _config(config_path)["stop_timeout"]
+        timeout = _config(config_path).stop_timeout
     pid = _stop(state, timeout, force)
     click.echo("dbserviced stopped (pid %d)" % pid if pid else "dbserviced is not running")
 
@@ -178,7 +141,8 @@ def status(as_json, state_dir):
     """Show the daemon's pid, uptime, database, pool, queue, jobs and latency.
 
     Exits with 0 when the daemon runs, 3 when it does not, and 4 when it runs
-    but does not answer on its socket (starting, or stuck).
+    but does not answer on its socket (starting, or stuck) or cannot reach its
+    database.
     """
     state = StateDir(state_dir)
     pid = running_pid(state.pidfile)
@@ -192,6 +156,12 @@ def status(as_json, state_dir):
         click.echo("dbserviced (pid %d) does not answer: %s" % (pid, exc), err=True)
         sys.exit(EXIT_UNKNOWN)
     click.echo(json.dumps(dict(figures, running=True), indent=2) if as_json else format_status(figures))
+    if not figures["database_reachable"]:
+        click.echo(
+            "dbserviced (pid %d) cannot reach its database (%s): %s" % (pid, figures["dsn"], figures["last_error"]),
+            err=True,
+        )
+        sys.exit(EXIT_UNKNOWN)
 
 
 @main.command()
@@ -201,7 +171,7 @@ def status(as_json, state_dir):
 def restart(state_dir, config_path, **given):
     """Stop the daemon gracefully if it runs, then start it with these settings."""
     dbd = _daemon(state_dir, given, config_path)
-    pid = _stop(dbd.state, dbd.config["stop_timeout"], force=False)
+    pid = _stop(dbd.state, dbd.settings.stop_timeout, force=False)
     if pid:
         click.echo("dbserviced stopped (pid %d)" % pid)
     _start(dbd, foreground=False)

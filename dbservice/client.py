@@ -5,252 +5,48 @@ each thread gets a connection of its own (opened on its first job), so threads
 never wait on each other. It is fork-safe: a child process forked after
 :func:`connect` opens its own connections rather than share the parent's.
 
-:class:`QueueClient` talks to a :class:`~dbservice.DBService` child through its
-multiprocessing queue, with a new pipe per job (the original design).
+:class:`~dbservice.QueueClient`, in :mod:`dbservice.queue_client`, talks to a
+:class:`~dbservice.DBService` child through its job queue instead.
 """
 
 import itertools
-import multiprocessing
-import multiprocessing.connection
 import os
-import pickle
-import socket as socketlib
-import sys
 import threading
-import time
 import weakref
-from multiprocessing.reduction import ForkingPickler
+from types import TracebackType
+from typing import Any, Dict, Iterator, Optional, Type, Union, cast
 
-from .config import SECRET_NAME, SOCKET_NAME, default_state_dir
-from .errors import Error, JobRefused, QueryTimeout, ServiceUnavailable
-from .jobs import (
-    FETCH_ALL,
-    FETCH_BEGIN,
-    FETCH_COMMIT,
-    FETCH_MANY,
-    FETCH_ONE,
-    FETCH_ROLLBACK,
-    FETCH_ROWCOUNT,
-    FETCH_TABLE,
-    FETCH_VALUE,
-    PICKLE_PROTOCOL,
-    STREAM_DECLARE,
-    STREAM_FETCH,
-    Job,
-    loads_reply,
-    transaction_options,
-)
-from .wire import MSG_ERROR, MSG_JOB, MSG_STATUS, FrameReader, client_handshake, encode_frame
-
-#: Bytes asked of the socket at a time: most replies come in one receive.
-RECEIVE_BYTES = 65536
-
-#: Seconds the client waits beyond a job's timeout for the daemon's own
-#: QueryTimeout reply, before it gives up on the daemon itself.
-REPLY_GRACE = 10.0
+from .channel import Channel
+from .errors import Error
+from .jobs import COMMIT, ROLLBACK, STREAM_DECLARE, STREAM_FETCH, Job, Params, Row, transaction_options
+from .queries import Blocking, BlockingTransactionJobs, ChannelLost, encode_job, resolve_address
+from .wire import MSG_JOB, MSG_STATUS
 
 
-class _QueryMethods:
-    """The query methods of every client; subclasses provide ``_run(job)``."""
-
-    timeout = None
-    _tx = None  # the id of the transaction the jobs belong to, if any
-
-    def fetchall(self, sql, params=None, *, timeout=None):
-        """Run *sql* and return all its rows as a list of tuples."""
-        return self._submit(sql, params, FETCH_ALL, timeout)
-
-    def fetchone(self, sql, params=None, *, timeout=None):
-        """Run *sql* and return its first row as a tuple, or None."""
-        return self._submit(sql, params, FETCH_ONE, timeout)
-
-    def fetchval(self, sql, params=None, *, timeout=None):
-        """Run *sql* and return the first column of its first row, or None."""
-        return self._submit(sql, params, FETCH_VALUE, timeout)
-
-    def fetchtable(self, sql, params=None, *, timeout=None):
-        """Run *sql* and return ``(column_names, rows)``."""
-        return self._submit(sql, params, FETCH_TABLE, timeout)
-
-    def execute(self, sql, params=None, *, timeout=None):
-        """Run *sql* and return the number of rows it affected."""
-        return self._submit(sql, params, FETCH_ROWCOUNT, timeout)
-
-    def executemany(self, sql, seq_of_params, *, timeout=None):
-        """Run *sql* once per parameter set, all in one transaction; return the total rowcount."""
-        return self._submit(sql, list(seq_of_params), FETCH_MANY, timeout)
-
-    def _submit(self, sql, params, fetch, timeout):
-        if timeout is None:
-            timeout = self.timeout
-        return self._run(Job(sql, params, fetch, timeout, self._tx))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-
-def _encode(job):
-    try:
-        return pickle.dumps(job.to_wire(), PICKLE_PROTOCOL)
-    except Exception as exc:
-        raise JobRefused("the job's parameters cannot be sent: %s" % exc) from None
-
-
-def _reply_wait(timeout):
-    return None if timeout is None else timeout + REPLY_GRACE
-
-
-class _ChannelLost(Exception):
-    """The connection to the daemon is unusable; *error* is for the caller.
-
-    *unsent* says the job never reached the daemon, so sending it again on a
-    new connection cannot run it twice.
-    """
-
-    def __init__(self, error, unsent=False):
-        super().__init__(error)
-        self.error = error
-        self.unsent = unsent
-
-
-def _connect_unix(sock, path, deadline):
-    """Connect, waiting while the daemon's listen backlog is full.
-
-    With a timeout set, a Unix socket's connect fails at once with EAGAIN
-    when the backlog is full (many clients connecting together), where a TCP
-    one would wait: so wait here, until *deadline*.
-    """
-    while True:
-        try:
-            return sock.connect(path)
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise socketlib.timeout("the daemon's listen backlog stayed full") from None
-            time.sleep(0.002)
-
-
-class _Channel:
-    """One authenticated socket connection to the daemon, used by one thread."""
-
-    def __init__(self, path, authkey, connect_timeout):
-        sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
-        try:
-            sock.settimeout(connect_timeout)
-            _connect_unix(sock, path, time.monotonic() + connect_timeout)
-            client_handshake(sock, authkey)
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            sock.close()
-            raise ServiceUnavailable(
-                "no dbservice daemon listens on %s (%s); start it with `dbserviced start`"
-                % (path, exc.strerror)
-            ) from None
-        except socketlib.timeout:
-            sock.close()
-            raise ServiceUnavailable(
-                "the dbservice daemon on %s did not answer within %.1f s" % (path, connect_timeout)
-            ) from None
-        except OSError as exc:
-            sock.close()
-            raise ServiceUnavailable("cannot connect to the dbservice daemon on %s: %s" % (path, exc)) from None
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-        self._timeout = connect_timeout
-        self._frames = FrameReader(sys.maxsize)  # the daemon is trusted: no limit
-        self._ids = itertools.count(1)
-
-    def call(self, payload, timeout, kind=MSG_JOB):
-        job_id = next(self._ids)
-        wait = _reply_wait(timeout)
-        if wait != self._timeout:  # settimeout costs syscalls: only when it changes
-            self.sock.settimeout(wait)
-            self._timeout = wait
-        try:
-            self.sock.sendall(encode_frame(job_id, kind, payload))
-        except OSError as exc:
-            raise _ChannelLost(
-                ServiceUnavailable("cannot send to the dbservice daemon: %s" % exc), unsent=True
-            ) from None
-        try:
-            while True:
-                reply_id, kind, body = self._next_frame()
-                if reply_id == job_id:
-                    break
-                if reply_id == 0 and kind == MSG_ERROR:  # the daemon dropped us
-                    raise _ChannelLost(loads_reply(body))
-                # else: a late reply to an earlier job that timed out here; skip it
-        except socketlib.timeout:
-            raise _ChannelLost(QueryTimeout("no reply from the dbservice daemon within %.1f s" % wait)) from None
-        except OSError as exc:
-            raise _ChannelLost(
-                ServiceUnavailable("lost the connection to the dbservice daemon: %s" % exc)
-            ) from None
-        value = loads_reply(body)
-        if kind == MSG_ERROR:
-            raise value
-        return value
-
-    def _next_frame(self):
-        """The next reply, read in as few receives as it takes (one, mostly)."""
-        while True:
-            frame = self._frames.next_frame()
-            if frame is not None:
-                return frame
-            data = self.sock.recv(RECEIVE_BYTES)
-            if not data:
-                raise _ChannelLost(ServiceUnavailable("the dbservice daemon closed the connection"))
-            self._frames.feed(data)
-
-    sock = None  # until the handshake succeeded
-
-    def close(self):
-        if self.sock is not None:
-            self.sock.close()
-
-    __del__ = close  # its thread ended: hang up rather than wait for the daemon to notice
-
-
-class _TransactionJobs(_QueryMethods):
-    """What the sync and async transactions share: their jobs carry the transaction's id."""
-
-    def __init__(self, client, options, timeout):
-        self._client = client
-        self._options = options
-        self.timeout = timeout
-
-    def _begin_job(self):
-        self._tx = next(self._client._tx_ids)
-        return Job("", self._options, FETCH_BEGIN, self.timeout, self._tx)
-
-    def _end_job(self, fetch):
-        """COMMIT or ROLLBACK; the transaction is over whether or not it succeeds."""
-        tx, self._tx = self._tx, None
-        if tx is None:
-            raise Error("the transaction is already over")
-        return Job("", None, fetch, self.timeout, tx)
-
-    def _run(self, job):
-        if self._tx is None:
-            raise Error("the transaction is not open: use it as a context manager")
-        return self._client._run(job)
-
-
-class Transaction(_TransactionJobs):
+class Transaction(BlockingTransactionJobs):
     """Jobs that run on one pinned connection and commit or roll back together.
 
     Get one from :meth:`Client.transaction`; its query methods are the
     client's. Leaving the ``with`` block commits, or rolls back if it raised.
+    Its jobs travel on the connection to the daemon it began on, whichever
+    thread sends them: a thread that ends it (closing an ``iterate()`` begun
+    elsewhere, say) ends it for real.
     """
 
-    def __enter__(self):
-        self._client._run(self._begin_job())
+    _channel: Channel = None  # type: ignore[assignment]  # until __enter__, before any of its jobs
+    _client: "Client"
+
+    def __enter__(self) -> "Transaction":
+        self._channel = self._client._channel()
+        self._call(self._begin_job())
         return self
 
-    def __exit__(self, exc_type, exc, tb):
+    def _call(self, job: Job) -> Any:
+        return self._client._call_on(self._channel, job)
+
+    def __exit__(
+        self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+    ) -> None:
         if self._tx is None:
             return
         if exc_type is None:
@@ -261,17 +57,17 @@ class Transaction(_TransactionJobs):
             except Error:
                 pass  # the block's own exception is the one to see
 
-    def commit(self):
-        self._client._run(self._end_job(FETCH_COMMIT))
+    def commit(self) -> None:
+        self._call(self._end_job(COMMIT))
 
-    def rollback(self):
-        self._client._run(self._end_job(FETCH_ROLLBACK))
-
-
-_live_clients = weakref.WeakSet()
+    def rollback(self) -> None:
+        self._call(self._end_job(ROLLBACK))
 
 
-class Client(_QueryMethods):
+_live_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+
+
+class Client(Blocking):
     """A thread-safe, fork-safe client of a dbservice daemon's Unix socket.
 
     Build it with :func:`connect`. Every query method takes ``timeout=``
@@ -279,7 +75,9 @@ class Client(_QueryMethods):
     the client's own *timeout* is the default.
     """
 
-    def __init__(self, socket, authkey, timeout=None, connect_timeout=10.0):
+    def __init__(
+        self, socket: str, authkey: bytes, timeout: Optional[float] = None, connect_timeout: float = 10.0
+    ) -> None:
         self.socket = socket
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -288,30 +86,33 @@ class Client(_QueryMethods):
         self._local = threading.local()
         # Weak: a thread's channel lives in its thread-local and closes when
         # the thread ends, so one thread per request leaks nothing.
-        self._channels = weakref.WeakSet()
+        self._channels: "weakref.WeakSet[Channel]" = weakref.WeakSet()
         self._tx_ids = itertools.count(1)
         self.closed = False
         _live_clients.add(self)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<dbservice.Client %s%s>" % (self.socket, " closed" if self.closed else "")
 
-    def _channel(self):
-        channel = getattr(self._local, "channel", None)
-        if channel is None:
-            channel = _Channel(self.socket, self._authkey, self.connect_timeout)
+    def _channel(self) -> Channel:
+        """This thread's connection to the daemon, opened on its first use or after it was lost."""
+        channel: Optional[Channel] = getattr(self._local, "channel", None)
+        if channel is None or channel.closed:
+            channel = Channel(self.socket, self._authkey, self.connect_timeout)
             self._local.channel = channel
             with self._lock:
                 self._channels.add(channel)
         return channel
 
-    def _drop(self, channel):
+    def _drop(self, channel: Channel) -> None:
         channel.close()
-        self._local.channel = None
         with self._lock:
             self._channels.discard(channel)
 
-    def transaction(self, isolation_level=None, readonly=None, deferrable=None, timeout=None):
+    def transaction(
+        self, isolation_level: Union[str, int, None] = None, readonly: Optional[bool] = None,
+        deferrable: Optional[bool] = None, timeout: Optional[float] = None,
+    ) -> Transaction:
         """``with client.transaction() as tx:`` runs tx's jobs in one transaction.
 
         The block's jobs run on one pooled connection, pinned for it; leaving
@@ -325,7 +126,9 @@ class Client(_QueryMethods):
         options = transaction_options(isolation_level, readonly, deferrable)
         return Transaction(self, options, self.timeout if timeout is None else timeout)
 
-    def iterate(self, sql, params=None, *, batch=1000, timeout=None):
+    def iterate(
+        self, sql: str, params: Params = None, *, batch: int = 1000, timeout: Optional[float] = None
+    ) -> Iterator[Row]:
         """Yield the rows of *sql*, fetched *batch* at a time through a server-side cursor.
 
         Neither the daemon nor this process holds more than a batch at a time.
@@ -340,21 +143,31 @@ class Client(_QueryMethods):
                 if len(rows) < batch:
                     return
 
-    def status(self):
+    def status(self) -> Dict[str, Any]:
         """The daemon's figures: pool, queue, jobs, latency (``dbserviced status --json``)."""
-        return self._request(MSG_STATUS, b"", self.connect_timeout)
+        return cast(Dict[str, Any], self._request(MSG_STATUS, b"", self.connect_timeout))
 
-    def _run(self, job):
-        return self._request(MSG_JOB, _encode(job), job.timeout)
+    def _run(self, job: Job) -> Any:
+        return self._request(MSG_JOB, encode_job(job), job.timeout)
 
-    def _request(self, kind, payload, timeout):
+    def _call_on(self, channel: Channel, job: Job) -> Any:
+        """Run *job* on *channel*, the connection its transaction began on, and on no other."""
+        if self.closed:
+            raise Error("this dbservice client is closed")
+        try:
+            return channel.call(encode_job(job), job.timeout)
+        except ChannelLost as lost:
+            self._drop(channel)
+            raise lost.error from None
+
+    def _request(self, kind: int, payload: bytes, timeout: Optional[float]) -> Any:
         if self.closed:
             raise Error("this dbservice client is closed")
         for attempt in (1, 2):
             channel = self._channel()
             try:
                 return channel.call(payload, timeout, kind)
-            except _ChannelLost as lost:
+            except ChannelLost as lost:
                 self._drop(channel)
                 # A job that never left (the daemon restarted since our last
                 # one) is sent once more on a new connection; any other loss
@@ -362,7 +175,7 @@ class Client(_QueryMethods):
                 if not (lost.unsent and attempt == 1):
                     raise lost.error from None
 
-    def close(self):
+    def close(self) -> None:
         """Close every thread's connection to the daemon."""
         self.closed = True
         with self._lock:
@@ -370,7 +183,7 @@ class Client(_QueryMethods):
         for channel in channels:
             channel.close()
 
-    def _after_fork(self):
+    def _after_fork(self) -> None:
         # The parent's sockets belong to the parent: forget them, close our
         # copies of their file descriptors (that does not touch the parent's).
         for channel in list(self._channels):
@@ -380,7 +193,7 @@ class Client(_QueryMethods):
         self._lock = threading.Lock()
 
 
-def _reset_after_fork():
+def _reset_after_fork() -> None:
     for client in list(_live_clients):
         client._after_fork()
 
@@ -388,7 +201,7 @@ def _reset_after_fork():
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def connect(socket=None, authkey=None, timeout=None):
+def connect(socket: Optional[str] = None, authkey: Optional[bytes] = None, timeout: Optional[float] = None) -> Client:
     """Connect to a dbservice daemon and return a :class:`Client`.
 
     *socket* defaults to ``$DBSERVICE_SOCKET``, else the socket in the default
@@ -404,69 +217,3 @@ def connect(socket=None, authkey=None, timeout=None):
     return client
 
 
-def resolve_address(socket=None, authkey=None):
-    """The daemon's socket path and secret, from the arguments or the defaults."""
-    if socket is None:
-        socket = os.environ.get("DBSERVICE_SOCKET") or os.path.join(default_state_dir(), SOCKET_NAME)
-    if authkey is None:
-        authkey = read_secret(os.path.join(os.path.dirname(socket), SECRET_NAME))
-    return socket, authkey
-
-
-def read_secret(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read().strip()
-    except FileNotFoundError:
-        raise ServiceUnavailable(
-            "no secret at %s: is dbserviced running with that state directory? "
-            "Otherwise pass authkey= to connect()" % path
-        ) from None
-    except PermissionError:
-        raise ServiceUnavailable("cannot read the secret %s: run as the daemon's user" % path) from None
-
-
-class QueueClient(_QueryMethods):
-    """Submits jobs through a :class:`~dbservice.DBService` multiprocessing queue.
-
-    Each job carries the sending end of a new pipe; the reply comes back on
-    it. *sentinel* (the service process's sentinel) tells a dead service from a
-    slow one, so no caller waits forever.
-    """
-
-    def __init__(self, queue, sentinel, timeout=None):
-        self.queue = queue
-        self.sentinel = sentinel
-        self.timeout = timeout
-
-    def _run(self, job):
-        receiver, sender = multiprocessing.Pipe(duplex=False)
-        try:
-            try:
-                # Pickle here, not in the queue's feeder thread, so that our
-                # end of the pipe can be closed now: then the pipe reports EOF
-                # if the service drops it.
-                data = bytes(ForkingPickler.dumps((job.to_wire(), sender), PICKLE_PROTOCOL))
-            except Exception as exc:
-                raise JobRefused("the job's parameters cannot be sent: %s" % exc) from None
-            finally:
-                sender.close()
-            self.queue.put(data)
-            ready = multiprocessing.connection.wait([receiver, self.sentinel], _reply_wait(job.timeout))
-            if receiver in ready:
-                try:
-                    reply = receiver.recv_bytes()
-                except EOFError:
-                    raise ServiceUnavailable("the dbservice process dropped the job") from None
-                value = loads_reply(memoryview(reply)[1:])
-                if reply[0] != 1:
-                    raise value
-                return value
-            if ready:
-                raise ServiceUnavailable("the dbservice process has exited")
-            raise QueryTimeout("no reply from the dbservice process within %.1f s" % _reply_wait(job.timeout))
-        finally:
-            receiver.close()
-
-    def close(self):
-        """Nothing to close: every job has its own pipe."""

@@ -1,4 +1,10 @@
-"""The daemon's settings: their defaults, and where an operator sets them.
+"""The daemon's settings, each declared once, and where an operator sets them.
+
+Each setting is a field of :class:`Settings` carrying what everything else
+derives from it: its type and default, its help and metavar for the
+command line, the values it may take, and whether a reload applies it. The
+CLI's options, the TOML file's keys and their checks, and what ``reload``
+changes all come from these fields.
 
 A setting comes from the first place that has it: a command-line flag, a
 ``DBSERVICE_<NAME>`` environment variable (the CLI reads both), the TOML config
@@ -6,18 +12,22 @@ file (``--config``), then the defaults here.
 """
 
 import dataclasses
+import logging
 import os
-from typing import Optional
+import sys
+import typing
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python < 3.11
+else:  # as the dependency on tomli says
     import tomli as tomllib
 
 import psycopg2
-from psycopg2.extensions import make_dsn, parse_dsn
+from psycopg2.extensions import parse_dsn
 
-from .pool import check_sizes
+from .session import AUTO, SESSION_RESETS
+from .supply import check_sizes
 
 #: The state directory when none is given: socket, secret, pidfile, log,
 #: and the embedded cluster unless we are root (see embedded.default_cluster_dir).
@@ -27,57 +37,198 @@ SECRET_NAME = "secret"
 PIDFILE_NAME = "dbserviced.pid"
 LOG_NAME = "dbserviced.log"
 
+logger = logging.getLogger("dbservice.config")
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+SELECTORS = ("auto", "epoll", "select", "uvloop")
 
 
-def default_state_dir():
+def default_state_dir() -> str:
     return os.path.expanduser(os.environ.get("DBSERVICE_HOME") or DEFAULT_STATE_DIR)
+
+
+class ConfigError(ValueError):
+    """A setting has a value the daemon cannot run with; the message says which and why."""
+
+
+_T = TypeVar("_T")
+
+
+def setting(
+    default: _T, metavar: str, help: str, reloadable: bool = False, choices: Sequence[str] = (),
+    daemon_default: Any = dataclasses.MISSING,
+) -> _T:
+    """A field of Settings that an operator sets: its default and what the CLI says of it.
+
+    *daemon_default* is the daemon's own default where it differs from the
+    engine's (which DBService runs with).
+    """
+    metadata: Dict[str, Any] = {"metavar": metavar, "help": help, "reloadable": reloadable, "choices": choices}
+    if daemon_default is not dataclasses.MISSING:
+        metadata["daemon_default"] = daemon_default
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass
 class Settings:
-    """Everything the engine needs to run; the daemon's CLI fills it in."""
+    """Everything the engine needs to run; the daemon's CLI fills it in.
 
-    dsn: str
-    min_size: int = 2
-    max_size: int = 10
-    #: seconds an idle connection above min_size stays open
-    max_idle: float = 300.0
-    #: seconds a job without a timeout may wait for a free connection
-    pool_timeout: float = 30.0
-    #: seconds to open one connection to PostgreSQL
-    connect_timeout: float = 10.0
-    #: Unix socket to serve on; None serves the multiprocessing queue instead
+    The fields declared with :func:`setting` are the operator's; ``socket``
+    and ``authkey`` come from the state directory, or from DBService.
+    """
+
+    dsn: Optional[str] = setting(
+        None, "DSN",
+        "the PostgreSQL to serve, as a libpq connection string or URI. Without one the daemon runs "
+        "its own PostgreSQL cluster (see --cluster-dir).",
+    )
+    min_size: int = setting(2, "N", "connections the pool keeps open, at most --max-size", reloadable=True)
+    max_size: int = setting(10, "N", "connections the pool opens at most", reloadable=True)
+    max_idle: float = setting(
+        300.0, "SECONDS", "how long a connection above --min-size may stay idle", reloadable=True
+    )
+    pool_timeout: float = setting(
+        30.0, "SECONDS", "how long a job without a timeout may wait for a free connection", reloadable=True
+    )
+    connect_timeout: float = setting(
+        10.0, "SECONDS", "how long opening one connection to PostgreSQL may take", reloadable=True
+    )
+    max_queue: int = setting(
+        10000, "N", "jobs waiting for a connection at most; more are refused as busy at once"
+    )
+    max_clients: int = setting(2048, "N", "socket clients connected at once; more are refused as busy")
+    max_client_jobs: int = setting(
+        1024, "N", "jobs of one client connection in the daemon at once; its further jobs wait, unread"
+    )
+    max_client_buffer: int = setting(
+        16 * 1024 * 1024, "BYTES",
+        "replies waiting for one client beyond which it is backed up: none of its jobs is read and none "
+        "reads more of its result until it reads its replies",
+    )
+    client_stall_timeout: float = setting(
+        30.0, "SECONDS", "how long a backed-up client may read nothing before it is dropped"
+    )
+    max_frame: int = setting(
+        32 * 1024 * 1024, "BYTES", "the largest job a client may send, once pickled; a larger one is refused"
+    )
+    max_params_size: Optional[int] = setting(
+        None, "BYTES",
+        "what a job's parameters may cost once bound: 64 per value plus the length of each string and "
+        "bytes, a shared reference counted each time it is used; more is refused [default: --max-frame]",
+    )
+    max_prepared: int = setting(
+        256, "N",
+        "statements each pooled connection keeps prepared on the server, so that it does not parse and plan "
+        "them again (the least recently used are deallocated); 0 prepares none",
+    )
+    max_result_bytes: int = setting(
+        256 * 1024 * 1024, "BYTES", "the largest result sent back; a larger one is an error for that job"
+    )
+    idle_in_transaction_timeout: float = setting(
+        60.0, "SECONDS", "how long a client's transaction may sit idle before it is rolled back"
+    )
+    stop_timeout: float = setting(
+        30.0, "SECONDS", "how long a graceful stop lets queued and running jobs finish", reloadable=True
+    )
+    slow_ms: float = setting(
+        1000.0, "MS", "log every job slower than this, queueing included; 0 logs none", reloadable=True
+    )
+    session_reset: str = setting(
+        AUTO, "WHEN",
+        "when a connection's session is reset (DISCARD ALL) before it serves another job: auto, after a job "
+        "whose SQL may change it (SET, temporary tables, PREPARE, LISTEN, advisory locks...); always, after "
+        "every job, for functions that change session state",
+        reloadable=True, choices=SESSION_RESETS,
+    )
+    log_level: str = setting(
+        "WARNING", "LEVEL", "DEBUG, INFO, WARNING or ERROR", reloadable=True, choices=LOG_LEVELS,
+        daemon_default="INFO",
+    )
+    selector: str = setting(
+        "auto", "LOOP",
+        "the event loop: auto (epoll on Linux), epoll, select, or uvloop, which costs the daemon "
+        "less CPU per job (pip install 'dbservice[uvloop]')",
+        choices=SELECTORS,
+    )
+    cluster_dir: Optional[str] = setting(
+        None, "DIR",
+        "where the embedded PostgreSQL keeps its data [default: STATE_DIR/postgresql; as root, "
+        "where the postgres user can reach it: /var/lib/dbservice/postgresql-HASH]",
+    )
+    unread_reply_timeout: float = setting(
+        10.0, "SECONDS",
+        "how long a reply may go unread by a client of the multiprocessing queue (a stopped or stalled "
+        "process) before its reply channel is dropped and its jobs cancelled",
+    )
+    auth_timeout: float = 10.0  # seconds a new socket client has to authenticate
+    #: the Unix socket to serve on; None serves the multiprocessing queue instead
     socket: Optional[str] = None
     authkey: Optional[bytes] = None
-    #: "auto", "epoll" or "select"
-    selector: str = "auto"
-    #: jobs queued at most before new ones are refused as busy
-    max_queue: int = 10000
-    #: bytes one job message may take on the socket
-    max_frame: int = 32 * 1024 * 1024
-    #: socket clients connected at once; more are refused as busy
-    max_clients: int = 2048
-    #: bytes one job's pickled result may take; a larger one is an error
-    max_result_bytes: int = 256 * 1024 * 1024
-    #: seconds a new socket client has to authenticate
-    auth_timeout: float = 10.0
-    #: seconds a graceful stop waits for queued and running jobs
-    stop_timeout: float = 30.0
-    #: seconds a client's transaction may sit idle before it is rolled back
-    idle_in_transaction_timeout: float = 60.0
-    #: jobs that take longer (milliseconds, queueing included) are logged; 0 logs none
-    slow_ms: float = 1000.0
-    log_level: str = "WARNING"
 
-    def __post_init__(self):
-        check_sizes(self.min_size, self.max_size)
+    def __post_init__(self) -> None:
+        check(self)
+        if self.max_params_size is None:
+            self.max_params_size = self.max_frame
+
+
+def operator_settings() -> "List[dataclasses.Field[Any]]":
+    """The fields of Settings an operator sets, in the order the CLI shows them."""
+    return [field for field in dataclasses.fields(Settings) if "help" in field.metadata]
+
+
+def reloadable_settings() -> Tuple[str, ...]:
+    """The names of the settings a reload applies while jobs flow; the others need a restart."""
+    return tuple(field.name for field in operator_settings() if field.metadata["reloadable"])
+
+
+def reloaded(old: Settings, new: Settings) -> Settings:
+    """*old* with *new*'s reloadable settings; a warning names each other one that changed."""
+    reloadable = reloadable_settings()
+    for field in dataclasses.fields(new):
+        if field.name not in reloadable and getattr(new, field.name) != getattr(old, field.name):
+            logger.warning("%s changed in the configuration; restart the daemon to apply it", field.name)
+    return dataclasses.replace(old, **{name: getattr(new, name) for name in reloadable})
+
+
+def value_type(field: "dataclasses.Field[Any]") -> type:
+    """int, float or str: the type of a setting's value, Optional[...] or not.
+
+    A type, not the string of one, since this module's annotations are
+    evaluated (it has no ``from __future__ import annotations``): the CLI's
+    options and the config file's checks take their types from them.
+    """
+    kinds = [kind for kind in typing.get_args(field.type) if kind is not type(None)]
+    return typing.cast(type, kinds[0] if kinds else field.type)
+
+
+def daemon_default(field: "dataclasses.Field[Any]") -> Any:
+    return field.metadata.get("daemon_default", field.default)
+
+
+def check(settings: Settings) -> None:
+    """Raise ConfigError, saying what is wrong, unless *settings* can run; fold the log level to capitals."""
+    for field in operator_settings():
+        value = getattr(settings, field.name)
+        if value is None:
+            continue
+        if value_type(field) is not str and value < 0:
+            raise ConfigError("%s must not be negative, got %r" % (field.name, value))
+        choices = field.metadata["choices"]
+        if choices and str(value).upper() not in [choice.upper() for choice in choices]:
+            raise ConfigError("%s must be one of %s, got %r" % (field.name, ", ".join(choices), value))
+    settings.log_level = settings.log_level.upper()
+    try:
+        check_sizes(settings.min_size, settings.max_size)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if settings.dsn is not None:
+        check_dsn(settings.dsn)
 
 
 class StateDir:
     """Where a daemon keeps its files; every command finds the daemon through it."""
 
-    def __init__(self, path=None):
+    def __init__(self, path: Optional[str] = None) -> None:
         self.path = os.path.abspath(os.path.expanduser(path or default_state_dir()))
         self.socket = os.path.join(self.path, SOCKET_NAME)
         self.secret = os.path.join(self.path, SECRET_NAME)
@@ -85,57 +236,23 @@ class StateDir:
         self.log = os.path.join(self.path, LOG_NAME)
 
 
-class ConfigError(ValueError):
-    """A setting has a value the daemon cannot run with; the message says which and why."""
-
-
-#: What an operator sets, with its type: these Settings fields, plus the
-#: directory of the embedded cluster. No dsn means: run the embedded cluster.
-OPERATOR_SETTINGS = {
-    "dsn": str,
-    "min_size": int,
-    "max_size": int,
-    "max_idle": float,
-    "pool_timeout": float,
-    "connect_timeout": float,
-    "max_queue": int,
-    "max_clients": int,
-    "max_frame": int,
-    "max_result_bytes": int,
-    "idle_in_transaction_timeout": float,
-    "selector": str,
-    "stop_timeout": float,
-    "slow_ms": float,
-    "log_level": str,
-    "cluster_dir": str,
-}
-
-#: The daemon's defaults where they differ from Settings': it logs its lifecycle.
-_DAEMON_DEFAULTS = {"dsn": None, "cluster_dir": None, "log_level": "INFO"}
-
-
-def defaults():
-    """The operator settings' defaults, by name."""
-    values = {f.name: f.default for f in dataclasses.fields(Settings) if f.name in OPERATOR_SETTINGS}
-    values.update(_DAEMON_DEFAULTS)
-    return values
-
-
-def load_config(given, path=None):
-    """The operator settings: *given* (flags and environment) over the file at *path* over the defaults.
+def load_config(given: Mapping[str, Any], path: Optional[str] = None) -> Settings:
+    """The daemon's Settings: *given* (flags and environment) over the file at *path* over the defaults.
 
     Values of None in *given* were not given. Raises ConfigError.
     """
-    config = defaults()
+    values = {field.name: daemon_default(field) for field in operator_settings()}
     if path:
-        config.update(read_config_file(path))
-    config.update({name: value for name, value in given.items() if value is not None})
-    if config["min_size"] == defaults()["min_size"]:
-        config["min_size"] = min(config["min_size"], config["max_size"])  # max_size = 1 alone is fine
-    return check_config(config)
+        values.update(read_config_file(path))
+    values.update({name: value for name, value in given.items() if value is not None})
+    if given.get("min_size") is None and values["min_size"] == Settings.min_size:
+        values["min_size"] = min(values["min_size"], values["max_size"])  # max_size = 1 alone is fine
+    if values["cluster_dir"]:
+        values["cluster_dir"] = os.path.abspath(values["cluster_dir"])
+    return Settings(**values)
 
 
-def read_config_file(path):
+def read_config_file(path: str) -> Dict[str, Any]:
     """The settings in the TOML file at *path*; ConfigError if it cannot be used."""
     try:
         with open(path, "rb") as f:
@@ -144,13 +261,14 @@ def read_config_file(path):
         raise ConfigError("cannot read the config file %s: %s" % (path, exc.strerror)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("the config file %s is not valid TOML: %s" % (path, exc)) from None
+    fields = {field.name: field for field in operator_settings()}
     for name, value in values.items():
-        kind = OPERATOR_SETTINGS.get(name)
-        if kind is None:
+        if name not in fields:
             raise ConfigError(
                 "the config file %s sets %r, which is no setting; the settings are: %s"
-                % (path, name, ", ".join(OPERATOR_SETTINGS))
+                % (path, name, ", ".join(fields))
             )
+        kind = value_type(fields[name])
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
             raise ConfigError(
                 "the config file %s sets %s = %r; it must be %s"
@@ -159,27 +277,12 @@ def read_config_file(path):
     return values
 
 
-def check_config(config):
-    """Return *config* with the log level in capitals; ConfigError if a value is out of range."""
-    for name, kind in OPERATOR_SETTINGS.items():
-        if kind is not str and config[name] < 0:
-            raise ConfigError("%s must not be negative, got %r" % (name, config[name]))
+def check_dsn(dsn: str) -> None:
+    """Raise ConfigError, with libpq's reason, unless *dsn* parses as a connection string."""
     try:
-        check_sizes(config["min_size"], config["max_size"])
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    level = config["log_level"].upper()
-    if level not in LOG_LEVELS:
-        raise ConfigError("log_level must be one of %s, got %r" % (", ".join(LOG_LEVELS), config["log_level"]))
-    return dict(config, log_level=level)
-
-
-def mask_dsn(dsn):
-    """*dsn* with its password replaced by ``***``, fit for logs and status."""
-    try:
-        params = parse_dsn(dsn)
-    except psycopg2.ProgrammingError:
-        return "(a connection string that does not parse)"
-    if "password" in params:
-        params["password"] = "***"
-    return make_dsn(**params)
+        parse_dsn(dsn)
+    except psycopg2.ProgrammingError as exc:
+        raise ConfigError(
+            "the DSN does not parse (%s); give a libpq connection string (host=db dbname=app user=app) "
+            "or a URI (postgresql://app@db/app)" % " ".join(str(exc).split())
+        ) from None

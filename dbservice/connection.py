@@ -1,11 +1,13 @@
 """PooledConnection: one psycopg2 async connection, watched on the event loop.
 
-Its socket stays registered for reading from open to close, instead of being
-added to the selector and removed again around every wait: that pair of
-epoll_ctl calls was the event loop's largest cost per job. The registration
-also notices, at no cost, when the server ends an idle connection (a restart,
-pg_terminate_backend): the socket turns readable, and the pool drops the
-connection before a job is lost on it.
+It is the one driver of its socket, for connecting, running a job and
+cancelling one alike. The socket stays registered for reading from open to
+close, instead of being added to the selector and removed again around
+every wait: that pair of epoll_ctl calls was the event loop's largest cost
+per job. A writer is added only while libpq asks to write. The
+registration also notices, at no cost, when the server ends an idle
+connection (a restart, pg_terminate_backend): the socket turns readable, and
+the pool drops the connection before a job is lost on it.
 """
 
 import functools
@@ -13,6 +15,8 @@ import functools
 import psycopg2
 import psycopg2.extensions as ext
 
+from . import types
+from .prepared import ConnectionStatements
 from .wait import set_done, until, wait_writable
 
 
@@ -25,27 +29,50 @@ class PooledConnection:
     """
 
     __slots__ = (
-        "pgconn", "number", "load", "last_used", "jobs_done",
-        "_loop", "_fd", "_watching", "_busy", "_on_readable", "_on_lost",
+        "pgconn", "number", "lent", "last_used", "jobs_done", "needs_reset", "gate", "dropped", "statements",
+        "_loop", "_fd", "_watching", "_busy", "_connecting", "_on_readable", "_on_lost",
     )
+
+    @classmethod
+    async def connect(cls, dsn, number, loop, on_lost, deadline):
+        """Open a connection to *dsn*, without blocking the loop; QueryTimeout or the server's error at *deadline*."""
+        conn = cls(psycopg2.connect(dsn, async_=True), number, loop, on_lost)
+        conn._busy = conn._connecting = True  # what the socket says is for wait()
+        try:
+            await conn.wait(deadline)
+            types.register(conn.pgconn)
+        except BaseException:
+            conn.close()
+            raise
+        conn._connecting = False
+        conn._watch()
+        return conn
 
     def __init__(self, pgconn, number, loop, on_lost):
         self.pgconn = pgconn
         self.number = number
-        #: jobs running on this connection or handed to it and not yet started
-        self.load = 0
+        #: lent to a job (or being reset for the next), not idle in the pool
+        self.lent = False
         self.last_used = loop.time()
         self.jobs_done = 0
+        #: a job on it may have changed its session: reset before it serves another
+        self.needs_reset = False
+        #: the ResultGate of the client whose job runs on it (backpressure.py), if any
+        self.gate = None
+        self.dropped = False  # closed by us, not by the server
+        #: what it prepared on the server (prepared.ConnectionStatements)
+        self.statements = ConnectionStatements(0)
         self._loop = loop
         self._on_readable = None  # who waits for the reply: called once, when it arrives
         self._busy = False  # an operation is under way: what comes is its reply
         self._on_lost = on_lost  # called when the server ends it while idle
         self._fd = pgconn.fileno()
         self._watching = False
+        self._connecting = False
         self._watch()
 
     def __repr__(self):
-        return "<PooledConnection #%d load=%d>" % (self.number, self.load)
+        return "<PooledConnection #%d%s>" % (self.number, " lent" if self.lent else "")
 
     @property
     def usable(self):
@@ -53,19 +80,27 @@ class PooledConnection:
             self.pgconn.get_transaction_status() == ext.TRANSACTION_STATUS_IDLE
         )
 
-    async def wait(self, deadline=None):
+    async def wait(self, deadline=None, gated=False):
         """Drive ``poll()`` until the operation under way is done.
 
         Raises the operation's own error, or QueryTimeout when the loop's
         clock passes *deadline*: the operation then still runs on the server,
-        and the caller must cancel it or close the connection.
+        and the caller must cancel it or close the connection. *gated*: a
+        job's result, whose reading waits for its client's turn once it takes
+        more than one read (see backpressure.py).
         """
         loop = self._loop
+        arrived = False  # some of the reply was read: reading on is reading a large result
         while True:
             state = self.poll()
             if state == ext.POLL_OK:
                 return
+            if self._connecting:
+                self._follow_socket()
             if state == ext.POLL_READ:
+                if gated and arrived and self.gate is not None:
+                    await self.gate.turn(self, deadline)
+                arrived = True
                 readable = loop.create_future()
                 self.when_readable(functools.partial(set_done, readable))
                 try:
@@ -76,6 +111,15 @@ class PooledConnection:
                 await wait_writable(loop, self._fd, deadline)
             else:  # pragma: no cover - psycopg2 documents no other state
                 raise ext.OperationalError("unexpected poll() state %r" % (state,))
+
+    def _follow_socket(self):
+        """Watch the socket libpq uses now: connecting to several hosts, or retrying, it opens new ones.
+
+        Registered anew at each step, since a new socket can take the number
+        of the one closed before it.
+        """
+        self._unwatch()
+        self._fd = self.pgconn.fileno()
 
     def when_readable(self, callback):
         """Call ``callback()`` once, when the reply to the operation under way arrives.
@@ -92,7 +136,7 @@ class PooledConnection:
             state = self.pgconn.poll()
         except BaseException:
             self._busy = False
-            if not self._forget_if_closed():
+            if not self._forget_if_closed() and not self._connecting:  # a failed connect has no socket left
                 self._watch()  # again, if the error came while nobody waited
             raise
         if state == ext.POLL_OK:
@@ -109,7 +153,14 @@ class PooledConnection:
             raise
         self._busy = True
 
+    def release_gate(self):
+        """The job on it is over: its client's turn to read a large result, if it had it, ends."""
+        if self.gate is not None:
+            self.gate.done(self)
+            self.gate = None
+
     def close(self):
+        self.dropped = not self.pgconn.closed
         self._unwatch()
         self._fd = None
         self.pgconn.close()
@@ -127,12 +178,15 @@ class PooledConnection:
             # again.
             self._unwatch()
             return
-        # Nobody waits, so the server spoke unasked: a notice, or the end of
-        # the connection. Read it, or the selector reports it again and again.
+        # Nobody waits, so the server spoke unasked: a notice, a notification,
+        # or the end of the connection. Read it, or the selector reports it
+        # again and again; nobody reads notifications here, so drop them.
         try:
             self.pgconn.poll()
         except psycopg2.Error:
             pass
+        if self.pgconn.notifies:
+            del self.pgconn.notifies[:]
         if self._forget_if_closed():
             self._on_lost(self)
 

@@ -6,15 +6,16 @@ its own, with no terminal, its output going to the log file. It reports back
 on a pipe once its socket accepts jobs, or why it could not start.
 """
 
+import dataclasses
 import logging
 import multiprocessing
 import os
 import signal
 import sys
 
-from .client import read_secret
-from .config import Settings, load_config
-from .embedded import EmbeddedCluster, default_cluster_dir
+from .queries import read_secret
+from .config import load_config
+from .embedded import Cluster, default_cluster_dir
 from .pidfile import AlreadyRunning, Pidfile, running_pid, wait_for_exit
 from .service import serve
 from .socket_intake import check_private_file, check_socket_dir
@@ -51,9 +52,7 @@ class Daemon:
         self.state = state
         self.given = given
         self.config_path = os.path.abspath(config_path) if config_path else None
-        self.config = load_config(given, self.config_path)
-        if self.config["cluster_dir"]:
-            self.config["cluster_dir"] = os.path.abspath(self.config["cluster_dir"])
+        self.settings = load_config(given, self.config_path)
         self.detached = False
         self.cluster = None
 
@@ -114,7 +113,7 @@ class Daemon:
     def run(self, ready=None):
         """Be the daemon in this process until it is stopped; return the exit code."""
         ready = ready or _Ready(None)
-        configure_logging(self.config["log_level"])
+        configure_logging(self.settings.log_level)
         # Until the engine's loop takes the signals over there is no loop to
         # wake: SIGTERM raises, so that the finally clauses clean up.
         signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -139,13 +138,11 @@ class Daemon:
         return 0
 
     def _serve(self, ready):
-        dsn = self.config["dsn"]
-        if dsn is None:
+        if self.settings.dsn is None:
             self.cluster = self._start_cluster()
-            dsn = self.cluster.dsn_string()
         try:
             serve(
-                self._settings(self.config, dsn),
+                self._settings(self.settings),
                 ready=ready,
                 reload=self._reload,
                 reopen_log=self._reopen_log if self.detached else None,
@@ -156,27 +153,25 @@ class Daemon:
                 logger.info("embedded PostgreSQL stopped")
 
     def _start_cluster(self):
-        directory = self.config["cluster_dir"] or default_cluster_dir(self.state.path)
+        directory = self.settings.cluster_dir or default_cluster_dir(self.state.path)
         if not os.path.exists(os.path.join(directory, "data", "PG_VERSION")):
             logger.info("creating the embedded PostgreSQL cluster in %s", directory)
-        cluster = EmbeddedCluster(directory)
+        cluster = Cluster(directory)
         logger.info("embedded PostgreSQL running in %s (pid %d)", directory, cluster.server_pid)
         return cluster
 
-    def _settings(self, config, dsn):
-        options = {name: value for name, value in config.items() if name not in ("dsn", "cluster_dir")}
-        return Settings(dsn=dsn, socket=self.state.socket, authkey=read_secret(self.state.secret), **options)
+    def _settings(self, settings):
+        """*settings* with what the state directory (and the embedded cluster) decides."""
+        dsn = settings.dsn if settings.dsn is not None else self.cluster.dsn()
+        return dataclasses.replace(settings, dsn=dsn, socket=self.state.socket, authkey=read_secret(self.state.secret))
 
     # -- while running -------------------------------------------------------------
 
     def _reload(self):
         """Settings from the config file read again; flags and environment as at start still win."""
-        config = load_config(self.given, self.config_path)
-        logging.getLogger().setLevel(config["log_level"])
-        dsn = config["dsn"]
-        if dsn is None and self.cluster is not None:
-            dsn = self.cluster.dsn_string()
-        return self._settings(config, dsn)
+        settings = load_config(self.given, self.config_path)
+        logging.getLogger().setLevel(settings.log_level)
+        return self._settings(settings)
 
     def _reopen_log(self):
         redirect_output(self.state.log)

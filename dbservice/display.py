@@ -33,7 +33,7 @@ def format_status(status):
     """The figures of ``Client.status()`` for a person to read."""
     latency = status["latency_ms"]
     connections = ", ".join(
-        "#%d load %d (%d jobs)" % (c["number"], c["load"], c["jobs_done"]) for c in status["connections"]
+        "#%d %s (%d jobs)" % (c["number"], "busy" if c["busy"] else "idle", c["jobs_done"]) for c in status["connections"]
     )
     lines = [
         "dbserviced is running (pid %d, up %s)" % (status["pid"], _duration(status["uptime_s"])),

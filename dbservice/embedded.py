@@ -1,24 +1,33 @@
-"""A throwaway PostgreSQL for tests and the benchmark, and the daemon's own cluster.
+"""A PostgreSQL server of our own: the daemon's embedded cluster, and throwaway ones.
 
-It is testing.postgresql with one change: when we run as root (CI, containers,
-development machines), initdb and postgres refuse to run, so both are started
-as the unprivileged ``postgres`` OS user through ``setpriv``. setpriv drops
-privileges and then *execs* the server, so the server is our direct child and
-the stop signal reaches the postmaster itself (``su``/``runuser`` would fork
-and swallow it).
+:class:`Cluster` runs initdb once and then ``postgres`` as a direct child.
+The daemon keeps its cluster in a directory across restarts, listening only
+on a Unix socket in that 0700 directory, fsync on. :meth:`Cluster.temporary`
+makes a throwaway one in a temporary directory, on a free TCP port of
+127.0.0.1 and fsync off, for ``python -m dbservice``, the bench and the
+tests; stopping it deletes it.
+
+When we run as root (CI, containers, development machines), initdb and
+postgres refuse to run, so both are started as the unprivileged ``postgres``
+OS user through ``setpriv``. setpriv drops privileges and then *execs* the
+server, so the server is our direct child and the stop signal reaches the
+postmaster itself (``su``/``runuser`` would fork and swallow it).
 """
 
+import glob
 import hashlib
 import logging
 import os
 import pwd
 import shutil
 import signal
+import socket
 import stat
 import subprocess
+import tempfile
+import time
 
 import psycopg2
-import testing.postgresql
 
 from .pidfile import wait_for_exit
 
@@ -26,6 +35,230 @@ logger = logging.getLogger("dbservice.embedded")
 
 #: The OS user the server runs as when we are root.
 SERVER_USER = "postgres"
+#: Where the daemon keeps its embedded clusters when we are root.
+ROOT_CLUSTERS_DIR = "/var/lib/dbservice"
+#: Seconds a server has to start accepting connections, or to stop.
+BOOT_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+#: Seconds an orphaned postmaster gets to stop before we give up on the start.
+ORPHAN_STOP_TIMEOUT = 30.0
+
+
+class Cluster:
+    """A PostgreSQL cluster in *base_dir*, created there by initdb if it holds none, and started.
+
+    *port* None listens on no TCP port, only on the Unix socket in
+    ``base_dir/tmp``; a port number listens on 127.0.0.1 too. *server_settings*
+    are ``postgres -c`` options (``max_connections=306``). The cluster's DSN
+    (:meth:`dsn`) names *dbname*, created if missing.
+    """
+
+    def __init__(self, base_dir, port=None, dbname="postgres", fsync=True, temporary=False, **server_settings):
+        self.base_dir = os.path.abspath(base_dir)
+        self.port = port
+        self.dbname = dbname
+        self.fsync = fsync
+        self.temporary = temporary
+        self.server_settings = server_settings
+        self._drop = _privilege_drop()
+        self._bin = _server_binaries()
+        self.process = None
+        if self._drop and not temporary:
+            _check_reachable(self.base_dir, SERVER_USER)
+        try:
+            self._initdb()
+            self.start()
+        except BaseException:
+            self._remove()
+            raise
+
+    @classmethod
+    def temporary(cls, **server_settings):
+        """A throwaway cluster with a ``test`` database, on a free port of 127.0.0.1, fsync off."""
+        return cls(tempfile.mkdtemp(prefix="dbservice-pg-"), port=_free_port(), dbname="test", fsync=False,
+                   temporary=True, **server_settings)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self):
+        """Start the server (again, after :meth:`shut_down`); return once it accepts connections."""
+        if self.process is not None and self.process.poll() is None:
+            return
+        stop_orphaned_postmaster(self.data_dir)
+        with open(os.path.join(self.base_dir, "postgresql.log"), "ab") as log:
+            self.process = subprocess.Popen(self._drop + self._server_command(), stdout=log, stderr=log)
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while not self._accepts():
+            if self.process.poll() is not None:
+                raise RuntimeError("PostgreSQL did not start:\n%s" % self._log_tail())
+            if time.monotonic() > deadline:
+                self.shut_down()
+                raise RuntimeError("PostgreSQL did not accept connections within %.0f s:\n%s"
+                                   % (BOOT_TIMEOUT, self._log_tail()))
+            time.sleep(0.05)
+        self._create_database()
+
+    def shut_down(self):
+        """Stop the server (fast shutdown: what was in flight rolls back); its data stays."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            logger.warning("PostgreSQL (pid %d) did not stop within %.0f s; killing it", self.process.pid, STOP_TIMEOUT)
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self):
+        """Stop the server; a temporary cluster is deleted with its data."""
+        self.shut_down()
+        self._remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    # -- what clients need -----------------------------------------------------
+
+    @property
+    def data_dir(self):
+        return os.path.join(self.base_dir, "data")
+
+    @property
+    def socket_dir(self):
+        return os.path.join(self.base_dir, "tmp")
+
+    @property
+    def server_pid(self):
+        return None if self.process is None else self.process.pid
+
+    def dsn(self, **overrides):
+        """The libpq connection string of the cluster's database."""
+        params = {"host": "127.0.0.1" if self.port else self.socket_dir, "port": self.port or 5432,
+                  "user": "postgres", "dbname": self.dbname}
+        params.update(overrides)
+        return " ".join("%s=%s" % item for item in sorted(params.items()))
+
+    # -- the parts -------------------------------------------------------------
+
+    def _initdb(self):
+        if os.path.exists(os.path.join(self.data_dir, "PG_VERSION")):
+            return
+        for directory in (self.base_dir, self.socket_dir):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.chmod(directory, 0o700)
+        if self._drop:
+            _chown_tree(self.base_dir, SERVER_USER)
+        command = [self._bin("initdb"), "-D", self.data_dir, "-U", "postgres", "-A", "trust",
+                   "--lc-messages=C", "--no-sync"]
+        result = subprocess.run(self._drop + command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if result.returncode != 0:
+            raise RuntimeError("initdb failed: %s" % result.stderr.decode(errors="replace").strip())
+
+    def _server_command(self):
+        command = [self._bin("postgres"), "-D", self.data_dir, "-k", self.socket_dir, "-p", str(self.port or 5432),
+                   "-c", "listen_addresses=%s" % ("127.0.0.1" if self.port else ""), "-c", "logging_collector=off"]
+        if not self.fsync:
+            command.append("-F")
+        for name, value in sorted(self.server_settings.items()):
+            command += ["-c", "%s=%s" % (name, value)]
+        return command
+
+    def _accepts(self):
+        try:
+            psycopg2.connect(self.dsn(dbname="postgres"), connect_timeout=5).close()
+        except psycopg2.OperationalError:
+            return False
+        return True
+
+    def _create_database(self):
+        if self.dbname == "postgres":
+            return
+        conn = psycopg2.connect(self.dsn(dbname="postgres"))
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cursor:
+                cursor.execute("select 1 from pg_database where datname = %s", [self.dbname])
+                if cursor.fetchone() is None:
+                    cursor.execute('create database "%s"' % self.dbname.replace('"', '""'))
+        finally:
+            conn.close()
+
+    def _log_tail(self, lines=20):
+        try:
+            with open(os.path.join(self.base_dir, "postgresql.log"), errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _remove(self):
+        if self.temporary:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+
+def default_cluster_dir(state_dir):
+    """Where the daemon of *state_dir* keeps its embedded cluster.
+
+    In the state directory, unless we are root: the server then runs as
+    SERVER_USER, who cannot enter root's state directory (it is 0700, as the
+    socket's directory must be, and so is /root). The cluster then lives in
+    ROOT_CLUSTERS_DIR, named after the state directory's path.
+    """
+    if os.geteuid() != 0:
+        return os.path.join(state_dir, "postgresql")
+    digest = hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:12]
+    return os.path.join(ROOT_CLUSTERS_DIR, "postgresql-" + digest)
+
+
+def stop_orphaned_postmaster(data_dir):
+    """Stop a postmaster still running on *data_dir* after its owner was killed.
+
+    A daemon killed with SIGKILL cannot stop its cluster, and the next start
+    would fail on the cluster's lock. The cluster belongs to one state
+    directory, whose pidfile lets only one daemon run: a postmaster still
+    serving it is that dead daemon's, so it is stopped (fast shutdown: it
+    rolls back what was in flight) before ours starts.
+    """
+    pid = _postmaster_pid(data_dir)
+    if pid is None or not _serves(pid, data_dir):
+        return  # none, or a stale lock file PostgreSQL clears itself
+    logger.warning("stopping PostgreSQL (pid %d), left running on %s by a daemon that was killed", pid, data_dir)
+    os.kill(pid, signal.SIGINT)
+    if not wait_for_exit(pid, ORPHAN_STOP_TIMEOUT):
+        raise RuntimeError(
+            "PostgreSQL (pid %d) left running on %s did not stop within %.0f s; stop it "
+            "(`kill -INT %d`) and start again" % (pid, data_dir, ORPHAN_STOP_TIMEOUT, pid)
+        )
+
+
+def _server_binaries():
+    """A function from a program's name (initdb, postgres) to its path, or RuntimeError saying what to install."""
+    directories = [os.path.dirname(path) for path in (shutil.which("postgres"), shutil.which("initdb")) if path]
+    directories += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version, reverse=True)
+    directories += ["/usr/local/pgsql/bin", "/usr/pgsql/bin"]
+    for directory in directories:
+        if os.access(os.path.join(directory, "postgres"), os.X_OK) and os.access(os.path.join(directory, "initdb"), os.X_OK):
+            return lambda name: os.path.join(directory, name)
+    raise RuntimeError(
+        "cannot find PostgreSQL's server programs (postgres, initdb); install them (Debian: apt-get install "
+        "postgresql), or give the daemon a --dsn"
+    )
+
+
+def _version(path):
+    try:
+        return int(path.split("/")[-2])
+    except ValueError:
+        return 0
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _privilege_drop():
@@ -51,136 +284,6 @@ def _chown_tree(path, user):
         os.chown(root, entry.pw_uid, entry.pw_gid)
         for name in files:
             os.chown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
-
-
-class EmbeddedPostgresql(testing.postgresql.Postgresql):
-    """testing.postgresql.Postgresql that also runs when we are root.
-
-    Pass ``base_dir=`` to keep the cluster across runs (initdb happens only
-    when the directory holds none); without it the cluster lives in a temporary
-    directory that :meth:`stop` deletes, while :meth:`terminate` followed by
-    :meth:`start` restarts it in place.
-    """
-
-    def initialize(self):
-        super().initialize()
-        self._drop = _privilege_drop()
-
-    def initialize_database(self):
-        data_dir = os.path.join(self.base_dir, "data")
-        if os.path.exists(os.path.join(data_dir, "PG_VERSION")):
-            return
-        if self._drop:
-            _chown_tree(self.base_dir, SERVER_USER)
-        command = self._drop + [self.initdb, "-D", data_dir, "--lc-messages=C", "--no-sync"]
-        command += self.settings["initdb_args"].split()
-        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        if result.returncode != 0:
-            raise RuntimeError("initdb failed: %s" % result.stderr.decode(errors="replace").strip())
-
-    def get_server_commandline(self):
-        return self._drop + super().get_server_commandline()
-
-    def dsn_string(self, **overrides):
-        """The libpq connection string of this cluster's ``test`` database."""
-        params = self.dsn(**overrides)
-        params["dbname"] = params.pop("database")
-        return " ".join("%s=%s" % item for item in sorted(params.items()))
-
-
-#: Where the daemon keeps its embedded clusters when we are root.
-ROOT_CLUSTERS_DIR = "/var/lib/dbservice"
-
-
-def default_cluster_dir(state_dir):
-    """Where the daemon of *state_dir* keeps its embedded cluster.
-
-    In the state directory, unless we are root: the server then runs as
-    SERVER_USER, who cannot enter root's state directory (it is 0700, as the
-    socket's directory must be, and so is /root). The cluster then lives in
-    ROOT_CLUSTERS_DIR, named after the state directory's path.
-    """
-    if os.geteuid() != 0:
-        return os.path.join(state_dir, "postgresql")
-    digest = hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:12]
-    return os.path.join(ROOT_CLUSTERS_DIR, "postgresql-" + digest)
-
-
-class EmbeddedCluster(EmbeddedPostgresql):
-    """The daemon's own PostgreSQL, kept in *base_dir* across restarts.
-
-    It listens on no TCP port, where its ``trust`` authentication would let any
-    local user in as superuser, but only on a Unix socket in *base_dir*, which
-    is 0700. It keeps fsync on, since its data is meant to last. Its DSN names
-    the ``postgres`` database.
-    """
-
-    #: Only names the socket file: the directory is ours alone, so it is free.
-    PORT = 5432
-
-    def __init__(self, base_dir):
-        super().__init__(
-            base_dir=base_dir,
-            port=self.PORT,
-            boot_timeout=60,
-            postgres_args="-c listen_addresses= -c logging_collector=off",
-        )
-
-    def initialize(self):
-        self.name = "postgresql"  # the server's log: base_dir/postgresql.log
-        super().initialize()
-        if self._drop:
-            _check_reachable(self.base_dir, SERVER_USER)
-        os.makedirs(self.base_dir, mode=0o700, exist_ok=True)
-
-    def dsn(self, **overrides):
-        params = {
-            "host": os.path.join(self.base_dir, "tmp"),
-            "port": self.PORT,
-            "user": "postgres",
-            "database": "postgres",
-        }
-        params.update(overrides)
-        return params
-
-    def is_server_available(self):
-        try:
-            psycopg2.connect(self.dsn_string(), connect_timeout=5).close()
-        except psycopg2.OperationalError:
-            return False
-        return True
-
-    def prestart(self):
-        super().prestart()
-        stop_orphaned_postmaster(os.path.join(self.base_dir, "data"))
-
-    def poststart(self):
-        """Nothing to create: the ``postgres`` database is there from initdb on."""
-
-
-#: Seconds an orphaned postmaster gets to stop before we give up on the start.
-ORPHAN_STOP_TIMEOUT = 30.0
-
-
-def stop_orphaned_postmaster(data_dir):
-    """Stop a postmaster still running on *data_dir* after its daemon was killed.
-
-    A daemon killed with SIGKILL cannot stop its cluster, and the next start
-    would fail on the cluster's lock. The cluster belongs to one state
-    directory, whose pidfile lets only one daemon run: a postmaster still
-    serving it is that dead daemon's, so it is stopped (fast shutdown: it
-    rolls back what was in flight) before ours starts.
-    """
-    pid = _postmaster_pid(data_dir)
-    if pid is None or not _serves(pid, data_dir):
-        return  # none, or a stale lock file PostgreSQL clears itself
-    logger.warning("stopping PostgreSQL (pid %d), left running on %s by a daemon that was killed", pid, data_dir)
-    os.kill(pid, signal.SIGINT)
-    if not wait_for_exit(pid, ORPHAN_STOP_TIMEOUT):
-        raise RuntimeError(
-            "PostgreSQL (pid %d) left running on %s did not stop within %.0f s; stop it "
-            "(`kill -INT %d`) and start again" % (pid, data_dir, ORPHAN_STOP_TIMEOUT, pid)
-        )
 
 
 def _postmaster_pid(data_dir):

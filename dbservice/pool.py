@@ -1,417 +1,284 @@
-"""AsyncConnectionPool: a bounded pool of psycopg2 connections in async mode.
+"""AsyncConnectionPool: a bounded pool of psycopg2 connections in async mode, and its queue of jobs.
 
-The pool lends a connection to one job at a time. It picks the least-loaded
-connection, and among idle ones the most recently used, as PgBouncer does:
-the connections a load needs stay busy and warm, and those it does not need
-stay idle, so that the ones above ``min_size`` close after ``max_idle``
-seconds even while jobs keep coming. When none is free it opens another, one
-at a time, up to ``max_size``. When the database cannot be reached it retries
-with a capped, jittered exponential backoff and never spins.
+The pool lends a connection to one job at a time, in order of arrival: the
+jobs waiting for one are its waiters, in one queue. Among idle connections it
+lends the most recently used, as PgBouncer does: the connections a load needs
+stay busy and warm, and those it does not need stay idle, so that the ones
+above ``min_size`` close after ``max_idle`` seconds even while jobs keep
+coming. When none is free it opens another, one at a time, up to
+``max_size``. When the database cannot be reached it retries with a capped,
+jittered exponential backoff and never spins.
 """
 
 import asyncio
 import collections
 import logging
-import random
+from typing import Any, Deque, Dict, Optional, Protocol, Set
 
-import psycopg2
-
-from . import types
 from .connection import PooledConnection
-from .errors import QueryTimeout, ServiceUnavailable
-from .wait import wait_ready
+
+from .cancel import cancel_query
+from .errors import QueryTimeout, ServiceBusy, ServiceUnavailable
+from .health import one_line
+from .runner import CLEANUP_GRACE
+from .session import ALWAYS, AUTO, clean, in_transaction, may_change_session
+from .supply import ConnectionSupply
 
 logger = logging.getLogger("dbservice.pool")
 
 
-class Backoff:
-    """Delays between reconnection attempts: doubling, capped, jittered.
+class Waiter(Protocol):
+    """What waits in the pool's queue for a connection: a job, or getconn()'s borrower."""
 
-    The constants live on the class so tests can shorten them.
-    """
+    def accept(self, conn: PooledConnection) -> bool:
+        """Take *conn*, or say (False) that it waits no more."""
 
-    INITIAL_DELAY = 0.1
-    MAX_DELAY = 5.0
-    MULTIPLIER = 2.0
-    JITTER = 0.1  # each delay is randomly up to 10% shorter or longer
-
-    def __init__(self):
-        self._base = 0.0
-
-    def next_delay(self):
-        self._base = min(
-            self.MAX_DELAY, self._base * self.MULTIPLIER if self._base else self.INITIAL_DELAY
-        )
-        return self._base * (1 + random.uniform(-self.JITTER, self.JITTER))
-
-    def reset(self):
-        self._base = 0.0
+    def fail(self, error: BaseException) -> None:
+        """No connection will come: answer with *error*."""
 
 
-class AsyncConnectionPool:
-    """A pool of async psycopg2 connections for one event loop.
+class AsyncConnectionPool(ConnectionSupply):
+    """A pool of async psycopg2 connections for one event loop, and the jobs waiting for them.
 
-    Use :meth:`getconn` to borrow a connection and you *must* give it back with
-    :meth:`putconn`, also when the job failed or was cancelled.
+    Jobs wait with :meth:`lend`. Or borrow a connection with :meth:`getconn`,
+    and you *must* give it back with :meth:`putconn`, also when the job
+    failed or was cancelled.
     """
 
     def __init__(
         self,
-        dsn,
-        min_size=2,
-        max_size=10,
-        max_idle=300.0,
-        timeout=30.0,
-        connect_timeout=10.0,
-        name="pool",
-    ):
-        check_sizes(min_size, max_size)
-        self.dsn = dsn
-        self.min_size = min_size
-        self.max_size = max_size
-        self.max_idle = max_idle
+        dsn: str,
+        min_size: int = 2,
+        max_size: int = 10,
+        max_idle: float = 300.0,
+        timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        name: str = "pool",
+        session_reset: str = AUTO,
+        max_waiting: int = 0,
+        max_prepared: int = 0,
+    ) -> None:
+        super().__init__(dsn, min_size, max_size, max_idle, connect_timeout, name, max_prepared)
         self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self.name = name
-
-        self._connections = set()
-        self._idle = collections.deque()  # least recently used first: lent from the right, closed from the left
-        self._waiters = collections.deque()
-        self._opening = None  # the task opening a connection, if one is
-        self._closed = True
-        self._backoff = Backoff()
-        self._retry_handle = None
-        self._maintenance = None
-        self._numbers = 0
-        self._loop = None
-        self._opened = None  # set once the first fill succeeded or failed
-
-        self.last_error = None
-        self.connections_num = 0
-        self.connections_errors = 0
-        self.connections_lost = 0
+        self.session_reset = session_reset
+        self.max_waiting = max_waiting
         self.requests_waits = 0
+        self.sessions_reset = 0
+        self._waiting: Deque[Waiter] = collections.deque()  # waiters for a connection, oldest first (see lend)
+        self._waiting_count = 0  # of which still waiting
+        self._resets: "Set[asyncio.Task[None]]" = set()  # the tasks resetting sessions, under way
 
-    # -- lifecycle -------------------------------------------------------------
+    @property
+    def patience(self) -> float:
+        """How long the database may stay down before jobs stop waiting for it (see outage_error)."""
+        return self.timeout
 
-    async def open(self, wait=True):
-        """Start filling the pool to ``min_size``.
-
-        With *wait*, return once ``min_size`` connections are open or the
-        first attempt failed (the pool then keeps retrying in the background).
-        """
-        self._loop = asyncio.get_running_loop()
-        self._closed = False
-        self._opened = self._loop.create_future()
-        self._maintenance = self._loop.create_task(self._maintain())
-        self._maybe_grow()
-        if wait and self.min_size:
-            await asyncio.shield(self._opened)
-        elif not self._opened.done():
-            self._opened.set_result(None)
-
-    async def close(self):
+    async def close(self) -> None:
         """Close every idle connection now and the busy ones as they return."""
         if self._closed:
             return
-        self._closed = True
-        if self._retry_handle:
-            self._retry_handle.cancel()
-        tasks = [task for task in (self._maintenance, self._opening) if task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for fut in self._waiters:  # each waiter takes itself off the queue
-            if not fut.done():
-                fut.set_exception(ServiceUnavailable("the pool %r is closed" % self.name))
-        while self._idle:
-            self._discard(self._idle.popleft())
+        await self._stop_supplying()
+        await asyncio.gather(*self._resets, return_exceptions=True)
+        self.fail_waiting(ServiceUnavailable("the pool %r is closed" % self.name))
+        self._close_all_idle()
         logger.info("pool %r closed", self.name)
 
-    def resize(self, min_size, max_size):
-        """Change the bounds; excess idle connections close now, busy ones on return."""
-        check_sizes(min_size, max_size)
-        logger.info(
-            "resizing pool %r from %d-%d to %d-%d",
-            self.name, self.min_size, self.max_size, min_size, max_size,
-        )
-        self.min_size, self.max_size = min_size, max_size
-        while self._idle and len(self._connections) > max_size:
-            self._discard(self._idle.popleft())
-        self._maybe_grow()
-
     # -- lending ---------------------------------------------------------------
+    #
+    # One queue of waiters: the jobs waiting for a connection, oldest first.
+    # A waiter is anything with accept(conn), which takes the connection or
+    # says it waits no more (False), and fail(error): the engine's PendingJob,
+    # or getconn()'s _Borrower. A waiter that gives up withdraws, and is
+    # skipped when its turn comes.
 
-    async def getconn(self, deadline=None):
-        """Borrow the least-loaded connection, waiting for one up to *deadline*.
+    def lend(self, waiter: Waiter) -> bool:
+        """Lend *waiter* a connection: now if one is idle, else the next that is free.
+
+        Returns False, with nothing done, when ``max_waiting`` waiters wait
+        already (0: no limit).
+        """
+        if self._closed:
+            raise ServiceUnavailable("the pool %r is closed" % self.name)
+        if not self._waiting_count:  # nobody ahead of it
+            conn = self._pop_idle()
+            if conn is not None:
+                if not waiter.accept(conn):
+                    self._pass_on(conn)
+                return True
+        if self.max_waiting and self._waiting_count >= self.max_waiting:
+            return False
+        self._waiting.append(waiter)
+        self._waiting_count += 1
+        self.requests_waits += 1
+        self._maybe_grow()
+        return True
+
+    def fail_waiting(self, error: BaseException) -> None:
+        """Answer every waiter with *error*: none will get a connection."""
+        waiting, self._waiting = self._waiting, collections.deque()
+        for waiter in waiting:  # each that still waits withdraws
+            waiter.fail(error)
+
+    def withdraw(self, waiter: Waiter) -> None:
+        """*waiter*, queued by :meth:`lend`, waits no more (its timeout passed, it was cancelled)."""
+        self._waiting_count -= 1
+
+    @property
+    def waiting(self) -> int:
+        """How many waiters wait for a connection."""
+        return self._waiting_count
+
+    async def getconn(self, deadline: Optional[float] = None) -> PooledConnection:
+        """Borrow a connection, waiting for one up to *deadline*; give it back with :meth:`putconn`.
 
         *deadline* is on the loop's clock; without one the pool's ``timeout``
         applies. Raises QueryTimeout when no connection became free in time,
         ServiceUnavailable when the database could not be reached meanwhile.
         """
-        if self._closed:
-            raise ServiceUnavailable("the pool %r is closed" % self.name)
-        conn = self._pop_idle()
-        if conn is not None:
-            return conn
-        return await self._wait_for_connection(deadline)
+        borrower = _Borrower(self, deadline or self._loop.time() + self.timeout)
+        if not self.lend(borrower):
+            raise ServiceBusy("%d jobs wait for a connection of pool %r already" % (self.waiting, self.name))
+        return await borrower.connection()
 
-    def lend_idle(self):
-        """An idle connection now, as :meth:`getconn` would lend it, or None."""
-        return None if self._closed else self._pop_idle()
+    def putconn(self, conn: PooledConnection) -> None:
+        """Give back a lent connection: to the next waiter, or to the idle ones.
 
-    def pass_on(self, conn):
-        """Count a job done on *conn*, which stays lent for the next one."""
-        conn.jobs_done += 1
-        conn.last_used = self._loop.time()
-
-    @property
-    def lendable(self):
-        """True unless the pool is closed or over max_size (after a resize)."""
-        return not self._closed and len(self._connections) <= self.max_size
-
-    def putconn(self, conn):
-        """Give back a connection borrowed with :meth:`getconn`.
-
-        A connection that broke, or was left inside a transaction, is closed
-        and replaced as needed; a healthy one goes to the next waiting job.
+        A connection that broke is closed and replaced as needed; one left
+        inside a transaction is rolled back, and one whose session a job may
+        have changed is reset, before anybody else gets it.
         """
-        conn.load -= 1
         conn.jobs_done += 1
         conn.last_used = self._loop.time()
+        if not self._closed and not conn.pgconn.closed and (conn.needs_reset or in_transaction(conn)):
+            self._reset_soon(conn)
+        else:
+            self._pass_on(conn)
+
+    def note_job(self, conn: PooledConnection, sql: str) -> None:
+        """A job runs *sql* on *conn*: if it may change the session, reset it when it comes back."""
+        if self.session_reset == ALWAYS or may_change_session(sql):
+            conn.needs_reset = True
+
+    def _pass_on(self, conn: PooledConnection) -> None:
+        """Pass *conn* on to the first waiter that takes it, otherwise put it back among the idle."""
+        conn.lent = False
         if self._closed or not conn.usable or len(self._connections) > self.max_size:
             self._discard(conn)
             self._maybe_grow()
-        else:
-            self._hand_over(conn)
+            return
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            conn.lent = True
+            if waiter.accept(conn):
+                self._waiting_count -= 1
+                return
+            conn.lent = False  # it gave up and withdrew already
+        self._idle.append(conn)
 
-    def _pop_idle(self):
+    def _reset_soon(self, conn: PooledConnection) -> None:
+        task = self._loop.create_task(self._reset(conn))
+        self._resets.add(task)
+        task.add_done_callback(self._resets.discard)
+
+    async def _reset(self, conn: PooledConnection) -> None:
+        try:
+            if await clean(conn, self._loop.time() + CLEANUP_GRACE):
+                self.sessions_reset += 1
+        except Exception as exc:
+            logger.warning("could not reset the session of connection #%d (%s); closing it", conn.number, exc)
+            conn.close()
+        self._pass_on(conn)
+
+    def _pop_idle(self) -> Optional[PooledConnection]:
         while self._idle:
             conn = self._idle.pop()
             if conn.pgconn.closed:
                 self._discard(conn)
                 continue
-            conn.load += 1
+            conn.lent = True
             return conn
         return None
 
-    def _lost(self, conn):
-        """The server ended *conn* while it was idle: drop it now."""
-        try:
-            self._idle.remove(conn)
-        except ValueError:
-            return  # lent out: its job finds out, and putconn drops it
-        self._discard(conn)
-        self._maybe_grow()
+    async def cancel(self, conn: PooledConnection) -> None:
+        """Ask the server to cancel the query running on *conn*, one of this pool's connections.
 
-    async def _wait_for_connection(self, deadline):
-        loop = self._loop
-        if deadline is None:
-            deadline = loop.time() + self.timeout
-        fut = loop.create_future()
-        self._waiters.append(fut)
-        self.requests_waits += 1
-        self._maybe_grow()
-        timer = loop.call_at(deadline, self._expire, fut, loop.time())
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            # The connection may have been handed to us just as we were
-            # cancelled: give it to the next waiter rather than lose it.
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self.putconn(fut.result())
-            raise
-        finally:
-            timer.cancel()
-            if not fut.done():
-                fut.cancel()
-            if fut.cancelled() or fut.exception() is not None:
-                # Not handed a connection, so most likely still queued (a
-                # hand-over pops the futures it skips, though).
-                try:
-                    self._waiters.remove(fut)
-                except ValueError:
-                    pass
+        By a cancel request, which needs no free connection slot, bounded by
+        ``connect_timeout``; OperationalError if it could not be sent.
+        """
+        await cancel_query(conn.pgconn, self.connect_timeout)
 
-    def _expire(self, fut, since):
-        if not fut.done():
-            fut.set_exception(self.wait_error(self._loop.time() - since))
-
-    def wait_error(self, waited):
+    def wait_error(self, waited: float) -> BaseException:
         """The error for a job that waited *waited* seconds and got no connection."""
-        if self.last_error is not None:
-            return ServiceUnavailable(
-                "the database is unreachable (waited %.2f s): %s" % (waited, _one_line(self.last_error))
-            )
-        return QueryTimeout(
+        return self.health.wait_error(waited) or QueryTimeout(
             "no connection of pool %r became free within %.2f s (%d of max_size %d busy)"
             % (self.name, waited, len(self._connections) - len(self._idle), self.max_size)
         )
 
-    def _hand_over(self, conn):
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                conn.load += 1
-                fut.set_result(conn)
-                return
-        self._idle.append(conn)
-
     # -- growing and shrinking -------------------------------------------------
-
-    def _maybe_grow(self):
-        """Open one more connection if a job waits or we are below min_size."""
-        if self._closed or self._opening or self._retry_handle is not None:
-            return
-        size = len(self._connections)
-        wanted = size < self.min_size or any(not w.done() for w in self._waiters)
-        if wanted and size < self.max_size:
-            self._opening = self._loop.create_task(self._open_one())
-
-    async def _open_one(self):
-        try:
-            pgconn = await self._connect()
-        except Exception as exc:
-            self._opening = None
-            self._connect_failed(exc)
-            return
-        self._opening = None
-        self._backoff.reset()
-        self.last_error = None
-        if self._closed:
-            pgconn.close()
-            return
-        self._numbers += 1
-        self.connections_num += 1
-        conn = PooledConnection(pgconn, self._numbers, self._loop, self._lost)
-        self._connections.add(conn)
-        logger.info(
-            "opened connection #%d; pool %r has %d (min %d, max %d)",
-            conn.number, self.name, len(self._connections), self.min_size, self.max_size,
-        )
-        self._hand_over(conn)
-        if len(self._connections) >= self.min_size and not self._opened.done():
-            self._opened.set_result(None)
-        self._maybe_grow()
-
-    async def cancel(self, conn):
-        """Cancel the query running on *conn*, one of this pool's connections.
-
-        psycopg2's own ``cancel()`` runs libpq's PQcancel while holding the
-        GIL: with the network to the server stalled it would freeze the whole
-        daemon. Instead a short-lived connection asks the server to
-        ``pg_cancel_backend()``, every step bounded by ``connect_timeout``.
-        """
-        deadline = self._loop.time() + self.connect_timeout
-        canceller = await self._connect(deadline)
-        try:
-            cursor = canceller.cursor()
-            cursor.execute("select pg_cancel_backend(%s)", [conn.pgconn.get_backend_pid()])
-            await wait_ready(canceller, deadline)
-        finally:
-            canceller.close()
-
-    async def _connect(self, deadline=None):
-        pgconn = psycopg2.connect(self.dsn, async_=True)
-        try:
-            await wait_ready(pgconn, deadline or self._loop.time() + self.connect_timeout)
-            types.register(pgconn)
-        except BaseException:
-            pgconn.close()
-            raise
-        return pgconn
-
-    def _connect_failed(self, exc):
-        self.connections_errors += 1
-        self.last_error = exc
-        delay = self._backoff.next_delay()
-        logger.warning(
-            "cannot connect to the database (%s); retrying in %.2f s", _one_line(exc), delay
-        )
-        if not self._opened.done():
-            self._opened.set_result(None)
-        self._retry_handle = self._loop.call_later(delay, self._retry)
-
-    def _retry(self):
-        self._retry_handle = None
-        self._maybe_grow()
-
-    def _discard(self, conn):
-        self._connections.discard(conn)
-        if conn.pgconn.closed and not self._closed:
-            self.connections_lost += 1
-            logger.warning(
-                "connection #%d was closed by the server (terminated, the server restarted, or "
-                "the network failed); replacing it", conn.number,
-            )
-        conn.close()
-
-    async def _maintain(self):
-        """Close connections idle for longer than max_idle, down to min_size."""
-        interval = max(0.05, min(self.max_idle / 4, 10.0))
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                self._close_idle()
-                self._maybe_grow()
-            except Exception:  # a background loop logs its failure and goes on
-                logger.exception("pool maintenance failed")
-
-    def _close_idle(self):
-        now = self._loop.time()
-        while (
-            self._idle
-            and len(self._connections) > self.min_size
-            and now - self._idle[0].last_used >= self.max_idle
-        ):
-            conn = self._idle.popleft()
-            self._discard(conn)
-            logger.info(
-                "closed connection #%d, idle %.0f s; pool %r has %d",
-                conn.number, now - conn.last_used, self.name, len(self._connections),
-            )
 
     # -- introspection ---------------------------------------------------------
 
-    @property
-    def size(self):
-        return len(self._connections)
-
-    def get_stats(self):
+    def get_stats(self) -> Dict[str, Any]:
         now = self._loop.time() if self._loop else 0.0
         return {
             "pool_min": self.min_size,
             "pool_max": self.max_size,
             "pool_size": len(self._connections),
             "pool_available": len(self._idle),
-            "requests_waiting": sum(1 for w in self._waiters if not w.done()),
+            "requests_waiting": self._waiting_count,
             "requests_waits": self.requests_waits,
             "connections_num": self.connections_num,
-            "connections_errors": self.connections_errors,
+            "connections_errors": self.health.errors,
             "connections_lost": self.connections_lost,
-            "database_reachable": self.last_error is None,
-            "last_error": _one_line(self.last_error) if self.last_error else None,
+            "sessions_reset": self.sessions_reset,
+            "database_reachable": not self.unreachable,
+            "last_error": one_line(self.last_error) if self.last_error else None,
             "connections": [
                 {
                     "number": c.number,
-                    "load": c.load,
+                    "busy": c.lent,
                     "jobs_done": c.jobs_done,
-                    "idle_s": round(now - c.last_used, 3) if c.load == 0 else 0.0,
+                    "idle_s": 0.0 if c.lent else round(now - c.last_used, 3),
                 }
                 for c in sorted(self._connections, key=lambda c: c.number)
             ],
         }
 
 
-def check_sizes(min_size, max_size):
-    """Raise ValueError, saying what is wrong, unless the pool bounds make sense."""
-    if not 0 <= min_size <= max_size or max_size < 1:
-        raise ValueError(
-            "need 0 <= min_size <= max_size and max_size >= 1, got min_size=%r max_size=%r"
-            % (min_size, max_size)
-        )
+class _Borrower:
+    """getconn()'s waiter: a future the pool's connection goes to, and a timer."""
 
+    __slots__ = ("pool", "future", "timer", "since")
 
-def _one_line(exc):
-    text = str(exc).strip() or type(exc).__name__
-    return " ".join(text.split())
+    def __init__(self, pool: AsyncConnectionPool, deadline: float) -> None:
+        loop = pool._loop
+        self.pool = pool
+        self.future: "asyncio.Future[PooledConnection]" = loop.create_future()
+        self.since = loop.time()
+        self.timer = loop.call_at(deadline, self._expire)
+
+    def accept(self, conn: PooledConnection) -> bool:
+        if self.future.done():
+            return False
+        self.timer.cancel()
+        self.future.set_result(conn)
+        return True
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+            self.pool.withdraw(self)
+
+    def _expire(self) -> None:
+        self.fail(self.pool.wait_error(self.pool._loop.time() - self.since))
+
+    async def connection(self) -> PooledConnection:
+        try:
+            return await self.future
+        except asyncio.CancelledError:
+            if self.future.cancelled():  # cancelled while it waited: it waits no more
+                self.timer.cancel()
+                self.pool.withdraw(self)
+            else:  # cancelled just as it was handed a connection: pass it on
+                self.pool.putconn(self.future.result())
+            raise

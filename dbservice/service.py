@@ -7,17 +7,24 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Optional, Tuple, TypeVar, Union, cast
 
 from . import types
-from .client import QueueClient, connect
-from .config import Settings, mask_dsn
+from .client import Client, connect
+from .config import Settings
+from .health import mask_dsn
 from .errors import ServiceUnavailable
+from .queue_client import QueueClient
 from .queue_intake import QueueIntake
-from .server import Server
+from .queue_wire import JobQueue
+from .engine import Engine
 from .socket_intake import SocketIntake
-from .wait import new_event_loop
+from .loops import new_event_loop
 
 logger = logging.getLogger("dbservice")
+
+_DBService = TypeVar("_DBService", bound="DBService")
 
 
 #: What each signal asks of the engine.
@@ -29,10 +36,14 @@ SIGNALS = {
 }
 
 
-def serve(settings, mp_queue=None, ready=None, reload=None, reopen_log=None):
+def serve(
+    settings: Settings, queue: Optional[JobQueue] = None, ready: Optional[Connection] = None,
+    reload: Optional[Callable[[], Settings]] = None, reopen_log: Optional[Callable[[], None]] = None,
+) -> None:
     """Run the engine in this process until SIGTERM (graceful) or SIGINT (fast).
 
-    Jobs come from the Unix socket ``settings.socket`` and/or *mp_queue*.
+    Jobs come from the Unix socket ``settings.socket`` and/or *queue*, the
+    service's end of a :class:`~dbservice.queue_wire.JobQueue`.
     *ready*, a multiprocessing connection, is sent ``("ready", info)`` once
     jobs are accepted, or ``("error", message)`` if the engine cannot start.
     On SIGHUP, ``reload()`` returns new Settings to apply; on SIGUSR1,
@@ -41,21 +52,24 @@ def serve(settings, mp_queue=None, ready=None, reload=None, reopen_log=None):
     """
     loop = new_event_loop(settings.selector)
     try:
-        loop.run_until_complete(_run(settings, mp_queue, ready, reload, reopen_log))
+        loop.run_until_complete(_run(settings, queue, ready, reload, reopen_log))
     finally:
         loop.close()
 
 
-async def _run(settings, mp_queue, ready, reload, reopen_log):
+async def _run(
+    settings: Settings, queue: Optional[JobQueue], ready: Optional[Connection],
+    reload: Optional[Callable[[], Settings]], reopen_log: Optional[Callable[[], None]],
+) -> None:
     loop = asyncio.get_running_loop()
     types.install_adapters()
-    server = Server(settings)
-    asked = asyncio.Queue()
+    engine = Engine(settings)
+    asked: "asyncio.Queue[str]" = asyncio.Queue()
 
     # Handlers only set an event and queue what was asked; the loop does the work.
-    def on_signal(what):
+    def on_signal(what: str) -> None:
         if what == "fast stop":
-            server.hurry()  # also cuts short a graceful stop already under way
+            engine.hurry()  # also cuts short a graceful stop already under way
         asked.put_nowait(what)
 
     for signum, what in SIGNALS.items():
@@ -63,17 +77,17 @@ async def _run(settings, mp_queue, ready, reload, reopen_log):
 
     socket_intake = queue_intake = None
     try:
-        await server.start()
+        await engine.start()
         if settings.socket:
-            socket_intake = SocketIntake(server, settings.socket, settings.authkey)
+            socket_intake = SocketIntake(engine, settings.socket, settings.authkey)
             await socket_intake.start()
-        if mp_queue is not None:
-            queue_intake = QueueIntake(server, mp_queue)
-            queue_intake.start(loop)
+        if queue is not None:
+            queue_intake = QueueIntake(engine, queue)
+            queue_intake.start()
     except Exception as exc:
         if ready is not None:
             ready.send(("error", "%s: %s" % (type(exc).__name__, exc)))
-        await server.stop(force=True)
+        await engine.stop(force=True)
         raise
     # What exists now (modules, the pool, the settings) lives as long as the
     # daemon: frozen, the cyclic collector stops traversing it again and
@@ -87,31 +101,34 @@ async def _run(settings, mp_queue, ready, reload, reopen_log):
         ready.send(("ready", {"pid": os.getpid(), "socket": settings.socket}))
         ready.close()
 
-    what = await _serve_signals(asked, server, reload, reopen_log)
+    what = await _serve_signals(asked, engine, reload, reopen_log)
     logger.info("dbservice stopping (%s)", "fast" if what == "fast stop" else "graceful")
     if socket_intake is not None:
         await socket_intake.stop_listening()
-    await server.stop(force=what == "fast stop")
+    await engine.stop(force=what == "fast stop")
     if socket_intake is not None:
         await socket_intake.close()
     if queue_intake is not None:
-        await loop.run_in_executor(None, queue_intake.close)
+        await queue_intake.close()
     logger.info("dbservice stopped")
 
 
-async def _serve_signals(asked, server, reload, reopen_log):
+async def _serve_signals(
+    asked: "asyncio.Queue[str]", engine: Engine, reload: Optional[Callable[[], Settings]],
+    reopen_log: Optional[Callable[[], None]],
+) -> str:
     """Reload and reopen the log as asked, until a stop is asked; return which stop."""
     while True:
         what = await asked.get()
         if what == "reload":
-            _reload(server, reload)
+            _reload(engine, reload)
         elif what == "reopen log":
             _reopen_log(reopen_log)
         else:
             return what
 
 
-def _reload(server, reload):
+def _reload(engine: Engine, reload: Optional[Callable[[], Settings]]) -> None:
     if reload is None:
         logger.warning("SIGHUP: this engine has no configuration to read again; nothing changes")
         return
@@ -119,12 +136,12 @@ def _reload(server, reload):
         settings = reload()
     except Exception as exc:
         logger.error("reload failed, the current settings stay: %s", exc)
-        server.reload_failed(exc)
+        engine.reload_failed(exc)
     else:
-        server.reload(settings)
+        engine.reload(settings)
 
 
-def _reopen_log(reopen_log):
+def _reopen_log(reopen_log: Optional[Callable[[], None]]) -> None:
     if reopen_log is None:
         logger.info("SIGUSR1: this engine logs to stderr; there is no log file to reopen")
         return
@@ -134,92 +151,112 @@ def _reopen_log(reopen_log):
         logger.error("cannot reopen the log file, logging on to the old one: %s", exc)
 
 
-def _child_main(settings, mp_queue, ready):
+def _child_main(settings: Settings, queue: Optional[JobQueue], ready: Connection) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    serve(settings, mp_queue, ready)
+    serve(settings, queue, ready)
 
 
 class DBService:
     """The dbservice engine in a child process of this one.
 
     With ``socket=None`` it serves intake (a): :attr:`queue` is the
-    ``multiprocessing.Queue`` and :meth:`client` submits through it. With
+    :class:`~dbservice.queue_wire.JobQueue` and :meth:`client` returns a
+    :class:`~dbservice.QueueClient` that submits through it. With
     ``socket=PATH`` it serves intake (b) on that Unix socket, and :meth:`client`
     returns ``dbservice.connect(socket=PATH, authkey=svc.authkey)``.
     Other keyword arguments are :class:`~dbservice.config.Settings` fields.
     """
 
-    def __init__(self, dsn, min_size=2, max_size=10, socket=None, authkey=None, **options):
+    def __init__(
+        self, dsn: Optional[str], min_size: int = 2, max_size: int = 10, socket: Optional[str] = None,
+        authkey: Optional[bytes] = None, **options: Any,
+    ) -> None:
         if socket is not None and authkey is None:
             authkey = os.urandom(32).hex().encode()
         self.settings = Settings(
             dsn=dsn, min_size=min_size, max_size=max_size, socket=socket, authkey=authkey, **options
         )
-        self.queue = None
-        self.process = None
+        self.queue: Optional[JobQueue] = None
+        self.process: Any = None  # a multiprocessing.Process, from start() on
 
     @property
-    def authkey(self):
+    def authkey(self) -> Optional[bytes]:
         return self.settings.authkey
 
     @property
-    def socket(self):
+    def socket(self) -> Optional[str]:
         return self.settings.socket
 
-    def start(self, timeout=60.0):
+    def start(self: _DBService, timeout: float = 60.0) -> _DBService:
         """Start the engine; return once it accepts jobs, or raise why it cannot."""
         ctx = multiprocessing.get_context("spawn")
+        service_queue = None
         if self.settings.socket is None:
-            self.queue = ctx.Queue()
+            self.queue = JobQueue.create()
+            service_queue = self.queue.for_service()
         ready_in, ready_out = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
-            target=_child_main, args=(self.settings, self.queue, ready_out), name="dbservice", daemon=True
+            target=_child_main, args=(self.settings, service_queue, ready_out), name="dbservice", daemon=True
         )
         self.process.start()
         ready_out.close()
+        if self.queue is not None:
+            self.queue.close_reader()
         try:
-            if not multiprocessing.connection.wait([ready_in], timeout):
-                self._kill()
-                raise ServiceUnavailable("dbservice did not start within %.0f s" % timeout)
-            try:
-                state, info = ready_in.recv()
-            except EOFError:
-                self.process.join(5)
-                raise ServiceUnavailable(
-                    "dbservice exited during start (exit code %s)" % self.process.exitcode
-                ) from None
+            state, info = self._wait_until_ready(ready_in, timeout)
+        except BaseException:
+            self._remove_queue()
+            raise
         finally:
             ready_in.close()
         if state != "ready":
             self.process.join(5)
+            self._remove_queue()
             raise ServiceUnavailable("dbservice could not start: %s" % info)
         return self
 
-    def client(self, timeout=None):
+    def _wait_until_ready(self, ready_in: Connection, timeout: float) -> Tuple[str, Any]:
+        if not multiprocessing.connection.wait([ready_in], timeout):
+            self._kill()
+            raise ServiceUnavailable("dbservice did not start within %.0f s" % timeout)
+        try:
+            return cast(Tuple[str, Any], ready_in.recv())
+        except EOFError:
+            self.process.join(5)
+            raise ServiceUnavailable("dbservice exited during start (exit code %s)" % self.process.exitcode) from None
+
+    def client(self, timeout: Optional[float] = None) -> Union[QueueClient, Client]:
         """A client of this service, for this process or one forked from it."""
         if self.settings.socket is None:
-            return QueueClient(self.queue, self.process.sentinel, timeout=timeout)
+            return QueueClient(
+                self.queue,  # type: ignore[arg-type]  # start() made it
+                self.process.sentinel, timeout=timeout, max_frame=self.settings.max_frame,
+            )
         return connect(socket=self.settings.socket, authkey=self.settings.authkey, timeout=timeout)
 
-    def stop(self, force=False, timeout=None):
+    def stop(self, force: bool = False, timeout: Optional[float] = None) -> None:
         """Stop the engine: gracefully (queued and running jobs finish), or at once with *force*."""
-        if self.process is None or not self.process.is_alive():
-            return
-        os.kill(self.process.pid, signal.SIGINT if force else signal.SIGTERM)
-        limit = (self.settings.stop_timeout if timeout is None else timeout) + 10.0
-        self.process.join(limit)
-        if self.process.is_alive():
-            logger.warning("dbservice did not stop within %.0f s; killing it", limit)
-            self._kill()
+        if self.process is not None and self.process.is_alive():
+            os.kill(self.process.pid, signal.SIGINT if force else signal.SIGTERM)
+            limit = (self.settings.stop_timeout if timeout is None else timeout) + 10.0
+            self.process.join(limit)
+            if self.process.is_alive():
+                logger.warning("dbservice did not stop within %.0f s; killing it", limit)
+                self._kill()
+        self._remove_queue()
 
-    def _kill(self):
+    def _remove_queue(self) -> None:
+        if self.queue is not None:
+            self.queue.remove_directory()
+
+    def _kill(self) -> None:
         self.process.kill()
         self.process.join()
 
-    def __enter__(self):
+    def __enter__(self: _DBService) -> _DBService:
         if self.process is None:
             self.start()
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()

@@ -4,19 +4,21 @@ Each client connection carries many jobs in turn, each tagged with an id and
 answered on the same connection, possibly out of order. A client first proves
 it holds the shared secret; until then nothing it sends is decoded. Job
 payloads are decoded by the restricted unpickler of :mod:`dbservice.jobs`.
-A client that stalls or sends garbage only loses its own connection.
+A client that stalls or sends garbage only loses its own connection, and
+one that does not read its replies only holds what backpressure.py allows.
 """
 
 import asyncio
-import functools
 import logging
 import os
 import socket
 import stat
 
+from .backpressure import ResultGate
 from .errors import JobCancelled, JobRefused
-from .jobs import dumps_reply, encode_reply, loads_job
+from .jobs import encode_reply, loads_job
 from .wire import (
+    HEADER,
     MAX_AUTH_FRAME,
     MSG_AUTH,
     MSG_CANCEL,
@@ -27,6 +29,7 @@ from .wire import (
     MSG_STATUS,
     FrameError,
     FrameReader,
+    OversizedFrame,
     encode_frame,
     new_challenge,
     verdict,
@@ -34,15 +37,18 @@ from .wire import (
 
 logger = logging.getLogger("dbservice.socket")
 
+#: Replies of this many bytes or more are written without joining them to their header.
+LARGE_REPLY = 65536
+
 
 class SocketIntake:
-    """Serves the Unix socket at *path* for *server*."""
+    """Serves the Unix socket at *path* for *engine*."""
 
-    def __init__(self, server, path, authkey):
-        self.server = server
+    def __init__(self, engine, path, authkey):
+        self.engine = engine
         self.path = path
         self.authkey = authkey
-        self.settings = server.settings
+        self.settings = engine.settings
         self._listener = None
         self._clients = set()  # the _ClientProtocol of every connected client
 
@@ -84,8 +90,8 @@ class SocketIntake:
         return len(self._clients)
 
     def status(self):
-        """The server's figures, and this socket's."""
-        return dict(self.server.status(), socket=self.path, socket_clients=self.clients)
+        """The engine's figures, and this socket's."""
+        return dict(self.engine.status(), socket=self.path, socket_clients=self.clients)
 
 
 class _ClientProtocol(asyncio.Protocol):
@@ -98,14 +104,18 @@ class _ClientProtocol(asyncio.Protocol):
 
     def __init__(self, intake):
         self.intake = intake
-        self.server = intake.server
+        self.engine = intake.engine
         self.settings = intake.settings
         self.transport = None
         self.frames = FrameReader(MAX_AUTH_FRAME)
         self.trusted = False
         self.in_flight = {}  # job id -> PendingJob
+        self.gate = ResultGate()  # its turn to read large results, and whether it is backed up
         self._challenge = None
         self._auth_timer = None
+        self._stall_timer = None  # while backed up: when to give up on it
+        self._reading = True  # the transport reads
+        self._cutting = False  # inside _cut_frames: replies sent meanwhile need not call it again
 
     def connection_made(self, transport):
         self.transport = transport
@@ -120,6 +130,7 @@ class _ClientProtocol(asyncio.Protocol):
             transport.close()
             return
         clients.add(self)
+        transport.set_write_buffer_limits(high=self.settings.max_client_buffer)
         self._challenge = new_challenge()
         transport.write(encode_frame(0, MSG_AUTH, self._challenge))
         loop = asyncio.get_running_loop()
@@ -127,41 +138,82 @@ class _ClientProtocol(asyncio.Protocol):
 
     def data_received(self, data):
         self.frames.feed(data)
+        self._cut_frames()
+
+    def _cut_frames(self):
+        """Handle the frames that arrived, as many as the client's bounds let in (backpressure.py)."""
+        self._cutting = True
         try:
             while not self.transport.is_closing():
-                frame = self.frames.next_frame()
+                if self.gate.backed_up or len(self.in_flight) >= self.settings.max_client_jobs:
+                    self._read(False)  # the rest waits, unread, until replies go out
+                    return
+                try:
+                    frame = self.frames.next_frame()
+                except OversizedFrame as exc:  # its payload is skipped: the client goes on
+                    logger.warning("refused a job: %s", exc)
+                    self.reply(exc.job_id, False, JobRefused(str(exc)))
+                    continue
                 if frame is None:
+                    self._read(True)
                     return
                 if self.trusted:
                     self._handle(*frame)
                 else:
                     self._authenticate(*frame)
-        except FrameError as exc:
+        except FrameError as exc:  # before the handshake: nothing of it is read
             logger.warning("dropping a client that broke the framing: %s", exc)
-            if self.trusted:  # the oversized payload is not read, so the stream is lost
-                self.transport.write(encode_frame(0, MSG_ERROR, dumps_reply(JobRefused(str(exc)))))
             self.transport.close()
+        finally:
+            self._cutting = False
+
+    def _read(self, reading):
+        if reading != self._reading and not self.transport.is_closing():
+            self._reading = reading
+            if reading:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
 
     def connection_lost(self, exc):
         self.intake._clients.discard(self)
-        if self._auth_timer is not None:
-            self._auth_timer.cancel()
+        for timer in (self._auth_timer, self._stall_timer):
+            if timer is not None:
+                timer.cancel()
         # Nobody is left to read these jobs' results: cancel them, so a query
-        # of a client that died does not run on for nothing.
+        # of a client that died does not run on for nothing. A large result
+        # under way would be read to its end by a cancel: close instead.
+        for conn in self.gate.close():
+            conn.close()
         for pending in list(self.in_flight.values()):
-            self.server.cancel(pending, JobCancelled("the client went away"))
-        self.server.transactions.abandon(self)
+            self.engine.cancel(pending, JobCancelled("the client went away"))
+        self.engine.transactions.abandon(self)
 
-    # A client that sends jobs but does not read their replies stops being
-    # read itself, rather than make the daemon buffer without end.
+    # More than max_client_buffer bytes of replies wait: the client is backed
+    # up, and is given client_stall_timeout to read them.
     def pause_writing(self):
-        self.transport.pause_reading()
+        self.gate.set_backed_up(True)
+        loop = asyncio.get_running_loop()
+        self._stall_timer = loop.call_later(self.settings.client_stall_timeout, self._stalled)
 
     def resume_writing(self):
-        self.transport.resume_reading()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        self.gate.set_backed_up(False)
+        self._cut_frames()
+
+    def _stalled(self):
+        self._stall_timer = None
+        logger.warning(
+            "dropping a client that read none of its replies for %.0f s (%d bytes waiting; "
+            "client_stall_timeout); its %d jobs are cancelled",
+            self.settings.client_stall_timeout, self.transport.get_write_buffer_size(), len(self.in_flight),
+        )
+        self.transport.abort()
 
     def _authenticate(self, job_id, kind, payload):
-        trusted, answer = verdict(self.intake.authkey, self._challenge, kind, payload)
+        trusted, answer = verdict(self.intake.authkey, self._challenge, kind, payload, self.settings.max_frame)
         self.transport.write(answer)
         self._auth_timer.cancel()
         self._auth_timer = None
@@ -171,6 +223,7 @@ class _ClientProtocol(asyncio.Protocol):
             return
         self.trusted = True
         self.frames.max_size = self.settings.max_frame
+        self.frames.skip_oversized = True
 
     def _auth_timed_out(self):
         logger.warning("a client did not authenticate within %.1f s; dropped", self.settings.auth_timeout)
@@ -183,7 +236,7 @@ class _ClientProtocol(asyncio.Protocol):
         elif kind == MSG_CANCEL:
             pending = self.in_flight.get(job_id)
             if pending is not None:
-                self.server.cancel(pending, JobCancelled("the client cancelled the job"))
+                self.engine.cancel(pending, JobCancelled("the client cancelled the job"))
         elif kind == MSG_STATUS:
             self.reply(job_id, True, self.intake.status())
         else:
@@ -191,22 +244,30 @@ class _ClientProtocol(asyncio.Protocol):
 
     def _submit(self, job_id, payload):
         try:
-            job = loads_job(payload)
+            job = loads_job(payload, self.settings.max_params_size)
         except JobRefused as exc:
             logger.warning("refused a job: %s", exc)
             self.reply(job_id, False, exc)
             return
-        pending = self.server.submit(job, functools.partial(self.reply, job_id), owner=self)
+        pending = self.engine.submit(job, self.reply, job_id, owner=self)
         if not pending.done:
             self.in_flight[job_id] = pending
 
     def reply(self, job_id, ok, value):
         """Send the one reply of job *job_id* back on this connection."""
+        full = len(self.in_flight) >= self.settings.max_client_jobs
         self.in_flight.pop(job_id, None)
         if self.transport.is_closing():
             return
         ok, payload = encode_reply(ok, value, self.settings.max_result_bytes)
-        self.transport.write(encode_frame(job_id, MSG_RESULT if ok else MSG_ERROR, payload))
+        kind = MSG_RESULT if ok else MSG_ERROR
+        if len(payload) < LARGE_REPLY:
+            self.transport.write(encode_frame(job_id, kind, payload))
+        else:  # not one more copy of a large reply: its header, then itself
+            self.transport.write(HEADER.pack(len(payload), job_id, kind))
+            self.transport.write(payload)
+        if full and not self._cutting:
+            asyncio.get_running_loop().call_soon(self._cut_frames)  # room for one more of its jobs
 
 
 def check_socket_dir(directory):

@@ -1,7 +1,13 @@
-"""Counters and latency percentiles of the jobs the daemon ran."""
+"""Counters and latency percentiles of the jobs the daemon ran, and how the log names a job."""
 
 import collections
+import logging
 import math
+import re
+
+from .errors import QueryOutcomeUnknown, QueryTimeout
+
+logger = logging.getLogger("dbservice.engine")
 
 
 class JobStats:
@@ -15,15 +21,20 @@ class JobStats:
         self.jobs_timed_out = 0
         self._latencies = collections.deque(maxlen=self.WINDOW)
 
-    def record(self, outcome, seconds):
-        """Count one finished job: outcome is "done", "failed" or "timed_out"."""
-        if outcome == "done":
+    def record(self, job, ok, value, seconds, slow_ms):
+        """Count one finished job and its latency; log it if it took *slow_ms* or more (0: never)."""
+        if ok:
+            outcome = "done"
             self.jobs_done += 1
-        elif outcome == "timed_out":
+        elif isinstance(value, (QueryTimeout, QueryOutcomeUnknown)):
+            outcome = "timed_out"
             self.jobs_timed_out += 1
         else:
+            outcome = "failed"
             self.jobs_failed += 1
         self._latencies.append(seconds)
+        if slow_ms and seconds * 1000.0 >= slow_ms:
+            logger.warning("slow job, %.0f ms (%s): %s", seconds * 1000.0, outcome, sql_for_log(job.sql))
 
     def as_dict(self):
         ordered = sorted(self._latencies)
@@ -50,3 +61,12 @@ def percentile(ordered, pct):
 
 def _ms(seconds):
     return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+_PASSWORD_LITERAL = re.compile(r"(password\s+)'(?:[^']|'')*'", re.IGNORECASE)
+
+
+def sql_for_log(sql, limit=200):
+    """*sql* on one line, cut at *limit* characters, any ``PASSWORD '...'`` masked."""
+    text = _PASSWORD_LITERAL.sub(r"\1'***'", " ".join(sql.split()))
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -13,8 +13,8 @@ import logging
 
 import psycopg2
 
-from .errors import Error, ServiceUnavailable
-from .jobs import FETCH_COMMIT, FETCH_ROLLBACK, Job
+from .errors import Error, JobRefused, ServiceUnavailable
+from .jobs import COMMIT, ROLLBACK, Job
 from .runner import CLEANUP_GRACE, run_job
 
 logger = logging.getLogger("dbservice.transactions")
@@ -45,16 +45,30 @@ class TransactionTable:
         self.idle_timeout = idle_timeout
         self._finish = finish
         self._table = {}
+        self._beginning = {}  # (owner, transaction id) -> the PendingJob of its BEGIN, in the daemon
         self._rolling_back = set()  # rollbacks of abandoned or idle transactions, under way
 
     def __len__(self):
         return sum(1 for tx in self._table.values() if tx.ended is None)
 
-    def pin(self, owner, tx_id, conn):
-        """Keep *conn*, on which a BEGIN just ran, for transaction *tx_id* of *owner*."""
-        tx = Transaction((owner, tx_id), conn)
-        self._table[tx.key] = tx
-        self._arm(tx)
+    def begin(self, pending):
+        """*pending*, a BEGIN, arrived; JobRefused if its transaction id is open or beginning already."""
+        key = (pending.owner, pending.job.tx)
+        if key in self._table or key in self._beginning:
+            raise JobRefused(
+                "transaction %d is already open on this connection; a BEGIN needs an id of its own" % key[1]
+            )
+        self._beginning[key] = pending
+
+    def begun(self, pending, conn=None):
+        """The BEGIN *pending* ended: on *conn*, which its transaction keeps from now on; or it failed."""
+        key = (pending.owner, pending.job.tx)
+        if self._beginning.get(key) is pending:
+            del self._beginning[key]
+            if conn is not None:
+                tx = Transaction(key, conn)
+                self._table[key] = tx
+                self._arm(tx)
 
     async def run(self, pending, owner):
         """Run a job of an open transaction on that transaction's connection."""
@@ -70,6 +84,8 @@ class TransactionTable:
                     self._after_end(tx, pending)
                     return
                 self._disarm(tx)
+                self.pool.note_job(tx.conn, job.sql)
+                tx.conn.gate = owner.gate
                 try:
                     result = await run_job(tx.conn, job, pending.deadline, self.pool.cancel, in_transaction=True)
                 except (psycopg2.Error, Error) as exc:
@@ -77,7 +93,8 @@ class TransactionTable:
                 else:
                     self._finish(pending, True, result)
                 finally:
-                    if job.fetch in (FETCH_COMMIT, FETCH_ROLLBACK) or tx.conn.pgconn.closed:
+                    tx.conn.release_gate()
+                    if job.kind in (COMMIT, ROLLBACK) or tx.conn.pgconn.closed:
                         self._release(tx)
                     else:
                         self._arm(tx)
@@ -88,11 +105,11 @@ class TransactionTable:
 
     def _after_end(self, tx, pending):
         """Answer a job of a transaction we already rolled back."""
-        if pending.job.fetch == FETCH_ROLLBACK:
+        if pending.job.kind == ROLLBACK:
             self._finish(pending, True, None)  # what the client wanted
         else:
             self._finish(pending, False, tx.ended)
-        if pending.job.fetch in (FETCH_COMMIT, FETCH_ROLLBACK):
+        if pending.job.kind in (COMMIT, ROLLBACK):
             del self._table[tx.key]
 
     def abandon(self, owner):
@@ -139,7 +156,7 @@ class TransactionTable:
             logger.warning("rolling back a transaction on connection #%d: %s", tx.conn.number, why)
             deadline = asyncio.get_running_loop().time() + CLEANUP_GRACE
             try:
-                await run_job(tx.conn, Job("ROLLBACK", fetch=FETCH_ROLLBACK), deadline, self.pool.cancel)
+                await run_job(tx.conn, Job("ROLLBACK", kind=ROLLBACK), deadline, self.pool.cancel)
             except Exception as exc:
                 logger.warning("rollback failed (%s); closing the connection", exc)
                 tx.conn.close()

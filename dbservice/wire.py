@@ -14,9 +14,14 @@ passed, and never unpickles them.
 import hashlib
 import hmac
 import os
+import socket
 import struct
+from typing import Optional, Tuple, Union
 
 from .errors import AuthenticationError, ServiceBusy, ServiceUnavailable
+
+#: One frame as read: (job id, message kind, payload).
+Frame = Tuple[int, int, bytes]
 
 HEADER = struct.Struct("!IQB")  # payload length, job id, kind
 
@@ -39,21 +44,33 @@ MAX_AUTH_FRAME = 128
 MAX_REFUSAL_FRAME = 512
 _NONCE_BYTES = 32
 _DIGEST_BYTES = hashlib.sha256().digest_size
+_LIMIT = struct.Struct("!Q")  # after the welcome's answer: the daemon's max_frame
 
 
 class FrameError(Exception):
     """The peer broke the framing; the connection cannot be trusted any more."""
 
 
-def encode_frame(job_id, kind, payload):
+class OversizedFrame(FrameError):
+    """A frame announced more than the limit; its payload is skipped, the stream goes on."""
+
+    def __init__(self, job_id: int, size: int, limit: int) -> None:
+        super().__init__(
+            "the job takes %d bytes, more than the daemon takes in one job (max_frame %d): send fewer or "
+            "smaller parameters, or raise --max-frame" % (size, limit)
+        )
+        self.job_id = job_id
+
+
+def encode_frame(job_id: int, kind: int, payload: bytes) -> bytes:
     return HEADER.pack(len(payload), job_id, kind) + payload
 
 
-def new_challenge():
+def new_challenge() -> bytes:
     return CHALLENGE_PREFIX + os.urandom(_NONCE_BYTES)
 
 
-def answer_challenge(authkey, kind, challenge):
+def answer_challenge(authkey: bytes, kind: int, challenge: bytes) -> bytes:
     """Our answer to the daemon's first frame: its challenge, or its refusal."""
     if kind == MSG_REFUSED:
         raise ServiceBusy(challenge.decode("utf-8", "replace"))
@@ -64,7 +81,7 @@ def answer_challenge(authkey, kind, challenge):
     return hmac.new(authkey, challenge, hashlib.sha256).digest()
 
 
-def check_answer(authkey, challenge, answer):
+def check_answer(authkey: bytes, challenge: bytes, answer: bytes) -> bool:
     expected = hmac.new(authkey, challenge, hashlib.sha256).digest()
     return hmac.compare_digest(expected, answer)
 
@@ -72,7 +89,7 @@ def check_answer(authkey, challenge, answer):
 # -- the blocking side, used by the client ------------------------------------
 
 
-def recv_exactly(sock, size):
+def recv_exactly(sock: socket.socket, size: int) -> bytearray:
     buf = bytearray(size)
     view = memoryview(buf)
     got = 0
@@ -84,7 +101,7 @@ def recv_exactly(sock, size):
     return buf
 
 
-def recv_frame(sock, max_size=None):
+def recv_frame(sock: socket.socket, max_size: Optional[int] = None) -> Frame:
     """Read one frame: (job_id, kind, payload)."""
     size, job_id, kind = HEADER.unpack(recv_exactly(sock, HEADER.size))
     if max_size is not None and size > max_size:
@@ -92,44 +109,68 @@ def recv_frame(sock, max_size=None):
     return job_id, kind, bytes(recv_exactly(sock, size)) if size else b""
 
 
-def client_handshake(sock, authkey):
-    """Prove we hold *authkey* and check that the daemon does too."""
-    _, kind, challenge = recv_frame(sock, MAX_REFUSAL_FRAME)
-    ours = new_challenge()
-    sock.sendall(encode_frame(0, MSG_AUTH, answer_challenge(authkey, kind, challenge) + ours))
-    _, _, verdict = recv_frame(sock, MAX_AUTH_FRAME)
-    check_verdict(authkey, ours, verdict)
+class ClientHandshake:
+    """The client's side of the handshake, with no I/O: the sync and the asyncio drivers feed it.
+
+    Give each frame the daemon sends to :meth:`receive`, which returns the
+    frame to send back, if any; once :attr:`max_frame` is set, the daemon is
+    trusted. :attr:`frame_limit` is how large the next frame from it may be.
+    """
+
+    def __init__(self, authkey: bytes) -> None:
+        self.authkey = authkey
+        self.max_frame: Optional[int] = None
+        self._ours: Optional[bytes] = None  # our challenge, once we answered the daemon's
+
+    @property
+    def frame_limit(self) -> int:
+        return MAX_REFUSAL_FRAME if self._ours is None else MAX_AUTH_FRAME
+
+    def receive(self, kind: int, payload: bytes) -> Optional[bytes]:
+        """Take the daemon's challenge (answered), or its verdict; raise AuthenticationError or ServiceBusy."""
+        if self._ours is None:
+            answer = answer_challenge(self.authkey, kind, payload)
+            self._ours = new_challenge()
+            return encode_frame(0, MSG_AUTH, answer + self._ours)
+        self.max_frame = check_verdict(self.authkey, self._ours, payload)
+        return None
 
 
-def check_verdict(authkey, our_challenge, verdict):
-    """Raise AuthenticationError unless the daemon welcomed us and answered our challenge."""
+def client_handshake(sock: socket.socket, authkey: bytes) -> int:
+    """Prove we hold *authkey* on the blocking socket *sock* and check that the daemon does too; its max_frame."""
+    handshake = ClientHandshake(authkey)
+    while handshake.max_frame is None:
+        _, kind, payload = recv_frame(sock, handshake.frame_limit)
+        answer = handshake.receive(kind, payload)
+        if answer is not None:
+            sock.sendall(answer)
+    return handshake.max_frame
+
+
+def check_verdict(authkey: bytes, our_challenge: bytes, verdict: bytes) -> int:
+    """The daemon's max_frame, or AuthenticationError unless it welcomed us and answered our challenge."""
     if not verdict.startswith(WELCOME):
         raise AuthenticationError(
             "the dbservice daemon refused our secret; pass the daemon's authkey "
             "or check the secret file next to its socket"
         )
-    if not check_answer(authkey, our_challenge, verdict[len(WELCOME):]):
+    answer = verdict[len(WELCOME):len(WELCOME) + _DIGEST_BYTES]
+    if not check_answer(authkey, our_challenge, answer):
         raise AuthenticationError("the process behind the socket does not know our secret")
+    (max_frame,) = _LIMIT.unpack_from(verdict, len(WELCOME) + _DIGEST_BYTES)
+    return max_frame
 
 
-# -- the asyncio side, used by the daemon -------------------------------------
+# -- the daemon's side -----------------------------------------------------
 
 
-async def read_frame(reader, max_size):
-    """Read one frame from an asyncio StreamReader; FrameError if oversized."""
-    size, job_id, kind = HEADER.unpack(await reader.readexactly(HEADER.size))
-    if size > max_size:
-        raise FrameError(
-            "frame of %d bytes exceeds the limit of %d bytes" % (size, max_size)
-        )
-    return job_id, kind, (await reader.readexactly(size)) if size else b""
-
-
-def verdict(authkey, our_challenge, kind, payload):
+def verdict(authkey: bytes, our_challenge: bytes, kind: int, payload: bytes, max_frame: int) -> Tuple[bool, bytes]:
     """The daemon's side of the handshake: (trusted, the frame to send back).
 
     *payload* is the client's first frame: its answer to *our_challenge*,
-    then a challenge of its own, which we answer when we welcome it.
+    then a challenge of its own, which we answer when we welcome it, with
+    the largest job we take (*max_frame*), so that the client refuses a
+    larger one itself.
     """
     digest, theirs = payload[:_DIGEST_BYTES], payload[_DIGEST_BYTES:]
     if (
@@ -138,7 +179,8 @@ def verdict(authkey, our_challenge, kind, payload):
         or not check_answer(authkey, our_challenge, digest)
     ):
         return False, encode_frame(0, MSG_AUTH, FAILURE)
-    return True, encode_frame(0, MSG_AUTH, WELCOME + answer_challenge(authkey, MSG_AUTH, theirs))
+    welcome = WELCOME + answer_challenge(authkey, MSG_AUTH, theirs) + _LIMIT.pack(max_frame)
+    return True, encode_frame(0, MSG_AUTH, welcome)
 
 
 class FrameReader:
@@ -146,32 +188,44 @@ class FrameReader:
 
     Feed it what arrives; take the complete frames with :meth:`next_frame`.
     A frame announcing more than *max_size* bytes raises FrameError before
-    any of it is buffered.
+    any of it is buffered; with *skip_oversized* it raises OversizedFrame
+    instead, and its payload is skipped as it arrives, never buffered.
     """
 
-    def __init__(self, max_size):
+    def __init__(self, max_size: int, skip_oversized: bool = False) -> None:
         self.max_size = max_size
+        self.skip_oversized = skip_oversized
         self._buffer = bytearray()
         self._start = 0
+        self._skipping = 0  # bytes still to come of an oversized frame
 
-    def feed(self, data):
+    def feed(self, data: Union[bytes, memoryview]) -> None:
+        if self._skipping:
+            skipped = min(self._skipping, len(data))
+            self._skipping -= skipped
+            data = memoryview(data)[skipped:]
         self._buffer += data
 
-    def next_frame(self):
+    def next_frame(self) -> Optional[Frame]:
         """The next complete frame as (job_id, kind, payload), or None."""
         buffer, start = self._buffer, self._start
         if len(buffer) - start < HEADER.size:
             return self._compact()
         size, job_id, kind = HEADER.unpack_from(buffer, start)
         if size > self.max_size:
-            raise FrameError("frame of %d bytes exceeds the limit of %d bytes" % (size, self.max_size))
+            if not self.skip_oversized:
+                raise FrameError("frame of %d bytes exceeds the limit of %d bytes" % (size, self.max_size))
+            buffered = min(size, len(buffer) - start - HEADER.size)
+            self._start = start + HEADER.size + buffered
+            self._skipping = size - buffered
+            raise OversizedFrame(job_id, size, self.max_size)
         end = start + HEADER.size + size
         if end > len(buffer):
             return self._compact()
         self._start = end
         return job_id, kind, bytes(buffer[start + HEADER.size : end])
 
-    def _compact(self):
+    def _compact(self) -> None:
         if self._start:
             del self._buffer[: self._start]
             self._start = 0

@@ -9,19 +9,19 @@ import psycopg2
 import pytest
 
 import dbservice
-from dbservice.embedded import EmbeddedPostgresql
+from dbservice.embedded import Cluster
 
 
 @pytest.fixture(scope="session")
 def postgresql():
-    server = EmbeddedPostgresql()
+    server = Cluster.temporary()
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
 def dsn(postgresql):
-    return postgresql.dsn_string()
+    return postgresql.dsn()
 
 
 @pytest.fixture
@@ -67,6 +67,14 @@ def socket_service(dsn, tmp_path_factory):
     svc = start_service(dsn, str(directory / "dbservice.sock"), max_size=4)
     yield svc
     svc.stop()
+
+
+def write_secret(service):
+    """Put *service*'s secret next to its socket, where a client given only the socket finds it."""
+    path = os.path.join(os.path.dirname(service.socket), "secret")
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        f.write(service.authkey)
+    return service
 
 
 def wait_until(condition, timeout=10.0, interval=0.02, message="condition"):

@@ -164,3 +164,82 @@ def test_a_closed_async_client_runs_no_more_jobs(socket_service):
             await db.fetchval("select 2")
 
     run(main())
+
+
+def _open_clients(svc):
+    with svc.client(timeout=10) as c:
+        return c.status()["socket_clients"] - 1  # not this one
+
+
+def test_a_client_per_request_that_is_never_closed_leaves_nothing_behind(socket_service, caplog):
+    """connect_async() per request, as the README once showed: 96 connections left, 1,906 warnings."""
+    import gc
+
+    async def handler(i):
+        db = await dbservice.connect_async(socket_service.socket, socket_service.authkey, timeout=10)
+        return await db.fetchval("select %s::int", [i])
+
+    async def main():
+        results = [await handler(i) for i in range(1000)]
+        gc.collect()
+        await asyncio.sleep(0)  # the collected clients' connections close on the loop
+        return results
+
+    before = _open_clients(socket_service)
+    assert run(main()) == list(range(1000))
+    wait_until(lambda: _open_clients(socket_service) == before, message="every connection to close")
+    assert not [r for r in caplog.records if "destroyed but it is pending" in r.getMessage()]
+
+
+def test_a_client_left_open_closes_with_its_loop(socket_service, caplog):
+    async def request(i):
+        db = await dbservice.connect_async(socket_service.socket, socket_service.authkey, timeout=10)
+        return await db.fetchval("select %s::int", [i])  # never closed, still referenced by the caller
+
+    before = _open_clients(socket_service)
+    kept = [asyncio.run(request(i)) for i in range(20)]  # a loop per request, as some frameworks do
+    assert kept == list(range(20))
+    wait_until(lambda: _open_clients(socket_service) == before, message="every connection to close")
+    assert not [r for r in caplog.records if r.levelname == "ERROR" and r.name == "asyncio"]
+
+
+def test_the_client_is_an_async_context_manager(socket_service):
+    async def main():
+        async with dbservice.connect_async(socket_service.socket, socket_service.authkey) as db:
+            value = await db.fetchval("select 'in'")
+        with pytest.raises(dbservice.Error, match="closed"):
+            await db.fetchval("select 1")
+        return value
+
+    assert run(main()) == "in"
+
+
+def test_a_client_used_from_another_event_loop_fails_at_once_saying_so(socket_service):
+    """Shared by two threads with a loop each, the other thread's jobs hung with no answer."""
+    import threading
+
+    async def connect():
+        return await dbservice.connect_async(socket_service.socket, socket_service.authkey, timeout=10)
+
+    loop = asyncio.new_event_loop()
+    db = loop.run_until_complete(connect())
+    outcome = []
+
+    def other_thread():
+        async def use():
+            return await db.fetchval("select 1")
+
+        try:
+            outcome.append(asyncio.run(asyncio.wait_for(use(), 10)))
+        except BaseException as exc:  # noqa: B902 - whatever it is, the test reports it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join(30)
+    try:
+        assert isinstance(outcome[0], dbservice.Error) and "one client per event loop" in str(outcome[0])
+        assert loop.run_until_complete(db.fetchval("select 'owner still served'")) == "owner still served"
+    finally:
+        loop.run_until_complete(db.close())
+        loop.close()

@@ -6,21 +6,18 @@ import concurrent.futures
 import html.parser
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 
 import psycopg2
 import psycopg2.extensions
 import pytest
 
-from conftest import wait_until
 from dbservice.config import StateDir
 from dbservice.pidfile import running_pid
+from webserver import get, gunicorn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOG = os.path.join(ROOT, "examples", "blog")
@@ -98,59 +95,13 @@ def site(state_dir, tmp_path_factory):
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60,
     )
     assert init.returncode == 0, init.stdout.decode(errors="replace")
-    run_dir = tmp_path_factory.mktemp("gunicorn")
-    log_path = run_dir / "gunicorn.log"
-    # gunicorn >= 25.1 puts its control socket in $XDG_RUNTIME_DIR, else in ~/.gunicorn.
-    env["XDG_RUNTIME_DIR"] = str(run_dir)
-    with open(log_path, "wb") as log:
-        # Port 0: the kernel picks a free port, and gunicorn's log says which.
-        server = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", os.path.join(BLOG, "gunicorn.conf.py"), "--bind", "127.0.0.1:0"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        url = wait_until(lambda: _listening_at(server, log_path), timeout=30, message="gunicorn to listen")
-        wait_until(lambda: _get(url + "/")[0] == 200, timeout=30, message="the blog to answer")
+    config = os.path.join(BLOG, "gunicorn.conf.py")
+    with gunicorn(["-c", config], env, tmp_path_factory.mktemp("gunicorn")) as url:
         yield url
-    finally:
-        _stop(server)
-
-
-def _listening_at(server, log_path):
-    log = log_path.read_text(errors="replace")
-    if server.poll() is not None:
-        pytest.fail("gunicorn exited with %s:\n%s" % (server.returncode, log))
-    found = re.search(r"Listening at: (http://\S+)", log)
-    return found and found.group(1)
-
-
-def _stop(server):
-    """Stop gunicorn gracefully, then kill whatever is left of its process group."""
-    server.terminate()
-    try:
-        server.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(server.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    server.wait()
-
-
-def _get(url):
-    """GET *url*: (status, body text); an HTTP error status is returned, not raised."""
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode(errors="replace")
-    except (ConnectionError, urllib.error.URLError) as error:
-        return None, str(error)
 
 
 def _page(url):
-    status, body = _get(url)
+    status, body = get(url)
     assert status == 200, "%s answered %s: %s" % (url, status, body[:2000])
     return body
 
@@ -204,7 +155,7 @@ def test_front_page_shows_the_newest_posts_and_pages_on(site, blog_db):
     last = _page(site + "/?page=%d" % last_number)
     assert _titles(last) == expected[(last_number - 1) * PAGE_SIZE :]
     assert 'rel="next"' not in last
-    assert _get(site + "/?page=0")[0] == 404
+    assert get(site + "/?page=0")[0] == 404
 
 
 def test_a_tag_page_lists_only_that_tags_posts(site, blog_db):
@@ -217,7 +168,7 @@ def test_a_tag_page_lists_only_that_tags_posts(site, blog_db):
     second = _page(site + "/tag/web?page=2")
     assert _titles(first) + _titles(second) == expected
     assert 'rel="next" href="/tag/web?page=2"' in first
-    assert _get(site + "/tag/no-such-tag")[0] == 404
+    assert get(site + "/tag/no-such-tag")[0] == 404
 
 
 def test_a_post_page_shows_that_post(site, blog_db):
@@ -229,7 +180,7 @@ def test_a_post_page_shows_that_post(site, blog_db):
         assert _titles(page) == [title]
         assert _text_of(page, "body") == body.split("\n\n")
         assert _text_of(page, "tag") == tags
-    assert _get(site + "/post/999999")[0] == 404
+    assert get(site + "/post/999999")[0] == 404
 
 
 SEARCHES = ["' or 1=1 --", "%", "_", "\\", '"; drop table posts; --', "<script>", "BACKSLASH"]
@@ -261,7 +212,7 @@ def test_many_concurrent_requests_all_succeed_and_spread_over_the_pool(site, sta
     before = _jobs_per_connection(state_dir)
 
     def client(number):
-        return [_get(site + paths[(number + i) % len(paths)])[0] for i in range(20)]
+        return [get(site + paths[(number + i) % len(paths)])[0] for i in range(20)]
 
     with concurrent.futures.ThreadPoolExecutor(32) as executor:
         statuses = collections.Counter(s for each in executor.map(client, range(32)) for s in each)

@@ -16,8 +16,9 @@ from click.testing import CliRunner
 import dbservice
 from conftest import held_jobs, wait_until
 from dbservice import cli
-from dbservice.config import StateDir, load_config, mask_dsn
+from dbservice.config import StateDir, load_config
 from dbservice.embedded import default_cluster_dir
+from dbservice.health import mask_dsn
 from dbservice.pidfile import read_pid, running_pid
 
 PASSWORD = "hunter2-not-in-logs"
@@ -120,7 +121,7 @@ def test_status_carries_every_figure_and_never_the_password(running):
     assert "password=***" in figures["dsn"] and PASSWORD not in result.stdout
     assert (figures["pool_min"], figures["pool_max"]) == (1, 2)  # the environment beats the file
     assert figures["pool_size"] >= 1
-    assert all("load" in c for c in figures["connections"]) and figures["connections"]
+    assert all("busy" in c for c in figures["connections"]) and figures["connections"]
     for name in ("queue_depth", "jobs_done", "jobs_failed", "jobs_timed_out"):
         assert isinstance(figures[name], int)
     assert figures["jobs_done"] >= 1
@@ -507,9 +508,9 @@ def test_flags_beat_the_config_file_which_beats_the_defaults(tmp_path):
     config = tmp_path / "dbservice.toml"
     config.write_text('max_size = 7\nmin_size = 3\nlog_level = "debug"\n')
     settings = load_config({"max_size": 5, "slow_ms": None}, str(config))
-    assert (settings["min_size"], settings["max_size"]) == (3, 5)
-    assert settings["log_level"] == "DEBUG"
-    assert settings["slow_ms"] == 1000.0
+    assert (settings.min_size, settings.max_size) == (3, 5)
+    assert settings.log_level == "DEBUG"
+    assert settings.slow_ms == 1000.0
 
 
 @pytest.mark.parametrize(
@@ -546,6 +547,24 @@ def test_a_dsn_is_shown_without_its_password(dsn, still_shown):
     shown = mask_dsn(dsn)
     assert "s3cret-dsn" not in shown
     assert still_shown in shown
+
+
+def test_every_setting_is_a_flag_a_variable_and_a_key_of_the_file(tmp_path):
+    from dbservice import config as settings
+
+    help_text = CliRunner().invoke(cli.main, ["start", "--help"]).output
+    values = {int: 7, float: 7.5, str: None}
+    lines = []
+    for field in settings.operator_settings():
+        assert "--" + field.name.replace("_", "-") in help_text
+        assert "DBSERVICE_" + field.name.upper() in help_text
+        value = values[settings.value_type(field)]
+        if value is not None:
+            lines.append("%s = %r" % (field.name, value))
+    path = tmp_path / "all.toml"
+    path.write_text("\n".join(lines) + "\n")
+    loaded = load_config({}, str(path))
+    assert loaded.max_client_jobs == 7 and loaded.stop_timeout == 7.5
 
 
 @pytest.mark.parametrize("command", ["start", "stop", "status", "restart", "reload", "query"])
@@ -591,3 +610,101 @@ def test_a_secret_of_another_user_is_refused(dsn, daemon_dir):
     assert result.returncode != 0
     assert "belongs to uid 65534" in result.stderr
     assert running_pid(state.pidfile) is None
+
+
+# -- a configuration that cannot work --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def password_role(postgresql, admin_module):
+    """A role that must log in with a password over TCP: the test cluster trusts everyone else."""
+    cur = admin_module.cursor()
+    cur.execute("drop role if exists pw_user; create role pw_user login password 'right-password'")
+    hba = os.path.join(postgresql.base_dir, "data", "pg_hba.conf")
+    with open(hba) as f:
+        original = f.read()
+    with open(hba, "w") as f:
+        f.write("host all pw_user 127.0.0.1/32 scram-sha-256\n" + original)
+    cur.execute("select pg_reload_conf()")
+    yield "pw_user"
+    with open(hba, "w") as f:
+        f.write(original)
+    cur.execute("select pg_reload_conf()")
+
+
+@pytest.fixture(scope="module")
+def admin_module(dsn):
+    import psycopg2
+
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    yield conn
+    conn.close()
+
+
+def _with(dsn, **changes):
+    from psycopg2.extensions import make_dsn
+
+    return make_dsn(dsn, **changes)
+
+
+@pytest.mark.parametrize(
+    "change, complaint",
+    [
+        ({"dbname": "no_such_database"}, 'database "no_such_database" does not exist'),
+        ({"user": "no_such_role"}, 'role "no_such_role" does not exist'),
+        ({"user": "pw_user", "password": "wrong-password"}, "password authentication failed"),
+    ],
+    ids=["database", "role", "password"],
+)
+def test_start_fails_when_the_server_refuses_the_dsn_for_good(dsn, daemon_dir, password_role, change, complaint):
+    result = dbserviced(daemon_dir, "start", "--dsn", _with(dsn, **change))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert complaint in result.stderr and "--dsn" in result.stderr
+    assert "wrong-password" not in result.stderr + result.stdout
+    assert dbserviced(daemon_dir, "status").returncode == cli.EXIT_NOT_RUNNING
+    # the right password starts it
+    if "password" in change:
+        ok(dbserviced(daemon_dir, "start", "--dsn", _with(dsn, user="pw_user", password="right-password")))
+
+
+def test_start_refuses_a_dsn_that_does_not_parse(daemon_dir):
+    result = dbserviced(daemon_dir, "start", "--dsn", "this is not a dsn")
+    assert result.returncode != 0
+    assert "the DSN does not parse" in result.stderr
+    assert dbserviced(daemon_dir, "status").returncode == cli.EXIT_NOT_RUNNING
+
+
+def test_a_database_that_is_down_starts_but_status_says_so_and_jobs_fail_fast(daemon_dir):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    start = dbserviced(daemon_dir, "start", "--dsn", "host=127.0.0.1 port=%d dbname=app user=app" % port)
+    assert start.returncode == 0, start.stderr
+    assert "not reachable" in start.stderr
+    status = dbserviced(daemon_dir, "status")
+    assert status.returncode == cli.EXIT_UNKNOWN
+    assert "cannot reach its database" in status.stderr and str(port) in status.stderr
+    with client_of(daemon_dir) as db:
+        started = time.monotonic()
+        with pytest.raises(dbservice.ServiceUnavailable, match="unreachable.*%d" % port):
+            db.fetchval("select 1")  # no timeout: it would wait pool_timeout (30 s)
+        assert time.monotonic() - started < 5
+
+
+def test_jobs_waiting_on_a_full_pool_are_logged_naming_max_size(running):
+    state_dir, _, _ = running
+    log = StateDir(str(state_dir)).log
+    with concurrent.futures.ThreadPoolExecutor(5) as executor:
+        jobs = [
+            executor.submit(lambda: client_of(state_dir).fetchval("select pg_sleep(0.5) /* full-pool */"))
+            for _ in range(5)
+        ]
+        for job in jobs:
+            job.result(timeout=60)
+    wait_until(lambda: "raise --max-size" in _read(log), message="the full pool's warning")
+    lines = [line for line in _read(log).splitlines() if "raise --max-size" in line]
+    assert len(lines) == 1  # rate-limited
+    assert "max_size" in lines[0]

@@ -66,7 +66,6 @@ def test_processes_times_threads_all_get_their_own_answers(dsn, socket_path):
 
 
 def test_queue_intake_from_forked_processes(dsn):
-    # A pipe per job is the slow, original design: fewer queries, same check.
-    with dbservice.DBService(dsn, min_size=2, max_size=4) as svc:
-        outcomes = run_processes(svc.client, processes=2, queries=50)
-    assert outcomes == [(p, 0, []) for p in range(2)]
+    with dbservice.DBService(dsn, min_size=2, max_size=8) as svc:
+        outcomes = run_processes(svc.client)
+    assert outcomes == [(p, 0, []) for p in range(PROCESSES)]

@@ -15,10 +15,12 @@ import psycopg2
 import pytest
 
 import dbservice
+import dbservice.queries
 from conftest import active, start_service, wait_until
-from dbservice.embedded import EmbeddedPostgresql
-from dbservice.pool import AsyncConnectionPool, Backoff
-from dbservice.wait import new_event_loop
+from dbservice.embedded import Cluster
+from dbservice.health import Backoff
+from dbservice.pool import AsyncConnectionPool
+from dbservice.loops import new_event_loop
 from proxy import TcpProxy
 
 CLIENT = """
@@ -31,7 +33,7 @@ db.fetchval("select pg_sleep(60) /* marker-client-death */")
 
 def _pool_at_rest(figures):
     return (figures["pool_size"], figures["pool_available"], figures["jobs_running"]) == (1, 1, 0) and (
-        figures["connections"][0]["load"] == 0
+        figures["connections"][0]["busy"] is False
     )
 
 
@@ -62,14 +64,14 @@ def test_a_client_that_dies_mid_query_has_its_query_cancelled(dsn, socket_path, 
 @pytest.fixture(scope="module")
 def private_postgresql():
     """A cluster of this module's own, which its tests may stop and restart."""
-    server = EmbeddedPostgresql()
+    server = Cluster.temporary()
     yield server
     server.stop()
 
 
 @pytest.fixture
 def proxy(postgresql):
-    link = TcpProxy("127.0.0.1", postgresql.settings["port"])
+    link = TcpProxy("127.0.0.1", postgresql.port)
     link.start()
     yield link
     link.close()
@@ -112,11 +114,11 @@ class Load:
 
 
 def test_postgres_restart_under_load(private_postgresql, socket_path):
-    with dbservice.DBService(private_postgresql.dsn_string(), socket=socket_path, min_size=2, max_size=4) as svc:
+    with dbservice.DBService(private_postgresql.dsn(), socket=socket_path, min_size=2, max_size=4) as svc:
         load = Load(svc.client())
         try:
             wait_until(lambda: load.successes_since(0) > 50, message="load to run")
-            private_postgresql.terminate()  # the postmaster stops; its data stays
+            private_postgresql.shut_down()  # the postmaster stops; its data stays
             down_at = time.monotonic()
             private_postgresql.start()
             up_at = time.monotonic()
@@ -156,13 +158,24 @@ def test_database_down_at_start_then_served_when_it_appears(proxy, socket_path):
     with dbservice.DBService(proxy.dsn(user="postgres", dbname="test"), socket=socket_path, min_size=1, max_size=2) as svc:
         assert status(svc)["database_reachable"] is False
         with svc.client() as c:
-            started = time.monotonic()
-            with pytest.raises(dbservice.ServiceUnavailable, match="unreachable"):
-                c.fetchval("select 1", timeout=1.0)
-            assert time.monotonic() - started < 5.0
+            for _ in range(3):  # at once, not after the job's timeout or pool_timeout (30 s)
+                started = time.monotonic()
+                with pytest.raises(dbservice.ServiceUnavailable, match="unreachable.*Connection refused"):
+                    c.fetchval("select 1")
+                assert time.monotonic() - started < 1.0
             proxy.start()
-            assert c.fetchval("select 'up'", timeout=30) == "up"
+            # jobs coming make the pool try again soon, whatever its backoff had reached
+            came_back = time.monotonic()
+            assert wait_until(lambda: _served(c), timeout=10, message="a job to be served") == "up"
+            assert time.monotonic() - came_back < 2.0
         assert status(svc)["database_reachable"] is True
+
+
+def _served(client):
+    try:
+        return client.fetchval("select 'up'")
+    except dbservice.ServiceUnavailable:
+        return None
 
 
 def test_stalled_network_fails_jobs_within_their_timeout_then_recovers(proxy, socket_path):
@@ -172,7 +185,8 @@ def test_stalled_network_fails_jobs_within_their_timeout_then_recovers(proxy, so
             assert c.fetchval("select 1", timeout=5) == 1
             proxy.stall()
             started = time.monotonic()
-            with pytest.raises(dbservice.QueryTimeout):
+            # the cancel request cannot reach the server either: nobody can say the query stopped
+            with pytest.raises(dbservice.QueryOutcomeUnknown, match="may still commit"):
                 c.fetchval("select 2", timeout=1.0)
             # the timeout, then at most connect_timeout for the failed cancel
             assert time.monotonic() - started < 1.0 + 1.0 + 2.0
@@ -180,6 +194,41 @@ def test_stalled_network_fails_jobs_within_their_timeout_then_recovers(proxy, so
             proxy.stop()  # drop the stalled connections, as a real outage ends
             proxy.start()
             assert c.fetchval("select 3", timeout=30) == 3
+
+
+@pytest.fixture(scope="module")
+def crowded_postgresql():
+    """A cluster with three connection slots and none kept for superusers."""
+    server = Cluster.temporary(max_connections=3, superuser_reserved_connections=0)
+    yield server
+    server.stop()
+
+
+def test_a_timed_out_query_is_cancelled_even_when_the_server_has_no_slot_left(crowded_postgresql, socket_path):
+    """Cancelling must not need a connection: a cancel that could not connect let the UPDATE commit later."""
+    dsn = crowded_postgresql.dsn()
+    setup = psycopg2.connect(dsn)
+    setup.autocommit = True
+    setup.cursor().execute("create table if not exists crowded (id int primary key, v int)")
+    setup.cursor().execute("truncate crowded; insert into crowded values (1, 0)")
+    with start_service(dsn, socket_path, min_size=2, max_size=2) as svc, svc.client() as c:
+        locker = setup.cursor()
+        locker.execute("begin; update crowded set v = -1 where id = 1")  # holds the row's lock
+        # the daemon's two connections and ours: no slot left for anybody
+        with pytest.raises(psycopg2.OperationalError, match="too many clients"):
+            psycopg2.connect(dsn).close()
+        started = time.monotonic()
+        with pytest.raises(dbservice.QueryTimeout) as timed_out:
+            c.execute("update crowded set v = 42 where id = 1 /* marker-crowded */", timeout=1.0)
+        assert not isinstance(timed_out.value, dbservice.QueryOutcomeUnknown)
+        assert time.monotonic() - started < 5
+        locker.execute("select count(*) from pg_stat_activity where query like '%%marker-crowded%%' and state = 'active'"
+                       " and pid <> pg_backend_pid()")
+        assert locker.fetchone()[0] == 0  # cancelled on the server, not left waiting for the lock
+        locker.execute("rollback")
+        assert c.fetchval("select v from crowded where id = 1") == 0  # the timed-out UPDATE never commits
+        assert c.execute("update crowded set v = 7 where id = 1", timeout=5) == 1  # its connection serves on
+    setup.close()
 
 
 def test_reconnect_backoff_doubles_is_capped_and_jittered(postgresql, monkeypatch):
@@ -318,7 +367,7 @@ def test_clients_reconnect_after_the_daemon_is_killed_and_restarted(dsn, socket_
 
 def test_a_daemon_that_stops_answering_is_a_timeout_for_its_clients(dsn, socket_path, monkeypatch):
     """The sync client bounds its wait for a reply itself: a frozen daemon cannot hang it."""
-    monkeypatch.setattr(dbservice.client, "REPLY_GRACE", 0.3)
+    monkeypatch.setattr(dbservice.queries, "REPLY_GRACE", 0.3)
     with start_service(dsn, socket_path, min_size=1, max_size=1) as svc, svc.client() as c:
         assert c.fetchval("select 1") == 1
         os.kill(svc.process.pid, signal.SIGSTOP)

@@ -1,7 +1,6 @@
 """Jobs: transactions, errors as their psycopg2 classes, bound parameters."""
 
 import hashlib
-import os
 import time
 
 import psycopg2
@@ -78,7 +77,7 @@ def test_an_error_inside_a_statements_own_begin_is_reported_and_rolled_back(clie
 
 def test_a_query_larger_than_one_send_gets_its_answer(postgresql, socket_path):
     # On the server's Unix socket: loopback TCP may buffer the whole query at once.
-    dsn = postgresql.dsn_string(host=os.path.join(postgresql.base_dir, "tmp"))
+    dsn = postgresql.dsn(host=postgresql.socket_dir)
     text = "x" * (4 << 20)  # more than the socket takes at once: psycopg2 polls for writing
     with start_service(dsn, socket_path, min_size=1, max_size=1) as svc, svc.client(timeout=30) as client:
         started = time.monotonic()

@@ -7,7 +7,7 @@ import pytest
 from dbservice import AsyncConnectionPool, QueryTimeout
 from dbservice.jobs import Job
 from dbservice.runner import run_job
-from dbservice.wait import new_event_loop
+from dbservice.loops import new_event_loop
 
 SELECTORS = ["epoll", "select", "uvloop"]
 
@@ -32,7 +32,7 @@ async def query(pool, sql, params=None, fetch="value", timeout=None):
 
 @pytest.mark.parametrize("selector", SELECTORS)
 def test_waiting_on_a_query_does_not_block_the_loop(dsn, selector):
-    """Bug 1: the loop keeps running other coroutines while a query is in flight."""
+    """The event loop keeps running other coroutines while a query is in flight: no wait blocks it."""
 
     async def main():
         pool = AsyncConnectionPool(dsn, min_size=2, max_size=2)
@@ -53,7 +53,7 @@ def test_waiting_on_a_query_does_not_block_the_loop(dsn, selector):
 
 @pytest.mark.parametrize("selector", SELECTORS)
 def test_a_fast_query_overtakes_a_slow_one(dsn, selector):
-    """Bugs 1 and 4: with one connection busy, the next job takes the idle one."""
+    """With one connection busy, the next job takes the idle one: no job waits behind a slow one."""
 
     async def main():
         pool = AsyncConnectionPool(dsn, min_size=2, max_size=2)
@@ -79,7 +79,7 @@ def test_lends_the_most_recently_used_idle_connection(dsn):
         b = await pool.getconn()
         c = await pool.getconn()
         assert len({a.number, b.number, c.number}) == 3  # never the same one twice
-        assert [x.load for x in (a, b, c)] == [1, 1, 1]
+        assert [x.lent for x in (a, b, c)] == [True, True, True]
         for conn in (b, c, a):
             pool.putconn(conn)
         first = await pool.getconn()
@@ -165,6 +165,14 @@ def test_getconn_times_out_when_every_connection_stays_busy(dsn):
         loop = asyncio.get_running_loop()
         with pytest.raises(QueryTimeout, match="became free"):
             await pool.getconn(loop.time() + 0.2)
+        assert pool.waiting == 0  # the one that timed out waits no more
+        cancelled = asyncio.ensure_future(pool.getconn(loop.time() + 10))
+        await asyncio.sleep(0.05)
+        assert pool.waiting == 1
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert pool.waiting == 0
         pool.putconn(held)
         again = await pool.getconn(loop.time() + 1)  # the pool is fine afterwards
         pool.putconn(again)
@@ -197,7 +205,7 @@ def test_cancelled_waiter_does_not_lose_the_connection(dsn):
     stats = run("epoll", main)
     assert stats["pool_size"] == 1
     assert stats["pool_available"] == 1
-    assert stats["connections"][0]["load"] == 0
+    assert stats["connections"][0]["busy"] is False
 
 
 def test_rejects_impossible_sizes(dsn):

@@ -1,4 +1,4 @@
-"""Bug 2 of the original: every job gets exactly one reply, whatever happens to it."""
+"""Every job gets exactly one reply, whatever happens to it: cancels, timeouts and garbage in one read."""
 
 import collections
 import pickle

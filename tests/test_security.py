@@ -203,13 +203,13 @@ def test_socket_is_owner_only(socket_service):
     assert os.stat(os.path.dirname(socket_service.socket)).st_mode & 0o077 == 0
 
 
-def test_oversized_frame_is_refused_without_reading_it(socket_service):
+def test_oversized_frame_is_refused_without_buffering_it(socket_service):
     sock = raw_connect(socket_service.socket)
     wire.client_handshake(sock, socket_service.authkey)
     sock.sendall(wire.HEADER.pack(1 << 30, 9, wire.MSG_JOB))  # claims 1 GiB, sends nothing
-    job_id, kind, body = wire.recv_frame(sock)
-    assert kind == wire.MSG_ERROR
-    assert "exceeds the limit" in str(pickle.loads(body))
+    job_id, kind, body = wire.recv_frame(sock)  # answered at once, not after a GiB
+    assert (job_id, kind) == (9, wire.MSG_ERROR)
+    assert "max_frame" in str(pickle.loads(body))
     sock.close()
     with socket_service.client() as c:
         assert c.fetchval("select 1") == 1
@@ -232,5 +232,19 @@ def test_a_job_of_max_frame_bytes_is_served_and_one_byte_more_refused(dsn, socke
         assert wire.recv_frame(sock) == (1, wire.MSG_RESULT, pickle.dumps(1, jobs.PICKLE_PROTOCOL))
         sock.sendall(wire.encode_frame(2, wire.MSG_JOB, _job_of(4097)))
         _, kind, body = wire.recv_frame(sock)
-        assert kind == wire.MSG_ERROR and "4097 bytes exceeds the limit of 4096" in str(pickle.loads(body))
+        message = str(pickle.loads(body))
+        assert kind == wire.MSG_ERROR and "4097 bytes" in message and "(max_frame 4096)" in message
+        sock.close()
+
+
+def test_an_oversized_job_is_skipped_and_the_connection_goes_on(dsn, socket_path):
+    with start_service(dsn, socket_path, min_size=1, max_size=1, max_frame=1000) as svc:
+        sock = raw_connect(svc.socket)
+        assert wire.client_handshake(sock, svc.authkey) == 1000  # the daemon says its limit
+        big = pickle.dumps(("select %s", ["x" * 2000], "value", None, None))
+        small = pickle.dumps(("select 'after'", None, "value", None, None))
+        sock.sendall(wire.encode_frame(1, wire.MSG_JOB, big) + wire.encode_frame(2, wire.MSG_JOB, small))
+        first, second = wire.recv_frame(sock), wire.recv_frame(sock)
+        assert first[:2] == (1, wire.MSG_ERROR) and "max_frame 1000" in str(pickle.loads(first[2]))
+        assert second[:2] == (2, wire.MSG_RESULT) and pickle.loads(second[2]) == "after"
         sock.close()

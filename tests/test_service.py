@@ -12,7 +12,7 @@ from conftest import active, held_jobs, start_service, wait_until
 
 
 def test_a_slow_job_does_not_hold_up_the_others(client):
-    """Bugs 1 and 4: fast jobs finish while a slow one still runs."""
+    """Fast jobs finish while a slow one still runs: one slow query holds one connection and nothing else."""
     with concurrent.futures.ThreadPoolExecutor(1) as executor:
         slow = executor.submit(client.fetchval, "select pg_sleep(2)::text || 'slow'")
         fast = [client.fetchval("select %s::int", [i]) for i in range(20)]

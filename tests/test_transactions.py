@@ -1,6 +1,7 @@
 """Transactions that span jobs: commit, rollback, isolation, idle timeout; streaming."""
 
 import asyncio
+import concurrent.futures
 import contextlib
 import pickle
 
@@ -8,9 +9,9 @@ import psycopg2.errors
 import pytest
 
 import dbservice
-from conftest import start_service, wait_until
+from conftest import active, start_service, wait_until
 from dbservice import jobs, wire
-from dbservice.jobs import FETCH_BEGIN, Job
+from dbservice.jobs import BEGIN, Job
 from test_security import raw_connect
 
 
@@ -193,7 +194,7 @@ def test_transactions_need_the_socket(dsn):
         client = svc.client(timeout=10)
         assert not hasattr(client, "transaction")
         with pytest.raises(dbservice.JobRefused, match="socket"):
-            client._run(Job("", {}, FETCH_BEGIN, 10, 1))
+            client._run(Job("", {}, BEGIN, 10, 1))
 
 
 def test_a_job_cancelled_while_it_waits_behind_its_transactions_previous_job_gets_its_reply(tx_service):
@@ -201,7 +202,7 @@ def test_a_job_cancelled_while_it_waits_behind_its_transactions_previous_job_get
     sock = raw_connect(tx_service.socket)
     wire.client_handshake(sock, tx_service.authkey)
     sock.settimeout(10)
-    sock.sendall(wire.encode_frame(1, wire.MSG_JOB, jobs.dumps_job(Job("", {}, FETCH_BEGIN, None, 7))))
+    sock.sendall(wire.encode_frame(1, wire.MSG_JOB, jobs.dumps_job(Job("", {}, BEGIN, None, 7))))
     assert wire.recv_frame(sock)[:2] == (1, wire.MSG_RESULT)
     slow = Job("select pg_sleep(1)::text || 'slept'", None, "value", None, 7)
     sock.sendall(  # in one write: the second job waits for the first, then is cancelled
@@ -216,3 +217,121 @@ def test_a_job_cancelled_while_it_waits_behind_its_transactions_previous_job_get
     sock.sendall(wire.encode_frame(4, wire.MSG_JOB, jobs.dumps_job(Job("", None, "rollback", None, 7))))
     assert wire.recv_frame(sock)[:2] == (4, wire.MSG_RESULT)
     sock.close()
+
+
+@pytest.fixture
+def one_connection_service(dsn, socket_path):
+    """One pooled connection and the default idle_in_transaction_timeout (60 s): nothing frees it early."""
+    svc = start_service(dsn, socket_path, min_size=1, max_size=1)
+    yield svc
+    svc.stop()
+
+
+def _no_transaction_left(svc, admin):
+    with svc.client(timeout=10) as c:
+        figures = c.status()
+    cur = admin.cursor()
+    cur.execute("select count(*) from pg_stat_activity where state like 'idle in transaction%%'")
+    return figures["transactions_open"] == 0 and figures["pool_available"] == 1 and cur.fetchone()[0] == 0
+
+
+def test_transactions_cancelled_while_they_begin_leave_no_connection_pinned(one_connection_service, admin):
+    """300 transactions cut by random timeouts left 2 of 4 connections idle in transaction for 60 s."""
+    import random
+
+    svc = one_connection_service
+
+    async def main():
+        async with dbservice.connect_async(svc.socket, svc.authkey, timeout=10) as db:
+
+            async def tx():
+                async with db.transaction() as t:
+                    await t.execute("select 1")
+
+            for _ in range(300):
+                try:
+                    await asyncio.wait_for(tx(), random.uniform(0.0001, 0.003))
+                except asyncio.TimeoutError:
+                    pass
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(
+                None, lambda: wait_until(lambda: _no_transaction_left(svc, admin), message="every transaction to end")
+            )
+            return await db.fetchval("select 'served'", timeout=2)
+
+    assert run(main()) == "served"
+
+
+def test_a_sync_transaction_interrupted_while_it_begins_is_rolled_back(one_connection_service, admin):
+    import signal
+
+    svc = one_connection_service
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum, frame):
+        raise Interrupted()
+
+    with svc.client(timeout=30) as holder, svc.client(timeout=30) as c:
+        with concurrent.futures.ThreadPoolExecutor(1) as executor:
+            held = executor.submit(holder.fetchval, "select pg_sleep(1) /* marker-hold-begin */")
+            wait_until(lambda: active(admin, "marker-hold-begin") == 1, message="the connection to be held")
+            previous = signal.signal(signal.SIGALRM, interrupt)
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            try:
+                with pytest.raises(Interrupted):
+                    with c.transaction() as tx:  # its BEGIN waits in the queue: interrupted there
+                        tx.execute("select 1")
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
+            held.result(timeout=30)
+        wait_until(lambda: _no_transaction_left(svc, admin), message="no transaction to be left")
+        assert c.fetchval("select 'served'", timeout=2) == "served"
+
+
+def test_a_begin_reusing_an_open_transaction_id_is_refused(tx_service, admin, ledger):
+    sock = raw_connect(tx_service.socket)
+    wire.client_handshake(sock, tx_service.authkey)
+
+    def call(job_id, job):
+        sock.sendall(wire.encode_frame(job_id, wire.MSG_JOB, jobs.dumps_job(job)))
+        reply_id, kind, body = wire.recv_frame(sock)
+        assert reply_id == job_id
+        return kind, pickle.loads(body)
+
+    assert call(1, Job("", None, BEGIN, None, 7)) == (wire.MSG_RESULT, None)
+    assert call(2, Job("insert into ledger values (1, 10)", None, "rowcount", None, 7)) == (wire.MSG_RESULT, 1)
+    kind, error = call(3, Job("", None, BEGIN, None, 7))
+    assert kind == wire.MSG_ERROR and isinstance(error, dbservice.JobRefused) and "already open" in str(error)
+    assert call(4, Job("", None, "commit", None, 7)) == (wire.MSG_RESULT, None)
+    sock.close()
+    cur = admin.cursor()
+    cur.execute("select count(*) from pg_stat_activity where state like 'idle in transaction%%'")
+    assert cur.fetchone()[0] == 0
+    assert count(admin) == 1
+
+
+def test_an_iterate_closed_from_another_thread_ends_its_transaction(one_connection_service, admin):
+    import threading
+
+    svc = one_connection_service
+    with svc.client(timeout=30) as c:
+        rows = c.iterate("select g from generate_series(1, 10000) g", batch=100)
+        first, done = [], threading.Event()
+
+        def begin_and_stay():  # the thread that began it lives on, its connection with it
+            first.extend(next(rows) for _ in range(5))
+            done.wait(30)
+
+        beginner = threading.Thread(target=begin_and_stay)
+        beginner.start()
+        try:
+            wait_until(lambda: len(first) == 5, message="the first rows")
+            rows.close()  # here, in another thread than the one that began it
+            assert _no_transaction_left(svc, admin)
+            assert c.fetchval("select 'served'", timeout=2) == "served"
+        finally:
+            done.set()
+            beginner.join(30)

@@ -86,6 +86,13 @@ from .workloads import WORKLOADS
     help="Exit 1 if dbservice's point reads reach less than RATIO x threadpool's in this run, "
     "the best of each strategy's cell and %d more rounds in turns: a regression guard for CI." % GUARD_ROUNDS,
 )
+@click.option(
+    "--rounds",
+    type=click.IntRange(1),
+    metavar="N",
+    help="Run every cell N times, strategy after strategy, and report each cell's best round [1]: "
+    "for a machine that other work shares.",
+)
 @click.option("--quick", is_flag=True, help="A smoke run of every cell, in well under a minute.")
 @click.option(
     "--json",
@@ -113,6 +120,7 @@ def main(
     workload_names,
     loop,
     guard,
+    rounds,
     quick,
     json_path,
     plot_path,
@@ -133,6 +141,7 @@ def main(
         processes=processes,
         pool_size=pool_size,
         loop=loop,
+        rounds=rounds,
     )
     if plot_path:
         try:
@@ -191,6 +200,8 @@ def command(plan, dsn, strategy_names, workload_names, guard=None):
     ]
     if plan.loop != Plan.loop:
         words += ["--loop", plan.loop]
+    if plan.rounds != Plan.rounds:
+        words += ["--rounds", str(plan.rounds)]
     for name in strategy_names:
         words += ["--strategy", name]
     for name in workload_names:

@@ -8,9 +8,17 @@ before its first request (a persistent connection connects); its cost is not
 measured.
 """
 
+import os
+
 import psycopg2
 
 import dbservice
+from dbservice import dbapi
+
+try:
+    import sqlalchemy
+except ImportError:  # the SQLAlchemy strategies say they are skipped
+    sqlalchemy = None
 
 #: Seconds a query may take in the bench before it counts as an error.
 QUERY_TIMEOUT = 30.0
@@ -126,3 +134,99 @@ class AsyncClientConnector:
     @staticmethod
     async def query(client, sql, params):
         return await client.fetchone(sql, params, timeout=QUERY_TIMEOUT)
+
+
+class DBAPIConnector:
+    """dbservice.dbapi: a DB-API connection per client thread, in autocommit, a cursor per query."""
+
+    is_async = False
+
+    def __init__(self, socket, authkey):
+        self.socket = socket
+        self.authkey = authkey
+
+    def open_thread(self):
+        return _DBAPISession(self.socket, self.authkey)
+
+
+class _DBAPISession:
+    def __init__(self, socket, authkey):
+        self.socket = socket
+        self.authkey = authkey
+        self.conn = None
+
+    def open(self):
+        self.conn = dbapi.connect(self.socket, self.authkey, timeout=QUERY_TIMEOUT, autocommit=True)
+
+    def query(self, sql, params):
+        if self.conn is None:
+            self.open()  # the first connect failed
+        with self.conn.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchone()
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+
+
+class SQLAlchemyConnector:
+    """SQLAlchemy Core: an engine per client process, whose QueuePool has a connection per thread.
+
+    Each query checks a connection out (``engine.connect()``), runs a
+    ``text()`` statement with named parameters and gives it back, as an app's
+    unit of work does; the engine is in autocommit, as every strategy runs
+    each statement as its own transaction. The engine is made in the client
+    process, after the fork: a pool is never shared across processes.
+    """
+
+    is_async = False
+
+    def __init__(self, url, pool_size, connect_args=None, creator=None):
+        self.url = url
+        self.pool_size = pool_size
+        self.connect_args = connect_args or {}
+        self.creator = creator
+        self._engine = None
+        self._pid = None
+
+    def open_thread(self):
+        if self._pid != os.getpid():
+            options = {"creator": self.creator} if self.creator else {}
+            self._engine = sqlalchemy.create_engine(
+                self.url, connect_args=self.connect_args, isolation_level="AUTOCOMMIT",
+                pool_size=self.pool_size, max_overflow=0, **options,
+            )
+            self._pid = os.getpid()
+        return _SQLAlchemySession(self._engine)
+
+
+class _SQLAlchemySession:
+    def __init__(self, engine):
+        self.engine = engine
+        self.warm = None
+        self.statements = {}
+
+    def open(self):
+        # Held until the first query, so that the pool holds a connection per thread by then.
+        self.warm = self.engine.connect()
+
+    def query(self, sql, params):
+        if self.warm is not None:
+            self.warm.close()
+            self.warm = None
+        statement, names = self.statements.get(sql) or self._statement(sql)
+        with self.engine.connect() as conn:
+            return conn.execute(statement, dict(zip(names, params))).fetchone()
+
+    def _statement(self, sql):
+        """*sql*'s %s placeholders as SQLAlchemy's named ones: p0, p1, ..."""
+        parts = sql.split("%s")
+        names = ["p%d" % n for n in range(len(parts) - 1)]
+        text = parts[0] + "".join(":%s%s" % (name, part) for name, part in zip(names, parts[1:]))
+        self.statements[sql] = sqlalchemy.text(text), names
+        return self.statements[sql]
+
+    def close(self):
+        if self.warm is not None:
+            self.warm.close()

@@ -2,11 +2,11 @@
 
 import contextlib
 import dataclasses
-import os
+import importlib.resources
 
 import psycopg2
 
-from ..embedded import EmbeddedPostgresql
+from ..embedded import Cluster
 from ..errors import Error
 from . import report
 from .machine import describe_machine
@@ -16,8 +16,8 @@ from .sampler import ConnectionSampler
 from .strategies import STRATEGIES
 from .workloads import WORKLOADS
 
-#: The file that creates and fills ``bench_accounts``.
-SQL_PATH = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "sql", "bench.sql")
+#: The file of this package that creates and fills ``bench_accounts``.
+ACCOUNTS_SQL = "accounts.sql"
 #: Server connections beyond the most clients of a workload: pools, the sampler, superusers.
 SPARE_CONNECTIONS = 50
 
@@ -45,6 +45,8 @@ class Plan:
     rows: int = 100_000
     #: dbservice's event loop (its ``selector`` setting)
     loop: str = "auto"
+    #: times every cell runs, in turns; each cell's best round is its result
+    rounds: int = 1
 
     def clients_for(self, workload):
         return workload.clients or self.clients
@@ -62,7 +64,10 @@ def run(plan, dsn=None, strategies=STRATEGIES, workloads=WORKLOADS, guard_rounds
     """Run *strategies* on *workloads*; return the report (the ``--json`` document).
 
     Without *dsn* a throwaway PostgreSQL is started. A strategy that cannot run
-    here, or a cell that could not be measured, is absent with a note. Then
+    here, or a cell that could not be measured, is absent with a note. With
+    ``plan.rounds`` above 1 every cell runs that many times, strategy after
+    strategy, and keeps its best round: other load on the machine only ever
+    slows a cell down, so the best round is the one it disturbed least. Then
     *guard_rounds* more rounds of the guard's cells run, in turns, for those of
     its strategies and workload the run has. A progress bar goes to stderr.
     """
@@ -75,43 +80,69 @@ def run(plan, dsn=None, strategies=STRATEGIES, workloads=WORKLOADS, guard_rounds
             runnable.append(strategy)
     guard_workload = next((w for w in workloads if w.name == report.GUARD_WORKLOAD), None)
     guarded = [s for s in runnable if guard_workload and s.name in (report.GUARD_BASELINE, report.OURS)]
-    progress = Progress(
-        sum(workload.runs(s.name) for s in runnable for workload in workloads) + guard_rounds * len(guarded)
-    )
-    results, guard_results = [], []
+    cells = sum(len(_cells(s, workloads)) for s in runnable)
+    progress = Progress(plan.rounds * cells + guard_rounds * len(guarded))
+    measured, guard_results = [], []
     with database(plan, dsn) as dsn:
         machine = describe_machine(dsn)
-        for strategy in runnable:
-            mine = [workload for workload in workloads if workload.runs(strategy.name)]
-            done = 0
-            progress.begin("%s: starting" % strategy.name)
-            try:
-                with strategy.serving(dsn, plan) as target:
-                    for workload in mine:
-                        progress.begin("%s / %s" % (strategy.name, workload.name))
-                        row, cell_notes = _run_cell(strategy, target, workload, plan, dsn)
-                        results += [row] if row else []
-                        notes += cell_notes
-                        done += 1
-                        progress.end()
-            except (NotMeasured, Error) as exc:
-                notes.append(_note(strategy, None, "not measured: %s" % exc))
-                progress.end(len(mine) - done)
+        for _ in range(plan.rounds):
+            for strategy in runnable:
+                rows, strategy_notes = _run_strategy(strategy, workloads, plan, dsn, progress)
+                measured += rows
+                notes += [note for note in strategy_notes if note not in notes]
         for _ in range(guard_rounds):
             for strategy in guarded:
                 row, cell_notes = _guard_cell(strategy, guard_workload, plan, dsn, progress)
                 guard_results += [row] if row else []
                 notes += cell_notes
     progress.close()
+    results = best_rounds(measured)
     return {
         "machine": machine,
         "plan": dataclasses.asdict(plan),
         "results": results,
+        "rounds": measured if plan.rounds > 1 else [],
         "guard_rounds": guard_results,
         "notes": notes,
         "ratios": report.ratios(results),
+        "layers": report.layers(results),
         "targets": report.targets(results, plan),
     }
+
+
+def _run_strategy(strategy, workloads, plan, dsn, progress):
+    """Start what *strategy* needs and run its cells once: (rows, notes)."""
+    mine = _cells(strategy, workloads)
+    rows, notes, done = [], [], 0
+    progress.begin("%s: starting" % strategy.name)
+    try:
+        with strategy.serving(dsn, plan) as target:
+            for workload in mine:
+                progress.begin("%s / %s" % (strategy.name, workload.name))
+                row, cell_notes = _run_cell(strategy, target, workload, plan, dsn)
+                rows += [row] if row else []
+                notes += cell_notes
+                done += 1
+                progress.end()
+    except (NotMeasured, Error) as exc:
+        notes.append(_note(strategy, None, "not measured: %s" % exc))
+        progress.end(len(mine) - done)
+    return rows, notes
+
+
+def best_rounds(rows):
+    """Each cell's row with the most queries per second, in the order the cells first ran."""
+    best = {}
+    for row in rows:
+        cell = (row["strategy"], row["workload"])
+        if cell not in best or row["qps"] > best[cell]["qps"]:
+            best[cell] = row
+    return list(best.values())
+
+
+def _cells(strategy, workloads):
+    """The workloads *strategy* runs: those that run it, of those it runs."""
+    return [w for w in workloads if w.runs(strategy.name) and strategy.runs(w.name)]
 
 
 def _guard_cell(strategy, workload, plan, dsn, progress):
@@ -166,25 +197,15 @@ def database(plan, dsn=None):
         load_accounts(dsn, plan.rows)
         yield dsn
         return
-    postgres_args = EmbeddedPostgresql.DEFAULT_SETTINGS["postgres_args"] + " -c max_connections=%d" % (
-        plan.max_clients + SPARE_CONNECTIONS
-    )
-    with EmbeddedPostgresql(postgres_args=postgres_args) as server:
-        dsn = server.dsn_string()
+    with Cluster.temporary(max_connections=plan.max_clients + SPARE_CONNECTIONS) as server:
+        dsn = server.dsn()
         load_accounts(dsn, plan.rows)
         yield dsn
 
 
 def load_accounts(dsn, rows):
-    """(Re)create ``bench_accounts`` with *rows* accounts from sql/bench.sql."""
-    try:
-        with open(SQL_PATH) as f:
-            sql = f.read()
-    except FileNotFoundError:
-        raise RuntimeError(
-            "cannot find %s: run the bench from a source checkout of dbservice (pip install -e .)"
-            % os.path.normpath(SQL_PATH)
-        ) from None
+    """(Re)create ``bench_accounts`` with *rows* accounts from accounts.sql, beside this module."""
+    sql = importlib.resources.files(__package__).joinpath(ACCOUNTS_SQL).read_text(encoding="utf-8")
     conn = psycopg2.connect(dsn)
     try:
         conn.autocommit = True

@@ -1,6 +1,6 @@
 """The workloads: which statements the client threads run, in what mix, from how many threads.
 
-Every statement reads or writes ``bench_accounts`` (``sql/bench.sql``) and
+Every statement reads or writes ``bench_accounts`` (``bench/accounts.sql``) and
 returns one row. Its parameters are drawn at random per query; the pgbench
 strategy draws them with the same ranges through ``\\set``.
 """
@@ -76,13 +76,17 @@ WORKLOADS = (
         (dataclasses.replace(POINT_READ, weight=95), dataclasses.replace(SLEEP, weight=5)),
     ),
     Workload("many-clients", "point reads from 256 client threads", (POINT_READ,), clients=256),
-    # The latency floor: one client, the service against one plain connection,
-    # and PgBouncer for what the same two extra hops cost a proxy in C.
+    # The latency floor: one client, the service (on either intake) against one
+    # plain connection, and PgBouncer for what the same two extra hops cost a
+    # proxy in C; the layers over each (DB-API, SQLAlchemy) for what they add to it.
     Workload(
         "single-client",
         "point reads from one client thread",
         (POINT_READ,),
         clients=1,
-        strategies=("threadpool", "pgbouncer", "dbservice"),
+        strategies=(
+            "threadpool", "pgbouncer", "dbservice", "dbservice-unprepared", "mp-queue-pipe",
+            "dbservice-dbapi", "dbservice-sqlalchemy", "pgbouncer-sqlalchemy",
+        ),
     ),
 )
