@@ -158,9 +158,14 @@ class Engine:
             self.deadlines.set(pending, wait_until)
 
     def _warn_if_pool_full(self):
-        """Say, at most every FULL_POOL_WARNING_INTERVAL, that jobs wait for want of connections."""
+        """Say, at most every FULL_POOL_WARNING_INTERVAL, that jobs wait for want of connections.
+
+        Jobs that arrive together all queue before the pool has grown: they
+        wait for want of connections once more of them wait than the pool may
+        still open.
+        """
         now = self._loop.time()
-        if now < self._quiet_until or self.pool.size < self.pool.max_size:
+        if now < self._quiet_until or self.pool.waiting <= self.pool.max_size - self.pool.size:
             return
         self._quiet_until = now + self.FULL_POOL_WARNING_INTERVAL
         logger.warning(
