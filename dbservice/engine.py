@@ -174,6 +174,15 @@ class Engine:
             self.pool.waiting, self.pool.max_size,
         )
 
+    def refuse(self, reply, reply_id, error):
+        """Answer with *error* a job refused before it became one (too large, or not decodable).
+
+        It never reaches :meth:`submit`, but status counts it as failed all
+        the same: an operator must see the jobs the daemon turns away.
+        """
+        self.stats.refused()
+        reply(reply_id, False, error)
+
     # -- running ---------------------------------------------------------------
 
     def run_on(self, pending, conn):

@@ -5,12 +5,17 @@ outcomes on a daemon of its own and checks the figures it then reports.
 """
 
 import asyncio
+import concurrent.futures
+import pickle
 
 import psycopg2.errors
 import pytest
 
 import dbservice
 from conftest import held_jobs, start_service, wait_until
+from dbservice import jobs, wire
+from dbservice.jobs import BEGIN, Job
+from test_security import raw_connect
 
 
 def _outcomes(figures):
@@ -112,3 +117,38 @@ def test_the_pool_keeps_min_size_open_and_at_once_replaces_one_the_server_ends(d
         replaced = lambda f: (f["connections_lost"], f["pool_size"], f["connections_num"]) == (1, 2, 3)  # noqa: E731
         wait_until(lambda: _status_when(db, replaced), timeout=5, message="the pool to replace the lost connection")
         assert db.fetchval("select pg_backend_pid()") != pid
+
+
+def test_cancelled_refused_and_busy_jobs_are_each_counted_once_as_failed(dsn, socket_path, admin):
+    """Answered without running to its end, a job is still counted: else status hides load it turned away."""
+    with start_service(dsn, socket_path, min_size=1, max_size=1, max_queue=1) as svc, svc.client(timeout=30) as db:
+        with concurrent.futures.ThreadPoolExecutor(1) as executor:
+            with held_jobs(admin, db):  # one job done, once the block ends
+                asyncio.run(_cancel_while_queued(svc, db))  # cancelled in the queue
+                queued = executor.submit(db.fetchval, "select 'queued'")  # one more done
+                wait_until(lambda: db.status()["queue_depth"] == 1, message="the queue to fill")
+                with pytest.raises(dbservice.ServiceBusy):
+                    db.fetchval("select 'no room'")  # busy
+            assert queued.result(timeout=30) == "queued"
+        _begin_twice(svc)  # one BEGIN done, the second refused, the rollback done
+        with pytest.raises(dbservice.JobRefused, match="contains itself"):
+            cyclic = []
+            cyclic.append(cyclic)
+            db.fetchval("select %s", [cyclic])  # refused as it is decoded
+        figures = db.status()
+    assert _outcomes(figures) == {"jobs_done": 4, "jobs_failed": 4, "jobs_timed_out": 0}
+
+
+def _begin_twice(svc):
+    sock = raw_connect(svc.socket)
+    try:
+        wire.client_handshake(sock, svc.authkey)
+        for job_id in (1, 2):
+            sock.sendall(wire.encode_frame(job_id, wire.MSG_JOB, jobs.dumps_job(Job("", {}, BEGIN, None, 7))))
+        replies = sorted(wire.recv_frame(sock) for _ in range(2))  # the refusal comes at once
+        assert [kind for _, kind, _ in replies] == [wire.MSG_RESULT, wire.MSG_ERROR]
+        assert "already open" in str(pickle.loads(replies[1][2]))
+        sock.sendall(wire.encode_frame(3, wire.MSG_JOB, jobs.dumps_job(Job("", None, "rollback", None, 7))))
+        assert wire.recv_frame(sock)[:2] == (3, wire.MSG_RESULT)
+    finally:
+        sock.close()
