@@ -190,6 +190,8 @@ def test_stalled_network_fails_jobs_within_their_timeout_then_recovers(proxy, so
                 c.fetchval("select 2", timeout=1.0)
             # the timeout, then at most connect_timeout for the failed cancel
             assert time.monotonic() - started < 1.0 + 1.0 + 2.0
+            figures = c.status()
+            assert (figures["jobs_timed_out"], figures["jobs_failed"]) == (1, 0)  # a timeout, if an uncertain one
             proxy.resume()
             proxy.stop()  # drop the stalled connections, as a real outage ends
             proxy.start()
