@@ -549,6 +549,31 @@ def test_a_dsn_is_shown_without_its_password(dsn, still_shown):
     assert still_shown in shown
 
 
+def test_settings_show_neither_the_password_nor_the_secret():
+    """A Settings in a traceback or a debug line must not carry them: its repr masks both."""
+    from dbservice.config import Settings
+
+    shown = repr(Settings(dsn="host=db user=app password=s3cret-dsn", authkey=b"s3cret-key"))
+    assert "s3cret" not in shown
+    assert "host=db" in shown and "password=***" in shown and "authkey=***" in shown
+
+
+def test_an_unreachable_database_is_named_without_its_password(socket_path):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dsn = "host=127.0.0.1 port=%d dbname=app user=app password=s3cret-dsn connect_timeout=1" % port
+    with dbservice.DBService(dsn, socket=socket_path, min_size=1, max_size=1) as svc, svc.client() as db:
+        wait_until(lambda: db.status()["database_reachable"] is False, message="the first attempt to fail")
+        with pytest.raises(dbservice.ServiceUnavailable) as unreachable:
+            db.fetchval("select 1")
+        figures = db.status()
+    assert "port=%d" % port in str(unreachable.value) and "s3cret" not in str(unreachable.value)
+    assert "password=***" in figures["dsn"] and "s3cret" not in json.dumps(figures)
+
+
 def test_every_setting_is_a_flag_a_variable_and_a_key_of_the_file(tmp_path):
     from dbservice import config as settings
 
