@@ -91,11 +91,21 @@ def test_a_statement_whose_result_changed_under_it_is_prepared_again(both, admin
     prepared, _ = both
     admin.cursor().execute("drop table if exists reshaped; create table reshaped (id int, a text)")
     admin.cursor().execute("insert into reshaped values (1, 'x')")
+    sql = "select * from reshaped /* reshaped-marker */ where id = %s"
+    # what this connection prepared for *sql* since the change (the text a PREPARE came in holds its values)
+    fresh = (
+        "select count(*) from pg_prepared_statements where prepare_time > %s and statement like %s"
+        " and statement not like '%%pg_prepared_statements%%'"
+    )
     with prepared.client(timeout=30) as p:
         for _ in range(2):
-            assert p.fetchall("select * from reshaped where id = %s", [1]) == [(1, "x")]
-        admin.cursor().execute("alter table reshaped add column b int")
-        assert p.fetchall("select * from reshaped where id = %s", [1]) == [(1, "x", None)]
+            assert p.fetchall(sql, [1]) == [(1, "x")]
+        cur = admin.cursor()
+        cur.execute("alter table reshaped add column b int; select clock_timestamp()")
+        altered = cur.fetchone()[0]
+        for _ in range(2):  # the stale plan fails and the job runs as plain text; then it is prepared anew
+            assert p.fetchall(sql, [1]) == [(1, "x", None)]
+        assert p.fetchval(fresh, [altered, "%reshaped-" + "marker%"]) == 1
     admin.cursor().execute("drop table reshaped")
 
 
