@@ -26,6 +26,7 @@ else:  # as the dependency on tomli says
 import psycopg2
 from psycopg2.extensions import parse_dsn
 
+from .health import mask_dsn
 from .session import AUTO, SESSION_RESETS
 from .supply import check_sizes
 
@@ -172,6 +173,20 @@ class Settings:
         check(self)
         if self.max_params_size is None:
             self.max_params_size = self.max_frame
+
+    def __repr__(self) -> str:
+        """Every field, but the DSN's password and the authkey masked: a repr ends up in logs and tracebacks."""
+        shown = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "dsn" and value is not None:
+                text = repr(mask_dsn(value))
+            elif field.name == "authkey" and value is not None:
+                text = "***"
+            else:
+                text = repr(value)
+            shown.append("%s=%s" % (field.name, text))
+        return "Settings(%s)" % ", ".join(shown)
 
 
 def operator_settings() -> "List[dataclasses.Field[Any]]":

@@ -170,7 +170,7 @@ class _ClientProtocol(asyncio.Protocol):
                     frame = self.frames.next_frame()
                 except OversizedFrame as exc:  # its payload is skipped: the client goes on
                     logger.warning("refused a job: %s", exc)
-                    self.reply(exc.job_id, False, JobRefused(str(exc)))
+                    self.engine.refuse(self.reply, exc.job_id, JobRefused(str(exc)))
                     continue
                 if frame is None:
                     self._read(True)
@@ -280,7 +280,7 @@ class _ClientProtocol(asyncio.Protocol):
             job = loads_job(payload, self.settings.max_params_size)
         except JobRefused as exc:
             logger.warning("refused a job: %s", exc)
-            self.reply(job_id, False, exc)
+            self.engine.refuse(self.reply, job_id, exc)
             return
         pending = self.engine.submit(job, self.reply, job_id, owner=self)
         if not pending.done:
