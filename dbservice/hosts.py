@@ -193,8 +193,10 @@ class Router:
         if host is not None:
             host.jobs_in_flight -= 1
             host.jobs_done += 1
-            if host is not self.primary or (job.kind == BEGIN or self._reads(job)) and not pending.rerun:
+            if host is not self.primary:
                 return
+            if (job.kind == BEGIN or self._reads(job)) and not (pending.rerun or job.primary):
+                return  # a read (the client's primary=True may mean it writes)
         elif job.kind != COMMIT:
             return
         if not ok and not isinstance(value, _MAY_HAVE_COMMITTED):
