@@ -282,7 +282,8 @@ class Engine:
     def _rerun(self, pending, exc):
         """Run *pending* again on the primary if a replica refused or lost it, and time is left; True if so."""
         router = self.router
-        if pending.host is router.primary or pending.job.tx is not None or pending.cancelled_with is not None:
+        if pending.done or pending.host is router.primary or pending.job.tx is not None \
+                or pending.cancelled_with is not None:
             return False
         if not self.accepting or not safe_to_rerun(exc):
             return False

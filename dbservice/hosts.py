@@ -26,7 +26,7 @@ import psycopg2
 import psycopg2.errors
 
 from .connection import PooledConnection
-from .errors import JobCancelled, QueryOutcomeUnknown, QueryTimeout, ResultTooLarge
+from .errors import JobCancelled, QueryOutcomeUnknown, QueryTimeout, ResultTooLarge, ServiceUnavailable
 from .health import mask_dsn, one_line
 from .jobs import BEGIN, COMMIT, FETCH_VALUE, Job
 from .runner import STATEMENT_FETCHES, run_job
@@ -252,6 +252,8 @@ class Router:
             if host.healthy:
                 logger.warning("%s %s is unreachable: %s", host.role, mask_dsn(host.dsn), one_line(exc))
             host.healthy = False
+            if host.role == REPLICA:  # the jobs waiting for it run on the primary instead
+                host.pool.fail_waiting(ServiceUnavailable("the replica %s is unreachable" % mask_dsn(host.dsn)))
             host.last_error = one_line(exc)
             if host.poll_conn is not None:
                 host.poll_conn.close()

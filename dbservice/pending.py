@@ -65,6 +65,8 @@ class PendingJob:
 
     def requeue(self):
         """A replica refused or lost the job: it waits again, for a connection of the primary."""
+        if self.state is QUEUED:
+            self.pool.withdraw(self)  # from the replica's queue
         self.clear_deadline()
         self.state = None
         self.statement = None

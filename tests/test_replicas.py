@@ -173,16 +173,17 @@ def test_a_killed_replica_stops_getting_reads_and_rejoins(cluster, svc):
         with svc.client(timeout=30) as db:
             answers.append(db.fetchval("select 'answered' from pg_sleep(1)"))
 
-    readers = [threading.Thread(target=in_flight) for _ in range(4)]  # some on each replica
+    # 6 on each replica: 4 running (max_size), 2 waiting for a connection
+    readers = [threading.Thread(target=in_flight) for _ in range(12)]
     for thread in readers:
         thread.start()
-    wait_until(lambda: sum(host["jobs_in_flight"] for host in hosts(svc)[1:]) == 4, message="reads in flight")
+    wait_until(lambda: sum(host["jobs_in_flight"] for host in hosts(svc)[1:]) == 12, message="reads in flight")
     os.kill(victim.server_pid, signal.SIGKILL)
     victim.process.wait()
     try:
         for thread in readers:
-            thread.join()
-        assert answers == ["answered"] * 4  # those on the killed replica ran again, elsewhere
+            thread.join(10)  # not the pool's 30 s timeout: the waiting ones move to the primary at once
+        assert answers == ["answered"] * 12  # those on the killed replica ran again, on the primary
         wait_until(lambda: not hosts(svc)[1]["healthy"], timeout=3, message="the killed replica to be seen down")
         assert victim.port not in _read_ports(svc)
     finally:
