@@ -168,8 +168,8 @@ class Router:
             return self.primary
         written = self._written_at.get(self._client(pending.owner), float("-inf"))
         # With the primary down nothing more is written: a replica that has
-        # replayed the last sample falls no further behind.
-        oldest = self._loop.time() - self.max_lag if self.primary.healthy else float("-inf")
+        # replayed its last sample falls no further behind.
+        oldest = self._loop.time() - self.max_lag if self.primary.healthy else self._sample[0]
         best = None
         self._turn = (self._turn + 1) % len(self.replicas)  # among equals, each in turn
         for host in self.replicas[self._turn:] + self.replicas[:self._turn]:

@@ -377,6 +377,8 @@ def test_replicas_n_runs_streaming_standbys_of_the_embedded_postgresql(daemon_di
             with open(os.path.join(directory, "data", "postmaster.pid")) as f:
                 assert host["pid"] == int(f.readline())
         assert "True" in ok(dbserviced(daemon_dir, "query", "select pg_is_in_recovery()"))  # read on a standby
+        text = ok(dbserviced(daemon_dir, "status"))
+        assert text.count("  replica ") == 2 and "pid %d" % figures[1]["pid"] in text
         ok(dbserviced(daemon_dir, "stop"))
         for directory in [cluster] + standbys:  # stopped with the daemon
             assert not os.path.exists(os.path.join(directory, "data", "postmaster.pid"))
