@@ -8,8 +8,8 @@ the primary. A replica refuses a write without effect
 a job a replica refused or lost is rerun on the primary, once.
 
 Read-your-writes costs nothing per write. The daemon samples the primary's
-WAL position (``pg_current_wal_lsn()``) every ``POLL_INTERVAL`` and then
-each replica's replay position (``pg_last_wal_replay_lsn()``). A replica
+WAL position (``pg_current_wal_lsn()``) every ``POLL_INTERVAL``, and each
+replica's replay position (``pg_last_wal_replay_lsn()``) as often. A replica
 that has replayed a sample sent at loop time *t* has every transaction
 committed before *t*; a client whose last write was answered at *w* reads
 from a replica only if it has replayed a sample sent after *w*. A replica
@@ -140,7 +140,7 @@ class Router:
         self._sample = (float("-inf"), None)  # the latest sample of the primary: (loop time sent, its WAL position)
         self._turn = 0
         self._loop = None
-        self._poller = None
+        self._pollers = []
 
     @property
     def hosts(self):
@@ -148,12 +148,12 @@ class Router:
 
     def start(self, loop):
         self._loop = loop
-        self._poller = loop.create_task(self._poll_forever())
+        self._pollers = [loop.create_task(self._poll_forever(host)) for host in self.hosts]
 
     async def stop(self):
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
+        for poller in self._pollers:
+            poller.cancel()
+        await asyncio.gather(*self._pollers, return_exceptions=True)
         for host in self.hosts:
             if host.poll_conn is not None:
                 host.poll_conn.close()
@@ -216,30 +216,31 @@ class Router:
 
     # -- polling ---------------------------------------------------------------
 
-    async def _poll_forever(self):
+    # Each host is polled on its own, so that one that is slow to answer (or
+    # to refuse) holds up no other. A replica is measured against the latest
+    # sample of the primary taken before its own query was sent; with the
+    # primary down, that stays its last one.
+
+    async def _poll_forever(self, host):
         while True:
             try:
-                await self._poll()
+                await self._poll(host)
             except Exception:  # a bug: say so and keep polling
-                logger.exception("polling the replicas failed")
-            for host in self.replicas:
-                host.failures //= 2
+                logger.exception("polling %s %s failed", host.role, mask_dsn(host.dsn))
+            host.failures //= 2
             await asyncio.sleep(self.POLL_INTERVAL)
 
-    async def _poll(self):
-        sent = self._loop.time()
-        primary = await self._position(self.primary, "select pg_current_wal_lsn()::text")
-        positions = await asyncio.gather(
-            *(self._position(host, "select pg_last_wal_replay_lsn()::text") for host in self.replicas)
-        )
-        if primary is None:  # the primary is down: measure the replicas against its last sample
-            sent, primary = self._sample
-            if primary is None:
-                return
-        self._sample = (sent, primary)
-        for host, position in zip(self.replicas, positions):
-            if position is not None and position >= primary:
-                host.caught_up_at = max(host.caught_up_at, sent)
+    async def _poll(self, host):
+        if host is self.primary:
+            sent = self._loop.time()
+            position = await self._position(host, "select pg_current_wal_lsn()::text")
+            if position is not None:
+                self._sample = (sent, position)
+            return
+        sent, primary = self._sample
+        position = await self._position(host, "select pg_last_wal_replay_lsn()::text")
+        if position is not None and primary is not None and position >= primary:
+            host.caught_up_at = max(host.caught_up_at, sent)
 
     async def _position(self, host, sql):
         """The WAL position *sql* reads on *host*, on the poller's connection; None, unhealthy, if it fails."""
