@@ -11,6 +11,7 @@ import pytest
 import dbservice
 from conftest import wait_until
 from dbservice.embedded import Cluster
+from dbservice.hosts import reads_only
 
 #: Which server answered: each of ours listens on a port of its own.
 PORT = "current_setting('port')::int"
@@ -55,6 +56,23 @@ def svc(cluster, tmp_path_factory):
     service = start(*cluster, str(directory / "s.sock"))
     yield service
     service.stop()
+
+
+@pytest.mark.parametrize("sql", [
+    "select 1", "  SELECT * from t", "with x as (select 1) select * from x", "values (1)", "table t", "show work_mem",
+    "select nextval('s')",  # a replica refuses it, and it runs again on the primary
+])
+def test_statements_that_start_as_reads_may_go_to_a_replica(sql):
+    assert reads_only(sql)
+
+
+@pytest.mark.parametrize("sql", [
+    "insert into t values (1)", "update t set x = 1", "delete from t", "create table t (x int)",
+    "select set_config('work_mem', '1MB', false)", "select pg_advisory_lock(1)",  # session state: the primary's
+    "/* a comment */ select 1", "(select 1)", "begin", "call p()", "do $$ begin end $$", "listen x",
+])
+def test_anything_else_goes_to_the_primary(sql):
+    assert not reads_only(sql)
 
 
 def test_the_standbys_stream_what_the_primary_writes(cluster):
@@ -131,8 +149,16 @@ def test_transactions_and_the_primary_keyword_route_by_intent(svc):
 
 def test_each_client_reads_its_own_writes_whichever_host_serves_it(cluster, svc):
     """4000 write-then-read pairs from 16 clients: not one read misses its client's write."""
-    primary = cluster[0]
-    pairs_per_client = 250
+    _write_then_read(cluster[0], svc, pairs_per_client=250, first_client=1000)
+
+
+@pytest.mark.slow
+def test_ten_thousand_write_then_read_pairs_see_every_write(cluster, svc):
+    _write_then_read(cluster[0], svc, pairs_per_client=625, first_client=2000)
+
+
+def _write_then_read(primary, svc, pairs_per_client, first_client):
+    """16 clients each write a row, then read it back twice; no read may miss it."""
     stale, from_replicas = [], collections.Counter()
     lock = threading.Lock()
 
@@ -150,7 +176,7 @@ def test_each_client_reads_its_own_writes_whichever_host_serves_it(cluster, svc)
                         if port != primary.port:
                             from_replicas[port] += 1
 
-    threads = [threading.Thread(target=client, args=(1000 + number,)) for number in range(16)]
+    threads = [threading.Thread(target=client, args=(first_client + number,)) for number in range(16)]
     for thread in threads:
         thread.start()
     for thread in threads:
