@@ -248,7 +248,7 @@ class Router:
         try:
             if host.poll_conn is None or host.poll_conn.pgconn.closed:
                 host.poll_conn = await PooledConnection.connect(host.dsn, 0, self._loop, _ignore, deadline)
-            text = await run_job(host.poll_conn, Job(sql, kind=FETCH_VALUE), deadline, host.pool.cancel)
+            text = await run_job(host.poll_conn, Job(sql, kind=FETCH_VALUE), deadline, _abandon)
         except Exception as exc:
             if host.healthy:
                 logger.warning("%s %s is unreachable: %s", host.role, mask_dsn(host.dsn), one_line(exc))
@@ -269,4 +269,13 @@ class Router:
 
 def _ignore(conn):
     """A poller's connection the server ended: the next poll finds it closed and opens another."""
+
+
+async def _abandon(conn):
+    """A poll that outlived POLL_TIMEOUT: run_job closes its connection instead of cancelling the query.
+
+    A host that slow (partitioned) is down, and a cancel request would wait
+    ``connect_timeout`` for it.
+    """
+    raise psycopg2.OperationalError("the poll got no answer in time")
 

@@ -12,6 +12,7 @@ import dbservice
 from conftest import wait_until
 from dbservice.embedded import Cluster
 from dbservice.hosts import reads_only
+from proxy import TcpProxy
 
 #: Which server answered: each of ours listens on a port of its own.
 PORT = "current_setting('port')::int"
@@ -28,9 +29,9 @@ def polled(svc):
 
 
 def start(primary, standbys, socket_path, **options):
-    svc = dbservice.DBService(
-        primary.dsn(), socket=socket_path, replicas=tuple(s.dsn() for s in standbys), max_size=4, **options
-    ).start()
+    """A service on *primary* with *standbys* (or their DSNs) as replicas, once it has polled them."""
+    replicas = tuple(s if isinstance(s, str) else s.dsn() for s in standbys)
+    svc = dbservice.DBService(primary.dsn(), socket=socket_path, replicas=replicas, max_size=4, **options).start()
     wait_until(lambda: polled(svc), message="the replicas to be polled")
     return svc
 
@@ -252,6 +253,27 @@ def test_a_paused_replica_stops_getting_reads_and_rejoins(cluster, tmp_path_fact
         wait_until(lambda: paused.port in _read_ports(svc), timeout=10, message="the replica to serve reads again")
 
 
+def test_a_partitioned_replica_stops_getting_reads_and_rejoins(cluster, tmp_path_factory):
+    primary, standbys = cluster
+    directory = tmp_path_factory.mktemp("n")
+    os.chmod(directory, 0o700)
+    cut = standbys[0]
+    proxy = TcpProxy("127.0.0.1", cut.port)
+    proxy.start()
+    try:
+        replicas = [proxy.dsn(user="postgres", dbname="test"), standbys[1]]
+        with start(primary, replicas, str(directory / "s.sock")) as svc:
+            wait_until(lambda: cut.port in _read_ports(svc), message="reads through the link")
+            proxy.stall()  # the link forwards nothing: the poller's query gets no answer
+            wait_until(lambda: not hosts(svc)[1]["healthy"], timeout=3, message="the partition to be seen")
+            assert cut.port not in _read_ports(svc)
+            proxy.resume()
+            wait_until(lambda: hosts(svc)[1]["healthy"] and cut.port in _read_ports(svc), timeout=15,
+                       message="the replica to serve reads again")
+    finally:
+        proxy.close()
+
+
 def test_with_the_primary_down_writes_fail_clearly_and_replicas_serve_reads(tmp_path_factory):
     directory = tmp_path_factory.mktemp("d")
     os.chmod(directory, 0o700)
@@ -266,7 +288,7 @@ def test_with_the_primary_down_writes_fail_clearly_and_replicas_serve_reads(tmp_
                         db.execute("create table lost (x int)", timeout=1)
                     assert [db.fetchval("select %s" % PORT) for _ in range(20)] == [standby.port] * 20
                 primary.start()
-                wait_until(lambda: hosts(svc)[0]["healthy"], timeout=10, message="the primary to be back")
+                wait_until(lambda: hosts(svc)[0]["healthy"], timeout=20, message="the primary to be back")
                 with svc.client(timeout=30) as db:
                     assert db.execute("create table back (x int)") == -1
         finally:
