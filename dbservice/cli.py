@@ -28,12 +28,13 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 def _setting_option(field):
     text = field.metadata["help"]
     default = config.daemon_default(field)
-    if default is not None:
+    if default is not None and default != ():
         text += " [default: %s]" % default
     return click.option(
-        "--" + field.name.replace("_", "-"),
+        "--" + (field.metadata["flag"] or field.name).replace("_", "-"),
         field.name,
         type=config.value_type(field),
+        multiple=config.is_list(field),
         metavar=field.metadata["metavar"],
         envvar="DBSERVICE_" + field.name.upper(),
         show_envvar=True,

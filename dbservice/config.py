@@ -57,14 +57,17 @@ _T = TypeVar("_T")
 
 def setting(
     default: _T, metavar: str, help: str, reloadable: bool = False, choices: Sequence[str] = (),
-    daemon_default: Any = dataclasses.MISSING,
+    daemon_default: Any = dataclasses.MISSING, flag: Optional[str] = None,
 ) -> _T:
     """A field of Settings that an operator sets: its default and what the CLI says of it.
 
     *daemon_default* is the daemon's own default where it differs from the
-    engine's (which DBService runs with).
+    engine's (which DBService runs with). *flag* is the option's name where
+    it is not the field's (``--replica`` for ``replicas``, given once per DSN).
     """
-    metadata: Dict[str, Any] = {"metavar": metavar, "help": help, "reloadable": reloadable, "choices": choices}
+    metadata: Dict[str, Any] = {
+        "metavar": metavar, "help": help, "reloadable": reloadable, "choices": choices, "flag": flag,
+    }
     if daemon_default is not dataclasses.MISSING:
         metadata["daemon_default"] = daemon_default
     return dataclasses.field(default=default, metadata=metadata)
@@ -164,7 +167,23 @@ class Settings:
         "how long a reply may go unread by a client of the multiprocessing queue (a stopped or stalled "
         "process) before its reply channel is dropped and its jobs cancelled",
     )
+    replicas: Tuple[str, ...] = setting(
+        (), "DSN",
+        "a streaming replica of the database, which serves reads; give it once per replica "
+        "(in the config file: replicas = [\"DSN\", ...])",
+        flag="replica",
+    )
+    embedded_replicas: int = setting(
+        0, "N",
+        "without --dsn: run N streaming standbys of the embedded PostgreSQL (pg_basebackup), which serve reads",
+        flag="replicas",
+    )
+    max_replica_lag: float = setting(
+        10.0, "SECONDS", "a replica that has not replayed what the primary wrote this long ago gets no reads"
+    )
     auth_timeout: float = 10.0  # seconds a new socket client has to authenticate
+    #: the postmaster pid of each embedded cluster, by its DSN, for status
+    embedded_pids: Dict[str, int] = dataclasses.field(default_factory=dict)
     #: the Unix socket to serve on; None serves the multiprocessing queue instead
     socket: Optional[str] = None
     authkey: Optional[bytes] = None
@@ -208,8 +227,13 @@ def reloaded(old: Settings, new: Settings) -> Settings:
     return dataclasses.replace(old, **{name: getattr(new, name) for name in reloadable})
 
 
+def is_list(field: "dataclasses.Field[Any]") -> bool:
+    """True for a setting that holds several values (Tuple[str, ...]): given once per value."""
+    return typing.get_origin(field.type) is tuple
+
+
 def value_type(field: "dataclasses.Field[Any]") -> type:
-    """int, float or str: the type of a setting's value, Optional[...] or not.
+    """int, float or str: the type of a setting's value (of each value of a list), Optional[...] or not.
 
     A type, not the string of one, since this module's annotations are
     evaluated (it has no ``from __future__ import annotations``): the CLI's
@@ -229,7 +253,7 @@ def check(settings: Settings) -> None:
         value = getattr(settings, field.name)
         if value is None:
             continue
-        if value_type(field) is not str and value < 0:
+        if value_type(field) is not str and not is_list(field) and value < 0:
             raise ConfigError("%s must not be negative, got %r" % (field.name, value))
         choices = field.metadata["choices"]
         if choices and str(value).upper() not in [choice.upper() for choice in choices]:
@@ -239,8 +263,14 @@ def check(settings: Settings) -> None:
         check_sizes(settings.min_size, settings.max_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if settings.dsn is not None:
-        check_dsn(settings.dsn)
+    for dsn in (settings.dsn, *settings.replicas):
+        if dsn is not None:
+            check_dsn(dsn)
+    if settings.embedded_replicas and settings.dsn is not None:
+        raise ConfigError(
+            "embedded_replicas (--replicas N) runs standbys of the embedded PostgreSQL, and a DSN is given: "
+            "name the DSN's replicas with --replica DSN instead"
+        )
 
 
 class StateDir:
@@ -262,7 +292,7 @@ def load_config(given: Mapping[str, Any], path: Optional[str] = None) -> Setting
     values = {field.name: daemon_default(field) for field in operator_settings()}
     if path:
         values.update(read_config_file(path))
-    values.update({name: value for name, value in given.items() if value is not None})
+    values.update({name: value for name, value in given.items() if value is not None and value != ()})
     if given.get("min_size") is None and values["min_size"] == Settings.min_size:
         values["min_size"] = min(values["min_size"], values["max_size"])  # max_size = 1 alone is fine
     if values["cluster_dir"]:
@@ -287,6 +317,11 @@ def read_config_file(path: str) -> Dict[str, Any]:
                 % (path, name, ", ".join(fields))
             )
         kind = value_type(fields[name])
+        if is_list(fields[name]):
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                raise ConfigError("the config file %s sets %s = %r; it must be a list of strings" % (path, name, value))
+            values[name] = tuple(value)
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
             raise ConfigError(
                 "the config file %s sets %s = %r; it must be %s"

@@ -55,6 +55,7 @@ class Daemon:
         self.settings = load_config(given, self.config_path)
         self.detached = False
         self.cluster = None
+        self.standbys = []  # the embedded cluster's streaming standbys (embedded_replicas)
 
     def prepare(self):
         """Create the state directory 0700 (refusing one others can enter) and its secret."""
@@ -141,6 +142,8 @@ class Daemon:
         if self.settings.dsn is None:
             self.cluster = self._start_cluster()
         try:
+            for number in range(1, self.settings.embedded_replicas + 1):
+                self.standbys.append(self._start_standby(number))
             serve(
                 self._settings(self.settings),
                 ready=ready,
@@ -148,6 +151,8 @@ class Daemon:
                 reopen_log=self._reopen_log if self.detached else None,
             )
         finally:
+            for standby in self.standbys:
+                standby.stop()
             if self.cluster is not None:
                 self.cluster.stop()
                 logger.info("embedded PostgreSQL stopped")
@@ -160,10 +165,25 @@ class Daemon:
         logger.info("embedded PostgreSQL running in %s (pid %d)", directory, cluster.server_pid)
         return cluster
 
+    def _start_standby(self, number):
+        """The embedded cluster's standby *number*, beside it: made by pg_basebackup on its first start."""
+        directory = "%s-replica%d" % (self.cluster.base_dir, number)
+        if not os.path.exists(os.path.join(directory, "data", "PG_VERSION")):
+            logger.info("creating embedded standby %d in %s (pg_basebackup)", number, directory)
+        standby = self.cluster.standby(directory)
+        logger.info("embedded standby %d running in %s (pid %d)", number, directory, standby.server_pid)
+        return standby
+
     def _settings(self, settings):
-        """*settings* with what the state directory (and the embedded cluster) decides."""
+        """*settings* with what the state directory (and the embedded clusters) decide."""
         dsn = settings.dsn if settings.dsn is not None else self.cluster.dsn()
-        return dataclasses.replace(settings, dsn=dsn, socket=self.state.socket, authkey=read_secret(self.state.secret))
+        replicas = settings.replicas + tuple(standby.dsn() for standby in self.standbys)
+        embedded = [self.cluster] + self.standbys if self.cluster is not None else []
+        return dataclasses.replace(
+            settings, dsn=dsn, replicas=replicas, embedded_replicas=0,  # the standbys are replicas from here on
+            embedded_pids={c.dsn(): c.server_pid for c in embedded},
+            socket=self.state.socket, authkey=read_secret(self.state.secret),
+        )
 
     # -- while running -------------------------------------------------------------
 

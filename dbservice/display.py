@@ -54,11 +54,25 @@ def format_status(status):
         "  latency      p50 %s, p95 %s, p99 %s (last %d jobs)"
         % (_ms(latency["p50"]), _ms(latency["p95"]), _ms(latency["p99"]), latency["window"]),
     ]
+    for host in status.get("hosts", ()):
+        lines.append("  %-12s %s" % (host["role"], _host(host)))
     if not status["database_reachable"]:
         lines.append("  WARNING      the database is unreachable: %s" % status["last_error"])
     if status["reload_error"]:
         lines.append("  WARNING      the last reload failed: %s" % status["reload_error"])
     return "\n".join(lines)
+
+
+def _host(host):
+    """One host of a daemon with replicas: where it is, whether it serves, its lag and load."""
+    health = "up" if host["healthy"] else "DOWN (%s)" % host["last_error"]
+    lag = "" if host["role"] == "primary" else ", lag %s" % (
+        "unknown" if host["lag_s"] is None else "%.3f s" % host["lag_s"]
+    )
+    pid = "" if host["pid"] is None else ", pid %d" % host["pid"]
+    return "%s: %s%s, %d jobs in flight, %d done%s" % (
+        host["dsn"], health, lag, host["jobs_in_flight"], host["jobs_done"], pid,
+    )
 
 
 def _text(value):

@@ -78,6 +78,21 @@ class Cluster:
         return cls(tempfile.mkdtemp(prefix="dbservice-pg-"), port=_free_port(), dbname="test", fsync=False,
                    temporary=True, **server_settings)
 
+    def standby(self, base_dir=None):
+        """A streaming standby of this cluster, made by ``pg_basebackup -R`` in *base_dir*, and started.
+
+        It listens as this cluster does (a Unix socket in its own directory,
+        and a free TCP port if this cluster has one) and serves reads
+        (``hot_standby``). Without *base_dir* it is a temporary one, in a
+        temporary directory. PostgreSQL's defaults (``wal_level=replica``,
+        ``max_wal_senders=10``, local replication trusted by initdb) are what
+        the primary needs.
+        """
+        temporary = base_dir is None
+        base_dir = tempfile.mkdtemp(prefix="dbservice-standby-") if temporary else base_dir
+        return Standby(self, base_dir, port=_free_port() if self.port else None, dbname=self.dbname,
+                       fsync=self.fsync, temporary=temporary, hot_standby="on", **self.server_settings)
+
     # -- lifecycle -------------------------------------------------------------
 
     def start(self):
@@ -147,16 +162,19 @@ class Cluster:
     def _initdb(self):
         if os.path.exists(os.path.join(self.data_dir, "PG_VERSION")):
             return
-        for directory in (self.base_dir, self.socket_dir):
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            os.chmod(directory, 0o700)
-        if self._drop:
-            _chown_tree(self.base_dir, SERVER_USER)
+        self._make_directories()
         command = [self._bin("initdb"), "-D", self.data_dir, "-U", "postgres", "-A", "trust",
                    "--lc-messages=C", "--no-sync"]
         result = subprocess.run(self._drop + command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         if result.returncode != 0:
             raise RuntimeError("initdb failed: %s" % result.stderr.decode(errors="replace").strip())
+
+    def _make_directories(self):
+        for directory in (self.base_dir, self.socket_dir):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.chmod(directory, 0o700)
+        if self._drop:
+            _chown_tree(self.base_dir, SERVER_USER)
 
     def _server_command(self):
         command = [self._bin("postgres"), "-D", self.data_dir, "-k", self.socket_dir, "-p", str(self.port or 5432),
@@ -199,6 +217,38 @@ class Cluster:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
 
+class Standby(Cluster):
+    """A streaming standby of *primary*: its data directory is a base backup instead of initdb's."""
+
+    def __init__(self, primary, base_dir, **options):
+        self.primary = primary
+        super().__init__(base_dir, **options)
+
+    def _initdb(self):
+        if os.path.exists(os.path.join(self.data_dir, "PG_VERSION")):
+            return
+        self._make_directories()
+        command = [self._bin("pg_basebackup"), "-D", self.data_dir, "-R", "-X", "stream", "--checkpoint=fast", "--no-sync",
+                   "-d", self.primary.dsn(dbname="postgres")]
+        result = subprocess.run(self._drop + command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if result.returncode != 0:
+            raise RuntimeError("pg_basebackup failed: %s" % result.stderr.decode(errors="replace").strip())
+
+    def _create_database(self):
+        pass  # a standby has the primary's databases, and cannot create any
+
+    def streaming(self):
+        """True once the standby receives the primary's WAL as it is written."""
+        conn = psycopg2.connect(self.dsn(dbname="postgres"), connect_timeout=5)
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute("select status from pg_stat_wal_receiver")
+                row = cursor.fetchone()
+        finally:
+            conn.close()
+        return row is not None and row[0] == "streaming"
+
+
 def default_cluster_dir(state_dir):
     """Where the daemon of *state_dir* keeps its embedded cluster.
 
@@ -236,7 +286,9 @@ def stop_orphaned_postmaster(data_dir):
 
 def _server_binaries():
     """A function from a program's name (initdb, postgres) to its path, or RuntimeError saying what to install."""
-    directories = [os.path.dirname(path) for path in (shutil.which("postgres"), shutil.which("initdb")) if path]
+    # Resolved, since a symlink in /usr/local/bin may stand for a directory holding pg_basebackup too.
+    found = (shutil.which("postgres"), shutil.which("initdb"))
+    directories = [os.path.dirname(os.path.realpath(path)) for path in found if path]
     directories += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version, reverse=True)
     directories += ["/usr/local/pgsql/bin", "/usr/pgsql/bin"]
     for directory in directories:

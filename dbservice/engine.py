@@ -48,7 +48,8 @@ from .deadlines import Deadlines
 from .errors import Error, JobRefused, ServiceBusy, ServiceUnavailable
 from .jobs import BEGIN
 from .pending import PendingJob
-from .health import mask_dsn, refused_for_good
+from .health import mask_dsn, one_line, refused_for_good
+from .hosts import PRIMARY, REPLICA, Host, Router, safe_to_rerun
 from .pool import AsyncConnectionPool
 from .runner import STATEMENT_FETCHES, Statement, run_job
 from .stats import JobStats
@@ -65,19 +66,19 @@ class Engine:
 
     def __init__(self, settings):
         self.settings = settings
-        self.pool = AsyncConnectionPool(
-            settings.dsn,
-            min_size=settings.min_size,
-            max_size=settings.max_size,
-            max_idle=settings.max_idle,
-            timeout=settings.pool_timeout,
-            connect_timeout=settings.connect_timeout,
-            session_reset=settings.session_reset,
-            max_waiting=settings.max_queue,
-            max_prepared=settings.max_prepared,
-        )
+        self.pool = self._pool(settings.dsn, "pool")
+        #: with replicas: the hosts, and which one each job runs on; None: the one database
+        self.router = None
+        if settings.replicas:
+            replicas = [
+                Host(REPLICA, dsn, self._pool(dsn, "replica%d" % number))
+                for number, dsn in enumerate(settings.replicas, 1)
+            ]
+            self.router = Router(Host(PRIMARY, settings.dsn, self.pool), replicas, settings.max_replica_lag)
+            for host in self.router.hosts:
+                host.pid = settings.embedded_pids.get(host.dsn)
         self.stats = JobStats()
-        self.transactions = TransactionTable(self.pool, settings.idle_in_transaction_timeout, self.finish)
+        self.transactions = TransactionTable(settings.idle_in_transaction_timeout, self.finish)
         self.started_at = time.time()
         self.accepting = False
         self.reloads = 0
@@ -89,6 +90,21 @@ class Engine:
         self._loop = None
         self.deadlines = None  # once started: the jobs' deadlines (deadlines.py)
         self._quiet_until = 0.0  # no warning of a full pool before then, on the loop's clock
+
+    def _pool(self, dsn, name):
+        settings = self.settings
+        return AsyncConnectionPool(
+            dsn,
+            name=name,
+            min_size=settings.min_size,
+            max_size=settings.max_size,
+            max_idle=settings.max_idle,
+            timeout=settings.pool_timeout,
+            connect_timeout=settings.connect_timeout,
+            session_reset=settings.session_reset,
+            max_waiting=settings.max_queue,
+            max_prepared=settings.max_prepared,
+        )
 
     async def start(self):
         """Open the pool and start serving; raise ServiceUnavailable if the database refuses us for good.
@@ -108,6 +124,10 @@ class Engine:
                 "the database refuses the daemon's connections (%s): check the DSN (--dsn)"
                 % " ".join(str(error).split())
             )
+        if self.router is not None:
+            for host in self.router.replicas:
+                await host.pool.open(wait=False)  # a replica down does not stop the start
+            self.router.start(self._loop)
         self._quiet.set()
         self.accepting = True
 
@@ -142,25 +162,32 @@ class Engine:
             except JobRefused as exc:
                 self.finish(pending, False, exc)
                 return
-        outage = self.pool.outage_error()
+        if self.router is not None:
+            self.router.moved(pending, self.router.host_for(pending))
+        self._lend(pending)
+
+    def _lend(self, pending):
+        """*pending* runs on a connection of its pool now, or waits in its queue for one."""
+        pool = pending.pool
+        outage = pool.outage_error()
         if outage is not None:
-            self.finish(pending, False, outage)
+            self.fail(pending, outage)
             return
         self._quiet.clear()
-        if not self.pool.lend(pending):  # it runs now, or waits for a connection
+        if not pool.lend(pending):  # it runs now, or waits for a connection
             self.finish(pending, False, ServiceBusy(
                 "the dbservice job queue is full (max_queue %d): the database cannot keep up; "
                 "try again later, or raise max_queue or max_size" % self.settings.max_queue
             ))
         elif pending.state is None:
             pending.queue()
-            self._warn_if_pool_full()
+            self._warn_if_pool_full(pool)
             # A job without a timeout still waits for a connection no longer
             # than the pool's timeout: if the database stays unreachable, it is told.
             wait_until = pending.deadline or pending.arrived + self.settings.pool_timeout
             self.deadlines.set(pending, wait_until)
 
-    def _warn_if_pool_full(self):
+    def _warn_if_pool_full(self, pool):
         """Say, at most every FULL_POOL_WARNING_INTERVAL, that jobs wait for want of connections.
 
         Jobs that arrive together all queue before the pool has grown: they
@@ -168,13 +195,13 @@ class Engine:
         still open.
         """
         now = self._loop.time()
-        if now < self._quiet_until or self.pool.waiting <= self.pool.max_size - self.pool.size:
+        if now < self._quiet_until or pool.waiting <= pool.max_size - pool.size:
             return
         self._quiet_until = now + self.FULL_POOL_WARNING_INTERVAL
         logger.warning(
-            "%d jobs wait for a connection: all %d connections (max_size) are busy; "
+            "%d jobs wait for a connection of pool %r: all %d connections (max_size) are busy; "
             "if the database can take more, raise --max-size",
-            self.pool.waiting, self.pool.max_size,
+            pool.waiting, pool.name, pool.max_size,
         )
 
     def refuse(self, reply, reply_id, error):
@@ -191,7 +218,7 @@ class Engine:
     def run_on(self, pending, conn):
         """Start *pending*, which the pool just lent *conn*: by callbacks if it is one statement, else in a task."""
         job = pending.job
-        self.pool.note_job(conn, job.sql)
+        pending.pool.note_job(conn, job.sql)
         conn.gate = None if pending.owner is None else pending.owner.gate
         self._running.add(pending)
         if job.tx is not None or job.kind not in STATEMENT_FETCHES:
@@ -207,11 +234,11 @@ class Engine:
 
     def statement_done(self, pending, ok, value):
         """*pending*'s Statement ended, its connection idle (or closed): the next job first, then the reply."""
-        self._release(pending.statement.conn)  # the next job first: the server works while we reply
+        self._release(pending.pool, pending.statement.conn)  # the next job first: the server works while we reply
         if ok:
             self.finish(pending, True, value)
         else:
-            self._fail(pending, value)
+            self.fail(pending, value)
 
     def statement_to_task(self, pending):
         """*pending*'s Statement needs more than callbacks: run_job goes on with it, in a task."""
@@ -219,10 +246,10 @@ class Engine:
         pending.clear_deadline()
         self._start_task(pending, self._execute(pending, statement.conn, statement))
 
-    def _release(self, conn):
-        """Give back a connection a job is done with: the pool passes it to the next job waiting."""
+    def _release(self, pool, conn):
+        """Give back a connection a job is done with: *pool* passes it to the next job waiting."""
         conn.release_gate()
-        self.pool.putconn(conn)
+        pool.putconn(conn)
 
     def _start_task(self, pending, coroutine):
         pending.run()
@@ -235,9 +262,10 @@ class Engine:
     async def _execute(self, pending, conn, statement=None):
         pending.started = True
         job = pending.job
+        pool = pending.pool  # a rerun of the job moves it to another
         begins = job.kind == BEGIN
         try:
-            result = await run_job(conn, job, pending.deadline, self.pool.cancel, begins, statement)
+            result = await run_job(conn, job, pending.deadline, pool.cancel, begins, statement)
             if begins and pending.cancelled_with is None:
                 conn.release_gate()
                 self.transactions.begun(pending, conn)
@@ -249,26 +277,49 @@ class Engine:
             self.finish(pending, False, pending.cancelled_with or stopped)
             raise
         except Exception as exc:
-            self._fail(pending, pending.cancelled_with or exc)
+            self.fail(pending, pending.cancelled_with or exc)
         else:
             self.finish(pending, True, result)
         finally:
             if conn is not None:
-                self._release(conn)
+                self._release(pool, conn)
 
-    def _fail(self, pending, exc):
-        """Reply with *exc*: the database's errors and ours as they are, anything else as a bug."""
+    def fail(self, pending, exc):
+        """Reply with *exc*: the database's errors and ours as they are, anything else as a bug.
+
+        A job a replica refused or lost runs again on the primary instead, once.
+        """
+        if pending.host is not None and self._rerun(pending, exc):
+            return
         if not isinstance(exc, (psycopg2.Error, Error)):
             logger.error("job %r failed inside the daemon", pending.job, exc_info=exc)
             exc = Error("dbservice internal error: %s: %s" % (type(exc).__name__, exc))
         self.finish(pending, False, exc)
 
+    def _rerun(self, pending, exc):
+        """Run *pending* again on the primary if a replica refused or lost it, and time is left; True if so."""
+        router = self.router
+        if pending.done or pending.host is router.primary or pending.job.tx is not None \
+                or pending.cancelled_with is not None:
+            return False
+        if not self.accepting or not safe_to_rerun(exc):
+            return False
+        if pending.deadline is not None and self._loop.time() >= pending.deadline:
+            return False
+        logger.debug("rerunning a job on the primary: %s %s", pending.host.pool.name, one_line(exc))
+        pending.requeue()
+        router.moved(pending, router.primary)
+        self._lend(pending)
+        return True
+
     def finish(self, pending, ok, value):
         """Send *pending*'s one reply, count it and log it if it was slow; nothing if it was sent."""
         if not pending.finish(ok, value):
             return
+        if self.router is not None:
+            self.router.finished(pending, pending.host, ok, value)
         self._running.discard(pending)
-        if not self._running and not self.pool.waiting:
+        if not self._running and not (self.pool.waiting if self.router is None else self.queue_depth):
             self._quiet.set()
         if not ok and pending.job.kind == BEGIN:
             self.transactions.begun(pending)  # it opened no transaction
@@ -292,13 +343,18 @@ class Engine:
         await asyncio.wait([quiet, hurry], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         quiet.cancel()
         hurry.cancel()
-        self.pool.fail_waiting(ServiceUnavailable("the dbservice daemon stopped before the job ran"))
+        for pool in self.pools:
+            pool.fail_waiting(ServiceUnavailable("the dbservice daemon stopped before the job ran"))
         stopped = ServiceUnavailable("the dbservice daemon stopped before the job ended")
         for pending in list(self._running):
             pending.cancel(stopped)  # a query running is cancelled on the server
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.transactions.close()
+        if self.router is not None:
+            await self.router.stop()
+            for host in self.router.replicas:
+                await host.pool.close()
         await self.pool.close()  # answers the jobs still waiting for a connection
         self.deadlines.close()
 
@@ -309,9 +365,16 @@ class Engine:
     # -- while serving ---------------------------------------------------------
 
     @property
+    def pools(self):
+        """The primary's pool, then each replica's."""
+        if self.router is None:
+            return [self.pool]
+        return [host.pool for host in self.router.hosts]
+
+    @property
     def queue_depth(self):
         """Jobs waiting for a connection."""
-        return self.pool.waiting
+        return sum(pool.waiting for pool in self.pools)
 
     @property
     def running(self):
@@ -326,12 +389,13 @@ class Engine:
         """
         old = self.settings
         new = self.settings = reloaded(old, settings)
-        if (new.min_size, new.max_size) != (old.min_size, old.max_size):
-            self.pool.resize(new.min_size, new.max_size)
-        self.pool.max_idle = new.max_idle
-        self.pool.timeout = new.pool_timeout
-        self.pool.connect_timeout = new.connect_timeout
-        self.pool.session_reset = new.session_reset
+        for pool in self.pools:
+            if (new.min_size, new.max_size) != (old.min_size, old.max_size):
+                pool.resize(new.min_size, new.max_size)
+            pool.max_idle = new.max_idle
+            pool.timeout = new.pool_timeout
+            pool.connect_timeout = new.connect_timeout
+            pool.session_reset = new.session_reset
         self.reloads += 1
         self.reload_error = None
         logger.info(
@@ -358,4 +422,7 @@ class Engine:
         }
         status.update(self.pool.get_stats())
         status.update(self.stats.as_dict())
+        if self.router is not None:
+            now = self._loop.time()
+            status["hosts"] = [host.status(now) for host in self.router.hosts]
         return status

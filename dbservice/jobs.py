@@ -97,25 +97,30 @@ class Job:
     """One unit of work for the daemon; immutable once built.
 
     *tx* names the client's transaction the job belongs to (None: a job that
-    is its own transaction).
+    is its own transaction). *primary* runs it on the primary even where it
+    could read from a replica.
     """
 
-    __slots__ = ("sql", "params", "kind", "timeout", "tx")
+    __slots__ = ("sql", "params", "kind", "timeout", "tx", "primary")
 
     def __init__(
         self, sql: str, params: Params = None, kind: str = FETCH_ALL, timeout: Optional[float] = None,
-        tx: Optional[int] = None,
+        tx: Optional[int] = None, primary: bool = False,
     ) -> None:
         self.sql = sql
         self.params = params
         self.kind = kind  # one of JOB_KINDS
         self.timeout = timeout
         self.tx = tx
+        self.primary = primary
 
     def __repr__(self) -> str:
         return "<Job %s %.60r timeout=%s>" % (self.kind, self.sql, self.timeout)
 
-    def to_wire(self) -> Tuple[str, Params, str, Optional[float], Optional[int]]:
+    def to_wire(self) -> Tuple[Any, ...]:
+        """(sql, params, kind, timeout, tx), and True after them for a job that asks for the primary."""
+        if self.primary:
+            return (self.sql, self.params, self.kind, self.timeout, self.tx, True)
         return (self.sql, self.params, self.kind, self.timeout, self.tx)
 
     @classmethod
@@ -125,9 +130,10 @@ class Job:
         Its parameters may take at most *max_params_size* once bound (see
         :func:`check_params`).
         """
-        if not (isinstance(message, tuple) and len(message) == 5):
-            raise JobRefused("a job must be a tuple (sql, params, kind, timeout, tx)")
-        sql, params, kind, timeout, tx = message
+        if not (isinstance(message, tuple) and len(message) in (5, 6)):
+            raise JobRefused("a job must be a tuple (sql, params, kind, timeout, tx[, primary])")
+        sql, params, kind, timeout, tx = message[:5]
+        primary = len(message) == 6 and message[5] is True
         if kind not in JOB_KINDS:
             raise JobRefused(
                 "unknown kind of job %r; use one of %s" % (kind, ", ".join(sorted(JOB_KINDS)))
@@ -145,7 +151,7 @@ class Job:
         if not isinstance(sql, str) or not sql.strip():
             raise JobRefused("the job's SQL must be a non-empty string")
         check_params(params, kind == FETCH_MANY, max_params_size)
-        return cls(sql, params, kind, timeout, tx)
+        return cls(sql, params, kind, timeout, tx, primary)
 
 
 def transaction_options(

@@ -19,7 +19,7 @@ class PendingJob:
 
     __slots__ = (
         "job", "reply", "reply_id", "owner", "engine", "arrived", "received", "deadline", "state", "due",
-        "statement", "task", "started", "cancelled_with",
+        "statement", "task", "started", "cancelled_with", "pool", "host", "rerun",
     )
 
     def __init__(self, engine, job, reply, reply_id, owner, now):
@@ -37,6 +37,9 @@ class PendingJob:
         self.task = None  # while it runs in a task
         self.started = False  # its task took its first step: it can be cancelled at once
         self.cancelled_with = None  # the error to reply with once its query is cancelled
+        self.pool = engine.pool  # the pool it waits in and runs on: its host's
+        self.host = None  # with replicas: the hosts.Host it runs on (None: in a transaction)
+        self.rerun = False  # a replica refused or lost it, and it runs again on the primary
 
     @property
     def done(self):
@@ -58,14 +61,25 @@ class PendingJob:
 
     def fail(self, error):
         """The pool gives up on the job (it is closing): reply with *error*."""
-        self.engine.finish(self, False, error)
+        self.engine.fail(self, error)
+
+    def requeue(self):
+        """A replica refused or lost the job: it waits again, for a connection of the primary."""
+        if self.state is QUEUED:
+            self.pool.withdraw(self)  # from the replica's queue
+        self.clear_deadline()
+        self.state = None
+        self.statement = None
+        self.task = None
+        self.started = False
+        self.rerun = True
 
     def finish(self, ok, value):
         """Send the reply unless one was sent already; True if this one went."""
         if self.state is DONE:
             return False
         if self.state is QUEUED:
-            self.engine.pool.withdraw(self)
+            self.pool.withdraw(self)
         self.state = DONE
         if self.due is not None:
             self.engine.deadlines.clear(self)
@@ -84,7 +98,7 @@ class PendingJob:
             self.statement.interrupt()  # run_job cancels the query, the deadline being past
         elif self.state is QUEUED:
             loop = asyncio.get_running_loop()
-            self.engine.finish(self, False, self.engine.pool.wait_error(loop.time() - self.arrived))
+            self.engine.fail(self, self.pool.wait_error(loop.time() - self.arrived))
 
     def cancel(self, error):
         """Take it out of the queue, or cancel its query on the server; done, it is left alone.

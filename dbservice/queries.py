@@ -67,6 +67,9 @@ _Self = TypeVar("_Self", bound="QueryMethods[Any, Any, Any, Any, Any]")
 class QueryMethods(Generic[_Rows, _Row, _Value, _Table, _Count]):
     """The query methods of every client; subclasses provide ``_run(job)``.
 
+    With replicas, ``primary=True`` runs a read on the primary all the same
+    (a read that must see what another client just wrote, say).
+
     Its type parameters are what the methods return, from fetchall()'s to
     execute()'s: see :data:`Blocking` and :data:`Awaiting` below.
     """
@@ -78,52 +81,67 @@ class QueryMethods(Generic[_Rows, _Row, _Value, _Table, _Count]):
     _run: Callable[[Job], Any]
     close: Callable[[], Any]
 
-    def fetchall(self, sql: str, params: Params = None, *, timeout: Optional[float] = None) -> _Rows:
+    def fetchall(
+        self, sql: str, params: Params = None, *, timeout: Optional[float] = None, primary: bool = False
+    ) -> _Rows:
         """Run *sql* and return all its rows as a list of tuples."""
-        return self._submit(sql, params, FETCH_ALL, timeout)
+        return self._submit(sql, params, FETCH_ALL, timeout, primary)
 
-    def fetchone(self, sql: str, params: Params = None, *, timeout: Optional[float] = None) -> _Row:
+    def fetchone(
+        self, sql: str, params: Params = None, *, timeout: Optional[float] = None, primary: bool = False
+    ) -> _Row:
         """Run *sql* and return its first row as a tuple, or None."""
-        return self._submit(sql, params, FETCH_ONE, timeout)
+        return self._submit(sql, params, FETCH_ONE, timeout, primary)
 
-    def fetchval(self, sql: str, params: Params = None, *, timeout: Optional[float] = None) -> _Value:
+    def fetchval(
+        self, sql: str, params: Params = None, *, timeout: Optional[float] = None, primary: bool = False
+    ) -> _Value:
         """Run *sql* and return the first column of its first row, or None."""
-        return self._submit(sql, params, FETCH_VALUE, timeout)
+        return self._submit(sql, params, FETCH_VALUE, timeout, primary)
 
-    def fetchtable(self, sql: str, params: Params = None, *, timeout: Optional[float] = None) -> _Table:
+    def fetchtable(
+        self, sql: str, params: Params = None, *, timeout: Optional[float] = None, primary: bool = False
+    ) -> _Table:
         """Run *sql* and return ``(column_names, rows)``."""
-        return self._submit(sql, params, FETCH_TABLE, timeout)
+        return self._submit(sql, params, FETCH_TABLE, timeout, primary)
 
-    def execute(self, sql: str, params: Params = None, *, timeout: Optional[float] = None) -> _Count:
+    def execute(
+        self, sql: str, params: Params = None, *, timeout: Optional[float] = None, primary: bool = False
+    ) -> _Count:
         """Run *sql* and return the number of rows it affected."""
-        return self._submit(sql, params, FETCH_ROWCOUNT, timeout)
+        return self._submit(sql, params, FETCH_ROWCOUNT, timeout, primary)
 
-    def executemany(self, sql: str, seq_of_params: Iterable[Params], *, timeout: Optional[float] = None) -> _Count:
+    def executemany(
+        self, sql: str, seq_of_params: Iterable[Params], *, timeout: Optional[float] = None, primary: bool = False
+    ) -> _Count:
         """Run *sql* once per parameter set, all in one transaction; return the total rowcount."""
-        return self._submit(sql, list(seq_of_params), FETCH_MANY, timeout)
+        return self._submit(sql, list(seq_of_params), FETCH_MANY, timeout, primary)
 
     def notify(self, channel: str, payload: str = "", *, timeout: Optional[float] = None) -> _Count:
-        """Send *payload* on *channel* (``pg_notify()``); its listeners hear it once its transaction commits."""
-        return self._submit("SELECT pg_notify(%s, %s)", [channel, payload], FETCH_ROWCOUNT, timeout)
+        """Send *payload* on *channel* (``pg_notify()``); its listeners hear it once its transaction commits.
+
+        It runs on the primary: a replica cannot notify, and the daemon listens on the primary.
+        """
+        return self._submit("SELECT pg_notify(%s, %s)", [channel, payload], FETCH_ROWCOUNT, timeout, True)
 
     # The fetch mode decides what comes back.
     @overload
-    def _submit(self, sql: str, params: Params, fetch: Literal["all"], timeout: Optional[float]) -> _Rows: ...
+    def _submit(self, sql: str, params: Params, fetch: Literal["all"], timeout: Optional[float], primary: bool) -> _Rows: ...
     @overload
-    def _submit(self, sql: str, params: Params, fetch: Literal["one"], timeout: Optional[float]) -> _Row: ...
+    def _submit(self, sql: str, params: Params, fetch: Literal["one"], timeout: Optional[float], primary: bool) -> _Row: ...
     @overload
-    def _submit(self, sql: str, params: Params, fetch: Literal["value"], timeout: Optional[float]) -> _Value: ...
+    def _submit(self, sql: str, params: Params, fetch: Literal["value"], timeout: Optional[float], primary: bool) -> _Value: ...
     @overload
-    def _submit(self, sql: str, params: Params, fetch: Literal["table"], timeout: Optional[float]) -> _Table: ...
+    def _submit(self, sql: str, params: Params, fetch: Literal["table"], timeout: Optional[float], primary: bool) -> _Table: ...
     @overload
     def _submit(
-        self, sql: str, params: Params, fetch: Literal["rowcount", "many"], timeout: Optional[float]
+        self, sql: str, params: Params, fetch: Literal["rowcount", "many"], timeout: Optional[float], primary: bool
     ) -> _Count: ...
 
-    def _submit(self, sql: str, params: Params, fetch: str, timeout: Optional[float]) -> Any:
+    def _submit(self, sql: str, params: Params, fetch: str, timeout: Optional[float], primary: bool) -> Any:
         if timeout is None:
             timeout = self.timeout
-        return self._run(Job(sql, params, fetch, timeout, self._tx))
+        return self._run(Job(sql, params, fetch, timeout, self._tx, primary))
 
     def __enter__(self: _Self) -> _Self:
         return self

@@ -23,11 +23,12 @@ logger = logging.getLogger("dbservice.transactions")
 class Transaction:
     """One open transaction and the connection pinned to it."""
 
-    __slots__ = ("key", "conn", "lock", "idle_timer", "ended")
+    __slots__ = ("key", "conn", "pool", "lock", "idle_timer", "ended")
 
-    def __init__(self, key, conn):
+    def __init__(self, key, conn, pool):
         self.key = key  # (owner, transaction id)
         self.conn = conn
+        self.pool = pool  # conn's: the primary's, or a replica's for a read-only transaction
         self.lock = asyncio.Lock()  # one statement at a time
         self.idle_timer = None
         self.ended = None  # the error for the client once we rolled it back
@@ -40,8 +41,7 @@ class TransactionTable:
     its figures count these jobs too).
     """
 
-    def __init__(self, pool, idle_timeout, finish):
-        self.pool = pool
+    def __init__(self, idle_timeout, finish):
         self.idle_timeout = idle_timeout
         self._finish = finish
         self._table = {}
@@ -66,7 +66,7 @@ class TransactionTable:
         if self._beginning.get(key) is pending:
             del self._beginning[key]
             if conn is not None:
-                tx = Transaction(key, conn)
+                tx = Transaction(key, conn, pending.pool)
                 self._table[key] = tx
                 self._arm(tx)
 
@@ -84,10 +84,10 @@ class TransactionTable:
                     self._after_end(tx, pending)
                     return
                 self._disarm(tx)
-                self.pool.note_job(tx.conn, job.sql)
+                tx.pool.note_job(tx.conn, job.sql)
                 tx.conn.gate = owner.gate
                 try:
-                    result = await run_job(tx.conn, job, pending.deadline, self.pool.cancel, in_transaction=True)
+                    result = await run_job(tx.conn, job, pending.deadline, tx.pool.cancel, in_transaction=True)
                 except (psycopg2.Error, Error) as exc:
                     self._finish(pending, False, exc)
                 else:
@@ -156,7 +156,7 @@ class TransactionTable:
             logger.warning("rolling back a transaction on connection #%d: %s", tx.conn.number, why)
             deadline = asyncio.get_running_loop().time() + CLEANUP_GRACE
             try:
-                await run_job(tx.conn, Job("ROLLBACK", kind=ROLLBACK), deadline, self.pool.cancel)
+                await run_job(tx.conn, Job("ROLLBACK", kind=ROLLBACK), deadline, tx.pool.cancel)
             except Exception as exc:
                 logger.warning("rollback failed (%s); closing the connection", exc)
                 tx.conn.close()
@@ -169,4 +169,4 @@ class TransactionTable:
 
     def _give_back(self, tx):
         conn, tx.conn = tx.conn, None
-        self.pool.putconn(conn)
+        tx.pool.putconn(conn)

@@ -24,6 +24,26 @@ def dsn(postgresql):
     return postgresql.dsn()
 
 
+@pytest.fixture(scope="session")
+def replicated():
+    """A primary and two streaming standbys of it, for the whole run: ``(primary, [standby, standby])``.
+
+    Apart from ``postgresql``, since tests kill, pause and restart these.
+    """
+    primary = Cluster.temporary()
+    standbys = []
+    try:
+        for _ in range(2):
+            standbys.append(primary.standby())
+        wait_until(lambda: all(standby.streaming() for standby in standbys), timeout=30,
+                   message="both standbys to stream")
+        yield primary, standbys
+    finally:
+        for standby in standbys:
+            standby.stop()
+        primary.stop()
+
+
 @pytest.fixture
 def admin(dsn):
     """A plain psycopg2 connection, in autocommit, to look at the server directly."""

@@ -458,3 +458,19 @@ def test_daemon_cost_reports_cpu_per_job_and_memory():
     assert re.search(r"(PASS|FAIL) +the daemon's RSS with 1000 idle clients < 100 MB", result.stdout), result.stdout
     if pgbouncer.skip_reason() is None:
         assert re.search(r"(PASS|FAIL) +the daemon's CPU per query <= 1.5x PgBouncer's: [\d.]+x", result.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_the_replicated_run_compares_the_primary_alone_with_replicas_and_shows_the_spread():
+    result = subprocess.run(
+        [sys.executable, "-m", "dbservice.bench", "--replicas", "2", "--duration", "1", "--processes", "2",
+         "--clients", "4", "--scale", "1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=140,
+    )
+    assert result.returncode == 0, result.stderr
+    alone, replicated = [line for line in result.stdout.splitlines() if line.startswith("primary ")]
+    assert alone.startswith("primary alone") and alone.endswith("primary 100%")
+    assert replicated.startswith("primary + 2 replicas")
+    assert "replica1 " in replicated and "replica2 " in replicated
+    assert float(replicated.split()[4]) > 0  # its queries per second

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import dbservice
 from conftest import held_jobs, wait_until
 from dbservice import cli
-from dbservice.config import StateDir, load_config
+from dbservice.config import ConfigError, StateDir, load_config
 from dbservice.embedded import default_cluster_dir
 from dbservice.health import mask_dsn
 from dbservice.pidfile import read_pid, running_pid
@@ -491,6 +491,34 @@ def test_with_no_dsn_the_daemon_runs_its_own_postgresql_and_keeps_its_data(daemo
         subprocess.run(["rm", "-rf", cluster], check=True)
 
 
+def test_replicas_n_runs_streaming_standbys_of_the_embedded_postgresql(daemon_dir):
+    cluster = default_cluster_dir(str(daemon_dir))
+    standbys = ["%s-replica%d" % (cluster, number) for number in (1, 2)]
+
+    def hosts():
+        return json.loads(ok(dbserviced(daemon_dir, "status", "--json")))["hosts"]
+
+    try:
+        ok(dbserviced(daemon_dir, "start", "--replicas", "2"))
+        wait_until(lambda: all(host["healthy"] and host["lag_s"] is not None for host in hosts()),
+                   message="both standbys to be polled")
+        figures = hosts()
+        assert [host["role"] for host in figures] == ["primary", "replica", "replica"]
+        for host, directory in zip(figures, [cluster] + standbys):
+            assert "host=%s" % os.path.join(directory, "tmp") in host["dsn"]
+            with open(os.path.join(directory, "data", "postmaster.pid")) as f:
+                assert host["pid"] == int(f.readline())
+        assert "True" in ok(dbserviced(daemon_dir, "query", "select pg_is_in_recovery()"))  # read on a standby
+        text = ok(dbserviced(daemon_dir, "status"))
+        assert text.count("  replica ") == 2 and "pid %d" % figures[1]["pid"] in text
+        ok(dbserviced(daemon_dir, "stop"))
+        for directory in [cluster] + standbys:  # stopped with the daemon
+            assert not os.path.exists(os.path.join(directory, "data", "postmaster.pid"))
+    finally:
+        _ensure_stopped(daemon_dir)
+        subprocess.run(["rm", "-rf", cluster, *standbys], check=True)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root's server runs as another user")
 def test_a_cluster_dir_the_server_user_cannot_reach_is_refused(daemon_dir, tmp_path):
     private = tmp_path / "private"
@@ -581,15 +609,33 @@ def test_every_setting_is_a_flag_a_variable_and_a_key_of_the_file(tmp_path):
     values = {int: 7, float: 7.5, str: None}
     lines = []
     for field in settings.operator_settings():
-        assert "--" + field.name.replace("_", "-") in help_text
+        assert "--" + (field.metadata["flag"] or field.name).replace("_", "-") in help_text
         assert "DBSERVICE_" + field.name.upper() in help_text
         value = values[settings.value_type(field)]
-        if value is not None:
+        if value is not None and not settings.is_list(field):
             lines.append("%s = %r" % (field.name, value))
     path = tmp_path / "all.toml"
     path.write_text("\n".join(lines) + "\n")
     loaded = load_config({}, str(path))
     assert loaded.max_client_jobs == 7 and loaded.stop_timeout == 7.5
+
+
+def test_replicas_are_a_repeated_flag_or_a_list_in_the_file(tmp_path):
+    path = tmp_path / "replicas.toml"
+    path.write_text('replicas = ["host=r1 dbname=app", "postgresql://r2/app"]\nmax_replica_lag = 2.5\n')
+    loaded = load_config({}, str(path))
+    assert loaded.replicas == ("host=r1 dbname=app", "postgresql://r2/app") and loaded.max_replica_lag == 2.5
+    assert load_config({"replicas": ("host=r3",)}, str(path)).replicas == ("host=r3",)  # the flags win
+    assert load_config({"replicas": ()}, str(path)).replicas == loaded.replicas  # none given
+    path.write_text('replicas = "host=r1"\n')
+    with pytest.raises(ConfigError, match="must be a list of strings"):
+        load_config({}, str(path))
+    with pytest.raises(ConfigError, match="--replica DSN"):
+        load_config({"dsn": "host=db", "embedded_replicas": 2})
+    with pytest.raises(ConfigError, match="does not parse"):
+        load_config({"replicas": ("host=r1 =oops",)})
+    result = CliRunner().invoke(cli.main, ["start", "--help"])
+    assert "--replica DSN" in result.output and "--replicas N" in result.output
 
 
 @pytest.mark.parametrize("command", ["start", "stop", "status", "restart", "reload", "query"])

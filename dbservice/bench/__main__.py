@@ -93,6 +93,13 @@ from .workloads import WORKLOADS
     help="Run every cell N times, strategy after strategy, and report each cell's best round [1]: "
     "for a machine that other work shares.",
 )
+@click.option(
+    "--replicas",
+    type=click.IntRange(1),
+    metavar="N",
+    help="Instead: a 90%% read, 10%% write load on a throwaway primary alone and with N streaming "
+    "replicas, in turns (--duration, --processes, --clients, --pool-size, --rounds, --scale apply).",
+)
 @click.option("--quick", is_flag=True, help="A smoke run of every cell, in well under a minute.")
 @click.option(
     "--json",
@@ -121,6 +128,7 @@ def main(
     loop,
     guard,
     rounds,
+    replicas,
     quick,
     json_path,
     plot_path,
@@ -132,6 +140,13 @@ def main(
     and server connections per strategy and workload, then the ratios and the
     targets measured in this run.
     """
+    if replicas:
+        from . import replicas as replicated
+
+        threads = max(1, clients // processes)
+        seconds = duration or (1.0 if quick else 5.0)
+        click.echo(replicated.run(replicas, seconds, processes, threads, scale or 10000, rounds or 1, pool_size), nl=False)
+        return
     plan = _plan(
         quick,
         scale=scale,
