@@ -80,6 +80,13 @@ class Settings:
     max_idle: float = setting(
         300.0, "SECONDS", "how long a connection above --min-size may stay idle", reloadable=True
     )
+    max_lifetime: float = setting(
+        3600.0, "SECONDS",
+        "how long a connection may live: past it (0-5% sooner for each, so that they do not all go at once) "
+        "it is closed when next idle and replaced; this bounds a backend's memory and lets a failover or a "
+        "DNS change reach the pool. 0: no limit. A reload applies to connections opened after it",
+        reloadable=True,
+    )
     pool_timeout: float = setting(
         30.0, "SECONDS", "how long a job without a timeout may wait for a free connection", reloadable=True
     )

@@ -11,6 +11,7 @@ the pool drops the connection before a job is lost on it.
 """
 
 import functools
+import math
 
 import psycopg2
 import psycopg2.extensions as ext
@@ -28,7 +29,7 @@ class PooledConnection:
     """
 
     __slots__ = (
-        "pgconn", "number", "lent", "last_used", "jobs_done", "needs_reset", "gate", "dropped",
+        "pgconn", "number", "lent", "last_used", "jobs_done", "needs_reset", "gate", "dropped", "expires_at",
         "_loop", "_fd", "_watching", "_busy", "_connecting", "_on_readable", "_on_lost",
     )
 
@@ -59,6 +60,7 @@ class PooledConnection:
         #: the ResultGate of the client whose job runs on it (backpressure.py), if any
         self.gate = None
         self.dropped = False  # closed by us, not by the server
+        self.expires_at = math.inf  # on the loop's clock: when the pool retires it (max_lifetime)
         self._loop = loop
         self._on_readable = None  # who waits for the reply: called once, when it arrives
         self._busy = False  # an operation is under way: what comes is its reply

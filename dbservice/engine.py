@@ -71,6 +71,7 @@ class Engine:
             connect_timeout=settings.connect_timeout,
             session_reset=settings.session_reset,
             max_waiting=settings.max_queue,
+            max_lifetime=settings.max_lifetime,
         )
         self.stats = JobStats()
         self.transactions = TransactionTable(self.pool, settings.idle_in_transaction_timeout, self.finish)
@@ -309,6 +310,7 @@ class Engine:
         if (new.min_size, new.max_size) != (old.min_size, old.max_size):
             self.pool.resize(new.min_size, new.max_size)
         self.pool.max_idle = new.max_idle
+        self.pool.max_lifetime = new.max_lifetime
         self.pool.timeout = new.pool_timeout
         self.pool.connect_timeout = new.connect_timeout
         self.pool.session_reset = new.session_reset

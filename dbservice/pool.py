@@ -43,8 +43,9 @@ class AsyncConnectionPool(ConnectionSupply):
         name="pool",
         session_reset=AUTO,
         max_waiting=0,
+        max_lifetime=0.0,
     ):
-        super().__init__(dsn, min_size, max_size, max_idle, connect_timeout, name)
+        super().__init__(dsn, min_size, max_size, max_idle, connect_timeout, name, max_lifetime)
         self.timeout = timeout
         self.session_reset = session_reset
         self.max_waiting = max_waiting
@@ -152,6 +153,9 @@ class AsyncConnectionPool(ConnectionSupply):
             self._discard(conn)
             self._maybe_grow()
             return
+        if conn.last_used >= conn.expires_at:  # back from its job past its lifetime
+            self._retire(conn)
+            return
         while self._waiting:
             waiter = self._waiting.popleft()
             conn.lent = True
@@ -216,6 +220,7 @@ class AsyncConnectionPool(ConnectionSupply):
             "connections_num": self.connections_num,
             "connections_errors": self.health.errors,
             "connections_lost": self.connections_lost,
+            "connections_expired": self.connections_expired,
             "sessions_reset": self.sessions_reset,
             "database_reachable": not self.unreachable,
             "last_error": one_line(self.last_error) if self.last_error else None,

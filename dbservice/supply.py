@@ -3,14 +3,19 @@
 :class:`ConnectionSupply` keeps the set of open connections between
 ``min_size`` and ``max_size``: it opens one more when a job waits (or the
 set is below ``min_size``), retries with :mod:`health`'s backoff when the
-database cannot be reached, drops a connection the server ended, and closes
-the ones idle for longer than ``max_idle`` down to ``min_size``. What it
-lends and to whom is :class:`~dbservice.pool.AsyncConnectionPool`'s.
+database cannot be reached, drops a connection the server ended, closes
+the ones idle for longer than ``max_idle`` down to ``min_size``, and
+retires each connection once it is ``max_lifetime`` old (when it is next
+idle), so that a backend's memory does not grow for ever and a DNS change
+or a failover reaches the pool. What it lends and to whom is
+:class:`~dbservice.pool.AsyncConnectionPool`'s.
 """
 
 import asyncio
 import collections
 import logging
+import math
+import random
 
 from .connection import PooledConnection
 from .health import Backoff, Reachability, mask_dsn, one_line
@@ -25,17 +30,24 @@ class ConnectionSupply:
     returned connection on (:meth:`_pass_on`).
     """
 
-    def __init__(self, dsn, min_size, max_size, max_idle, connect_timeout, name):
+    #: A connection's lifetime is max_lifetime shortened by up to this
+    #: fraction, drawn for each (psycopg_pool's jitter): those opened together
+    #: do not all close together.
+    LIFETIME_JITTER = 0.05
+
+    def __init__(self, dsn, min_size, max_size, max_idle, connect_timeout, name, max_lifetime=0.0):
         check_sizes(min_size, max_size)
         self.dsn = dsn
         self.min_size = min_size
         self.max_size = max_size
         self.max_idle = max_idle
+        self.max_lifetime = max_lifetime  # 0: no limit
         self.connect_timeout = connect_timeout
         self.name = name
         self.health = Reachability(mask_dsn(dsn))
         self.connections_num = 0
         self.connections_lost = 0
+        self.connections_expired = 0
         self._connections = set()
         self._idle = collections.deque()  # least recently used first: lent from the right, closed from the left
         self._opening = None  # the task opening a connection, if one is
@@ -150,6 +162,7 @@ class ConnectionSupply:
         if self._closed:
             conn.close()
             return
+        conn.expires_at = self._expiry()
         self.connections_num += 1
         self._connections.add(conn)
         logger.info(
@@ -195,6 +208,22 @@ class ConnectionSupply:
         self._retry_handle = None
         self._maybe_grow()
 
+    def _expiry(self):
+        """When a connection opened now has lived its max_lifetime, on the loop's clock."""
+        if not self.max_lifetime:
+            return math.inf
+        return self._loop.time() + self.max_lifetime * (1.0 - random.uniform(0.0, self.LIFETIME_JITTER))
+
+    def _retire(self, conn):
+        """Close *conn*, idle and past its lifetime; a new one replaces it if the pool needs one."""
+        self.connections_expired += 1
+        self._discard(conn)
+        logger.info(
+            "closed connection #%d: it reached max_lifetime (%g s); pool %r has %d",
+            conn.number, self.max_lifetime, self.name, len(self._connections),
+        )
+        self._maybe_grow()
+
     def _discard(self, conn):
         self._connections.discard(conn)
         if conn.pgconn.closed and not conn.dropped and not self._closed:
@@ -206,15 +235,22 @@ class ConnectionSupply:
         conn.close()
 
     async def _maintain(self):
-        """Close connections idle for longer than max_idle, down to min_size."""
-        interval = max(0.05, min(self.max_idle / 4, 10.0))
+        """Close connections idle for longer than max_idle, down to min_size, and those past their lifetime."""
+        interval = max(0.05, min(self.max_idle / 4, (self.max_lifetime or math.inf) / 4, 10.0))
         while True:
             await asyncio.sleep(interval)
             try:
                 self._close_idle()
+                self._retire_expired()
                 self._maybe_grow()
             except Exception:  # a background loop logs its failure and goes on
                 logger.exception("pool maintenance failed")
+
+    def _retire_expired(self):
+        now = self._loop.time()
+        for conn in [conn for conn in self._idle if conn.expires_at <= now]:
+            self._idle.remove(conn)
+            self._retire(conn)
 
     def _close_idle(self):
         now = self._loop.time()
