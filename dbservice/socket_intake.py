@@ -152,8 +152,7 @@ class _ClientProtocol(asyncio.Protocol):
                 try:
                     frame = self.frames.next_frame()
                 except OversizedFrame as exc:  # its payload is skipped: the client goes on
-                    logger.warning("refused a job: %s", exc)
-                    self.reply(exc.job_id, False, JobRefused(str(exc)))
+                    self._refuse(exc.job_id, JobRefused(str(exc)))
                     continue
                 if frame is None:
                     self._read(True)
@@ -247,12 +246,17 @@ class _ClientProtocol(asyncio.Protocol):
         try:
             job = loads_job(payload, self.settings.max_params_size)
         except JobRefused as exc:
-            logger.warning("refused a job: %s", exc)
-            self.reply(job_id, False, exc)
+            self._refuse(job_id, exc)
             return
         pending = self.engine.submit(job, functools.partial(self.reply, job_id), owner=self)
         if not pending.done:
             self.in_flight[job_id] = pending
+
+    def _refuse(self, job_id, exc):
+        """Answer a job the engine never sees (it does not decode, or is too large) with *exc*, and count it."""
+        logger.warning("refused a job: %s", exc)
+        self.engine.stats.count_refused()
+        self.reply(job_id, False, exc)
 
     def reply(self, job_id, ok, value):
         """Send the one reply of job *job_id* back on this connection."""
