@@ -19,6 +19,7 @@ from .errors import QueryTimeout, ServiceBusy, ServiceUnavailable
 from .health import one_line
 from .runner import CLEANUP_GRACE
 from .session import ALWAYS, AUTO, clean, in_transaction, may_change_session
+from .stats import Histogram
 from .supply import ConnectionSupply
 
 logger = logging.getLogger("dbservice.pool")
@@ -50,6 +51,8 @@ class AsyncConnectionPool(ConnectionSupply):
         self.session_reset = session_reset
         self.max_waiting = max_waiting
         self.requests_waits = 0
+        self.requests_immediate = 0  # lent a connection at once: a wait of 0
+        self.waits = Histogram()  # how long each waiter that queued waited, whether it got a connection or not
         self.sessions_reset = 0
         self._waiting = collections.deque()  # waiters for a connection, oldest first (see lend)
         self._waiting_count = 0  # of which still waiting
@@ -76,7 +79,8 @@ class AsyncConnectionPool(ConnectionSupply):
     # A waiter is anything with accept(conn), which takes the connection or
     # says it waits no more (False), and fail(error): the engine's PendingJob,
     # or getconn()'s _Borrower. A waiter that gives up withdraws, and is
-    # skipped when its turn comes.
+    # skipped when its turn comes. A waiter's wait began at its ``arrived``,
+    # on the loop's clock.
 
     def lend(self, waiter):
         """Lend *waiter* a connection: now if one is idle, else the next that is free.
@@ -89,6 +93,7 @@ class AsyncConnectionPool(ConnectionSupply):
         if not self._waiting_count:  # nobody ahead of it
             conn = self._pop_idle()
             if conn is not None:
+                self.requests_immediate += 1
                 if not waiter.accept(conn):
                     self._pass_on(conn)
                 return True
@@ -109,6 +114,7 @@ class AsyncConnectionPool(ConnectionSupply):
     def withdraw(self, waiter):
         """*waiter*, queued by :meth:`lend`, waits no more (its timeout passed, it was cancelled)."""
         self._waiting_count -= 1
+        self.waits.observe(self._loop.time() - waiter.arrived)
 
     @property
     def waiting(self):
@@ -161,6 +167,7 @@ class AsyncConnectionPool(ConnectionSupply):
             conn.lent = True
             if waiter.accept(conn):
                 self._waiting_count -= 1
+                self.waits.observe(self._loop.time() - waiter.arrived)
                 return
             conn.lent = False  # it gave up and withdrew already
         self._idle.append(conn)
@@ -219,6 +226,7 @@ class AsyncConnectionPool(ConnectionSupply):
             "requests_waits": self.requests_waits,
             "connections_num": self.connections_num,
             "connections_errors": self.health.errors,
+            "reconnects": self.health.reconnects,
             "connections_lost": self.connections_lost,
             "connections_expired": self.connections_expired,
             "sessions_reset": self.sessions_reset,
@@ -239,13 +247,13 @@ class AsyncConnectionPool(ConnectionSupply):
 class _Borrower:
     """getconn()'s waiter: a future the pool's connection goes to, and a timer."""
 
-    __slots__ = ("pool", "future", "timer", "since")
+    __slots__ = ("pool", "future", "timer", "arrived")
 
     def __init__(self, pool, deadline):
         loop = pool._loop
         self.pool = pool
         self.future = loop.create_future()
-        self.since = loop.time()
+        self.arrived = loop.time()
         self.timer = loop.call_at(deadline, self._expire)
 
     def accept(self, conn):
@@ -261,7 +269,7 @@ class _Borrower:
             self.pool.withdraw(self)
 
     def _expire(self):
-        self.fail(self.pool.wait_error(self.pool._loop.time() - self.since))
+        self.fail(self.pool.wait_error(self.pool._loop.time() - self.arrived))
 
     async def connection(self):
         try:

@@ -52,6 +52,11 @@ class SocketIntake:
         self.settings = engine.settings
         self._listener = None
         self._clients = set()  # the _ClientProtocol of every connected client
+        # Since start, for the metrics: what they read is counted where it happens.
+        self.clients_accepted = 0
+        self.clients_refused = 0  # beyond max_clients
+        self.bytes_received = 0
+        self.bytes_sent = 0  # of replies
 
     async def start(self):
         check_socket_dir(os.path.dirname(self.path))
@@ -124,6 +129,7 @@ class _ClientProtocol(asyncio.Protocol):
         if len(clients) >= self.settings.max_clients:
             # Said in plain text: the client reads it before any trust exists.
             logger.warning("refused a client: already %d (max_clients)", len(clients))
+            self.intake.clients_refused += 1
             transport.write(
                 encode_frame(0, MSG_REFUSED, b"the dbservice daemon has max_clients (%d) clients "
                              b"already; try again later" % self.settings.max_clients)
@@ -131,6 +137,7 @@ class _ClientProtocol(asyncio.Protocol):
             transport.close()
             return
         clients.add(self)
+        self.intake.clients_accepted += 1
         transport.set_write_buffer_limits(high=self.settings.max_client_buffer)
         self._challenge = new_challenge()
         transport.write(encode_frame(0, MSG_AUTH, self._challenge))
@@ -138,6 +145,7 @@ class _ClientProtocol(asyncio.Protocol):
         self._auth_timer = loop.call_later(self.settings.auth_timeout, self._auth_timed_out)
 
     def data_received(self, data):
+        self.intake.bytes_received += len(data)
         self.frames.feed(data)
         self._cut_frames()
 
@@ -266,6 +274,7 @@ class _ClientProtocol(asyncio.Protocol):
             return
         ok, payload = encode_reply(ok, value, self.settings.max_result_bytes)
         kind = MSG_RESULT if ok else MSG_ERROR
+        self.intake.bytes_sent += HEADER.size + len(payload)
         if len(payload) < LARGE_REPLY:
             self.transport.write(encode_frame(job_id, kind, payload))
         else:  # not one more copy of a large reply: its header, then itself
