@@ -15,6 +15,9 @@ ADOPTION_TEST_REQUIRES = [
 ]
 # The optional faster event loop (selector = "uvloop"); tested in CI too.
 UVLOOP_REQUIRES = ["uvloop>=0.17"]
+# The daemon's Prometheus endpoint (--metrics): an extra, so that an app that
+# installs dbservice for its client gets no library only the daemon uses.
+METRICS_REQUIRES = ["prometheus_client>=0.17"]
 
 setup(
     name="dbservice",
@@ -33,11 +36,13 @@ setup(
         "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"]
         + BLOG_REQUIRES
         + UVLOOP_REQUIRES
+        + METRICS_REQUIRES
         + SHOP_REQUIRES
         + ADOPTION_TEST_REQUIRES,
         "blog": BLOG_REQUIRES,
         "shop": SHOP_REQUIRES,
         "uvloop": UVLOOP_REQUIRES,
+        "metrics": METRICS_REQUIRES,
         "plot": ["matplotlib>=3"],
         "sqlalchemy": ["sqlalchemy>=2.0.44"],
     },

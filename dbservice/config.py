@@ -12,6 +12,7 @@ file (``--config``), then the defaults here.
 """
 
 import dataclasses
+import importlib.util
 import logging
 import os
 import typing
@@ -145,6 +146,11 @@ class Settings:
         "less CPU per job (pip install 'dbservice[uvloop]')",
         choices=SELECTORS,
     )
+    metrics: Optional[str] = setting(
+        None, "HOST:PORT",
+        "serve Prometheus metrics at http://HOST:PORT/metrics (127.0.0.1:9188; port 0: any free one, which "
+        "status shows); needs pip install 'dbservice[metrics]' [default: off]",
+    )
     cluster_dir: Optional[str] = setting(
         None, "DIR",
         "where the embedded PostgreSQL keeps its data [default: STATE_DIR/postgresql; as root, "
@@ -213,6 +219,8 @@ def check(settings):
         raise ConfigError(str(exc)) from None
     if settings.dsn is not None:
         check_dsn(settings.dsn)
+    if settings.metrics is not None:
+        check_metrics(settings.metrics)
 
 
 class StateDir:
@@ -276,3 +284,23 @@ def check_dsn(dsn):
             "the DSN does not parse (%s); give a libpq connection string (host=db dbname=app user=app) "
             "or a URI (postgresql://app@db/app)" % " ".join(str(exc).split())
         ) from None
+
+
+def parse_address(address):
+    """``(host, port)`` of *address*, ``HOST:PORT`` or ``[IPv6]:PORT``; ConfigError unless it is one."""
+    host, _, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            "metrics must be HOST:PORT, such as 127.0.0.1:9188 (0.0.0.0:9188 for every interface), got %r" % address
+        )
+    return host, int(port)
+
+
+def check_metrics(address):
+    """ConfigError unless *address* parses and the metrics' library is installed."""
+    parse_address(address)
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise ConfigError(
+            "--metrics needs the prometheus_client library: pip install 'dbservice[metrics]'"
+        )

@@ -54,6 +54,8 @@ def format_status(status):
         "  latency      p50 %s, p95 %s, p99 %s (last %d jobs)"
         % (_ms(latency["p50"]), _ms(latency["p95"]), _ms(latency["p99"]), latency["window"]),
     ]
+    if status["metrics"]:
+        lines.append("  metrics      http://%s/metrics" % status["metrics"])
     if not status["database_reachable"]:
         lines.append("  WARNING      the database is unreachable: %s" % status["last_error"])
     if status["reload_error"]:

@@ -79,6 +79,7 @@ class Engine:
         self.accepting = False
         self.reloads = 0
         self.reload_error = None
+        self.metrics_address = None  # HOST:PORT of the Prometheus endpoint, once it serves
         self._running = set()  # the PendingJobs on a connection
         self._tasks = set()  # the tasks of those that run in one
         self._quiet = asyncio.Event()  # set while no job waits or runs: what a stop waits for
@@ -337,6 +338,7 @@ class Engine:
             "queue_depth": self.queue_depth,
             "jobs_running": self.running,
             "transactions_open": len(self.transactions),
+            "metrics": self.metrics_address,
         }
         status.update(self.pool.get_stats())
         status.update(self.stats.as_dict())

@@ -65,7 +65,7 @@ async def _run(settings, queue, ready, reload, reopen_log):
     for signum, what in SIGNALS.items():
         loop.add_signal_handler(signum, on_signal, what)
 
-    socket_intake = queue_intake = None
+    socket_intake = queue_intake = metrics = None
     try:
         await engine.start()
         if settings.socket:
@@ -74,6 +74,8 @@ async def _run(settings, queue, ready, reload, reopen_log):
         if queue is not None:
             queue_intake = QueueIntake(engine, queue)
             queue_intake.start()
+        if settings.metrics:
+            metrics = await _serve_metrics(engine, socket_intake, settings.metrics)
     except Exception as exc:
         if ready is not None:
             ready.send(("error", "%s: %s" % (type(exc).__name__, exc)))
@@ -95,12 +97,24 @@ async def _run(settings, queue, ready, reload, reopen_log):
     logger.info("dbservice stopping (%s)", "fast" if what == "fast stop" else "graceful")
     if socket_intake is not None:
         await socket_intake.stop_listening()
+    if metrics is not None:
+        metrics.close()
     await engine.stop(force=what == "fast stop")
     if socket_intake is not None:
         await socket_intake.close()
     if queue_intake is not None:
         await queue_intake.close()
     logger.info("dbservice stopped")
+
+
+async def _serve_metrics(engine, socket_intake, address):
+    """Serve the Prometheus endpoint at *address*; status tells where it listens."""
+    from .metrics import MetricsEndpoint, registry_for  # prometheus_client: only if asked for
+
+    endpoint = MetricsEndpoint(registry_for(engine, socket_intake), address)
+    await endpoint.start()
+    engine.metrics_address = endpoint.bound
+    return endpoint
 
 
 async def _serve_signals(asked, engine, reload, reopen_log):

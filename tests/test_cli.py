@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 from click.testing import CliRunner
@@ -85,6 +86,7 @@ def running(dsn, tmp_path_factory):
         "start",
         "--dsn", "%s password=%s" % (dsn, PASSWORD),
         "--config", str(config),
+        "--metrics", "127.0.0.1:0",
         env={"DBSERVICE_MIN_SIZE": "1"},
     )
     yield state_dir, config, ok(start)
@@ -118,6 +120,17 @@ def test_status_carries_every_figure_and_never_the_password(running):
     assert set(figures["latency_ms"]) >= {"p50", "p95", "p99"}
     human = ok(dbserviced(state_dir, "status"))
     assert "dbserviced is running (pid %d" % figures["pid"] in human and "p99" in human
+
+
+def test_metrics_are_served_where_status_says(running):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    state_dir, _, _ = running
+    address = json.loads(ok(dbserviced(state_dir, "status", "--json")))["metrics"]
+    assert "http://%s/metrics" % address in ok(dbserviced(state_dir, "status"))
+    with urllib.request.urlopen("http://%s/metrics" % address, timeout=10) as response:
+        families = {family.name: family for family in text_string_to_metric_families(response.read().decode())}
+    assert families["dbservice_pool_max_connections"].samples[0].value == 2
 
 
 def test_query_prints_an_aligned_table_or_json(running):
@@ -388,6 +401,7 @@ def test_flags_beat_the_config_file_which_beats_the_defaults(tmp_path):
         ("max_size = '3'\n", "must be an integer"),
         ("min_size = 11\nmax_size = 10\n", "min_size <= max_size"),
         ("max_size = [\n", "not valid TOML"),
+        ("metrics = 'localhost'\n", "metrics must be HOST:PORT"),
     ],
 )
 def test_a_bad_config_file_is_refused_saying_what_is_wrong(state_dir, text, complaint):
