@@ -155,7 +155,7 @@ class AsyncConnectionPool(ConnectionSupply):
     def _pass_on(self, conn):
         """Pass *conn* on to the first waiter that takes it, otherwise put it back among the idle."""
         conn.lent = False
-        if self._closed or not conn.usable or len(self._connections) > self.max_size:
+        if self._closed or self.suspended or not conn.usable or len(self._connections) > self.max_size:
             self._discard(conn)
             self._maybe_grow()
             return
@@ -206,6 +206,10 @@ class AsyncConnectionPool(ConnectionSupply):
 
     def wait_error(self, waited):
         """The error for a job that waited *waited* seconds and got no connection."""
+        if self.suspended:
+            return QueryTimeout(
+                "the job waited %.2f s, its timeout, while the dbservice daemon was paused; it did not run" % waited
+            )
         return self.health.wait_error(waited) or QueryTimeout(
             "no connection of pool %r became free within %.2f s (%d of max_size %d busy)"
             % (self.name, waited, len(self._connections) - len(self._idle), self.max_size)
@@ -231,6 +235,7 @@ class AsyncConnectionPool(ConnectionSupply):
             "connections_expired": self.connections_expired,
             "sessions_reset": self.sessions_reset,
             "database_reachable": not self.unreachable,
+            "pause": ("paused" if self._emptied.done() else "pausing") if self.suspended else None,
             "last_error": one_line(self.last_error) if self.last_error else None,
             "connections": [
                 {

@@ -57,6 +57,9 @@ class ConnectionSupply:
         self._closed = True
         self._loop = None
         self._opened = None  # set once the first fill succeeded or failed
+        #: paused (see suspend): no connection is lent or opened, each closes as it comes back
+        self.suspended = False
+        self._emptied = None  # while suspended: done once no connection is open
 
     async def open(self, wait=True):
         """Start filling the pool to ``min_size``.
@@ -87,6 +90,32 @@ class ConnectionSupply:
     def _close_all_idle(self):
         while self._idle:
             self._discard(self._idle.popleft())
+
+    def suspend(self):
+        """Open no connection and close every one: the idle now, the lent as they come back.
+
+        What a pause is made of (see maintenance.py): a job waits, without
+        being told the database is unreachable, until :meth:`resume`. Returns
+        a future done once no connection is open; cancelled if the pool
+        resumes first.
+        """
+        if not self.suspended:
+            self.suspended = True
+            self._emptied = self._loop.create_future()
+            self._close_all_idle()
+            self._check_emptied()
+        return self._emptied
+
+    def resume(self):
+        """Open connections again, for the jobs that waited first."""
+        if self.suspended:
+            self.suspended = False
+            self._emptied.cancel()  # a no-op once it is done
+            self._maybe_grow()
+
+    def _check_emptied(self):
+        if self.suspended and not self._connections and self._opening is None and not self._emptied.done():
+            self._emptied.set_result(None)
 
     def resize(self, min_size, max_size):
         """Change the bounds; excess idle connections close now, busy ones on return."""
@@ -119,7 +148,7 @@ class ConnectionSupply:
         See :meth:`Reachability.outage_error`; jobs turned away also make the
         pool try again soon.
         """
-        if self.health.last_error is None:  # every job asks: the usual answer, at once
+        if self.health.last_error is None or self.suspended:  # every job asks: the usual answer, at once
             return None
         error = self.health.outage_error(self._loop.time(), not self._connections, self.patience)
         if error is not None:
@@ -137,7 +166,7 @@ class ConnectionSupply:
 
     def _maybe_grow(self):
         """Open one more connection if a job waits or we are below min_size."""
-        if self._closed or self._opening or self._retry_handle is not None:
+        if self._closed or self._opening or self._retry_handle is not None or self.suspended:
             return
         size = len(self._connections)
         # Unreachable, it goes on trying even with min_size 0: that is how it
@@ -191,6 +220,7 @@ class ConnectionSupply:
         if not self._opened.done():
             self._opened.set_result(None)
         self._retry_handle = self._loop.call_later(delay, self._retry)
+        self._check_emptied()
 
     def _retry_soon(self):
         """Jobs are being turned away: try again within the backoff's first delay, not its longest.
@@ -233,6 +263,7 @@ class ConnectionSupply:
                 "the network failed); replacing it", conn.number,
             )
         conn.close()
+        self._check_emptied()
 
     async def _maintain(self):
         """Close connections idle for longer than max_idle, down to min_size, and those past their lifetime."""
