@@ -22,6 +22,8 @@ EXIT_UNKNOWN = 4
 
 #: Seconds ``dbserviced reload`` waits for the daemon to say it has reloaded.
 RELOAD_TIMEOUT = 10.0
+#: Seconds ``dbserviced pause`` waits by default for the running jobs to end.
+PAUSE_TIMEOUT = 60.0
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -205,6 +207,52 @@ def reload(state_dir):
     click.echo(
         "dbserviced reloaded (pid %d): pool %d-%d" % (figures["pid"], figures["pool_min"], figures["pool_max"])
     )
+
+
+@main.command()
+@click.option(
+    "--timeout", type=float, default=PAUSE_TIMEOUT, show_default=True, metavar="SECONDS",
+    help="how long to wait for the jobs running and the transactions open to end",
+)
+@state_dir_option
+def pause(timeout, state_dir):
+    """Hold new jobs and close every connection to the database, for its restart or failover.
+
+    As PgBouncer's PAUSE: jobs running, and transactions open, go on to
+    their end, and their connections close; new jobs wait, each up to its
+    own timeout (pool_timeout without one), until `dbserviced resume`.
+    Exits 0 once no connection is open, and 1 if some still are after
+    --timeout: the daemon then stays paused, waiting for them.
+    """
+    state = StateDir(state_dir)
+    with _client(state) as client:
+        try:
+            figures = client.pause(timeout)
+        except Error as exc:
+            raise click.ClickException(str(exc)) from None
+    if figures["pause"] != "paused":
+        raise click.ClickException(
+            "dbserviced is pausing, but after %g s %d connections are still open (%d transactions): "
+            "the database is still in use. It goes on waiting; `dbserviced status` shows when it is "
+            "paused, and `dbserviced resume` gives up" % (timeout, figures["connections_open"], figures["transactions_open"])
+        )
+    click.echo(
+        "dbserviced paused: no connection to the database is open; new jobs wait until "
+        "`dbserviced resume` (%d waiting)" % figures["held"]
+    )
+
+
+@main.command()
+@state_dir_option
+def resume(state_dir):
+    """Release the jobs a pause held: connections open again, by the DSN anew."""
+    state = StateDir(state_dir)
+    with _client(state) as client:
+        figures = client.resume()
+    if figures["pause"] is None:
+        click.echo("dbserviced was not paused")
+    else:
+        click.echo("dbserviced resumed: %d jobs that waited go on" % figures["held"])
 
 
 @main.command()

@@ -18,7 +18,7 @@ from .channel import Channel
 from .errors import Error
 from .jobs import COMMIT, ROLLBACK, STREAM_DECLARE, STREAM_FETCH, transaction_options
 from .queries import ChannelLost, QueryMethods, TransactionJobs, encode_job, resolve_address
-from .wire import MSG_JOB, MSG_STATUS
+from .wire import MSG_JOB, MSG_PAUSE, MSG_RESUME, MSG_STATUS
 
 
 class Transaction(TransactionJobs):
@@ -134,6 +134,14 @@ class Client(QueryMethods):
     def status(self):
         """The daemon's figures: pool, queue, jobs, latency (``dbserviced status --json``)."""
         return self._request(MSG_STATUS, b"", self.connect_timeout)
+
+    def pause(self, timeout):
+        """Pause the daemon (``dbserviced pause``); its figures once no connection is open, or after *timeout*."""
+        return self._request(MSG_PAUSE, b"%r" % float(timeout), timeout)
+
+    def resume(self):
+        """Resume a paused daemon (``dbserviced resume``); its figures, with the jobs it held."""
+        return self._request(MSG_RESUME, b"", self.connect_timeout)
 
     def _run(self, job):
         return self._request(MSG_JOB, encode_job(job), job.timeout)

@@ -54,6 +54,13 @@ def format_status(status):
         "  latency      p50 %s, p95 %s, p99 %s (last %d jobs)"
         % (_ms(latency["p50"]), _ms(latency["p95"]), _ms(latency["p99"]), latency["window"]),
     ]
+    if status["pause"] == "paused":
+        lines.append("  PAUSED       no connection is open; %d jobs wait for `dbserviced resume`" % status["requests_waiting"])
+    elif status["pause"] == "pausing":
+        lines.append(
+            "  PAUSING      %d connections still open (running jobs, open transactions); %d jobs wait"
+            % (status["pool_size"], status["requests_waiting"])
+        )
     if status["metrics"]:
         lines.append("  metrics      http://%s/metrics" % status["metrics"])
     if not status["database_reachable"]:

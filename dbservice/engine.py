@@ -44,6 +44,7 @@ import psycopg2
 from .config import reloaded
 from .errors import Error, JobRefused, ServiceBusy, ServiceUnavailable
 from .jobs import BEGIN
+from .maintenance import Maintenance
 from .pending import PendingJob
 from .health import mask_dsn, refused_for_good
 from .pool import AsyncConnectionPool
@@ -75,6 +76,7 @@ class Engine:
         )
         self.stats = JobStats()
         self.transactions = TransactionTable(self.pool, settings.idle_in_transaction_timeout, self.finish)
+        self.maintenance = Maintenance(self)  # dbserviced pause and resume
         self.started_at = time.time()
         self.accepting = False
         self.reloads = 0
@@ -267,6 +269,8 @@ class Engine:
         left waiting.
         """
         self.accepting = False
+        if self.pool.suspended:  # paused: the jobs it holds would wait for nothing
+            self.pool.fail_waiting(ServiceUnavailable("the dbservice daemon stopped while paused, before the job ran"))
         if force:
             self.hurry()
         timeout = self.settings.stop_timeout if timeout is None else timeout

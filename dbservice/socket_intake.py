@@ -25,8 +25,10 @@ from .wire import (
     MSG_CANCEL,
     MSG_ERROR,
     MSG_JOB,
+    MSG_PAUSE,
     MSG_REFUSED,
     MSG_RESULT,
+    MSG_RESUME,
     MSG_STATUS,
     FrameError,
     FrameReader,
@@ -247,6 +249,10 @@ class _ClientProtocol(asyncio.Protocol):
                 self.engine.cancel(pending, JobCancelled("the client cancelled the job"))
         elif kind == MSG_STATUS:
             self.reply(job_id, True, self.intake.status())
+        elif kind == MSG_PAUSE:
+            self._pause(job_id, payload)
+        elif kind == MSG_RESUME:
+            self.reply(job_id, True, self.engine.maintenance.resume())
         else:
             self.reply(job_id, False, JobRefused("unknown message kind %d" % kind))
 
@@ -259,6 +265,14 @@ class _ClientProtocol(asyncio.Protocol):
         pending = self.engine.submit(job, functools.partial(self.reply, job_id), owner=self)
         if not pending.done:
             self.in_flight[job_id] = pending
+
+    def _pause(self, job_id, payload):
+        try:
+            timeout = float(payload.decode("ascii"))
+        except ValueError:
+            self.reply(job_id, False, JobRefused("a pause needs its timeout in seconds, not %r" % payload[:40]))
+            return
+        self.engine.maintenance.pause(timeout, functools.partial(self.reply, job_id))
 
     def _refuse(self, job_id, exc):
         """Answer a job the engine never sees (it does not decode, or is too large) with *exc*, and count it."""

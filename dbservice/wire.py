@@ -24,6 +24,9 @@ HEADER = struct.Struct("!IQB")  # payload length, job id, kind
 MSG_JOB = 1
 MSG_CANCEL = 3  # cancel the job with this id, if it is still in flight
 MSG_STATUS = 4  # answered with the daemon's figures, as `dbserviced status` shows them
+# The operator's commands (maintenance.py), answered with figures.
+MSG_PAUSE = 16  # payload: the seconds to wait for the pause to be complete, as ASCII
+MSG_RESUME = 17
 # Message kinds, daemon to client.
 MSG_RESULT = 1
 MSG_ERROR = 2

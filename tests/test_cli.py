@@ -431,7 +431,7 @@ def test_every_setting_is_a_flag_a_variable_and_a_key_of_the_file(tmp_path):
     assert loaded.max_client_jobs == 7 and loaded.stop_timeout == 7.5
 
 
-@pytest.mark.parametrize("command", ["start", "stop", "status", "restart", "reload", "query"])
+@pytest.mark.parametrize("command", ["start", "stop", "status", "restart", "reload", "pause", "resume", "query"])
 def test_every_command_explains_its_options(command):
     result = CliRunner().invoke(cli.main, [command, "--help"])
     assert result.exit_code == 0
