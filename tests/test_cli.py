@@ -15,60 +15,13 @@ from click.testing import CliRunner
 
 import dbservice
 from conftest import wait_until
+from daemons import client_of, dbserviced, ensure_stopped, env_for, ok
 from dbservice import cli
 from dbservice.config import StateDir, load_config
 from dbservice.embedded import default_cluster_dir
 from dbservice.pidfile import read_pid, running_pid
 
 PASSWORD = "hunter2-not-in-logs"
-
-
-def dbserviced(state_dir, *args, env=None, timeout=90):
-    """Run ``dbserviced ARGS`` with *state_dir* as DBSERVICE_HOME; the CompletedProcess."""
-    return subprocess.run(
-        [sys.executable, "-m", "dbservice.cli", *args],
-        env=_env(state_dir, env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def _env(state_dir, extra=None):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DBSERVICE_")}
-    env["DBSERVICE_HOME"] = str(state_dir)
-    env.update(extra or {})
-    return env
-
-
-def ok(result):
-    assert result.returncode == 0, "exit %d\n%s%s" % (result.returncode, result.stdout, result.stderr)
-    return result.stdout
-
-
-def client_of(state_dir, timeout=60):
-    return dbservice.connect(socket=StateDir(str(state_dir)).socket, timeout=timeout)
-
-
-@pytest.fixture
-def state_dir(tmp_path_factory):
-    # Unix socket paths are limited to ~107 bytes: keep them short.
-    return tmp_path_factory.mktemp("d")
-
-
-@pytest.fixture
-def daemon_dir(dsn, state_dir):
-    """A state directory whose daemon, if a test starts one, is stopped at the end."""
-    yield state_dir
-    _ensure_stopped(state_dir)
-
-
-def _ensure_stopped(state_dir):
-    dbserviced(state_dir, "stop", "--force")
-    pid = running_pid(StateDir(str(state_dir)).pidfile)
-    if pid is not None:  # the test broke it: do not leave it behind
-        os.kill(pid, signal.SIGKILL)
 
 
 # -- one daemon shared by the round-trip tests ------------------------------------
@@ -90,7 +43,7 @@ def running(dsn, tmp_path_factory):
         env={"DBSERVICE_MIN_SIZE": "1"},
     )
     yield state_dir, config, ok(start)
-    _ensure_stopped(state_dir)
+    ensure_stopped(state_dir)
 
 
 def test_start_prints_the_pid_the_socket_and_the_database(running):
@@ -318,7 +271,7 @@ def test_a_stale_pidfile_is_replaced(dsn, daemon_dir):
 def test_foreground_logs_to_stderr_and_stops_on_sigterm(dsn, daemon_dir):
     process = subprocess.Popen(
         [sys.executable, "-m", "dbservice.cli", "start", "--foreground", "--dsn", dsn],
-        env=_env(daemon_dir),
+        env=env_for(daemon_dir),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -368,7 +321,7 @@ def test_with_no_dsn_the_daemon_runs_its_own_postgresql_and_keeps_its_data(daemo
         # stopped with the daemon
         assert not os.path.exists(os.path.join(cluster, "data", "postmaster.pid"))
     finally:
-        _ensure_stopped(daemon_dir)
+        ensure_stopped(daemon_dir)
         subprocess.run(["rm", "-rf", cluster], check=True)
 
 

@@ -11,7 +11,7 @@ from psycopg2.extensions import make_dsn
 import dbservice
 from conftest import start_service, wait_until
 from dbservice.embedded import Cluster
-from test_cli import client_of, daemon_dir, dbserviced, ok, state_dir  # noqa: F401 (fixtures)
+from daemons import client_of, dbserviced, ok
 
 NAME = "pause-test"
 
