@@ -27,6 +27,7 @@ MSG_STATUS = 4  # answered with the daemon's figures, as `dbserviced status` sho
 # The operator's commands (maintenance.py), answered with figures.
 MSG_PAUSE = 16  # payload: the seconds to wait for the pause to be complete, as ASCII
 MSG_RESUME = 17
+MSG_HANDOVER = 18  # from a new daemon (handover.py): the connection then carries the handover's frames
 # Message kinds, daemon to client.
 MSG_RESULT = 1
 MSG_ERROR = 2
@@ -222,6 +223,19 @@ class FrameReader:
             return self._compact()
         self._start = end
         return job_id, kind, bytes(buffer[start + HEADER.size : end])
+
+    def detach(self):
+        """What was fed and not yet cut into frames, and the bytes of an oversized frame still to skip.
+
+        For a reader that goes on with the same stream elsewhere (:meth:`take_over`).
+        """
+        return bytes(self._buffer[self._start:]), self._skipping
+
+    def take_over(self, unread, skipping):
+        """Go on with a stream another reader has :meth:`detach`-ed."""
+        self._buffer = bytearray(unread)
+        self._start = 0
+        self._skipping = skipping
 
     def _compact(self):
         if self._start:
