@@ -14,7 +14,7 @@ from . import config
 from .config import ConfigError, StateDir, load_config
 from .display import format_status, format_table, rows_json
 from .errors import Error
-from .pidfile import AlreadyRunning, running_pid
+from .pidfile import AlreadyRunning, running_pid, wait_for_exit
 
 #: ``dbserviced status`` exit codes, as LSB init scripts expect them.
 EXIT_NOT_RUNNING = 3
@@ -170,12 +170,32 @@ def status(as_json, state_dir):
 @config_option
 @setting_options
 def restart(state_dir, config_path, **given):
-    """Stop the daemon gracefully if it runs, then start it with these settings."""
+    """Start a new daemon with these settings that takes over from the running one: no job fails.
+
+    The new daemon (new code, new settings) opens its pool, then takes the
+    socket over; the old one hands it each client at a job boundary, the
+    connection itself, and exits once it has none left (after
+    stop_timeout at most, which ends what is left as a stop does). The
+    embedded PostgreSQL, if any, passes to the new daemon without a
+    restart. If the new daemon cannot start, the old one serves on and
+    this exits 1 saying why. With no daemon running, it starts one.
+    """
     dbd = _daemon(state_dir, given, config_path)
-    pid = _stop(dbd.state, dbd.settings.stop_timeout, force=False)
-    if pid:
-        click.echo("dbserviced stopped (pid %d)" % pid)
-    _start(dbd, foreground=False)
+    old = running_pid(dbd.state.pidfile)
+    if old is None:
+        _start(dbd, foreground=False)
+        return
+    dbd.successor = True
+    try:
+        info = dbd.start_detached()
+    except daemon.StartError as exc:
+        raise click.ClickException("%s; the running daemon (pid %d) serves on" % (exc, old)) from None
+    click.echo("dbserviced restarted (pid %d): it took the socket over from pid %d" % (info["pid"], old))
+    if wait_for_exit(old, dbd.settings.stop_timeout + daemon.FAST_STOP_TIMEOUT):
+        click.echo("  the old daemon (pid %d) handed its clients over and exited" % old)
+    else:
+        click.echo("warning: the old daemon (pid %d) is still running; see the log %s" % (old, dbd.state.log),
+                   err=True)
 
 
 @main.command()
@@ -306,7 +326,7 @@ def _start(dbd, foreground):
     if foreground:
         sys.exit(dbd.run())
     try:
-        pid = dbd.start_detached()
+        pid = dbd.start_detached()["pid"]
     except daemon.StartError as exc:
         raise click.ClickException(str(exc)) from None
     with _client(state) as client:

@@ -24,6 +24,7 @@ from .wire import (
     MSG_AUTH,
     MSG_CANCEL,
     MSG_ERROR,
+    MSG_HANDOVER,
     MSG_JOB,
     MSG_PAUSE,
     MSG_REFUSED,
@@ -59,21 +60,42 @@ class SocketIntake:
         self.clients_refused = 0  # beyond max_clients
         self.bytes_received = 0
         self.bytes_sent = 0  # of replies
+        #: handover.Predecessor.begin, to hand this daemon over to a new one; None: refused
+        self.on_handover = None
+        self.path_handed_over = False  # the listener went to a new daemon: its path is not ours to remove
 
-    async def start(self):
+    async def start(self, sock=None):
+        """Listen on our path, or on *sock*, the listening socket a daemon handed over to us."""
+        loop = asyncio.get_running_loop()
+        # A backlog for a burst of max_clients connecting at once (the
+        # kernel caps it at net.core.somaxconn); asyncio's default is 100.
+        if sock is not None:
+            self._listener = await loop.create_unix_server(
+                lambda: _ClientProtocol(self), sock=sock, backlog=self.settings.max_clients
+            )
+            logger.info("serving jobs on %s, handed over", self.path)
+            return
         check_socket_dir(os.path.dirname(self.path))
         remove_stale_socket(self.path)
-        loop = asyncio.get_running_loop()
         old_umask = os.umask(0o177)  # the socket itself: owner only
         try:
-            # A backlog for a burst of max_clients connecting at once (the
-            # kernel caps it at net.core.somaxconn); asyncio's default is 100.
             self._listener = await loop.create_unix_server(
                 lambda: _ClientProtocol(self), self.path, backlog=self.settings.max_clients
             )
         finally:
             os.umask(old_umask)
         logger.info("serving jobs on %s", self.path)
+
+    @property
+    def listening_socket(self):
+        return self._listener.sockets[0]
+
+    def stop_accepting(self):
+        """Accept no more clients, leaving the path to the daemon we handed the listener to; our copy of it."""
+        kept = self.listening_socket.dup()
+        self._listener.close()
+        self._listener = None
+        return kept
 
     async def stop_listening(self):
         """Accept no more clients; those connected keep getting their replies."""
@@ -82,10 +104,23 @@ class SocketIntake:
             # client to disconnect, and those still await their replies.
             self._listener.close()
             self._listener = None
+            if self.path_handed_over:
+                return
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+
+    def drain(self, hand_over):
+        """Give each client to ``hand_over(client)`` once it is at a job boundary (None: keep them); how many."""
+        for client in list(self._clients):
+            client.drain(hand_over)
+        return len(self._clients)
+
+    async def adopt(self, sock, unread, skipping):
+        """Serve a client connection a daemon handed over to us, authenticated already, from where it stands."""
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(lambda: _ClientProtocol(self, adopted=(unread, skipping)), sock)
 
     async def close(self):
         """Stop accepting and close every client connection, once replies are flushed."""
@@ -110,7 +145,7 @@ class _ClientProtocol(asyncio.Protocol):
     the dispatcher in the same turn of the loop.
     """
 
-    def __init__(self, intake):
+    def __init__(self, intake, adopted=None):
         self.intake = intake
         self.engine = intake.engine
         self.settings = intake.settings
@@ -124,6 +159,8 @@ class _ClientProtocol(asyncio.Protocol):
         self._stall_timer = None  # while backed up: when to give up on it
         self._reading = True  # the transport reads
         self._cutting = False  # inside _cut_frames: replies sent meanwhile need not call it again
+        self._adopted = adopted  # (unread, skipping) of a connection handed over to us, authenticated already
+        self.hand_over = None  # while this daemon hands its clients over: called once we are at a job boundary
 
     def connection_made(self, transport):
         self.transport = transport
@@ -141,6 +178,11 @@ class _ClientProtocol(asyncio.Protocol):
         clients.add(self)
         self.intake.clients_accepted += 1
         transport.set_write_buffer_limits(high=self.settings.max_client_buffer)
+        if self._adopted is not None:
+            self._trust()
+            self.frames.take_over(*self._adopted)
+            self._cut_frames()
+            return
         self._challenge = new_challenge()
         transport.write(encode_frame(0, MSG_AUTH, self._challenge))
         loop = asyncio.get_running_loop()
@@ -158,6 +200,9 @@ class _ClientProtocol(asyncio.Protocol):
             while not self.transport.is_closing():
                 if self.gate.backed_up or len(self.in_flight) >= self.settings.max_client_jobs:
                     self._read(False)  # the rest waits, unread, until replies go out
+                    return
+                if self.hand_over is not None and self.trusted and not self.engine.transactions.holds(self):
+                    self._read(False)  # what comes now is for the daemon we hand it to
                     return
                 try:
                     frame = self.frames.next_frame()
@@ -212,6 +257,7 @@ class _ClientProtocol(asyncio.Protocol):
             self._stall_timer = None
         self.gate.set_backed_up(False)
         self._cut_frames()
+        self._check_idle()
 
     def _stalled(self):
         self._stall_timer = None
@@ -231,6 +277,10 @@ class _ClientProtocol(asyncio.Protocol):
             logger.warning("a client failed authentication (wrong secret); dropped")
             self.transport.close()
             return
+        self._trust()
+        self._check_idle()
+
+    def _trust(self):
         self.trusted = True
         self.frames.max_size = self.settings.max_frame
         self.frames.skip_oversized = True
@@ -253,6 +303,8 @@ class _ClientProtocol(asyncio.Protocol):
             self._pause(job_id, payload)
         elif kind == MSG_RESUME:
             self.reply(job_id, True, self.engine.maintenance.resume())
+        elif kind == MSG_HANDOVER and self.intake.on_handover is not None:
+            self.intake.on_handover(self, job_id, payload)
         else:
             self.reply(job_id, False, JobRefused("unknown message kind %d" % kind))
 
@@ -296,6 +348,39 @@ class _ClientProtocol(asyncio.Protocol):
             self.transport.write(payload)
         if full and not self._cutting:
             asyncio.get_running_loop().call_soon(self._cut_frames)  # room for one more of its jobs
+        if self.hand_over is not None:
+            asyncio.get_running_loop().call_soon(self._check_idle)  # once its transaction, if any, is gone too
+
+    # -- handing the connection over to a new daemon (handover.py) ------------------
+
+    def drain(self, hand_over):
+        """Call ``hand_over(self)`` once at a job boundary; None: serve on here."""
+        self.hand_over = hand_over
+        # Replies not sent yet hold it back: with no room in the buffer, the
+        # transport says when they are gone (resume_writing).
+        self.transport.set_write_buffer_limits(high=0 if hand_over else self.settings.max_client_buffer)
+        if hand_over is None:
+            self._cut_frames()
+        else:
+            self._check_idle()
+
+    def _check_idle(self):
+        """Hand the connection over if nothing of it is left here; with a transaction open, read on."""
+        if self.hand_over is None or self.transport.is_closing() or not self.trusted:
+            return
+        if self.engine.transactions.holds(self):
+            self._cut_frames()  # its transaction's statements run here, to its end
+        elif not self.in_flight and not self.transport.get_write_buffer_size():
+            self.hand_over(self)
+
+    def detach(self):
+        """Take the socket away from this daemon; with it, what the client sent that is not a job yet."""
+        sock = socket.socket(fileno=os.dup(self.transport.get_extra_info("socket").fileno()))
+        unread = self.frames.detach()
+        self.intake._clients.discard(self)
+        self.hand_over = None
+        self.transport.abort()
+        return sock, unread
 
 
 def check_socket_dir(directory):

@@ -305,10 +305,20 @@ def test_with_no_dsn_the_daemon_runs_its_own_postgresql_and_keeps_its_data(daemo
         assert "host=%s" % os.path.join(cluster, "tmp") in output
         ok(dbserviced(daemon_dir, "query", "create table kept (note text)"))
         ok(dbserviced(daemon_dir, "query", "insert into kept values (%s)", "survives a restart"))
-        ok(dbserviced(daemon_dir, "restart"))
-        assert "survives a restart" in ok(dbserviced(daemon_dir, "query", "select note from kept"))
-        # a daemon killed outright leaves its postmaster behind; the next start stops it
         postmaster = os.path.join(cluster, "data", "postmaster.pid")
+        server = read_pid(postmaster)
+        with client_of(daemon_dir) as db, db.transaction() as tx:
+            tx.execute("insert into kept values (%s)", ["committed across a restart"])
+            restart = subprocess.Popen([sys.executable, "-m", "dbservice.cli", "restart"], env=env_for(daemon_dir),
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            wait_until(lambda: "took the socket over" in _read(StateDir(str(daemon_dir)).log),
+                       message="the new daemon to take over")
+            tx.commit()  # on the old daemon, which then hands its client over and exits
+        assert restart.wait(60) == 0, restart.stderr.read()
+        # the new daemon adopted the running server: not restarted, nothing lost
+        assert read_pid(postmaster) == server
+        assert ok(dbserviced(daemon_dir, "query", "select count(*) from kept")).splitlines()[2].strip() == "2"
+        # a daemon killed outright leaves its postmaster behind; the next start stops it
         os.kill(read_pid(StateDir(str(daemon_dir)).pidfile), signal.SIGKILL)
         with open(postmaster) as f:
             orphan = int(f.readline())
