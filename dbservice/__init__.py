@@ -6,6 +6,10 @@ everybody's SQL on them.
         db.fetchall("select id, name from accounts where id = %s", [42])
 """
 
+#: This version of dbservice: what ``dbserviced --version`` prints and what
+#: the package's metadata says (pyproject.toml reads it from here).
+__version__ = "0.2.0.dev0"
+
 from .async_client import AsyncClient, connect_async
 from .client import Client, connect
 from .errors import (

@@ -18,13 +18,15 @@ import collections.abc
 import itertools
 import socket as socketlib
 import sys
+from types import TracebackType
+from typing import Any, AsyncGenerator, AsyncIterator, Dict, Generator, NoReturn, Optional, Type, Union
 
 from .errors import Error, QueryTimeout, ServiceUnavailable
-from .jobs import COMMIT, ROLLBACK, STREAM_DECLARE, STREAM_FETCH, loads_reply, transaction_options
+from .jobs import COMMIT, ROLLBACK, STREAM_DECLARE, STREAM_FETCH, Job, Params, Row, loads_reply, transaction_options
 from .queries import (
     REPLY_GRACE,
-    QueryMethods,
-    TransactionJobs,
+    Awaiting,
+    AwaitingTransactionJobs,
     check_size,
     connect_error,
     encode_job,
@@ -42,24 +44,24 @@ class _Connection(asyncio.Protocol):
     It holds the futures of the jobs waiting on it, never the client.
     """
 
-    def __init__(self, authkey):
+    def __init__(self, authkey: bytes) -> None:
         loop = asyncio.get_running_loop()
-        self.transport = None
-        self.ready = loop.create_future()  # the handshake's outcome
-        self.max_frame = None  # the largest job the daemon takes, from the handshake
-        self.replies = {}  # job id -> the future of the job waiting for it
-        self.lost = None  # once the connection ended: the error for every job
+        self.transport: Any = None  # an asyncio.Transport, from connection_made() on
+        self.ready: "asyncio.Future[None]" = loop.create_future()  # the handshake's outcome
+        self.max_frame: Optional[int] = None  # the largest job the daemon takes, from the handshake
+        self.replies: "Dict[int, asyncio.Future[Any]]" = {}  # job id -> the future of the job waiting for it
+        self.lost: Optional[BaseException] = None  # once the connection ended: the error for every job
         self._handshake_state = ClientHandshake(authkey)
         self._frames = FrameReader(self._handshake_state.frame_limit)
-        self._drained = None  # a future while the daemon reads more slowly than we write
+        self._drained: "Optional[asyncio.Future[None]]" = None  # while the daemon reads more slowly than we write
         self._ids = itertools.count(1)
 
     # -- asyncio's side ----------------------------------------------------------
 
-    def connection_made(self, transport):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
 
-    def data_received(self, data):
+    def data_received(self, data: bytes) -> None:
         self._frames.feed(data)
         try:
             while True:
@@ -73,21 +75,21 @@ class _Connection(asyncio.Protocol):
         except (FrameError, Error) as exc:
             self._end(exc if isinstance(exc, Error) else ServiceUnavailable(str(exc)))
 
-    def connection_lost(self, exc):
+    def connection_lost(self, exc: Optional[Exception]) -> None:
         reason = "closed the connection" if exc is None else "lost the connection: %s" % exc
         self._end(ServiceUnavailable("the dbservice daemon %s" % reason))
 
-    def pause_writing(self):
+    def pause_writing(self) -> None:
         self._drained = asyncio.get_running_loop().create_future()
 
-    def resume_writing(self):
+    def resume_writing(self) -> None:
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
         self._drained = None
 
     # -- the client's side -------------------------------------------------------
 
-    def send(self, kind, payload, reply=None):
+    def send(self, kind: int, payload: bytes, reply: "Optional[asyncio.Future[Any]]" = None) -> int:
         """Write one frame; its reply, if *reply* (a future) is given, goes to it. Return its job id."""
         job_id = next(self._ids)
         if reply is not None:
@@ -95,20 +97,20 @@ class _Connection(asyncio.Protocol):
         self.transport.write(encode_frame(job_id, kind, payload))
         return job_id
 
-    def cancel(self, job_id):
+    def cancel(self, job_id: int) -> None:
         """Ask the daemon to cancel job *job_id*; its reply, if one still comes, is dropped."""
         self.replies.pop(job_id, None)
         self.transport.write(encode_frame(job_id, MSG_CANCEL, b""))
 
-    async def drain(self):
+    async def drain(self) -> None:
         if self._drained is not None:
             await self._drained
 
-    def close(self):
+    def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
-    def _handshake(self, job_id, kind, payload):
+    def _handshake(self, job_id: int, kind: int, payload: bytes) -> None:
         answer = self._handshake_state.receive(kind, payload)
         if answer is not None:
             self.transport.write(answer)
@@ -118,7 +120,7 @@ class _Connection(asyncio.Protocol):
             self._frames.max_size = sys.maxsize  # the daemon is trusted now
             self.ready.set_result(None)
 
-    def _reply(self, job_id, kind, body):
+    def _reply(self, job_id: int, kind: int, body: bytes) -> None:
         if job_id == 0 and kind == MSG_ERROR:  # the daemon dropped us, saying why
             self._end(loads_reply(body))
             return
@@ -131,7 +133,7 @@ class _Connection(asyncio.Protocol):
         else:
             reply.set_result(value)
 
-    def _end(self, error):
+    def _end(self, error: BaseException) -> None:
         if self.lost is None:
             self.lost = error
         self.close()
@@ -144,7 +146,7 @@ class _Connection(asyncio.Protocol):
         self.resume_writing()
 
 
-async def _closes_with_loop(connection):
+async def _closes_with_loop(connection: _Connection) -> AsyncGenerator[None, None]:
     """An asynchronous generator the loop closes as it shuts down, closing *connection*."""
     try:
         yield
@@ -152,7 +154,7 @@ async def _closes_with_loop(connection):
         connection.close()
 
 
-class AsyncClient(QueryMethods):
+class AsyncClient(Awaiting):
     """An asyncio client of a dbservice daemon; build it with :func:`connect_async`.
 
     The query methods are those of :class:`~dbservice.Client`, as coroutines:
@@ -162,22 +164,24 @@ class AsyncClient(QueryMethods):
     or use it as ``async with``.
     """
 
-    def __init__(self, socket, authkey, timeout=None, connect_timeout=10.0):
+    def __init__(
+        self, socket: str, authkey: bytes, timeout: Optional[float] = None, connect_timeout: float = 10.0
+    ) -> None:
         self.socket = socket
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._authkey = authkey
-        self._loop = None
-        self._connection = None
-        self._closer = None  # the _closes_with_loop generator of the connection
-        self._connecting = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._connection: Optional[_Connection] = None
+        self._closer: Optional[AsyncGenerator[None, None]] = None  # the _closes_with_loop generator of the connection
+        self._connecting: Optional[asyncio.Lock] = None
         self._tx_ids = itertools.count(1)
         self.closed = False
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<dbservice.AsyncClient %s%s>" % (self.socket, " closed" if self.closed else "")
 
-    def _check_loop(self):
+    def _check_loop(self) -> None:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
@@ -187,7 +191,7 @@ class AsyncClient(QueryMethods):
                 "make one client per event loop (or thread), with dbservice.connect_async() in it"
             )
 
-    async def connect(self):
+    async def connect(self) -> None:
         """Open and authenticate the connection unless it is open already; ServiceUnavailable if no daemon answers."""
         self._check_loop()
         if self._connecting is None:
@@ -203,7 +207,7 @@ class AsyncClient(QueryMethods):
             self._closer = _closes_with_loop(connection)
             await self._closer.__anext__()
 
-    async def run(self, job):
+    async def run(self, job: Job) -> Any:
         """Send *job* (a :class:`dbservice.jobs.Job`) and return its result: what the query methods are made of.
 
         For layers on top of the client (the asyncio DB-API connection).
@@ -211,7 +215,7 @@ class AsyncClient(QueryMethods):
         return await self._run(job)
 
     @property
-    def connection(self):
+    def connection(self) -> object:
         """The connection to the daemon the next job goes on (None before the first), as an opaque token.
 
         A new one after the old one ended (the daemon restarted): the
@@ -219,22 +223,22 @@ class AsyncClient(QueryMethods):
         """
         return self._connection
 
-    def abort(self):
+    def abort(self) -> None:
         """Close at once, without waiting, from the loop's thread: jobs waiting get ServiceUnavailable."""
         self.closed = True
         if self._connection is not None:
             self._connection.close()
 
-    async def _run(self, job):
+    async def _run(self, job: Job) -> Any:
         if self.closed:
             raise Error("this dbservice client is closed")
         self._check_loop()
         payload = encode_job(job)
         if self._connection is None or self._connection.lost is not None:
             await self.connect()
-        connection = self._connection
-        check_size(payload, connection.max_frame)
-        loop = self._loop
+        connection: _Connection = self._connection  # type: ignore[assignment]  # connect() opened it
+        check_size(payload, connection.max_frame)  # type: ignore[arg-type]  # the handshake set it
+        loop: asyncio.AbstractEventLoop = self._loop  # type: ignore[assignment]  # _check_loop() set it
         reply = loop.create_future()
         timer = None
         if job.timeout is not None:
@@ -256,12 +260,15 @@ class AsyncClient(QueryMethods):
                 timer.cancel()
             connection.replies.pop(job_id, None)
 
-    def _send_only(self, job):
+    def _send_only(self, job: Job) -> None:
         """Send *job* with nobody to wait for its reply, if the connection is still up."""
         if self._connection is not None and self._connection.lost is None:
             self._connection.send(MSG_JOB, encode_job(job))
 
-    def transaction(self, isolation_level=None, readonly=None, deferrable=None, timeout=None):
+    def transaction(
+        self, isolation_level: Union[str, int, None] = None, readonly: Optional[bool] = None,
+        deferrable: Optional[bool] = None, timeout: Optional[float] = None,
+    ) -> "AsyncTransaction":
         """``async with client.transaction() as tx:`` runs tx's jobs in one transaction.
 
         See :meth:`dbservice.Client.transaction`.
@@ -269,7 +276,9 @@ class AsyncClient(QueryMethods):
         options = transaction_options(isolation_level, readonly, deferrable)
         return AsyncTransaction(self, options, self.timeout if timeout is None else timeout)
 
-    async def iterate(self, sql, params=None, *, batch=1000, timeout=None):
+    async def iterate(
+        self, sql: str, params: Params = None, *, batch: int = 1000, timeout: Optional[float] = None
+    ) -> AsyncIterator[Row]:
         """Yield the rows of *sql*, fetched *batch* at a time through a server-side cursor.
 
         Close the generator if you stop early (``contextlib.aclosing``), so
@@ -284,7 +293,7 @@ class AsyncClient(QueryMethods):
                 if len(rows) < batch:
                     return
 
-    async def close(self):
+    async def close(self) -> None:
         """Close the connection; jobs still waiting get ServiceUnavailable."""
         self.closed = True
         if self._connection is not None:
@@ -293,17 +302,17 @@ class AsyncClient(QueryMethods):
             closer, self._closer = self._closer, None
             await closer.aclose()
 
-    def __enter__(self):
+    def __enter__(self) -> NoReturn:
         raise TypeError("use `async with` with an AsyncClient")
 
-    async def __aenter__(self):
+    async def __aenter__(self) -> "AsyncClient":
         return self
 
-    async def __aexit__(self, *exc_info):
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
 
-class AsyncTransaction(TransactionJobs):
+class AsyncTransaction(AwaitingTransactionJobs):
     """Jobs that run on one pinned connection and commit or roll back together.
 
     Get one from :meth:`AsyncClient.transaction`; its query methods are the
@@ -311,7 +320,9 @@ class AsyncTransaction(TransactionJobs):
     raised.
     """
 
-    async def __aenter__(self):
+    _client: AsyncClient
+
+    async def __aenter__(self) -> "AsyncTransaction":
         begin = self._begin_job()
         try:
             await self._client._run(begin)
@@ -322,7 +333,9 @@ class AsyncTransaction(TransactionJobs):
             raise
         return self
 
-    async def __aexit__(self, exc_type, exc, tb):
+    async def __aexit__(
+        self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+    ) -> None:
         if self._tx is None:
             return
         if exc_type is None:
@@ -333,19 +346,19 @@ class AsyncTransaction(TransactionJobs):
             except Error:
                 pass  # the block's own exception is the one to see
 
-    async def commit(self):
+    async def commit(self) -> None:
         await self._client._run(self._end_job(COMMIT))
 
-    async def rollback(self):
+    async def rollback(self) -> None:
         await self._client._run(self._end_job(ROLLBACK))
 
 
-def _give_up(reply, waited):
+def _give_up(reply: "asyncio.Future[Any]", waited: float) -> None:
     if not reply.done():
         reply.set_exception(QueryTimeout("no reply from the dbservice daemon within %.1f s" % waited))
 
 
-async def _open(path, authkey):
+async def _open(path: str, authkey: bytes) -> _Connection:
     """Connect to the daemon at *path* and pass the handshake; the _Connection."""
     loop = asyncio.get_running_loop()
     sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
@@ -364,37 +377,39 @@ async def _open(path, authkey):
     return connection
 
 
-class _Connecting(collections.abc.Coroutine):
+class _Connecting(collections.abc.Coroutine):  # type: ignore[type-arg]  # a Coroutine[Any, Any, AsyncClient]
     """What :func:`connect_async` returns: a coroutine to await, or a context for ``async with``."""
 
-    def __init__(self, client):
+    def __init__(self, client: AsyncClient) -> None:
         self._client = client
         self._connected = self._connect()
 
-    async def _connect(self):
+    async def _connect(self) -> AsyncClient:
         await self._client.connect()
         return self._client
 
-    def send(self, value):
+    def send(self, value: Any) -> Any:
         return self._connected.send(value)
 
-    def throw(self, *exc_info):
+    def throw(self, *exc_info: Any) -> Any:
         return self._connected.throw(*exc_info)
 
-    def close(self):
+    def close(self) -> None:
         return self._connected.close()
 
-    def __await__(self):
+    def __await__(self) -> Generator[Any, None, AsyncClient]:
         return self._connected.__await__()
 
-    async def __aenter__(self):
+    async def __aenter__(self) -> AsyncClient:
         return await self._connected
 
-    async def __aexit__(self, *exc_info):
+    async def __aexit__(self, *exc_info: object) -> None:
         await self._client.close()
 
 
-def connect_async(socket=None, authkey=None, timeout=None):
+def connect_async(
+    socket: Optional[str] = None, authkey: Optional[bytes] = None, timeout: Optional[float] = None
+) -> _Connecting:
     """Connect to a dbservice daemon: ``db = await connect_async()`` or ``async with connect_async() as db``.
 
     The arguments and their defaults are those of :func:`dbservice.connect`.

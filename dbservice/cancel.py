@@ -70,7 +70,7 @@ NONBLOCKING = hasattr(_libpq, "PQcancelCreate")
 _threads = None  # for an older libpq, made on first use
 
 
-async def cancel_query(pgconn, timeout):
+async def cancel_query(pgconn: "psycopg2.extensions.connection", timeout: float) -> None:
     """Ask the server to cancel what *pgconn* runs; raise OperationalError if that fails.
 
     The request itself is all this waits for, up to *timeout* seconds: the

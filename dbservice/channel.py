@@ -5,13 +5,14 @@ import socket as socketlib
 import sys
 import threading
 import time
+from typing import Any, Optional
 
 import psycopg2
 
 from .errors import Error, QueryTimeout, ServiceUnavailable
 from .jobs import loads_reply
 from .queries import ChannelLost, check_size, connect_error, reply_wait
-from .wire import MSG_ERROR, MSG_JOB, FrameReader, client_handshake, encode_frame
+from .wire import MSG_ERROR, MSG_JOB, Frame, FrameReader, client_handshake, encode_frame
 
 #: Bytes asked of the socket at a time: most replies come in one receive.
 RECEIVE_BYTES = 65536
@@ -25,7 +26,7 @@ class Channel:
     daemon then cancels the job and rolls back the channel's transactions.
     """
 
-    def __init__(self, path, authkey, connect_timeout):
+    def __init__(self, path: str, authkey: bytes, connect_timeout: float) -> None:
         sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
         try:
             sock.settimeout(connect_timeout)
@@ -39,16 +40,16 @@ class Channel:
             raise
         self.sock = sock
         self.max_frame = max_frame  # the largest job the daemon takes
-        self._timeout = connect_timeout
+        self._timeout: Optional[float] = connect_timeout
         self._frames = FrameReader(sys.maxsize)  # the daemon is trusted: no limit
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # a transaction may be ended from another thread
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self.sock is None or self.sock.fileno() == -1
 
-    def call(self, payload, timeout, kind=MSG_JOB):
+    def call(self, payload: bytes, timeout: Optional[float], kind: int = MSG_JOB) -> Any:
         with self._lock:
             try:
                 return self._call(payload, timeout, kind)
@@ -57,7 +58,7 @@ class Channel:
                     self.close()  # not a reply: the stream is in an unknown state
                 raise
 
-    def _call(self, payload, timeout, kind):
+    def _call(self, payload: bytes, timeout: Optional[float], kind: int) -> Any:
         if self.closed:
             raise ChannelLost(ServiceUnavailable("the connection to the dbservice daemon was closed"), unsent=True)
         check_size(payload, self.max_frame)
@@ -91,7 +92,7 @@ class Channel:
             raise value
         return value
 
-    def _next_frame(self):
+    def _next_frame(self) -> Frame:
         """The next reply, read in as few receives as it takes (one, mostly)."""
         while True:
             frame = self._frames.next_frame()
@@ -102,16 +103,17 @@ class Channel:
                 raise ChannelLost(ServiceUnavailable("the dbservice daemon closed the connection"))
             self._frames.feed(data)
 
-    sock = None  # until the handshake succeeded
+    sock: Optional[socketlib.socket] = None  # until the handshake succeeded
 
-    def close(self):
+    def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
 
     __del__ = close  # its thread ended: hang up rather than wait for the daemon to notice
+    forget = close  # in a forked child: closing our copy of the socket leaves the parent's be
 
 
-def _connect_unix(sock, path, deadline):
+def _connect_unix(sock: socketlib.socket, path: str, deadline: float) -> None:
     """Connect, waiting while the daemon's listen backlog is full.
 
     With a timeout set, a Unix socket's connect fails at once with EAGAIN

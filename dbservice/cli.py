@@ -8,7 +8,7 @@ import time
 import click
 import psycopg2
 
-from . import daemon
+from . import __version__, daemon
 from .client import connect
 from . import config
 from .config import ConfigError, StateDir, load_config
@@ -71,6 +71,7 @@ config_option = click.option(
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, prog_name="dbserviced", message="%(prog)s %(version)s")
 def main():
     """Run and operate dbservice, the PostgreSQL query daemon with a connection pool.
 

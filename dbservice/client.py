@@ -10,18 +10,17 @@ never wait on each other. It is fork-safe: a child process forked after
 """
 
 import itertools
-import os
-import threading
-import weakref
+from types import TracebackType
+from typing import Any, Dict, Iterator, Optional, Type, Union, cast
 
 from .channel import Channel
 from .errors import Error
-from .jobs import COMMIT, ROLLBACK, STREAM_DECLARE, STREAM_FETCH, transaction_options
-from .queries import ChannelLost, QueryMethods, TransactionJobs, encode_job, resolve_address
+from .jobs import COMMIT, ROLLBACK, STREAM_DECLARE, STREAM_FETCH, Job, Params, Row, transaction_options
+from .queries import Blocking, BlockingTransactionJobs, ChannelLost, ThreadChannels, encode_job, resolve_address
 from .wire import MSG_JOB, MSG_PAUSE, MSG_RESUME, MSG_STATUS
 
 
-class Transaction(TransactionJobs):
+class Transaction(BlockingTransactionJobs):
     """Jobs that run on one pinned connection and commit or roll back together.
 
     Get one from :meth:`Client.transaction`; its query methods are the
@@ -31,17 +30,20 @@ class Transaction(TransactionJobs):
     elsewhere, say) ends it for real.
     """
 
-    _channel = None
+    _channel: Channel = None  # type: ignore[assignment]  # until __enter__, before any of its jobs
+    _client: "Client"
 
-    def __enter__(self):
+    def __enter__(self) -> "Transaction":
         self._channel = self._client._channel()
         self._call(self._begin_job())
         return self
 
-    def _call(self, job):
+    def _call(self, job: Job) -> Any:
         return self._client._call_on(self._channel, job)
 
-    def __exit__(self, exc_type, exc, tb):
+    def __exit__(
+        self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+    ) -> None:
         if self._tx is None:
             return
         if exc_type is None:
@@ -52,17 +54,14 @@ class Transaction(TransactionJobs):
             except Error:
                 pass  # the block's own exception is the one to see
 
-    def commit(self):
+    def commit(self) -> None:
         self._call(self._end_job(COMMIT))
 
-    def rollback(self):
+    def rollback(self) -> None:
         self._call(self._end_job(ROLLBACK))
 
 
-_live_clients = weakref.WeakSet()
-
-
-class Client(QueryMethods):
+class Client(Blocking, ThreadChannels[Channel]):
     """A thread-safe, fork-safe client of a dbservice daemon's Unix socket.
 
     Build it with :func:`connect`. Every query method takes ``timeout=``
@@ -70,39 +69,27 @@ class Client(QueryMethods):
     the client's own *timeout* is the default.
     """
 
-    def __init__(self, socket, authkey, timeout=None, connect_timeout=10.0):
+    def __init__(
+        self, socket: str, authkey: bytes, timeout: Optional[float] = None, connect_timeout: float = 10.0
+    ) -> None:
         self.socket = socket
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._authkey = authkey
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        # Weak: a thread's channel lives in its thread-local and closes when
-        # the thread ends, so one thread per request leaks nothing.
-        self._channels = weakref.WeakSet()
         self._tx_ids = itertools.count(1)
         self.closed = False
-        _live_clients.add(self)
+        self._init_channels()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<dbservice.Client %s%s>" % (self.socket, " closed" if self.closed else "")
 
-    def _channel(self):
-        """This thread's connection to the daemon, opened on its first use or after it was lost."""
-        channel = getattr(self._local, "channel", None)
-        if channel is None or channel.closed:
-            channel = Channel(self.socket, self._authkey, self.connect_timeout)
-            self._local.channel = channel
-            with self._lock:
-                self._channels.add(channel)
-        return channel
+    def _open_channel(self) -> Channel:
+        return Channel(self.socket, self._authkey, self.connect_timeout)
 
-    def _drop(self, channel):
-        channel.close()
-        with self._lock:
-            self._channels.discard(channel)
-
-    def transaction(self, isolation_level=None, readonly=None, deferrable=None, timeout=None):
+    def transaction(
+        self, isolation_level: Union[str, int, None] = None, readonly: Optional[bool] = None,
+        deferrable: Optional[bool] = None, timeout: Optional[float] = None,
+    ) -> Transaction:
         """``with client.transaction() as tx:`` runs tx's jobs in one transaction.
 
         The block's jobs run on one pooled connection, pinned for it; leaving
@@ -116,7 +103,9 @@ class Client(QueryMethods):
         options = transaction_options(isolation_level, readonly, deferrable)
         return Transaction(self, options, self.timeout if timeout is None else timeout)
 
-    def iterate(self, sql, params=None, *, batch=1000, timeout=None):
+    def iterate(
+        self, sql: str, params: Params = None, *, batch: int = 1000, timeout: Optional[float] = None
+    ) -> Iterator[Row]:
         """Yield the rows of *sql*, fetched *batch* at a time through a server-side cursor.
 
         Neither the daemon nor this process holds more than a batch at a time.
@@ -131,22 +120,22 @@ class Client(QueryMethods):
                 if len(rows) < batch:
                     return
 
-    def status(self):
+    def status(self) -> Dict[str, Any]:
         """The daemon's figures: pool, queue, jobs, latency (``dbserviced status --json``)."""
-        return self._request(MSG_STATUS, b"", self.connect_timeout)
+        return cast(Dict[str, Any], self._request(MSG_STATUS, b"", self.connect_timeout))
 
-    def pause(self, timeout):
+    def pause(self, timeout: float) -> Dict[str, Any]:
         """Pause the daemon (``dbserviced pause``); its figures once no connection is open, or after *timeout*."""
-        return self._request(MSG_PAUSE, b"%r" % float(timeout), timeout)
+        return cast(Dict[str, Any], self._request(MSG_PAUSE, b"%r" % float(timeout), timeout))
 
-    def resume(self):
+    def resume(self) -> Dict[str, Any]:
         """Resume a paused daemon (``dbserviced resume``); its figures, with the jobs it held."""
-        return self._request(MSG_RESUME, b"", self.connect_timeout)
+        return cast(Dict[str, Any], self._request(MSG_RESUME, b"", self.connect_timeout))
 
-    def _run(self, job):
+    def _run(self, job: Job) -> Any:
         return self._request(MSG_JOB, encode_job(job), job.timeout)
 
-    def _call_on(self, channel, job):
+    def _call_on(self, channel: Channel, job: Job) -> Any:
         """Run *job* on *channel*, the connection its transaction began on, and on no other."""
         if self.closed:
             raise Error("this dbservice client is closed")
@@ -156,7 +145,7 @@ class Client(QueryMethods):
             self._drop(channel)
             raise lost.error from None
 
-    def _request(self, kind, payload, timeout):
+    def _request(self, kind: int, payload: bytes, timeout: Optional[float]) -> Any:
         if self.closed:
             raise Error("this dbservice client is closed")
         for attempt in (1, 2):
@@ -171,33 +160,7 @@ class Client(QueryMethods):
                 if not (lost.unsent and attempt == 1):
                     raise lost.error from None
 
-    def close(self):
-        """Close every thread's connection to the daemon."""
-        self.closed = True
-        with self._lock:
-            channels, self._channels = list(self._channels), weakref.WeakSet()
-        for channel in channels:
-            channel.close()
-
-    def _after_fork(self):
-        # The parent's sockets belong to the parent: forget them, close our
-        # copies of their file descriptors (that does not touch the parent's).
-        for channel in list(self._channels):
-            channel.close()
-        self._channels = weakref.WeakSet()
-        self._local = threading.local()
-        self._lock = threading.Lock()
-
-
-def _reset_after_fork():
-    for client in list(_live_clients):
-        client._after_fork()
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-def connect(socket=None, authkey=None, timeout=None):
+def connect(socket: Optional[str] = None, authkey: Optional[bytes] = None, timeout: Optional[float] = None) -> Client:
     """Connect to a dbservice daemon and return a :class:`Client`.
 
     *socket* defaults to ``$DBSERVICE_SOCKET``, else the socket in the default

@@ -15,12 +15,13 @@ import dataclasses
 import importlib.util
 import logging
 import os
+import sys
 import typing
-from typing import Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python < 3.11
+else:  # as the dependency on tomli says
     import tomli as tomllib
 
 import psycopg2
@@ -43,7 +44,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SELECTORS = ("auto", "epoll", "select", "uvloop")
 
 
-def default_state_dir():
+def default_state_dir() -> str:
     return os.path.expanduser(os.environ.get("DBSERVICE_HOME") or DEFAULT_STATE_DIR)
 
 
@@ -51,13 +52,19 @@ class ConfigError(ValueError):
     """A setting has a value the daemon cannot run with; the message says which and why."""
 
 
-def setting(default, metavar, help, reloadable=False, choices=(), daemon_default=dataclasses.MISSING):
+_T = TypeVar("_T")
+
+
+def setting(
+    default: _T, metavar: str, help: str, reloadable: bool = False, choices: Sequence[str] = (),
+    daemon_default: Any = dataclasses.MISSING,
+) -> _T:
     """A field of Settings that an operator sets: its default and what the CLI says of it.
 
     *daemon_default* is the daemon's own default where it differs from the
     engine's (which DBService runs with).
     """
-    metadata = {"metavar": metavar, "help": help, "reloadable": reloadable, "choices": choices}
+    metadata: Dict[str, Any] = {"metavar": metavar, "help": help, "reloadable": reloadable, "choices": choices}
     if daemon_default is not dataclasses.MISSING:
         metadata["daemon_default"] = daemon_default
     return dataclasses.field(default=default, metadata=metadata)
@@ -117,6 +124,11 @@ class Settings:
         "what a job's parameters may cost once bound: 64 per value plus the length of each string and "
         "bytes, a shared reference counted each time it is used; more is refused [default: --max-frame]",
     )
+    max_prepared: int = setting(
+        256, "N",
+        "statements each pooled connection keeps prepared on the server, so that it does not parse and plan "
+        "them again (the least recently used are deallocated); 0 prepares none",
+    )
     max_result_bytes: int = setting(
         256 * 1024 * 1024, "BYTES", "the largest result sent back; a larger one is an error for that job"
     )
@@ -166,23 +178,23 @@ class Settings:
     socket: Optional[str] = None
     authkey: Optional[bytes] = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check(self)
         if self.max_params_size is None:
             self.max_params_size = self.max_frame
 
 
-def operator_settings():
+def operator_settings() -> "List[dataclasses.Field[Any]]":
     """The fields of Settings an operator sets, in the order the CLI shows them."""
     return [field for field in dataclasses.fields(Settings) if "help" in field.metadata]
 
 
-def reloadable_settings():
+def reloadable_settings() -> Tuple[str, ...]:
     """The names of the settings a reload applies while jobs flow; the others need a restart."""
     return tuple(field.name for field in operator_settings() if field.metadata["reloadable"])
 
 
-def reloaded(old, new):
+def reloaded(old: Settings, new: Settings) -> Settings:
     """*old* with *new*'s reloadable settings; a warning names each other one that changed."""
     reloadable = reloadable_settings()
     for field in dataclasses.fields(new):
@@ -191,17 +203,22 @@ def reloaded(old, new):
     return dataclasses.replace(old, **{name: getattr(new, name) for name in reloadable})
 
 
-def value_type(field):
-    """int, float or str: the type of a setting's value, Optional[...] or not."""
+def value_type(field: "dataclasses.Field[Any]") -> type:
+    """int, float or str: the type of a setting's value, Optional[...] or not.
+
+    A type, not the string of one, since this module's annotations are
+    evaluated (it has no ``from __future__ import annotations``): the CLI's
+    options and the config file's checks take their types from them.
+    """
     kinds = [kind for kind in typing.get_args(field.type) if kind is not type(None)]
-    return kinds[0] if kinds else field.type
+    return typing.cast(type, kinds[0] if kinds else field.type)
 
 
-def daemon_default(field):
+def daemon_default(field: "dataclasses.Field[Any]") -> Any:
     return field.metadata.get("daemon_default", field.default)
 
 
-def check(settings):
+def check(settings: Settings) -> None:
     """Raise ConfigError, saying what is wrong, unless *settings* can run; fold the log level to capitals."""
     for field in operator_settings():
         value = getattr(settings, field.name)
@@ -226,7 +243,7 @@ def check(settings):
 class StateDir:
     """Where a daemon keeps its files; every command finds the daemon through it."""
 
-    def __init__(self, path=None):
+    def __init__(self, path: Optional[str] = None) -> None:
         self.path = os.path.abspath(os.path.expanduser(path or default_state_dir()))
         self.socket = os.path.join(self.path, SOCKET_NAME)
         self.secret = os.path.join(self.path, SECRET_NAME)
@@ -234,7 +251,7 @@ class StateDir:
         self.log = os.path.join(self.path, LOG_NAME)
 
 
-def load_config(given, path=None):
+def load_config(given: Mapping[str, Any], path: Optional[str] = None) -> Settings:
     """The daemon's Settings: *given* (flags and environment) over the file at *path* over the defaults.
 
     Values of None in *given* were not given. Raises ConfigError.
@@ -250,7 +267,7 @@ def load_config(given, path=None):
     return Settings(**values)
 
 
-def read_config_file(path):
+def read_config_file(path: str) -> Dict[str, Any]:
     """The settings in the TOML file at *path*; ConfigError if it cannot be used."""
     try:
         with open(path, "rb") as f:
@@ -275,7 +292,7 @@ def read_config_file(path):
     return values
 
 
-def check_dsn(dsn):
+def check_dsn(dsn: str) -> None:
     """Raise ConfigError, with libpq's reason, unless *dsn* parses as a connection string."""
     try:
         parse_dsn(dsn)
@@ -286,7 +303,7 @@ def check_dsn(dsn):
         ) from None
 
 
-def parse_address(address):
+def parse_address(address: str) -> Tuple[str, int]:
     """``(host, port)`` of *address*, ``HOST:PORT`` or ``[IPv6]:PORT``; ConfigError unless it is one."""
     host, _, port = address.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
@@ -297,7 +314,7 @@ def parse_address(address):
     return host, int(port)
 
 
-def check_metrics(address):
+def check_metrics(address: str) -> None:
     """ConfigError unless *address* parses and the metrics' library is installed."""
     parse_address(address)
     if importlib.util.find_spec("prometheus_client") is None:

@@ -17,6 +17,7 @@ import psycopg2
 import psycopg2.extensions as ext
 
 from . import types
+from .prepared import ConnectionStatements
 from .wait import set_done, until, wait_writable
 
 
@@ -30,6 +31,7 @@ class PooledConnection:
 
     __slots__ = (
         "pgconn", "number", "lent", "last_used", "jobs_done", "needs_reset", "gate", "dropped", "expires_at",
+        "statements",
         "_loop", "_fd", "_watching", "_busy", "_connecting", "_on_readable", "_on_lost",
     )
 
@@ -61,6 +63,8 @@ class PooledConnection:
         self.gate = None
         self.dropped = False  # closed by us, not by the server
         self.expires_at = math.inf  # on the loop's clock: when the pool retires it (max_lifetime)
+        #: what it prepared on the server (prepared.ConnectionStatements)
+        self.statements = ConnectionStatements(0)
         self._loop = loop
         self._on_readable = None  # who waits for the reply: called once, when it arrives
         self._busy = False  # an operation is under way: what comes is its reply

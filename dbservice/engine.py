@@ -34,7 +34,6 @@ unbounded memory. The bounds, and where each is enforced:
 """
 
 import asyncio
-import functools
 import logging
 import os
 import time
@@ -42,6 +41,7 @@ import time
 import psycopg2
 
 from .config import reloaded
+from .deadlines import Deadlines
 from .errors import Error, JobRefused, ServiceBusy, ServiceUnavailable
 from .jobs import BEGIN
 from .maintenance import Maintenance
@@ -73,6 +73,7 @@ class Engine:
             session_reset=settings.session_reset,
             max_waiting=settings.max_queue,
             max_lifetime=settings.max_lifetime,
+            max_prepared=settings.max_prepared,
         )
         self.stats = JobStats()
         self.transactions = TransactionTable(self.pool, settings.idle_in_transaction_timeout, self.finish)
@@ -87,6 +88,7 @@ class Engine:
         self._quiet = asyncio.Event()  # set while no job waits or runs: what a stop waits for
         self._hurry = asyncio.Event()  # set: a stop waits for no job any more
         self._loop = None
+        self.deadlines = None  # once started: the jobs' deadlines (deadlines.py)
         self._quiet_until = 0.0  # no warning of a full pool before then, on the loop's clock
 
     async def start(self):
@@ -96,6 +98,7 @@ class Engine:
         keeps trying, as PgBouncer does, while jobs fail fast saying why.
         """
         self._loop = asyncio.get_running_loop()
+        self.deadlines = Deadlines(self._loop)
         await self.pool.open(wait=True)
         if not self.pool.min_size:
             await self.pool.check()
@@ -115,14 +118,14 @@ class Engine:
         """Cancel *pending* (see :meth:`PendingJob.cancel`): its reply is *error*, unless it ends first."""
         pending.cancel(error)
 
-    def submit(self, job, reply, owner=None):
-        """Take *job*; ``reply(ok, value)`` is called exactly once, later or now.
+    def submit(self, job, reply, reply_id=0, owner=None):
+        """Take *job*; ``reply(reply_id, ok, value)`` is called exactly once, later or now.
 
         *owner* identifies the client connection, which transactions need: a
         job of an open transaction skips the queue and runs on its pinned
         connection.
         """
-        pending = PendingJob(self, job, reply, owner, self._loop.time())
+        pending = PendingJob(self, job, reply, reply_id, owner, self._loop.time())
         if not self.accepting:
             self.finish(pending, False, ServiceUnavailable("the dbservice daemon is stopping"))
         elif job.tx is not None and owner is None:
@@ -156,7 +159,7 @@ class Engine:
             # A job without a timeout still waits for a connection no longer
             # than the pool's timeout: if the database stays unreachable, it is told.
             wait_until = pending.deadline or pending.arrived + self.settings.pool_timeout
-            pending.timer = self._loop.call_at(wait_until, pending.time_is_up)
+            self.deadlines.set(pending, wait_until)
 
     def _warn_if_pool_full(self):
         """Say, at most every FULL_POOL_WARNING_INTERVAL, that jobs wait for want of connections."""
@@ -179,29 +182,28 @@ class Engine:
         conn.gate = None if pending.owner is None else pending.owner.gate
         self._running.add(pending)
         if job.tx is not None or job.kind not in STATEMENT_FETCHES:
-            pending.cancel_timer()  # run_job keeps the deadline
+            pending.clear_deadline()  # run_job keeps the deadline
             self._start_task(pending, self._execute(pending, conn))
             return
         if pending.deadline is None:
-            pending.cancel_timer()  # the queue's, and a running job has no limit
-        elif pending.timer is None:
-            pending.timer = self._loop.call_at(pending.deadline, pending.time_is_up)
-        pending.statement = Statement(
-            conn, job, functools.partial(self._statement_done, pending), functools.partial(self._to_task, pending)
-        )
+            pending.clear_deadline()  # the queue's, and a running job has no limit
+        elif pending.due is None:  # else it is the deadline already, set as it queued
+            self.deadlines.set(pending, pending.deadline)
+        pending.statement = Statement(conn, job, pending)
         pending.statement.start()
 
-    def _statement_done(self, pending, ok, value):
+    def statement_done(self, pending, ok, value):
+        """*pending*'s Statement ended, its connection idle (or closed): the next job first, then the reply."""
         self._release(pending.statement.conn)  # the next job first: the server works while we reply
         if ok:
             self.finish(pending, True, value)
         else:
             self._fail(pending, value)
 
-    def _to_task(self, pending):
-        """A Statement needs more than callbacks: run_job goes on with it, in a task."""
+    def statement_to_task(self, pending):
+        """*pending*'s Statement needs more than callbacks: run_job goes on with it, in a task."""
         statement, pending.statement = pending.statement, None
-        pending.cancel_timer()
+        pending.clear_deadline()
         self._start_task(pending, self._execute(pending, statement.conn, statement))
 
     def _release(self, conn):
@@ -287,6 +289,7 @@ class Engine:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.transactions.close()
         await self.pool.close()  # answers the jobs still waiting for a connection
+        self.deadlines.close()
 
     def hurry(self):
         """Make a graceful stop under way, or the next one, a fast one."""

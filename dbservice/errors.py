@@ -10,7 +10,11 @@ top of it, handle them where they handle psycopg2's: a lost daemon is an
 ``OperationalError`` as a lost server is, a malformed job a ``ProgrammingError``.
 """
 
+from typing import Type, TypeVar
+
 import psycopg2.errors
+
+_StatementTimeout = TypeVar("_StatementTimeout", bound="StatementTimeout")
 
 
 class Error(psycopg2.Error):
@@ -47,9 +51,10 @@ class StatementTimeout(QueryTimeout, psycopg2.errors.QueryCanceled):
     """
 
     @classmethod
-    def from_server(cls, exc):
+    def from_server(cls: Type[_StatementTimeout], exc: psycopg2.Error) -> _StatementTimeout:
         error = cls(str(exc))
-        error.__setstate__({"pgerror": exc.pgerror, "pgcode": exc.pgcode})
+        # types-psycopg2 leaves __setstate__ unannotated.
+        error.__setstate__({"pgerror": exc.pgerror, "pgcode": exc.pgcode})  # type: ignore[no-untyped-call]
         return error
 
 

@@ -41,6 +41,7 @@ import os
 import socket
 import struct
 import sys
+from typing import Any, Dict
 
 from .errors import Error
 from .jobs import loads_reply
@@ -317,7 +318,7 @@ class Successor:
         self._loop = asyncio.get_running_loop()
         self._first = self._loop.create_future()
         self.channel = FdChannel(channel_sock, self._on_frame, self._on_closed)
-        self.info = None
+        self.info: Dict[str, Any] = {}  # the old daemon's pid, and where its metrics listened
         self.listener = None
         self.metrics_socket = None
         self.done = self._loop.create_future()  # set once the old daemon has no client left

@@ -7,6 +7,7 @@ database or be told at once that it is unreachable, and the words it is told.
 """
 
 import random
+from typing import Optional
 
 import psycopg2
 from psycopg2.extensions import make_dsn, parse_dsn
@@ -37,16 +38,16 @@ class Backoff:
     MULTIPLIER = 2.0
     JITTER = 0.1  # each delay is randomly up to 10% shorter or longer
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._base = 0.0
 
-    def next_delay(self):
+    def next_delay(self) -> float:
         self._base = min(
             self.MAX_DELAY, self._base * self.MULTIPLIER if self._base else self.INITIAL_DELAY
         )
         return self._base * (1 + random.uniform(-self.JITTER, self.JITTER))
 
-    def reset(self):
+    def reset(self) -> None:
         self._base = 0.0
 
 
@@ -56,16 +57,16 @@ class Reachability:
     *shown* names the database in messages (its DSN, password masked).
     """
 
-    def __init__(self, shown):
+    def __init__(self, shown: str) -> None:
         self.shown = shown
-        self.last_error = None  # of the latest attempt, if it failed
+        self.last_error: Optional[BaseException] = None  # of the latest attempt, if it failed
         self.ever_connected = False
         self.errors = 0
         self.reconnects = 0  # connections opened after attempts that failed: the database came back
         self.backoff = Backoff()
-        self._down_since = None  # on the loop's clock: when attempts began to fail with nothing open
+        self._down_since: Optional[float] = None  # on the loop's clock: when attempts began to fail with nothing open
 
-    def connected(self):
+    def connected(self) -> None:
         if self.last_error is not None:
             self.reconnects += 1
         self.backoff.reset()
@@ -73,7 +74,7 @@ class Reachability:
         self.ever_connected = True
         self._down_since = None
 
-    def failed(self, exc, now, nothing_open):
+    def failed(self, exc: BaseException, now: float, nothing_open: bool) -> float:
         """Record a failed attempt; return the seconds to wait before the next one."""
         self.errors += 1
         self.last_error = exc
@@ -81,11 +82,11 @@ class Reachability:
             self._down_since = now
         return self.backoff.next_delay()
 
-    def down(self, nothing_open):
+    def down(self, nothing_open: bool) -> bool:
         """True while nothing is open and the latest attempt to connect failed."""
         return self.last_error is not None and nothing_open
 
-    def outage_error(self, now, nothing_open, patience):
+    def outage_error(self, now: float, nothing_open: bool, patience: float) -> Optional[ServiceUnavailable]:
         """ServiceUnavailable for a job that should not wait for the database now, else None.
 
         Waiting makes sense during a short outage (a restart, a failover),
@@ -103,7 +104,7 @@ class Reachability:
             "the database is unreachable (for %.1f s, %s): %s" % (lasted, self.shown, one_line(self.last_error))
         )
 
-    def wait_error(self, waited):
+    def wait_error(self, waited: float) -> Optional[ServiceUnavailable]:
         """ServiceUnavailable for a job that waited *waited* seconds while connecting failed, else None."""
         if self.last_error is None:
             return None
@@ -112,7 +113,7 @@ class Reachability:
         )
 
 
-def refused_for_good(exc):
+def refused_for_good(exc: Optional[BaseException]) -> bool:
     """True if connecting failed for a reason that retrying will not change.
 
     A DSN that does not parse (psycopg2 raises ProgrammingError), a wrong
@@ -125,7 +126,7 @@ def refused_for_good(exc):
     return any(refusal in text for refusal in _REFUSALS_FOR_GOOD)
 
 
-def mask_dsn(dsn):
+def mask_dsn(dsn: Optional[str]) -> str:
     """*dsn* with its password replaced by ``***``, fit for logs and status."""
     try:
         params = parse_dsn(dsn)
@@ -136,7 +137,7 @@ def mask_dsn(dsn):
     return make_dsn(**params)
 
 
-def one_line(exc):
+def one_line(exc: object) -> str:
     """*exc*'s message on one line, or its class's name if it has none."""
     text = str(exc).strip() or type(exc).__name__
     return " ".join(text.split())

@@ -14,25 +14,34 @@ daemon knows the shared secret, and use plain pickle.
 import io
 import itertools
 import pickle
+from typing import Any, Dict, Final, Iterable, List, Mapping, NoReturn, Optional, Sequence, Tuple, Union
 
 from .errors import JobRefused, ResultTooLarge
 
+#: A statement's parameters: a sequence for ``%s`` placeholders, a mapping for
+#: ``%(name)s`` ones, or None (executemany's: a sequence of them).
+Params = Union[Sequence[Any], Mapping[str, Any], None]
+#: One row of a result.
+Row = Tuple[Any, ...]
+#: What fetchtable() returns: the column names, and the rows.
+Table = Tuple[List[str], List[Row]]
+
 #: A job is of one kind: a statement, with how its result is fetched (what
 #: the client gets back), or the control of a client's transaction.
-FETCH_ALL = "all"  # list of tuples
-FETCH_ONE = "one"  # tuple or None
-FETCH_VALUE = "value"  # first column of the first row, or None
-FETCH_ROWCOUNT = "rowcount"  # number of rows affected
-FETCH_MANY = "many"  # params is a list of parameter sets; total rowcount
-FETCH_TABLE = "table"  # (column names, list of tuples)
+FETCH_ALL: Final = "all"  # list of tuples
+FETCH_ONE: Final = "one"  # tuple or None
+FETCH_VALUE: Final = "value"  # first column of the first row, or None
+FETCH_ROWCOUNT: Final = "rowcount"  # number of rows affected
+FETCH_MANY: Final = "many"  # params is a list of parameter sets; total rowcount
+FETCH_TABLE: Final = "table"  # (column names, list of tuples)
 #: What a DB-API cursor needs: (description, rowcount, rows, status message), where
 #: description is a list of psycopg2's 7-item column tuples (type_code: the type's
 #: OID), and it and rows are None for a statement that returns no rows.
-FETCH_CURSOR = "cursor"
+FETCH_CURSOR: Final = "cursor"
 #: Transaction control: the daemon writes the SQL itself, from allowed options.
-BEGIN = "begin"  # params: {"isolation_level", "readonly", "deferrable"}
-COMMIT = "commit"
-ROLLBACK = "rollback"
+BEGIN: Final = "begin"  # params: {"isolation_level", "readonly", "deferrable"}
+COMMIT: Final = "commit"
+ROLLBACK: Final = "rollback"
 TRANSACTION_CONTROL = frozenset((BEGIN, COMMIT, ROLLBACK))
 FETCH_MODES = frozenset((FETCH_ALL, FETCH_ONE, FETCH_VALUE, FETCH_ROWCOUNT, FETCH_MANY, FETCH_TABLE, FETCH_CURSOR))
 JOB_KINDS = FETCH_MODES | TRANSACTION_CONTROL
@@ -90,21 +99,24 @@ class Job:
 
     __slots__ = ("sql", "params", "kind", "timeout", "tx")
 
-    def __init__(self, sql, params=None, kind=FETCH_ALL, timeout=None, tx=None):
+    def __init__(
+        self, sql: str, params: Params = None, kind: str = FETCH_ALL, timeout: Optional[float] = None,
+        tx: Optional[int] = None,
+    ) -> None:
         self.sql = sql
         self.params = params
         self.kind = kind  # one of JOB_KINDS
         self.timeout = timeout
         self.tx = tx
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<Job %s %.60r timeout=%s>" % (self.kind, self.sql, self.timeout)
 
-    def to_wire(self):
+    def to_wire(self) -> Tuple[str, Params, str, Optional[float], Optional[int]]:
         return (self.sql, self.params, self.kind, self.timeout, self.tx)
 
     @classmethod
-    def from_wire(cls, message, max_params_size=DEFAULT_MAX_PARAMS_SIZE):
+    def from_wire(cls, message: object, max_params_size: int = DEFAULT_MAX_PARAMS_SIZE) -> "Job":
         """Build a job from a decoded message, or raise JobRefused saying why.
 
         Its parameters may take at most *max_params_size* once bound (see
@@ -133,13 +145,15 @@ class Job:
         return cls(sql, params, kind, timeout, tx)
 
 
-def transaction_options(isolation_level=None, readonly=None, deferrable=None):
+def transaction_options(
+    isolation_level: Union[str, int, None] = None, readonly: Optional[bool] = None, deferrable: Optional[bool] = None,
+) -> Dict[str, Any]:
     """BEGIN's options as a job carries them; None leaves the server's default."""
     options = {"isolation_level": isolation_level, "readonly": readonly, "deferrable": deferrable}
     return {name: value for name, value in options.items() if value is not None}
 
 
-def _control_statement(kind, options):
+def _control_statement(kind: str, options: object) -> str:
     """The SQL of BEGIN, COMMIT or ROLLBACK; BEGIN's options come from allowlists."""
     if kind == COMMIT:
         return "COMMIT"
@@ -178,7 +192,7 @@ _STRINGS = (str, bytes, bytearray)
 _CONTAINERS = (list, tuple, dict)
 
 
-def check_params(params, many, limit):
+def check_params(params: Any, many: bool, limit: int) -> None:
     """Refuse parameters psycopg2 could not bind, or could only at a cost over *limit*.
 
     psycopg2 binds a job's parameters synchronously, in the daemon's event
@@ -207,14 +221,17 @@ def check_params(params, many, limit):
         )
 
 
-def _check_one_set(params):
+def _check_one_set(params: object) -> None:
     if not isinstance(params, _CONTAINERS):
         raise JobRefused(
             "query parameters must be a tuple, a list or a dict, not %s" % type(params).__name__
         )
 
 
-def _bound_size(value, limit, sizes=None, path=()):
+def _bound_size(
+    value: Union[List[Any], Tuple[Any, ...], Dict[Any, Any]], limit: int, sizes: Optional[Dict[int, int]] = None,
+    path: Tuple[object, ...] = (),
+) -> int:
     """The cost of binding the container *value*; once past *limit*, a partial count over it.
 
     A container met again is counted from *sizes* (by id), so the walk costs
@@ -225,6 +242,7 @@ def _bound_size(value, limit, sizes=None, path=()):
     size = len(items) * VALUE_COST
     if size > limit:
         return size
+    nested: Iterable[Any]
     if len(items) <= 16:  # the usual few parameters: a plain loop is quickest
         nested = []
         for item in items:
@@ -254,7 +272,7 @@ def _bound_size(value, limit, sizes=None, path=()):
 
 
 class _JobUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
+    def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED_CLASSES:
             return super().find_class(module, name)
         raise JobRefused(
@@ -262,15 +280,15 @@ class _JobUnpickler(pickle.Unpickler):
             "tuple, list, dict, date/time types, Decimal or UUID" % (module, name)
         )
 
-    def persistent_load(self, pid):
+    def persistent_load(self, pid: Any) -> NoReturn:
         raise JobRefused("a job may not carry persistent references")
 
 
-def dumps_job(job):
+def dumps_job(job: Job) -> bytes:
     return pickle.dumps(job.to_wire(), PICKLE_PROTOCOL)
 
 
-def loads_job(data, max_params_size=DEFAULT_MAX_PARAMS_SIZE):
+def loads_job(data: bytes, max_params_size: int = DEFAULT_MAX_PARAMS_SIZE) -> Job:
     """Decode a job from untrusted bytes; raise JobRefused for anything else."""
     try:
         message = _JobUnpickler(io.BytesIO(data)).load()
@@ -282,11 +300,11 @@ def loads_job(data, max_params_size=DEFAULT_MAX_PARAMS_SIZE):
     return Job.from_wire(message, max_params_size)
 
 
-def dumps_reply(value):
+def dumps_reply(value: object) -> bytes:
     return pickle.dumps(value, PICKLE_PROTOCOL)
 
 
-def encode_reply(ok, value, max_bytes):
+def encode_reply(ok: bool, value: object, max_bytes: int) -> Tuple[bool, bytes]:
     """A job's reply as (ok, payload): its pickled result, or the error that stands for it.
 
     A result that cannot be pickled, or takes more than *max_bytes*, is

@@ -9,7 +9,7 @@ SELECTORS = {
 }
 
 
-def new_event_loop(selector="auto"):
+def new_event_loop(selector: str = "auto") -> asyncio.AbstractEventLoop:
     """An event loop: "auto" (epoll where there is one), "epoll", "select", or "uvloop".
 
     uvloop (libuv; ``pip install dbservice[uvloop]``) costs the daemon less CPU

@@ -18,20 +18,21 @@ class PendingJob:
     """One job in the daemon. It is the pool's waiter while it queues (:meth:`accept`, :meth:`fail`)."""
 
     __slots__ = (
-        "job", "reply", "owner", "engine", "arrived", "received", "deadline", "state", "timer",
+        "job", "reply", "reply_id", "owner", "engine", "arrived", "received", "deadline", "state", "due",
         "statement", "task", "started", "cancelled_with",
     )
 
-    def __init__(self, engine, job, reply, owner, now):
+    def __init__(self, engine, job, reply, reply_id, owner, now):
         self.job = job
-        self.reply = reply  # reply(ok, value), called once
+        self.reply = reply  # reply(reply_id, ok, value), called once
+        self.reply_id = reply_id  # the job's id for its intake
         self.owner = owner  # the client connection it came on, for transactions
         self.engine = engine
         self.arrived = now  # on the loop's clock, which deadlines are on
         self.received = time.perf_counter()  # for its latency: some loops tick in whole ms
         self.deadline = None if job.timeout is None else now + job.timeout
         self.state = None  # until it queues or runs
-        self.timer = None  # its deadline, or the pool's timeout while it queues
+        self.due = None  # its deadline, or the pool's timeout while it queues, as engine.deadlines keeps it
         self.statement = None  # while it runs by callbacks (runner.Statement)
         self.task = None  # while it runs in a task
         self.started = False  # its task took its first step: it can be cancelled at once
@@ -66,15 +67,19 @@ class PendingJob:
         if self.state is QUEUED:
             self.engine.pool.withdraw(self)
         self.state = DONE
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.reply(ok, value)
+        if self.due is not None:
+            self.engine.deadlines.clear(self)
+        self.reply(self.reply_id, ok, value)
         return True
 
+    def statement_done(self, ok, value):
+        self.engine.statement_done(self, ok, value)
+
+    def statement_needs_task(self):
+        self.engine.statement_to_task(self)
+
     def time_is_up(self):
-        """Its one timer fired: its deadline, or the pool's timeout while it queued."""
-        self.timer = None
+        """Its one deadline passed: its own, or the pool's timeout while it queued."""
         if self.statement is not None:
             self.statement.interrupt()  # run_job cancels the query, the deadline being past
         elif self.state is QUEUED:
@@ -109,7 +114,6 @@ class PendingJob:
         else:
             asyncio.get_running_loop().call_soon(self.task.cancel)
 
-    def cancel_timer(self):
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+    def clear_deadline(self):
+        if self.due is not None:
+            self.engine.deadlines.clear(self)

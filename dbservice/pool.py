@@ -13,6 +13,9 @@ jittered exponential backoff and never spins.
 import asyncio
 import collections
 import logging
+from typing import Any, Deque, Dict, Optional, Protocol, Set
+
+from .connection import PooledConnection
 
 from .cancel import cancel_query
 from .errors import QueryTimeout, ServiceBusy, ServiceUnavailable
@@ -25,6 +28,19 @@ from .supply import ConnectionSupply
 logger = logging.getLogger("dbservice.pool")
 
 
+class Waiter(Protocol):
+    """What waits in the pool's queue for a connection: a job, or getconn()'s borrower."""
+
+    #: on the loop's clock: when its wait began
+    arrived: float
+
+    def accept(self, conn: PooledConnection) -> bool:
+        """Take *conn*, or say (False) that it waits no more."""
+
+    def fail(self, error: BaseException) -> None:
+        """No connection will come: answer with *error*."""
+
+
 class AsyncConnectionPool(ConnectionSupply):
     """A pool of async psycopg2 connections for one event loop, and the jobs waiting for them.
 
@@ -35,18 +51,19 @@ class AsyncConnectionPool(ConnectionSupply):
 
     def __init__(
         self,
-        dsn,
-        min_size=2,
-        max_size=10,
-        max_idle=300.0,
-        timeout=30.0,
-        connect_timeout=10.0,
-        name="pool",
-        session_reset=AUTO,
-        max_waiting=0,
-        max_lifetime=0.0,
-    ):
-        super().__init__(dsn, min_size, max_size, max_idle, connect_timeout, name, max_lifetime)
+        dsn: str,
+        min_size: int = 2,
+        max_size: int = 10,
+        max_idle: float = 300.0,
+        timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        name: str = "pool",
+        session_reset: str = AUTO,
+        max_waiting: int = 0,
+        max_prepared: int = 0,
+        max_lifetime: float = 0.0,
+    ) -> None:
+        super().__init__(dsn, min_size, max_size, max_idle, connect_timeout, name, max_prepared, max_lifetime)
         self.timeout = timeout
         self.session_reset = session_reset
         self.max_waiting = max_waiting
@@ -54,16 +71,16 @@ class AsyncConnectionPool(ConnectionSupply):
         self.requests_immediate = 0  # lent a connection at once: a wait of 0
         self.waits = Histogram()  # how long each waiter that queued waited, whether it got a connection or not
         self.sessions_reset = 0
-        self._waiting = collections.deque()  # waiters for a connection, oldest first (see lend)
+        self._waiting: Deque[Waiter] = collections.deque()  # waiters for a connection, oldest first (see lend)
         self._waiting_count = 0  # of which still waiting
-        self._resets = set()  # the tasks resetting sessions, under way
+        self._resets: "Set[asyncio.Task[None]]" = set()  # the tasks resetting sessions, under way
 
     @property
-    def patience(self):
+    def patience(self) -> float:
         """How long the database may stay down before jobs stop waiting for it (see outage_error)."""
         return self.timeout
 
-    async def close(self):
+    async def close(self) -> None:
         """Close every idle connection now and the busy ones as they return."""
         if self._closed:
             return
@@ -82,7 +99,7 @@ class AsyncConnectionPool(ConnectionSupply):
     # skipped when its turn comes. A waiter's wait began at its ``arrived``,
     # on the loop's clock.
 
-    def lend(self, waiter):
+    def lend(self, waiter: Waiter) -> bool:
         """Lend *waiter* a connection: now if one is idle, else the next that is free.
 
         Returns False, with nothing done, when ``max_waiting`` waiters wait
@@ -105,23 +122,23 @@ class AsyncConnectionPool(ConnectionSupply):
         self._maybe_grow()
         return True
 
-    def fail_waiting(self, error):
+    def fail_waiting(self, error: BaseException) -> None:
         """Answer every waiter with *error*: none will get a connection."""
         waiting, self._waiting = self._waiting, collections.deque()
         for waiter in waiting:  # each that still waits withdraws
             waiter.fail(error)
 
-    def withdraw(self, waiter):
+    def withdraw(self, waiter: Waiter) -> None:
         """*waiter*, queued by :meth:`lend`, waits no more (its timeout passed, it was cancelled)."""
         self._waiting_count -= 1
         self.waits.observe(self._loop.time() - waiter.arrived)
 
     @property
-    def waiting(self):
+    def waiting(self) -> int:
         """How many waiters wait for a connection."""
         return self._waiting_count
 
-    async def getconn(self, deadline=None):
+    async def getconn(self, deadline: Optional[float] = None) -> PooledConnection:
         """Borrow a connection, waiting for one up to *deadline*; give it back with :meth:`putconn`.
 
         *deadline* is on the loop's clock; without one the pool's ``timeout``
@@ -133,7 +150,7 @@ class AsyncConnectionPool(ConnectionSupply):
             raise ServiceBusy("%d jobs wait for a connection of pool %r already" % (self.waiting, self.name))
         return await borrower.connection()
 
-    def putconn(self, conn):
+    def putconn(self, conn: PooledConnection) -> None:
         """Give back a lent connection: to the next waiter, or to the idle ones.
 
         A connection that broke is closed and replaced as needed; one left
@@ -147,12 +164,12 @@ class AsyncConnectionPool(ConnectionSupply):
         else:
             self._pass_on(conn)
 
-    def note_job(self, conn, sql):
+    def note_job(self, conn: PooledConnection, sql: str) -> None:
         """A job runs *sql* on *conn*: if it may change the session, reset it when it comes back."""
         if self.session_reset == ALWAYS or may_change_session(sql):
             conn.needs_reset = True
 
-    def _pass_on(self, conn):
+    def _pass_on(self, conn: PooledConnection) -> None:
         """Pass *conn* on to the first waiter that takes it, otherwise put it back among the idle."""
         conn.lent = False
         if self._closed or self.suspended or not conn.usable or len(self._connections) > self.max_size:
@@ -172,12 +189,12 @@ class AsyncConnectionPool(ConnectionSupply):
             conn.lent = False  # it gave up and withdrew already
         self._idle.append(conn)
 
-    def _reset_soon(self, conn):
+    def _reset_soon(self, conn: PooledConnection) -> None:
         task = self._loop.create_task(self._reset(conn))
         self._resets.add(task)
         task.add_done_callback(self._resets.discard)
 
-    async def _reset(self, conn):
+    async def _reset(self, conn: PooledConnection) -> None:
         try:
             if await clean(conn, self._loop.time() + CLEANUP_GRACE):
                 self.sessions_reset += 1
@@ -186,7 +203,7 @@ class AsyncConnectionPool(ConnectionSupply):
             conn.close()
         self._pass_on(conn)
 
-    def _pop_idle(self):
+    def _pop_idle(self) -> Optional[PooledConnection]:
         while self._idle:
             conn = self._idle.pop()
             if conn.pgconn.closed:
@@ -196,7 +213,7 @@ class AsyncConnectionPool(ConnectionSupply):
             return conn
         return None
 
-    async def cancel(self, conn):
+    async def cancel(self, conn: PooledConnection) -> None:
         """Ask the server to cancel the query running on *conn*, one of this pool's connections.
 
         By a cancel request, which needs no free connection slot, bounded by
@@ -204,7 +221,7 @@ class AsyncConnectionPool(ConnectionSupply):
         """
         await cancel_query(conn.pgconn, self.connect_timeout)
 
-    def wait_error(self, waited):
+    def wait_error(self, waited: float) -> BaseException:
         """The error for a job that waited *waited* seconds and got no connection."""
         if self.suspended:
             return QueryTimeout(
@@ -219,7 +236,7 @@ class AsyncConnectionPool(ConnectionSupply):
 
     # -- introspection ---------------------------------------------------------
 
-    def get_stats(self):
+    def get_stats(self) -> Dict[str, Any]:
         now = self._loop.time() if self._loop else 0.0
         return {
             "pool_min": self.min_size,
@@ -254,29 +271,29 @@ class _Borrower:
 
     __slots__ = ("pool", "future", "timer", "arrived")
 
-    def __init__(self, pool, deadline):
+    def __init__(self, pool: AsyncConnectionPool, deadline: float) -> None:
         loop = pool._loop
         self.pool = pool
-        self.future = loop.create_future()
+        self.future: "asyncio.Future[PooledConnection]" = loop.create_future()
         self.arrived = loop.time()
         self.timer = loop.call_at(deadline, self._expire)
 
-    def accept(self, conn):
+    def accept(self, conn: PooledConnection) -> bool:
         if self.future.done():
             return False
         self.timer.cancel()
         self.future.set_result(conn)
         return True
 
-    def fail(self, error):
+    def fail(self, error: BaseException) -> None:
         if not self.future.done():
             self.future.set_exception(error)
             self.pool.withdraw(self)
 
-    def _expire(self):
+    def _expire(self) -> None:
         self.fail(self.pool.wait_error(self.pool._loop.time() - self.arrived))
 
-    async def connection(self):
+    async def connection(self) -> PooledConnection:
         try:
             return await self.future
         except asyncio.CancelledError:

@@ -13,14 +13,13 @@ import itertools
 import os
 import select
 import sys
-import threading
 import time
-import weakref
+from typing import Any, Dict, List, Optional, Tuple, cast
 
-from .queries import ChannelLost, QueryMethods, check_size, encode_job, reply_wait
+from .queries import Blocking, ChannelLost, ThreadChannels, check_size, encode_job, reply_wait
 from .errors import Error, QueryTimeout, ServiceUnavailable
-from .jobs import loads_reply
-from .queue_wire import channel_path, job_frames
+from .jobs import Job, loads_reply
+from .queue_wire import JobQueue, channel_path, job_frames
 from .wire import MSG_ERROR, MSG_JOB, MSG_STATUS, FrameReader
 
 #: Bytes asked of the reply channel at a time: most replies come in one read.
@@ -38,9 +37,9 @@ DROPPED = (
 class _ReplyChannel:
     """One thread's reply channel, and the job queue it sends on."""
 
-    fd = None  # until the FIFO is open
+    fd: Optional[int] = None  # until the FIFO is open, and once it is closed
 
-    def __init__(self, queue, sentinel):
+    def __init__(self, queue: JobQueue, sentinel: int) -> None:
         self.id = int.from_bytes(os.urandom(8), "big")
         self.path = channel_path(queue.directory, self.id)
         try:
@@ -57,22 +56,26 @@ class _ReplyChannel:
         except OSError as exc:
             raise ServiceUnavailable("cannot make a reply channel in %s: %s" % (queue.directory, exc)) from None
         self._queue = queue  # holds the job queue's writing end open
-        self._jobs = queue.writer.fileno()
+        self._jobs = queue.writer.fileno()  # type: ignore[union-attr]  # a client's queue has its writer
         self._sentinel = sentinel
         self._replies = select.poll()
         self._replies.register(self.fd, select.POLLIN)
         self._replies.register(sentinel, select.POLLIN)
-        self._room = None  # a poll for room on the job queue, made if it ever fills
+        self._room: Optional[select.poll] = None  # a poll for room on the job queue, made if it ever fills
         self._frames = FrameReader(sys.maxsize)  # the service is trusted: no limit
         self._ids = itertools.count(1)
 
-    def call(self, kind, payload, timeout):
+    @property
+    def closed(self) -> bool:
+        return self.fd is None
+
+    def call(self, kind: int, payload: bytes, timeout: Optional[float]) -> Tuple[bool, Any]:
         """Send one message and return its reply as ``(ok, value)``; ChannelLost if the channel is unusable."""
         job_id = next(self._ids)
         wait = reply_wait(timeout)
         deadline = None if wait is None else time.monotonic() + wait
-        for frame in job_frames(self.id, job_id, kind, payload):
-            self._send(frame, deadline, wait)
+        for part in job_frames(self.id, job_id, kind, payload):
+            self._send(part, deadline, wait)
         while True:
             frame = self._frames.next_frame()
             if frame is not None:
@@ -83,7 +86,7 @@ class _ReplyChannel:
             raise ChannelLost(Error("dbservice internal error: a reply to job %d came for job %d" % (reply_id, job_id)))
         return kind != MSG_ERROR, loads_reply(body)
 
-    def _send(self, frame, deadline, wait):
+    def _send(self, frame: bytes, deadline: Optional[float], wait: Optional[float]) -> None:
         while True:
             try:
                 os.write(self._jobs, frame)
@@ -97,18 +100,21 @@ class _ReplyChannel:
                 self._room.register(self._jobs, select.POLLOUT)
                 self._room.register(self._sentinel, select.POLLIN)
             ready = self._room.poll(_milliseconds(deadline))
-            if not ready:
+            if not ready:  # only with a deadline: *wait* is a number
                 raise ChannelLost(
-                    QueryTimeout("the dbservice process took no job for %.1f s: its job queue stayed full" % wait)
+                    QueryTimeout("the dbservice process took no job for %.1f s: its job queue stayed full"
+                                 % wait)  # type: ignore[str-format]
                 )
             if not _includes(ready, self._jobs):
                 raise ChannelLost(ServiceUnavailable("the dbservice process has exited"))
 
-    def _receive(self, deadline, wait):
+    def _receive(self, deadline: Optional[float], wait: Optional[float]) -> None:
         """Wait for the next bytes of a reply and take them in."""
         ready = self._replies.poll(_milliseconds(deadline))
-        if not ready:
-            raise ChannelLost(QueryTimeout("no reply from the dbservice process within %.1f s" % wait))
+        if not ready:  # only with a deadline: *wait* is a number
+            raise ChannelLost(
+                QueryTimeout("no reply from the dbservice process within %.1f s" % wait)  # type: ignore[str-format]
+            )
         if self.fd is None:
             raise ChannelLost(Error("this dbservice client was closed while the job ran"))
         if not _includes(ready, self.fd):
@@ -122,7 +128,7 @@ class _ReplyChannel:
             raise ChannelLost(ServiceUnavailable("the dbservice process has exited" if exited else DROPPED))
         self._frames.feed(data)
 
-    def close(self):
+    def close(self) -> None:
         """Hang up: the service sees it, and cancels what this channel still has in flight."""
         if self.fd is not None:
             os.close(self.fd)
@@ -134,14 +140,14 @@ class _ReplyChannel:
 
     __del__ = close  # its thread ended
 
-    def forget(self):
+    def forget(self) -> None:
         """In a forked child: close our copy of the parent's channel, leave the parent's be."""
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
 
 
-def _includes(ready, fd):
+def _includes(ready: List[Tuple[int, int]], fd: int) -> bool:
     """Whether poll()'s *ready* events include one of *fd*."""
     for ready_fd, _ in ready:
         if ready_fd == fd:
@@ -149,17 +155,14 @@ def _includes(ready, fd):
     return False
 
 
-def _milliseconds(deadline):
+def _milliseconds(deadline: Optional[float]) -> Optional[int]:
     """What poll() takes for *deadline*: milliseconds from now, or None for no limit."""
     if deadline is None:
         return None
     return max(0, int((deadline - time.monotonic()) * 1000.0 + 0.999))
 
 
-_live_clients = weakref.WeakSet()
-
-
-class QueueClient(QueryMethods):
+class QueueClient(Blocking, ThreadChannels[_ReplyChannel]):
     """A thread-safe, fork-safe client of a :class:`~dbservice.DBService` without a socket.
 
     Get it from ``svc.client()``. *queue* is the service's
@@ -168,33 +171,30 @@ class QueueClient(QueryMethods):
     forever. A job larger than *max_frame* bytes is refused before it is sent.
     """
 
-    def __init__(self, queue, sentinel, timeout=None, max_frame=None):
+    def __init__(
+        self, queue: JobQueue, sentinel: int, timeout: Optional[float] = None, max_frame: Optional[int] = None
+    ) -> None:
         self.queue = queue
         self.sentinel = sentinel
         self.timeout = timeout
         self.max_frame = max_frame
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        # Weak: a thread's channel lives in its thread-local and closes when
-        # the thread ends, so one thread per request leaks nothing.
-        self._channels = weakref.WeakSet()
         self.closed = False
-        _live_clients.add(self)
+        self._init_channels()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<dbservice.QueueClient %s%s>" % (self.queue.directory, " closed" if self.closed else "")
 
-    def status(self):
+    def status(self) -> Dict[str, Any]:
         """The service's figures: pool, queue, jobs, latency, and its open reply channels."""
-        return self._request(MSG_STATUS, b"", STATUS_TIMEOUT)
+        return cast(Dict[str, Any], self._request(MSG_STATUS, b"", STATUS_TIMEOUT))
 
-    def _run(self, job):
+    def _run(self, job: Job) -> Any:
         payload = encode_job(job)
         if self.max_frame is not None:
             check_size(payload, self.max_frame)
         return self._request(MSG_JOB, payload, job.timeout)
 
-    def _request(self, kind, payload, timeout):
+    def _request(self, kind: int, payload: bytes, timeout: Optional[float]) -> Any:
         if self.closed:
             raise Error("this dbservice client is closed")
         channel = self._channel()
@@ -210,40 +210,5 @@ class QueueClient(QueryMethods):
             raise value
         return value
 
-    def _channel(self):
-        channel = getattr(self._local, "channel", None)
-        if channel is None:
-            channel = _ReplyChannel(self.queue, self.sentinel)
-            self._local.channel = channel
-            with self._lock:
-                self._channels.add(channel)
-        return channel
-
-    def _drop(self, channel):
-        channel.close()
-        self._local.channel = None
-        with self._lock:
-            self._channels.discard(channel)
-
-    def close(self):
-        """Close every thread's reply channel."""
-        self.closed = True
-        with self._lock:
-            channels, self._channels = list(self._channels), weakref.WeakSet()
-        for channel in channels:
-            channel.close()
-
-    def _after_fork(self):
-        for channel in list(self._channels):
-            channel.forget()
-        self._channels = weakref.WeakSet()
-        self._local = threading.local()
-        self._lock = threading.Lock()
-
-
-def _reset_after_fork():
-    for client in list(_live_clients):
-        client._after_fork()
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
+    def _open_channel(self) -> _ReplyChannel:
+        return _ReplyChannel(self.queue, self.sentinel)

@@ -19,14 +19,14 @@ trusted pickles; they go through :meth:`Job.from_wire`'s checks all the same.
 
 import asyncio
 import errno
-import functools
 import logging
 import os
 import pickle
+from typing import Any
 
 from .errors import JobCancelled, JobRefused
 from .jobs import Job, encode_reply
-from .queue_wire import FRAME_BYTES, JOB_ID, MSG_JOB_PART, channel_path
+from .queue_wire import FRAME_BYTES, JOB_ID, MSG_JOB_PART, JobQueue, channel_path
 from .wire import HEADER, MSG_ERROR, MSG_JOB, MSG_RESULT, MSG_STATUS, FrameError, FrameReader, OversizedFrame, encode_frame
 
 logger = logging.getLogger("dbservice.queue")
@@ -38,7 +38,7 @@ READ_BYTES = 256 * 1024
 class QueueIntake:
     """Feeds jobs from *queue* (a :class:`~dbservice.queue_wire.JobQueue`) to *engine*."""
 
-    def __init__(self, engine, queue):
+    def __init__(self, engine: Any, queue: JobQueue) -> None:
         self.engine = engine
         self.directory = queue.directory
         self._reader = queue.reader
@@ -47,12 +47,12 @@ class QueueIntake:
         self._channels = {}  # channel id -> _ReplyChannel
         self._loop = None
 
-    def start(self):
+    def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         os.set_blocking(self._fd, False)
         self._loop.add_reader(self._fd, self._read_jobs)
 
-    async def close(self):
+    async def close(self) -> None:
         """Stop reading jobs; send the replies still unsent, then close every channel.
 
         The jobs on the queue now (at most a pipe's capacity, less than a
@@ -193,7 +193,7 @@ class _ReplyChannel:
             self.engine.stats.count_refused()
             self.reply(job_id, False, JobRefused("the job could not be decoded: %s" % exc))
             return
-        pending = self.engine.submit(job, functools.partial(self.reply, job_id))
+        pending = self.engine.submit(job, self.reply, job_id)
         if not pending.done:
             self.in_flight[job_id] = pending
 

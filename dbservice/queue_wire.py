@@ -22,6 +22,8 @@ import select
 import shutil
 import struct
 import tempfile
+from multiprocessing.connection import Connection
+from typing import List, Optional
 
 from .wire import HEADER, encode_frame
 
@@ -34,7 +36,7 @@ FRAME_BYTES = select.PIPE_BUF
 PART_BYTES = FRAME_BYTES - HEADER.size - JOB_ID.size
 
 
-def channel_path(directory, channel_id):
+def channel_path(directory: str, channel_id: int) -> str:
     """Where the FIFO of reply channel *channel_id* is created."""
     return os.path.join(directory, "%016x" % channel_id)
 
@@ -47,26 +49,26 @@ class JobQueue:
     non-blocking so that a client waiting for room can time out.
     """
 
-    def __init__(self, reader, writer, directory):
+    def __init__(self, reader: Connection, writer: Optional[Connection], directory: str) -> None:
         self.reader = reader
         self.writer = writer
         self.directory = directory
 
     @classmethod
-    def create(cls):
+    def create(cls) -> "JobQueue":
         reader, writer = multiprocessing.Pipe(duplex=False)
         os.set_blocking(writer.fileno(), False)
         return cls(reader, writer, tempfile.mkdtemp(prefix="dbservice-replies-"))
 
-    def for_service(self):
+    def for_service(self) -> "JobQueue":
         """What the service process needs: the reading end and the directory."""
         return JobQueue(self.reader, None, self.directory)
 
-    def close_reader(self):
+    def close_reader(self) -> None:
         """Once the service holds its copy: a write then fails when the service is gone."""
         self.reader.close()
 
-    def remove_directory(self):
+    def remove_directory(self) -> None:
         """Remove the reply channels' directory, with any FIFO left in it.
 
         The writing end stays open as long as a client holds it: a write
@@ -75,7 +77,7 @@ class JobQueue:
         """
         shutil.rmtree(self.directory, ignore_errors=True)
 
-def job_frames(channel_id, job_id, kind, payload):
+def job_frames(channel_id: int, job_id: int, kind: int, payload: bytes) -> List[bytes]:
     """The frames that carry one message of *kind* on the job queue, each small enough to stay whole."""
     head = JOB_ID.pack(job_id)
     if len(payload) <= PART_BYTES:

@@ -54,31 +54,32 @@ SENT_AT_ONCE = 4096
 class Statement:
     """A one-statement job on *conn*, driven by the socket's readiness callback.
 
-    ``done(ok, value)`` is called once with the job's outcome, *conn* then
-    being idle or closed. ``needs_task()`` is called instead when the job needs
-    :func:`run_job`, which the caller must then await with this statement.
+    ``owner.statement_done(ok, value)`` is called once with the job's outcome,
+    *conn* then being idle or closed. ``owner.statement_needs_task()`` is
+    called instead when the job needs :func:`run_job`, which the owner must
+    then await with this statement.
     Neither is called from :meth:`start`, so a caller that starts the next
     job from ``done`` never recurses.
     """
 
-    __slots__ = ("conn", "job", "cursor", "error", "active", "_done", "_needs_task")
+    __slots__ = ("conn", "job", "owner", "cursor", "query", "error", "active")
 
-    def __init__(self, conn, job, done, needs_task):
+    def __init__(self, conn, job, owner):
         self.conn = conn
         self.job = job
+        self.owner = owner  # the engine's PendingJob
         self.cursor = None
+        self.query = None  # the prepared.PreparedQuery it went as, if it went prepared
         self.error = None  # what failed, when the connection needs cleaning after it
         self.active = False  # waiting on the socket: interrupt() may take it over
-        self._done = done
-        self._needs_task = needs_task
 
-    def start(self):
-        """Send the statement, and wait for its reply without blocking."""
+    def start(self, prepared=True):
+        """Send the statement (*prepared*: as a prepared statement, if it can be), and wait for its reply."""
         conn = self.conn
-        self.cursor = cursor = conn.pgconn.cursor()
+        self.cursor = cursor = self.cursor or conn.pgconn.cursor()
         self.active = True
         try:
-            _send(conn, cursor, self.job.sql, self.job.params)
+            self.query = _send(conn, cursor, self.job.sql, self.job.params, conn.statements if prepared else None)
         except Exception as exc:
             self.error = exc
             asyncio.get_running_loop().call_soon(self._readable)
@@ -119,9 +120,11 @@ class Statement:
         except Exception as exc:
             self._failed(exc)
             return
+        if self.query is not None:
+            conn.statements.sent(self.query)
         self.active = False
         self.cursor.close()
-        self._done(True, result)
+        self.owner.statement_done(True, result)
 
     def _resume(self):
         """The client's turn to read this large result came."""
@@ -129,19 +132,24 @@ class Statement:
             self.conn.when_readable(self._readable)
 
     def _failed(self, exc):
-        """Report *exc*, unless the connection needs cleaning first: run_job's part."""
+        """Report *exc*, unless the connection needs cleaning first (run_job's part) or it may run again as plain text."""
         pgconn = self.conn.pgconn
-        if pgconn.closed or pgconn.get_transaction_status() == ext.TRANSACTION_STATUS_IDLE:
+        query, self.query = self.query, None
+        idle = not pgconn.closed and pgconn.get_transaction_status() == ext.TRANSACTION_STATUS_IDLE
+        if query is not None and self.conn.statements.failed(query, exc) and idle:
+            self.start(prepared=False)  # nothing of it ran: as the plain text it was
+            return
+        if pgconn.closed or idle:
             self.active = False
             self.cursor.close()
-            self._done(False, _server_error(exc))
+            self.owner.statement_done(False, _server_error(exc))
         else:
             self.error = _server_error(exc)
             self._give_up()
 
     def _give_up(self):
         self.active = False
-        self._needs_task()
+        self.owner.statement_needs_task()
 
 
 async def run_job(conn, job, deadline, cancel, in_transaction=False, statement=None):
@@ -156,6 +164,7 @@ async def run_job(conn, job, deadline, cancel, in_transaction=False, statement=N
     from where it stands.
     """
     cursor = conn.pgconn.cursor() if statement is None else statement.cursor
+    query = None if statement is None else statement.query
     try:
         if statement is not None and statement.error is not None:
             raise statement.error
@@ -163,11 +172,16 @@ async def run_job(conn, job, deadline, cancel, in_transaction=False, statement=N
             result = await _execute_many(conn, cursor, job, deadline, cancel, in_transaction)
         else:
             if statement is None:
-                _send(conn, cursor, job.sql, job.params)
+                # Inside a client's transaction a failed PREPARE would abort it: only what is prepared already.
+                query = _send(conn, cursor, job.sql, job.params, conn.statements, prepare_new=False)
             commits = job.kind == COMMIT if in_transaction else True
             await _wait_or_cancel(conn, deadline, cancel, commits)
             result = _fetch(cursor, job.kind)
-    except BaseException:
+            if query is not None:
+                conn.statements.sent(query)
+    except BaseException as exc:
+        if query is not None:
+            conn.statements.failed(query, exc)
         await _clean_up(conn, cancel, keep_transaction=in_transaction)
         raise
     finally:
@@ -182,25 +196,63 @@ async def run_job(conn, job, deadline, cancel, in_transaction=False, statement=N
 
 
 async def _execute_many(conn, cursor, job, deadline, cancel, in_transaction):
-    """All parameter sets in one transaction: the caller's, or one of our own."""
-    if not in_transaction:
+    """All parameter sets in one transaction: the caller's, or one of our own.
+
+    Each set runs the statement prepared (the first one prepares it): in a
+    transaction of our own, a PREPARE the server refuses is rolled back with
+    it, and the whole runs again as plain text.
+    """
+    if in_transaction:
+        return await _each_set(conn, cursor, job, deadline, cancel, prepare_new=False)
+    for prepare_new in (True, None):
         _send(conn, cursor, "BEGIN")
         await _wait_or_cancel(conn, deadline, cancel, commits=False)
-    total = 0
-    for params in job.params:
-        _send(conn, cursor, job.sql, params)
-        await _wait_or_cancel(conn, deadline, cancel, commits=False)
-        total += max(cursor.rowcount, 0)
-    if not in_transaction:
+        try:
+            total = await _each_set(conn, cursor, job, deadline, cancel, prepare_new)
+        except _RunPlain:
+            _send(conn, cursor, "ROLLBACK")
+            await _wait_or_cancel(conn, deadline, cancel, commits=False)
+            continue
         _send(conn, cursor, "COMMIT")
         await _wait_or_cancel(conn, deadline, cancel, commits=True)
+        return total
+
+
+class _RunPlain(Exception):
+    """A PREPARE the server refused, in a transaction of our own: roll it back and run plain."""
+
+
+async def _each_set(conn, cursor, job, deadline, cancel, prepare_new):
+    """Run *job*'s statement once per parameter set; prepared unless *prepare_new* is None."""
+    statements = None if prepare_new is None else conn.statements
+    total = 0
+    for params in job.params:
+        query = _send(conn, cursor, job.sql, params, statements, prepare_new)
+        try:
+            await _wait_or_cancel(conn, deadline, cancel, commits=False)
+        except psycopg2.Error as exc:
+            if query is not None and conn.statements.failed(query, exc) and query.fresh and prepare_new:
+                raise _RunPlain() from None
+            raise
+        if query is not None:
+            conn.statements.sent(query)
+        total += max(cursor.rowcount, 0)
     return total
 
 
-def _send(conn, cursor, sql, params=None):
-    """Have psycopg2 bind *params* into *sql* and send it."""
+def _send(conn, cursor, sql, params=None, statements=None, prepare_new=True):
+    """Have psycopg2 bind *params* into *sql* and send it; the PreparedQuery it went as, or None.
+
+    With *statements* (the connection's prepared.ConnectionStatements) it goes
+    as a prepared statement where it can.
+    """
+    query = None if statements is None else statements.query(sql, params, prepare_new)
     try:
-        conn.execute(cursor, sql, params)
+        if query is None:
+            conn.execute(cursor, sql, params)
+        else:
+            conn.execute(cursor, query.text, query.params)
+        return query
     except (IndexError, KeyError, TypeError, ValueError) as exc:
         # psycopg2 binds before sending: these mean nothing reached the server.
         raise JobRefused(

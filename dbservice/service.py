@@ -7,9 +7,11 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple, TypeVar, Union, cast
 
 from . import types
-from .client import connect
+from .client import Client, connect
 from .config import Settings
 from .health import mask_dsn
 from .errors import ServiceUnavailable
@@ -17,11 +19,16 @@ from .queue_client import QueueClient
 from .queue_intake import QueueIntake
 from .queue_wire import JobQueue
 from .engine import Engine
-from .handover import Predecessor, Successor
+from .handover import Handover, Predecessor, Successor
 from .socket_intake import SocketIntake
 from .loops import new_event_loop
 
+if TYPE_CHECKING:  # prometheus_client, imported only with --metrics
+    from .metrics import MetricsEndpoint
+
 logger = logging.getLogger("dbservice")
+
+_DBService = TypeVar("_DBService", bound="DBService")
 
 
 #: How the log names each way the engine stops.
@@ -41,7 +48,11 @@ SIGNALS = {
 }
 
 
-def serve(settings, queue=None, ready=None, reload=None, reopen_log=None, handover=None):
+def serve(
+    settings: Settings, queue: Optional[JobQueue] = None, ready: Optional[Connection] = None,
+    reload: Optional[Callable[[], Settings]] = None, reopen_log: Optional[Callable[[], None]] = None,
+    handover: Optional[Handover] = None,
+) -> None:
     """Run the engine in this process until SIGTERM (graceful) or SIGINT (fast), or until handed over.
 
     Jobs come from the Unix socket ``settings.socket`` and/or *queue*, the
@@ -61,14 +72,18 @@ def serve(settings, queue=None, ready=None, reload=None, reopen_log=None, handov
         loop.close()
 
 
-async def _run(settings, queue, ready, reload, reopen_log, handover):
+async def _run(
+    settings: Settings, queue: Optional[JobQueue], ready: Optional[Connection],
+    reload: Optional[Callable[[], Settings]], reopen_log: Optional[Callable[[], None]],
+    handover: Optional[Handover],
+) -> None:
     loop = asyncio.get_running_loop()
     types.install_adapters()
     engine = Engine(settings)
-    asked = asyncio.Queue()
+    asked: "asyncio.Queue[str]" = asyncio.Queue()
 
     # Handlers only set an event and queue what was asked; the loop does the work.
-    def on_signal(what):
+    def on_signal(what: str) -> None:
         if what == "fast stop":
             engine.hurry()  # also cuts short a graceful stop already under way
         asked.put_nowait(what)
@@ -94,7 +109,7 @@ async def _run(settings, queue, ready, reload, reopen_log, handover):
         if queue is not None:
             queue_intake = QueueIntake(engine, queue)
             queue_intake.start()
-        if successor is not None:
+        if handover is not None and successor is not None and socket_intake is not None:
             _take_over(handover, successor, socket_intake)
         if handover is not None and socket_intake is not None:
             socket_intake.on_handover = Predecessor(handover, engine, socket_intake, metrics, asked.put_nowait).begin
@@ -132,7 +147,9 @@ async def _run(settings, queue, ready, reload, reopen_log, handover):
     logger.info("dbservice stopped")
 
 
-async def _serve_metrics(engine, socket_intake, address, successor):
+async def _serve_metrics(
+    engine: Engine, socket_intake: Optional[SocketIntake], address: str, successor: Optional[Successor],
+) -> "MetricsEndpoint":
     """Serve the Prometheus endpoint at *address*; status tells where it listens.
 
     Taking over from a daemon that served the same address, on its socket.
@@ -141,7 +158,7 @@ async def _serve_metrics(engine, socket_intake, address, successor):
 
     endpoint = MetricsEndpoint(registry_for(engine, socket_intake), address)
     handed = None if successor is None else successor.metrics_socket
-    if handed is not None and successor.info["metrics"] != address:
+    if handed is not None and successor is not None and successor.info["metrics"] != address:
         handed.close()  # the new address is ours to listen on
         handed = None
     await endpoint.start(sock=handed)
@@ -149,7 +166,7 @@ async def _serve_metrics(engine, socket_intake, address, successor):
     return endpoint
 
 
-def _take_over(handover, successor, socket_intake):
+def _take_over(handover: Handover, successor: Successor, socket_intake: SocketIntake) -> None:
     """We serve: the old daemon may stop, the pidfile is ours, and the clients it hands over come to our socket."""
     successor.serving(socket_intake.adopt)
     handover.pidfile.take_over()
@@ -159,7 +176,10 @@ def _take_over(handover, successor, socket_intake):
     successor.done.add_done_callback(lambda _: logger.info("the daemon with pid %d handed its clients over", pid))
 
 
-async def _serve_signals(asked, engine, reload, reopen_log):
+async def _serve_signals(
+    asked: "asyncio.Queue[str]", engine: Engine, reload: Optional[Callable[[], Settings]],
+    reopen_log: Optional[Callable[[], None]],
+) -> str:
     """Reload and reopen the log as asked, until a stop is asked; return which stop."""
     while True:
         what = await asked.get()
@@ -171,7 +191,7 @@ async def _serve_signals(asked, engine, reload, reopen_log):
             return what
 
 
-def _reload(engine, reload):
+def _reload(engine: Engine, reload: Optional[Callable[[], Settings]]) -> None:
     if reload is None:
         logger.warning("SIGHUP: this engine has no configuration to read again; nothing changes")
         return
@@ -184,7 +204,7 @@ def _reload(engine, reload):
         engine.reload(settings)
 
 
-def _reopen_log(reopen_log):
+def _reopen_log(reopen_log: Optional[Callable[[], None]]) -> None:
     if reopen_log is None:
         logger.info("SIGUSR1: this engine logs to stderr; there is no log file to reopen")
         return
@@ -194,7 +214,7 @@ def _reopen_log(reopen_log):
         logger.error("cannot reopen the log file, logging on to the old one: %s", exc)
 
 
-def _child_main(settings, queue, ready):
+def _child_main(settings: Settings, queue: Optional[JobQueue], ready: Connection) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve(settings, queue, ready)
 
@@ -210,24 +230,27 @@ class DBService:
     Other keyword arguments are :class:`~dbservice.config.Settings` fields.
     """
 
-    def __init__(self, dsn, min_size=2, max_size=10, socket=None, authkey=None, **options):
+    def __init__(
+        self, dsn: Optional[str], min_size: int = 2, max_size: int = 10, socket: Optional[str] = None,
+        authkey: Optional[bytes] = None, **options: Any,
+    ) -> None:
         if socket is not None and authkey is None:
             authkey = os.urandom(32).hex().encode()
         self.settings = Settings(
             dsn=dsn, min_size=min_size, max_size=max_size, socket=socket, authkey=authkey, **options
         )
-        self.queue = None
-        self.process = None
+        self.queue: Optional[JobQueue] = None
+        self.process: Any = None  # a multiprocessing.Process, from start() on
 
     @property
-    def authkey(self):
+    def authkey(self) -> Optional[bytes]:
         return self.settings.authkey
 
     @property
-    def socket(self):
+    def socket(self) -> Optional[str]:
         return self.settings.socket
 
-    def start(self, timeout=60.0):
+    def start(self: _DBService, timeout: float = 60.0) -> _DBService:
         """Start the engine; return once it accepts jobs, or raise why it cannot."""
         ctx = multiprocessing.get_context("spawn")
         service_queue = None
@@ -255,25 +278,26 @@ class DBService:
             raise ServiceUnavailable("dbservice could not start: %s" % info)
         return self
 
-    def _wait_until_ready(self, ready_in, timeout):
+    def _wait_until_ready(self, ready_in: Connection, timeout: float) -> Tuple[str, Any]:
         if not multiprocessing.connection.wait([ready_in], timeout):
             self._kill()
             raise ServiceUnavailable("dbservice did not start within %.0f s" % timeout)
         try:
-            return ready_in.recv()
+            return cast(Tuple[str, Any], ready_in.recv())
         except EOFError:
             self.process.join(5)
             raise ServiceUnavailable("dbservice exited during start (exit code %s)" % self.process.exitcode) from None
 
-    def client(self, timeout=None):
+    def client(self, timeout: Optional[float] = None) -> Union[QueueClient, Client]:
         """A client of this service, for this process or one forked from it."""
         if self.settings.socket is None:
             return QueueClient(
-                self.queue, self.process.sentinel, timeout=timeout, max_frame=self.settings.max_frame
+                self.queue,  # type: ignore[arg-type]  # start() made it
+                self.process.sentinel, timeout=timeout, max_frame=self.settings.max_frame,
             )
         return connect(socket=self.settings.socket, authkey=self.settings.authkey, timeout=timeout)
 
-    def stop(self, force=False, timeout=None):
+    def stop(self, force: bool = False, timeout: Optional[float] = None) -> None:
         """Stop the engine: gracefully (queued and running jobs finish), or at once with *force*."""
         if self.process is not None and self.process.is_alive():
             os.kill(self.process.pid, signal.SIGINT if force else signal.SIGTERM)
@@ -284,18 +308,18 @@ class DBService:
                 self._kill()
         self._remove_queue()
 
-    def _remove_queue(self):
+    def _remove_queue(self) -> None:
         if self.queue is not None:
             self.queue.remove_directory()
 
-    def _kill(self):
+    def _kill(self) -> None:
         self.process.kill()
         self.process.join()
 
-    def __enter__(self):
+    def __enter__(self: _DBService) -> _DBService:
         if self.process is None:
             self.start()
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()

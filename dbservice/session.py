@@ -15,8 +15,12 @@ its body (a PL/pgSQL ``SET``, or ``CREATE TEMP TABLE``): with
 """
 
 import re
+from typing import TYPE_CHECKING
 
 import psycopg2.extensions as ext
+
+if TYPE_CHECKING:
+    from .connection import PooledConnection
 
 #: What clears a session: settings, role, temporary tables, prepared
 #: statements, cursors, LISTEN, advisory locks, cached plans and sequences.
@@ -31,7 +35,7 @@ SESSION_RESETS = (AUTO, ALWAYS)
 _FIRST_WORDS = re.compile(r"(?:\s|--[^\n]*|/\*[^*]*\*+(?:[^/*][^*]*\*+)*/)*(\w+)(?:\s+(\w+))?")
 # Statements that may change the session. SET LOCAL, SET TRANSACTION and SET
 # CONSTRAINTS end with the transaction.
-_CHANGING_STATEMENTS = frozenset(("set", "reset", "prepare", "listen", "load", "do", "call"))
+_CHANGING_STATEMENTS = frozenset(("set", "reset", "prepare", "deallocate", "discard", "listen", "load", "do", "call"))
 _TRANSACTION_SETS = frozenset(("local", "transaction", "constraints"))
 # Anywhere in the text: temporary objects, WITH HOLD cursors, session
 # advisory locks (not the _xact_ ones), set_config(), dblink connections.
@@ -49,7 +53,7 @@ _CACHE_SIZE = 4096
 _verdicts = {}
 
 
-def may_change_session(sql):
+def may_change_session(sql: str) -> bool:
     """True unless *sql* surely leaves its session as it found it (see the module's docstring)."""
     verdict = _verdicts.get(sql)
     if verdict is None:
@@ -73,13 +77,13 @@ def _changing_statement(sql):
     return False
 
 
-def in_transaction(conn):
+def in_transaction(conn: "PooledConnection") -> bool:
     """True if *conn*, a PooledConnection, was left inside a transaction (or a failed one)."""
     status = conn.pgconn.get_transaction_status()
     return status in (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR)
 
 
-async def clean(conn, deadline):
+async def clean(conn: "PooledConnection", deadline: float) -> bool:
     """Roll back what a job left open on *conn*, reset its session if a job may have changed it.
 
     A transaction is left open when the BEGIN of a client's transaction ran
@@ -97,6 +101,7 @@ async def clean(conn, deadline):
         conn.execute(cursor, RESET)
         await conn.wait(deadline)
         conn.needs_reset = False
+        conn.statements.clear()  # DISCARD ALL deallocated them
         return True
     finally:
         cursor.close()

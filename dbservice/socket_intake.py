@@ -314,7 +314,7 @@ class _ClientProtocol(asyncio.Protocol):
         except JobRefused as exc:
             self._refuse(job_id, exc)
             return
-        pending = self.engine.submit(job, functools.partial(self.reply, job_id), owner=self)
+        pending = self.engine.submit(job, self.reply, job_id, owner=self)
         if not pending.done:
             self.in_flight[job_id] = pending
 

@@ -5,6 +5,7 @@ import collections
 import logging
 import math
 import re
+from typing import List, Tuple
 
 from .errors import JobCancelled, JobRefused, QueryOutcomeUnknown, QueryTimeout, ServiceBusy
 
@@ -35,16 +36,16 @@ class Histogram:
 
     __slots__ = ("bounds", "counts", "sum")
 
-    def __init__(self, bounds=SECONDS_BUCKETS):
+    def __init__(self, bounds: Tuple[float, ...] = SECONDS_BUCKETS) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)  # the last: above every bound
         self.sum = 0.0
 
-    def observe(self, value):
+    def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
 
-    def buckets(self):
+    def buckets(self) -> List[Tuple[float, int]]:
         """``[(upper bound, observations at or below it), ...]``, ending with ``(inf, all of them)``."""
         total, cumulative = 0, []
         for bound, count in zip(self.bounds + (math.inf,), self.counts):

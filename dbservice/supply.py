@@ -16,8 +16,10 @@ import collections
 import logging
 import math
 import random
+from typing import Deque, Optional, Set
 
 from .connection import PooledConnection
+from .errors import ServiceUnavailable
 from .health import Backoff, Reachability, mask_dsn, one_line
 
 logger = logging.getLogger("dbservice.pool")
@@ -35,7 +37,17 @@ class ConnectionSupply:
     #: do not all close together.
     LIFETIME_JITTER = 0.05
 
-    def __init__(self, dsn, min_size, max_size, max_idle, connect_timeout, name, max_lifetime=0.0):
+    def __init__(
+        self,
+        dsn: str,
+        min_size: int,
+        max_size: int,
+        max_idle: float,
+        connect_timeout: float,
+        name: str,
+        max_prepared: int = 0,
+        max_lifetime: float = 0.0,
+    ) -> None:
         check_sizes(min_size, max_size)
         self.dsn = dsn
         self.min_size = min_size
@@ -44,24 +56,26 @@ class ConnectionSupply:
         self.max_lifetime = max_lifetime  # 0: no limit
         self.connect_timeout = connect_timeout
         self.name = name
+        self.max_prepared = max_prepared  # statements each connection keeps prepared (prepared.py)
         self.health = Reachability(mask_dsn(dsn))
         self.connections_num = 0
         self.connections_lost = 0
         self.connections_expired = 0
-        self._connections = set()
-        self._idle = collections.deque()  # least recently used first: lent from the right, closed from the left
-        self._opening = None  # the task opening a connection, if one is
-        self._retry_handle = None
-        self._maintenance = None
+        self._connections: Set[PooledConnection] = set()
+        # least recently used first: lent from the right, closed from the left
+        self._idle: Deque[PooledConnection] = collections.deque()
+        self._opening: "Optional[asyncio.Task[None]]" = None  # the task opening a connection, if one is
+        self._retry_handle: Optional[asyncio.TimerHandle] = None
+        self._maintenance: "Optional[asyncio.Task[None]]" = None
         self._numbers = 0
         self._closed = True
-        self._loop = None
-        self._opened = None  # set once the first fill succeeded or failed
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # open()'s, before any use
+        self._opened: "asyncio.Future[None]" = None  # type: ignore[assignment]  # open()'s: set once the first fill succeeded or failed
         #: paused (see suspend): no connection is lent or opened, each closes as it comes back
         self.suspended = False
-        self._emptied = None  # while suspended: done once no connection is open
+        self._emptied: "asyncio.Future[None]" = None  # type: ignore[assignment]  # suspend()'s: done once no connection is open
 
-    async def open(self, wait=True):
+    async def open(self, wait: bool = True) -> None:
         """Start filling the pool to ``min_size``.
 
         With *wait*, return once ``min_size`` connections are open or the
@@ -77,7 +91,7 @@ class ConnectionSupply:
         elif not self._opened.done():
             self._opened.set_result(None)
 
-    async def _stop_supplying(self):
+    async def _stop_supplying(self) -> None:
         """No more connections: stop opening and closing them, then close the idle ones."""
         self._closed = True
         if self._retry_handle:
@@ -87,11 +101,11 @@ class ConnectionSupply:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _close_all_idle(self):
+    def _close_all_idle(self) -> None:
         while self._idle:
             self._discard(self._idle.popleft())
 
-    def suspend(self):
+    def suspend(self) -> "asyncio.Future[None]":
         """Open no connection and close every one: the idle now, the lent as they come back.
 
         What a pause is made of (see maintenance.py): a job waits, without
@@ -106,18 +120,18 @@ class ConnectionSupply:
             self._check_emptied()
         return self._emptied
 
-    def resume(self):
+    def resume(self) -> None:
         """Open connections again, for the jobs that waited first."""
         if self.suspended:
             self.suspended = False
             self._emptied.cancel()  # a no-op once it is done
             self._maybe_grow()
 
-    def _check_emptied(self):
+    def _check_emptied(self) -> None:
         if self.suspended and not self._connections and self._opening is None and not self._emptied.done():
             self._emptied.set_result(None)
 
-    def resize(self, min_size, max_size):
+    def resize(self, min_size: int, max_size: int) -> None:
         """Change the bounds; excess idle connections close now, busy ones on return."""
         check_sizes(min_size, max_size)
         logger.info(
@@ -130,19 +144,19 @@ class ConnectionSupply:
         self._maybe_grow()
 
     @property
-    def size(self):
+    def size(self) -> int:
         return len(self._connections)
 
     @property
-    def last_error(self):
+    def last_error(self) -> Optional[BaseException]:
         return self.health.last_error
 
     @property
-    def unreachable(self):
+    def unreachable(self) -> bool:
         """True while no connection is open and the latest attempt to open one failed."""
         return self.health.down(not self._connections)
 
-    def outage_error(self):
+    def outage_error(self) -> Optional[ServiceUnavailable]:
         """ServiceUnavailable for a job that should not wait for a connection now, else None.
 
         See :meth:`Reachability.outage_error`; jobs turned away also make the
@@ -155,7 +169,7 @@ class ConnectionSupply:
             self._retry_soon()
         return error
 
-    def _lost(self, conn):
+    def _lost(self, conn: PooledConnection) -> None:
         """The server ended *conn* while it was idle: drop it now."""
         try:
             self._idle.remove(conn)
@@ -164,7 +178,7 @@ class ConnectionSupply:
         self._discard(conn)
         self._maybe_grow()
 
-    def _maybe_grow(self):
+    def _maybe_grow(self) -> None:
         """Open one more connection if a job waits or we are below min_size."""
         if self._closed or self._opening or self._retry_handle is not None or self.suspended:
             return
@@ -176,7 +190,7 @@ class ConnectionSupply:
         if wanted and size < self.max_size:
             self._opening = self._loop.create_task(self._open_one())
 
-    async def _open_one(self):
+    async def _open_one(self) -> None:
         self._numbers += 1
         try:
             conn = await PooledConnection.connect(
@@ -193,6 +207,7 @@ class ConnectionSupply:
             return
         conn.expires_at = self._expiry()
         self.connections_num += 1
+        conn.statements.max_prepared = self.max_prepared
         self._connections.add(conn)
         logger.info(
             "opened connection #%d; pool %r has %d (min %d, max %d)",
@@ -204,7 +219,7 @@ class ConnectionSupply:
             self._opened.set_result(None)
         self._maybe_grow()
 
-    async def check(self):
+    async def check(self) -> None:
         """Open a connection now unless one is open: can the pool reach its database?
 
         For a pool with min_size 0, which opens nothing until a job comes.
@@ -214,7 +229,7 @@ class ConnectionSupply:
             self._opening = self._loop.create_task(self._open_one())
             await asyncio.shield(self._opening)
 
-    def _connect_failed(self, exc):
+    def _connect_failed(self, exc: BaseException) -> None:
         delay = self.health.failed(exc, self._loop.time(), not self._connections)
         logger.warning("cannot connect to the database (%s); retrying in %.2f s", one_line(exc), delay)
         if not self._opened.done():
@@ -222,7 +237,7 @@ class ConnectionSupply:
         self._retry_handle = self._loop.call_later(delay, self._retry)
         self._check_emptied()
 
-    def _retry_soon(self):
+    def _retry_soon(self) -> None:
         """Jobs are being turned away: try again within the backoff's first delay, not its longest.
 
         Without jobs, the attempts space out to MAX_DELAY; with jobs coming,
@@ -234,17 +249,17 @@ class ConnectionSupply:
             self.health.backoff.reset()
             self._retry_handle = self._loop.call_at(soon, self._retry)
 
-    def _retry(self):
+    def _retry(self) -> None:
         self._retry_handle = None
         self._maybe_grow()
 
-    def _expiry(self):
+    def _expiry(self) -> float:
         """When a connection opened now has lived its max_lifetime, on the loop's clock."""
         if not self.max_lifetime:
             return math.inf
         return self._loop.time() + self.max_lifetime * (1.0 - random.uniform(0.0, self.LIFETIME_JITTER))
 
-    def _retire(self, conn):
+    def _retire(self, conn: PooledConnection) -> None:
         """Close *conn*, idle and past its lifetime; a new one replaces it if the pool needs one."""
         self.connections_expired += 1
         self._discard(conn)
@@ -254,7 +269,7 @@ class ConnectionSupply:
         )
         self._maybe_grow()
 
-    def _discard(self, conn):
+    def _discard(self, conn: PooledConnection) -> None:
         self._connections.discard(conn)
         if conn.pgconn.closed and not conn.dropped and not self._closed:
             self.connections_lost += 1
@@ -265,7 +280,7 @@ class ConnectionSupply:
         conn.close()
         self._check_emptied()
 
-    async def _maintain(self):
+    async def _maintain(self) -> None:
         """Close connections idle for longer than max_idle, down to min_size, and those past their lifetime."""
         interval = max(0.05, min(self.max_idle / 4, (self.max_lifetime or math.inf) / 4, 10.0))
         while True:
@@ -277,13 +292,13 @@ class ConnectionSupply:
             except Exception:  # a background loop logs its failure and goes on
                 logger.exception("pool maintenance failed")
 
-    def _retire_expired(self):
+    def _retire_expired(self) -> None:
         now = self._loop.time()
         for conn in [conn for conn in self._idle if conn.expires_at <= now]:
             self._idle.remove(conn)
             self._retire(conn)
 
-    def _close_idle(self):
+    def _close_idle(self) -> None:
         now = self._loop.time()
         while (
             self._idle
@@ -299,7 +314,7 @@ class ConnectionSupply:
 
 
 
-def check_sizes(min_size, max_size):
+def check_sizes(min_size: int, max_size: int) -> None:
     """Raise ValueError, saying what is wrong, unless the pool bounds make sense."""
     if not 0 <= min_size <= max_size or max_size < 1:
         raise ValueError(

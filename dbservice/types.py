@@ -30,6 +30,6 @@ def register(pgconn):
     psycopg2.extras.register_uuid(conn_or_curs=pgconn)
 
 
-def install_adapters():
+def install_adapters() -> None:
     """Install the process-wide parameter adapters (called once by the daemon)."""
     ext.register_adapter(dict, psycopg2.extras.Json)

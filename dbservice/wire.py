@@ -14,9 +14,14 @@ passed, and never unpickles them.
 import hashlib
 import hmac
 import os
+import socket
 import struct
+from typing import Optional, Tuple, Union
 
 from .errors import AuthenticationError, ServiceBusy, ServiceUnavailable
+
+#: One frame as read: (job id, message kind, payload).
+Frame = Tuple[int, int, bytes]
 
 HEADER = struct.Struct("!IQB")  # payload length, job id, kind
 
@@ -53,7 +58,7 @@ class FrameError(Exception):
 class OversizedFrame(FrameError):
     """A frame announced more than the limit; its payload is skipped, the stream goes on."""
 
-    def __init__(self, job_id, size, limit):
+    def __init__(self, job_id: int, size: int, limit: int) -> None:
         super().__init__(
             "the job takes %d bytes, more than the daemon takes in one job (max_frame %d): send fewer or "
             "smaller parameters, or raise --max-frame" % (size, limit)
@@ -61,15 +66,15 @@ class OversizedFrame(FrameError):
         self.job_id = job_id
 
 
-def encode_frame(job_id, kind, payload):
+def encode_frame(job_id: int, kind: int, payload: bytes) -> bytes:
     return HEADER.pack(len(payload), job_id, kind) + payload
 
 
-def new_challenge():
+def new_challenge() -> bytes:
     return CHALLENGE_PREFIX + os.urandom(_NONCE_BYTES)
 
 
-def answer_challenge(authkey, kind, challenge):
+def answer_challenge(authkey: bytes, kind: int, challenge: bytes) -> bytes:
     """Our answer to the daemon's first frame: its challenge, or its refusal."""
     if kind == MSG_REFUSED:
         raise ServiceBusy(challenge.decode("utf-8", "replace"))
@@ -80,7 +85,7 @@ def answer_challenge(authkey, kind, challenge):
     return hmac.new(authkey, challenge, hashlib.sha256).digest()
 
 
-def check_answer(authkey, challenge, answer):
+def check_answer(authkey: bytes, challenge: bytes, answer: bytes) -> bool:
     expected = hmac.new(authkey, challenge, hashlib.sha256).digest()
     return hmac.compare_digest(expected, answer)
 
@@ -88,7 +93,7 @@ def check_answer(authkey, challenge, answer):
 # -- the blocking side, used by the client ------------------------------------
 
 
-def recv_exactly(sock, size):
+def recv_exactly(sock: socket.socket, size: int) -> bytearray:
     buf = bytearray(size)
     view = memoryview(buf)
     got = 0
@@ -100,7 +105,7 @@ def recv_exactly(sock, size):
     return buf
 
 
-def recv_frame(sock, max_size=None):
+def recv_frame(sock: socket.socket, max_size: Optional[int] = None) -> Frame:
     """Read one frame: (job_id, kind, payload)."""
     size, job_id, kind = HEADER.unpack(recv_exactly(sock, HEADER.size))
     if max_size is not None and size > max_size:
@@ -116,16 +121,16 @@ class ClientHandshake:
     trusted. :attr:`frame_limit` is how large the next frame from it may be.
     """
 
-    def __init__(self, authkey):
+    def __init__(self, authkey: bytes) -> None:
         self.authkey = authkey
-        self.max_frame = None
-        self._ours = None  # our challenge, once we answered the daemon's
+        self.max_frame: Optional[int] = None
+        self._ours: Optional[bytes] = None  # our challenge, once we answered the daemon's
 
     @property
-    def frame_limit(self):
+    def frame_limit(self) -> int:
         return MAX_REFUSAL_FRAME if self._ours is None else MAX_AUTH_FRAME
 
-    def receive(self, kind, payload):
+    def receive(self, kind: int, payload: bytes) -> Optional[bytes]:
         """Take the daemon's challenge (answered), or its verdict; raise AuthenticationError or ServiceBusy."""
         if self._ours is None:
             answer = answer_challenge(self.authkey, kind, payload)
@@ -135,7 +140,7 @@ class ClientHandshake:
         return None
 
 
-def client_handshake(sock, authkey):
+def client_handshake(sock: socket.socket, authkey: bytes) -> int:
     """Prove we hold *authkey* on the blocking socket *sock* and check that the daemon does too; its max_frame."""
     handshake = ClientHandshake(authkey)
     while handshake.max_frame is None:
@@ -146,7 +151,7 @@ def client_handshake(sock, authkey):
     return handshake.max_frame
 
 
-def check_verdict(authkey, our_challenge, verdict):
+def check_verdict(authkey: bytes, our_challenge: bytes, verdict: bytes) -> int:
     """The daemon's max_frame, or AuthenticationError unless it welcomed us and answered our challenge."""
     if not verdict.startswith(WELCOME):
         raise AuthenticationError(
@@ -163,7 +168,7 @@ def check_verdict(authkey, our_challenge, verdict):
 # -- the daemon's side -----------------------------------------------------
 
 
-def verdict(authkey, our_challenge, kind, payload, max_frame):
+def verdict(authkey: bytes, our_challenge: bytes, kind: int, payload: bytes, max_frame: int) -> Tuple[bool, bytes]:
     """The daemon's side of the handshake: (trusted, the frame to send back).
 
     *payload* is the client's first frame: its answer to *our_challenge*,
@@ -191,21 +196,21 @@ class FrameReader:
     instead, and its payload is skipped as it arrives, never buffered.
     """
 
-    def __init__(self, max_size, skip_oversized=False):
+    def __init__(self, max_size: int, skip_oversized: bool = False) -> None:
         self.max_size = max_size
         self.skip_oversized = skip_oversized
         self._buffer = bytearray()
         self._start = 0
         self._skipping = 0  # bytes still to come of an oversized frame
 
-    def feed(self, data):
+    def feed(self, data: Union[bytes, memoryview]) -> None:
         if self._skipping:
             skipped = min(self._skipping, len(data))
             self._skipping -= skipped
             data = memoryview(data)[skipped:]
         self._buffer += data
 
-    def next_frame(self):
+    def next_frame(self) -> Optional[Frame]:
         """The next complete frame as (job_id, kind, payload), or None."""
         buffer, start = self._buffer, self._start
         if len(buffer) - start < HEADER.size:
@@ -224,20 +229,20 @@ class FrameReader:
         self._start = end
         return job_id, kind, bytes(buffer[start + HEADER.size : end])
 
-    def detach(self):
+    def detach(self) -> Tuple[bytes, int]:
         """What was fed and not yet cut into frames, and the bytes of an oversized frame still to skip.
 
         For a reader that goes on with the same stream elsewhere (:meth:`take_over`).
         """
         return bytes(self._buffer[self._start:]), self._skipping
 
-    def take_over(self, unread, skipping):
+    def take_over(self, unread: bytes, skipping: int) -> None:
         """Go on with a stream another reader has :meth:`detach`-ed."""
         self._buffer = bytearray(unread)
         self._start = 0
         self._skipping = skipping
 
-    def _compact(self):
+    def _compact(self) -> None:
         if self._start:
             del self._buffer[: self._start]
             self._start = 0

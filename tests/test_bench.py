@@ -23,15 +23,19 @@ STRATEGY_NAMES = {
     "threadpool",
     "mp-queue-pipe",
     "dbservice",
+    "dbservice-unprepared",
     "dbservice-async",
     "pgbouncer",
     "pgbench",
+    "pgbench-prepared",
     "dbservice-dbapi",
     "dbservice-sqlalchemy",
     "pgbouncer-sqlalchemy",
 }
 #: The strategies that run on dbservice's pool, and so on its server connections alone.
-DAEMON_STRATEGIES = {"dbservice", "mp-queue-pipe", "dbservice-async", "dbservice-dbapi", "dbservice-sqlalchemy"}
+DAEMON_STRATEGIES = {
+    "dbservice", "dbservice-unprepared", "mp-queue-pipe", "dbservice-async", "dbservice-dbapi", "dbservice-sqlalchemy",
+}
 WORKLOAD_NAMES = {"point-read", "write", "slow-mix", "many-clients", "single-client"}
 
 
@@ -200,7 +204,7 @@ def test_layers_are_each_layers_qps_over_the_one_it_rides_on():
 
 def test_targets_say_pass_fail_or_not_measured_with_the_measured_value():
     verdicts = [(t["verdict"], t["value"]) for t in report.targets(RESULTS, Plan())]
-    assert verdicts == [("PASS", 25.0), ("FAIL", 0.8), ("FAIL", 2.0), ("FAIL", 4.0)]
+    assert verdicts == [("PASS", 25.0), ("FAIL", 0.8), ("N-A", None), ("FAIL", 2.0), ("FAIL", 4.0)]
     without_bouncer = [r for r in RESULTS if r["strategy"] != "pgbouncer"]
     assert report.targets(without_bouncer, Plan())[1]["verdict"] == "N-A"
 
@@ -451,3 +455,6 @@ def test_daemon_cost_reports_cpu_per_job_and_memory():
     if pgbouncer.skip_reason() is None:
         assert re.search(r"PgBouncer: \d+ queries/s, its CPU [\d.]+ us per query", result.stdout), result.stdout
     assert re.search(r"daemon RSS: [\d.]+ MiB, and [\d.]+ MiB with 1000 idle client connections", result.stdout)
+    assert re.search(r"(PASS|FAIL) +the daemon's RSS with 1000 idle clients < 100 MB", result.stdout), result.stdout
+    if pgbouncer.skip_reason() is None:
+        assert re.search(r"(PASS|FAIL) +the daemon's CPU per query <= 1.5x PgBouncer's: [\d.]+x", result.stdout)

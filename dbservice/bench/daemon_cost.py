@@ -10,6 +10,7 @@ connections: what the same place in the path costs a proxy written in C.
 """
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import random
@@ -29,6 +30,9 @@ from .workloads import POINT_READ
 PROCESSES = 8
 THREADS = 8
 IDLE_CLIENTS = 1000
+#: The targets: the daemon's CPU per query over PgBouncer's, and its memory with IDLE_CLIENTS.
+CPU_TARGET = 1.5
+MEMORY_TARGET_MB = 100
 
 
 def cpu_seconds(pid):
@@ -85,14 +89,10 @@ def load(pid, connector, rows, seconds):
     return jobs / elapsed, cpu / jobs * 1e6
 
 
-def _rounds(name, pid, connector, rows, seconds, rounds):
-    load(pid, connector, rows, 1.0)  # warm-up
-    for _ in range(rounds):
-        qps, micros = load(pid, connector, rows, seconds)
-        click.echo(
-            "  %s: %.0f queries/s, its CPU %.1f us per query (load average %.1f)"
-            % (name, qps, micros, os.getloadavg()[0])
-        )
+def _round(name, pid, connector, rows, seconds):
+    qps, micros = load(pid, connector, rows, seconds)
+    click.echo("  %s: %.0f queries/s, its CPU %.1f us per query (load average %.1f)" % (name, qps, micros, os.getloadavg()[0]))
+    return micros
 
 
 async def _hold_idle_clients(service, count):
@@ -121,11 +121,12 @@ def main(loop, seconds, rounds, dsn):
     """What the daemon itself costs: CPU per job, and memory.
 
     Point reads from 8 processes x 8 threads of the sync client through a
-    daemon with 8 connections; for each round, the queries per second and the
-    daemon's CPU time (user + system) divided by the jobs done. Then the same
-    for PgBouncer with 8 server connections and psycopg2 clients, if it is
-    installed. Then the daemon's resident memory with no client, and with
-    1,000 idle client connections.
+    daemon with 8 connections, and the same through PgBouncer with 8 server
+    connections and psycopg2 clients, if it is installed, in turns: for each
+    round, the queries per second and the proxy's CPU time (user + system)
+    divided by the jobs done. Then the daemon's resident memory with no
+    client, and with 1,000 idle client connections; then the targets, from
+    the best round of each.
     """
     plan = Plan()
     with database(plan, dsn) as dsn, tempfile.TemporaryDirectory(prefix="dbservice-cost-") as directory:
@@ -140,22 +141,44 @@ def main(loop, seconds, rounds, dsn):
         click.echo(
             "%d server connections; %d processes x %d threads of point reads" % (plan.pool_size, PROCESSES, THREADS)
         )
-        with service:
-            connector = ClientConnector(service.client(timeout=60))
-            _rounds("dbservice on the %s loop" % loop, service.process.pid, connector, plan.rows, seconds, rounds)
+        with service, contextlib.ExitStack() as stack:
+            ours = ClientConnector(service.client(timeout=60))
+            load(service.process.pid, ours, plan.rows, 1.0)  # warm-up
             reason = pgbouncer.skip_reason()
             if reason:
                 click.echo("  PgBouncer: skipped: %s" % reason)
+                bouncer = None
             else:
-                with pgbouncer.running(dsn, plan.pool_size, PROCESSES * THREADS) as bouncer:
-                    connector = DirectConnector(bouncer.dsn, persistent=True)
-                    _rounds("PgBouncer", bouncer.pid, connector, plan.rows, seconds, rounds)
+                bouncer = stack.enter_context(pgbouncer.running(dsn, plan.pool_size, PROCESSES * THREADS))
+                theirs = DirectConnector(bouncer.dsn, persistent=True)
+            costs = {"dbservice": [], "PgBouncer": []}
+            for _ in range(rounds):  # in turns: what else the machine does weighs on both alike
+                costs["dbservice"].append(
+                    _round("dbservice on the %s loop" % loop, service.process.pid, ours, plan.rows, seconds)
+                )
+                if bouncer is not None:
+                    costs["PgBouncer"].append(_round("PgBouncer", bouncer.pid, theirs, plan.rows, seconds))
             idle = rss_mib(service.process.pid)
             held = asyncio.run(_hold_idle_clients(service, IDLE_CLIENTS))
-            click.echo(
-                "daemon RSS: %.1f MiB, and %.1f MiB with %d idle client connections"
-                % (idle, held, IDLE_CLIENTS)
-            )
+        click.echo("daemon RSS: %.1f MiB, and %.1f MiB with %d idle client connections" % (idle, held, IDLE_CLIENTS))
+        _judge(costs, held)
+
+
+def _judge(costs, held):
+    """The targets, from the best round of each (other load only ever adds CPU per query)."""
+    click.echo("targets:")
+    if costs["PgBouncer"]:
+        ratio = min(costs["dbservice"]) / min(costs["PgBouncer"])
+        click.echo(
+            "  %s  the daemon's CPU per query <= %.1fx PgBouncer's: %.2fx (best rounds: %.1f against %.1f us)"
+            % ("PASS" if ratio <= CPU_TARGET else "FAIL", CPU_TARGET, ratio, min(costs["dbservice"]), min(costs["PgBouncer"]))
+        )
+    else:
+        click.echo("  N-A   the daemon's CPU per query <= %.1fx PgBouncer's: PgBouncer not measured" % CPU_TARGET)
+    click.echo(
+        "  %s  the daemon's RSS with %d idle clients < %d MB: %.1f MiB"
+        % ("PASS" if held * 1.048576 < MEMORY_TARGET_MB else "FAIL", IDLE_CLIENTS, MEMORY_TARGET_MB, held)
+    )
 
 
 if __name__ == "__main__":

@@ -40,14 +40,18 @@ def script(query, rows):
     return "\n".join(lines) + "\n"
 
 
-def measure(dsn, workload, clients, plan, started=None):
-    """Run pgbench with *clients* clients for the warm-up and the window; return its Samples."""
+def measure(dsn, workload, clients, plan, started=None, protocol="simple"):
+    """Run pgbench with *clients* clients for the warm-up and the window; return its Samples.
+
+    *protocol* is pgbench's --protocol: simple (plain text, as psycopg2
+    sends) or prepared (each statement parsed and planned once).
+    """
     seconds = math.ceil(plan.warmup + plan.duration) + CONNECT_ALLOWANCE  # --time takes whole seconds
     with tempfile.TemporaryDirectory(prefix="dbservice-bench-") as directory:
         command = [
             "pgbench",
             "--no-vacuum",
-            "--protocol=simple",
+            "--protocol=%s" % protocol,
             "--client=%d" % clients,
             "--jobs=%d" % min(plan.processes, clients),
             "--time=%d" % seconds,

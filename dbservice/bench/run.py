@@ -2,7 +2,7 @@
 
 import contextlib
 import dataclasses
-import os
+import importlib.resources
 
 import psycopg2
 
@@ -16,8 +16,8 @@ from .sampler import ConnectionSampler
 from .strategies import STRATEGIES
 from .workloads import WORKLOADS
 
-#: The file that creates and fills ``bench_accounts``.
-SQL_PATH = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "sql", "bench.sql")
+#: The file of this package that creates and fills ``bench_accounts``.
+ACCOUNTS_SQL = "accounts.sql"
 #: Server connections beyond the most clients of a workload: pools, the sampler, superusers.
 SPARE_CONNECTIONS = 50
 
@@ -204,15 +204,8 @@ def database(plan, dsn=None):
 
 
 def load_accounts(dsn, rows):
-    """(Re)create ``bench_accounts`` with *rows* accounts from sql/bench.sql."""
-    try:
-        with open(SQL_PATH) as f:
-            sql = f.read()
-    except FileNotFoundError:
-        raise RuntimeError(
-            "cannot find %s: run the bench from a source checkout of dbservice (pip install -e .)"
-            % os.path.normpath(SQL_PATH)
-        ) from None
+    """(Re)create ``bench_accounts`` with *rows* accounts from accounts.sql, beside this module."""
+    sql = importlib.resources.files(__package__).joinpath(ACCOUNTS_SQL).read_text(encoding="utf-8")
     conn = psycopg2.connect(dsn)
     try:
         conn.autocommit = True

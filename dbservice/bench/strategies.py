@@ -85,6 +85,17 @@ class SocketService(Strategy):
             yield ClientConnector(service.client())
 
 
+class UnpreparedSocketService(Strategy):
+    name = "dbservice-unprepared"
+    description = "dbservice as above, with --max-prepared 0: every statement parsed and planned anew, as plain text"
+    workloads = ("point-read", "write", "single-client")
+
+    @contextlib.contextmanager
+    def serving(self, dsn, plan):
+        with _socket_service(dsn, plan, max_prepared=0) as service:
+            yield ClientConnector(service.client())
+
+
 class AsyncSocketService(Strategy):
     name = "dbservice-async"
     description = "dbservice over its Unix socket, asyncio client, one event loop per process"
@@ -158,7 +169,8 @@ def _sqlalchemy_missing():
 
 class PgBench(Strategy):
     name = "pgbench"
-    description = "pgbench's C clients straight to the server: its own limit on this machine"
+    description = "pgbench's C clients straight to the server (pgbench -S, plain text): its own limit on this machine"
+    protocol = "simple"
 
     def skip_reason(self):
         return pgbench.skip_reason()
@@ -168,16 +180,22 @@ class PgBench(Strategy):
         yield dsn
 
     def measure(self, target, workload, clients, plan, started=None):
-        return pgbench.measure(target, workload, clients, plan, started)
+        return pgbench.measure(target, workload, clients, plan, started, protocol=self.protocol)
+
+
+class PgBenchPrepared(PgBench):
+    name = "pgbench-prepared"
+    description = "pgbench as above with -M prepared: each statement parsed and planned once per connection"
+    protocol = "prepared"
 
 
 @contextlib.contextmanager
-def _socket_service(dsn, plan):
+def _socket_service(dsn, plan, **settings):
     # A fresh 0700 directory: the daemon refuses a socket others could reach.
     with tempfile.TemporaryDirectory(prefix="dbservice-bench-") as directory:
         socket = os.path.join(directory, "dbservice.sock")
         with dbservice.DBService(
-            dsn, min_size=plan.pool_size, max_size=plan.pool_size, socket=socket, selector=plan.loop
+            dsn, min_size=plan.pool_size, max_size=plan.pool_size, socket=socket, selector=plan.loop, **settings
         ) as service:
             yield service
 
@@ -187,9 +205,11 @@ STRATEGIES = (
     ThreadPool(),
     QueuePipe(),
     SocketService(),
+    UnpreparedSocketService(),
     AsyncSocketService(),
     PgBouncer(),
     PgBench(),
+    PgBenchPrepared(),
     DBAPIService(),
     SQLAlchemyService(),
     SQLAlchemyPgBouncer(),

@@ -1,6 +1,6 @@
 """The workloads: which statements the client threads run, in what mix, from how many threads.
 
-Every statement reads or writes ``bench_accounts`` (``sql/bench.sql``) and
+Every statement reads or writes ``bench_accounts`` (``bench/accounts.sql``) and
 returns one row. Its parameters are drawn at random per query; the pgbench
 strategy draws them with the same ranges through ``\\set``.
 """
@@ -85,7 +85,7 @@ WORKLOADS = (
         (POINT_READ,),
         clients=1,
         strategies=(
-            "threadpool", "pgbouncer", "dbservice", "mp-queue-pipe",
+            "threadpool", "pgbouncer", "dbservice", "dbservice-unprepared", "mp-queue-pipe",
             "dbservice-dbapi", "dbservice-sqlalchemy", "pgbouncer-sqlalchemy",
         ),
     ),

@@ -21,9 +21,11 @@ them (a lost daemon, ``ServiceUnavailable``, is an ``OperationalError``).
 
 import datetime
 import time
+from typing import Iterable
 
 import psycopg2
 
+from .. import __version__  # noqa: F401 - the package's, as a driver module gives its own
 from .aio import AsyncConnection, AsyncCursor, connect_async
 from .connection import Connection, connect
 from .cursor import Column, Cursor
@@ -52,34 +54,34 @@ Timestamp = datetime.datetime
 Binary = bytes
 
 
-def DateFromTicks(ticks):
+def DateFromTicks(ticks: float) -> datetime.date:
     return Date(*time.localtime(ticks)[:3])
 
 
-def TimeFromTicks(ticks):
+def TimeFromTicks(ticks: float) -> datetime.time:
     return Time(*time.localtime(ticks)[3:6])
 
 
-def TimestampFromTicks(ticks):
+def TimestampFromTicks(ticks: float) -> datetime.datetime:
     return Timestamp(*time.localtime(ticks)[:6])
 
 
 class DBAPITypeObject:
     """A PEP 249 type object: equal to the OID of each PostgreSQL type it stands for."""
 
-    def __init__(self, name, oids):
+    def __init__(self, name: str, oids: Iterable[int]) -> None:
         self.name = name
         self.values = frozenset(oids)
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         if isinstance(other, DBAPITypeObject):
             return self.values == other.values
         return other in self.values
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash(self.values)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<dbservice.dbapi.%s>" % self.name
 
 
@@ -89,8 +91,6 @@ NUMBER = DBAPITypeObject("NUMBER", (20, 21, 23, 26, 700, 701, 790, 1700))  # int
 # date, time, timetz, timestamp, timestamptz, interval
 DATETIME = DBAPITypeObject("DATETIME", (1082, 1083, 1266, 1114, 1184, 1186))
 ROWID = DBAPITypeObject("ROWID", (26,))  # oid
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BINARY", "Binary", "Column", "Connection", "AsyncConnection", "AsyncCursor", "Cursor", "DATETIME",

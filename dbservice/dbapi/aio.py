@@ -9,16 +9,20 @@ to stays open, failed, for the caller to roll back.
 """
 
 import asyncio
+from types import TracebackType
+from typing import Any, Iterable, List, Optional, Type, TypeVar
 
 from psycopg2 import InterfaceError
 
 from ..async_client import AsyncClient
 from ..queries import resolve_address
 from ..errors import ServiceUnavailable
-from ..jobs import BEGIN, COMMIT, ROLLBACK
+from ..jobs import BEGIN, COMMIT, ROLLBACK, Job, Params, Row
 from .connection import CONNECT_TIMEOUT, ConnectionBase
 from .cursor import CursorCore
-from .protocol import Session, drive_async
+from .protocol import Operation, Session, drive_async
+
+_T = TypeVar("_T")
 
 
 class AsyncConnection(ConnectionBase):
@@ -27,42 +31,46 @@ class AsyncConnection(ConnectionBase):
     Use it from the event loop it was connected on.
     """
 
-    def __init__(self, client, session):
+    def __init__(self, client: AsyncClient, session: Session) -> None:
         super().__init__(client.socket, session)
         self._client = client
         self._lock = asyncio.Lock()
         self._socket = client.connection  # the client's socket, on which the open transactions began
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<dbservice.dbapi.AsyncConnection %s%s>" % (self.socket, " closed" if self.closed else "")
 
-    def cursor(self, name=None, *, withhold=False, scrollable=None):
+    def cursor(
+        self, name: Optional[str] = None, *, withhold: bool = False, scrollable: Optional[bool] = None
+    ) -> "AsyncCursor":
         """A new cursor; with *name*, a server-side one that streams its rows."""
         self._check_open()
         return AsyncCursor(self, name, withhold, scrollable)
 
-    async def commit(self):
+    async def commit(self) -> None:
         if self._ends_something():
             await self._run(self._session.end(COMMIT))
 
-    async def rollback(self):
+    async def rollback(self) -> None:
         if self._ends_something():
             await self._run(self._session.end(ROLLBACK))
 
-    async def close(self):
+    async def close(self) -> None:
         """Roll back what is open and hang up; closing twice raises InterfaceError."""
         await self._run(self._session.close())
         await self._client.close()
 
-    def terminate(self):
+    def terminate(self) -> None:
         """Hang up at once, without waiting: for a connection given up on outside the event loop."""
         self._session.closed = True
         self._client.abort()
 
-    async def __aenter__(self):
+    async def __aenter__(self) -> "AsyncConnection":
         return self
 
-    async def __aexit__(self, exc_type, exc, tb):
+    async def __aexit__(
+        self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+    ) -> None:
         if self.closed:
             return
         try:
@@ -73,14 +81,14 @@ class AsyncConnection(ConnectionBase):
         finally:
             await self.close()
 
-    async def _run(self, operation):
+    async def _run(self, operation: Operation[_T]) -> _T:
         async with self._lock:
             if self._session.closed and self._client.closed:
                 operation.close()
                 raise InterfaceError("connection already closed")
             return await drive_async(operation, self._send)
 
-    async def _send(self, job):
+    async def _send(self, job: Job) -> Any:
         if self._socket_changed(job) and job.tx is not None and job.kind != BEGIN:
             # Its transaction began on the socket that is gone, and went with it.
             if job.kind == ROLLBACK:
@@ -94,7 +102,7 @@ class AsyncConnection(ConnectionBase):
         finally:
             self._socket_changed(None)
 
-    def _socket_changed(self, job):
+    def _socket_changed(self, job: Optional[Job]) -> bool:
         """True if the client's socket is no longer the one the open transactions began on.
 
         The AsyncClient opens a new socket by itself when the old one ends:
@@ -115,61 +123,66 @@ class AsyncConnection(ConnectionBase):
 class AsyncCursor(CursorCore):
     """A cursor of an :class:`AsyncConnection`: ``await cursor.execute(...)``, ``await cursor.fetchall()``."""
 
-    async def execute(self, operation, parameters=None):
+    connection: AsyncConnection
+
+    async def execute(self, operation: str, parameters: Params = None) -> None:
         self._check_open()
         await self.connection._run(self._execute_op(operation, parameters))
 
-    async def executemany(self, operation, seq_of_parameters):
+    async def executemany(self, operation: str, seq_of_parameters: Iterable[Params]) -> None:
         self._check_open()
         await self.connection._run(self._executemany_op(operation, seq_of_parameters))
 
-    async def fetchone(self):
+    async def fetchone(self) -> Optional[Row]:
         self._check_results()
         if self._wants(1):
             await self.connection._run(self._fetch_op(self.itersize))
         return self._one()
 
-    async def fetchmany(self, size=None):
+    async def fetchmany(self, size: Optional[int] = None) -> List[Row]:
         self._check_results()
         size = self.arraysize if size is None else size
         while self._wants(size):
             await self.connection._run(self._fetch_op(self._missing(size)))
         return self._take(size)
 
-    async def fetchall(self):
+    async def fetchall(self) -> List[Row]:
         self._check_results()
         while self._more:
             await self.connection._run(self._fetch_op(self.itersize))
         return self._take()
 
-    async def setinputsizes(self, *sizes):
+    async def setinputsizes(self, *sizes: object) -> None:  # type: ignore[override]  # awaited, unlike the PEP's
         """Nothing to do: psycopg2 on the daemon sizes the parameters."""
 
-    async def close(self):
+    async def close(self) -> None:
         if self.closed:
             return
         if self._more and not self._session.closed:
             await self.connection._run(self._close_op())
         self.closed = True
 
-    def __aiter__(self):
+    def __aiter__(self) -> "AsyncCursor":
         return self
 
-    async def __anext__(self):
+    async def __anext__(self) -> Row:
         row = await self.fetchone()
         if row is None:
             raise StopAsyncIteration
         return row
 
-    async def __aenter__(self):
+    async def __aenter__(self) -> "AsyncCursor":
         return self
 
-    async def __aexit__(self, *exc_info):
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
 
-async def connect_async(socket=None, authkey=None, timeout=None, *, connect_timeout=CONNECT_TIMEOUT,
-                        autocommit=False, isolation_level=None, readonly=None, deferrable=None):
+async def connect_async(
+    socket: Optional[str] = None, authkey: Optional[bytes] = None, timeout: Optional[float] = None, *,
+    connect_timeout: float = CONNECT_TIMEOUT, autocommit: bool = False, isolation_level: object = None,
+    readonly: Optional[bool] = None, deferrable: Optional[bool] = None,
+) -> AsyncConnection:
     """Connect to a dbservice daemon and return an :class:`AsyncConnection`.
 
     The arguments are those of :func:`dbservice.dbapi.connect`.

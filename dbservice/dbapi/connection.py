@@ -16,15 +16,19 @@ one that connected opens a socket of its own on its first job.
 import os
 import threading
 import weakref
+from types import TracebackType
+from typing import Any, Optional, Type, TypeVar
 
 import psycopg2
 from psycopg2 import InterfaceError
 
 from ..channel import Channel
 from ..queries import ChannelLost, encode_job, resolve_address
-from ..jobs import BEGIN, COMMIT, ROLLBACK
+from ..jobs import BEGIN, COMMIT, ROLLBACK, Job
 from .cursor import Cursor
-from .protocol import Session, drive
+from .protocol import Operation, Session, drive
+
+_T = TypeVar("_T")
 
 #: Seconds to open and authenticate the socket to the daemon.
 CONNECT_TIMEOUT = 10.0
@@ -44,39 +48,39 @@ class ConnectionBase:
     ProgrammingError = psycopg2.ProgrammingError
     NotSupportedError = psycopg2.NotSupportedError
 
-    def __init__(self, socket, session):
+    def __init__(self, socket: str, session: Session) -> None:
         self.socket = socket
         self._session = session
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self._session.closed
 
     @property
-    def in_transaction(self):
+    def in_transaction(self) -> bool:
         """True from the statement that began a transaction until its commit() or rollback()."""
         return self._session.tx is not None
 
     @property
-    def timeout(self):
+    def timeout(self) -> Optional[float]:
         """Seconds each job may take (its wait in the daemon's queue included); None: no limit."""
         return self._session.timeout
 
     @timeout.setter
-    def timeout(self, value):
+    def timeout(self, value: Optional[float]) -> None:
         self._session.timeout = value
 
     @property
-    def autocommit(self):
+    def autocommit(self) -> bool:
         """False (the default): statements run in a transaction until commit() or rollback()."""
         return self._session.autocommit
 
     @autocommit.setter
-    def autocommit(self, value):
+    def autocommit(self, value: bool) -> None:
         self._session.change("autocommit", value)
 
     @property
-    def isolation_level(self):
+    def isolation_level(self) -> Optional[str]:
         """The isolation level of the transactions begun from now: "REPEATABLE READ", ..., or None.
 
         Settable by name, by psycopg2's ISOLATION_LEVEL_* number, or as an
@@ -85,42 +89,45 @@ class ConnectionBase:
         return self._session.isolation_level
 
     @isolation_level.setter
-    def isolation_level(self, value):
+    def isolation_level(self, value: object) -> None:
         self._session.change("isolation_level", value)
 
     @property
-    def readonly(self):
+    def readonly(self) -> Optional[bool]:
         return self._session.readonly
 
     @readonly.setter
-    def readonly(self, value):
+    def readonly(self, value: Optional[bool]) -> None:
         self._session.change("readonly", value)
 
     @property
-    def deferrable(self):
+    def deferrable(self) -> Optional[bool]:
         return self._session.deferrable
 
     @deferrable.setter
-    def deferrable(self, value):
+    def deferrable(self, value: Optional[bool]) -> None:
         self._session.change("deferrable", value)
 
-    def set_session(self, isolation_level=None, readonly=None, deferrable=None, autocommit=None):
+    def set_session(
+        self, isolation_level: object = None, readonly: Optional[bool] = None, deferrable: Optional[bool] = None,
+        autocommit: Optional[bool] = None,
+    ) -> None:
         """Set the options of the transactions to come, as psycopg2's ``set_session()``."""
         for name, value in (("isolation_level", isolation_level), ("readonly", readonly),
                             ("deferrable", deferrable), ("autocommit", autocommit)):
             if value is not None:
                 self._session.change(name, value)
 
-    def _check_open(self):
+    def _check_open(self) -> None:
         if self._session.closed:
             raise InterfaceError("connection already closed")
 
-    def _ends_something(self):
+    def _ends_something(self) -> bool:
         """False when commit() or rollback() has nothing to send: pools call them at every checkin."""
         return self._session.tx is not None or self._session.closed
 
 
-_live_connections = weakref.WeakSet()
+_live_connections: "weakref.WeakSet[Connection]" = weakref.WeakSet()
 
 
 class Connection(ConnectionBase):
@@ -133,40 +140,42 @@ class Connection(ConnectionBase):
     closes the connection.
     """
 
-    def __init__(self, socket, authkey, session, connect_timeout=CONNECT_TIMEOUT):
+    def __init__(self, socket: str, authkey: bytes, session: Session, connect_timeout: float = CONNECT_TIMEOUT) -> None:
         super().__init__(socket, session)
         self.connect_timeout = connect_timeout
         self._authkey = authkey
         self._lock = threading.Lock()
-        self._channel = None
+        self._channel: Optional[Channel] = None
         _live_connections.add(self)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<dbservice.dbapi.Connection %s%s>" % (self.socket, " closed" if self.closed else "")
 
-    def cursor(self, name=None, *, withhold=False, scrollable=None):
+    def cursor(self, name: Optional[str] = None, *, withhold: bool = False, scrollable: Optional[bool] = None) -> Cursor:
         """A new cursor; with *name*, a server-side one that streams its rows, as psycopg2's."""
         self._check_open()
         return Cursor(self, name, withhold, scrollable)
 
-    def commit(self):
+    def commit(self) -> None:
         if self._ends_something():
             self._run(self._session.end(COMMIT))
 
-    def rollback(self):
+    def rollback(self) -> None:
         if self._ends_something():
             self._run(self._session.end(ROLLBACK))
 
-    def close(self):
+    def close(self) -> None:
         """Roll back what is open and hang up; closing twice raises InterfaceError, as the PEP's suite wants."""
         self._run(self._session.close())
         with self._lock:
             self._hang_up()
 
-    def __enter__(self):
+    def __enter__(self) -> "Connection":
         return self
 
-    def __exit__(self, exc_type, exc, tb):
+    def __exit__(
+        self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+    ) -> None:
         if self.closed:
             return
         try:
@@ -177,20 +186,20 @@ class Connection(ConnectionBase):
         finally:
             self.close()
 
-    def open_channel(self):
+    def open_channel(self) -> None:
         """Connect to the daemon now, rather than on the first job: fail here if nobody is there."""
         with self._lock:
             if self._channel is None:
                 self._channel = Channel(self.socket, self._authkey, self.connect_timeout)
 
-    def _run(self, operation):
+    def _run(self, operation: Operation[_T]) -> _T:
         with self._lock:
             if self._session.closed and self._channel is None:
                 operation.close()
                 raise InterfaceError("connection already closed")
             return drive(operation, self._send)
 
-    def _send(self, job):
+    def _send(self, job: Job) -> Any:
         payload = encode_job(job)
         for attempt in (1, 2):
             if self._channel is None:
@@ -210,12 +219,12 @@ class Connection(ConnectionBase):
                     return None  # the daemon rolls back what a lost socket began
                 raise lost.error from None
 
-    def _hang_up(self):
+    def _hang_up(self) -> None:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
 
-    def _after_fork(self):
+    def _after_fork(self) -> None:
         # The parent's socket, and its transactions, belong to the parent.
         self._lock = threading.Lock()
         if self._channel is not None:
@@ -224,7 +233,7 @@ class Connection(ConnectionBase):
         self._session.channel_lost("the process forked; the transaction belongs to the parent")
 
 
-def _reset_after_fork():
+def _reset_after_fork() -> None:
     for connection in list(_live_connections):
         connection._after_fork()
 
@@ -232,8 +241,11 @@ def _reset_after_fork():
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def connect(socket=None, authkey=None, timeout=None, *, connect_timeout=CONNECT_TIMEOUT, autocommit=False,
-            isolation_level=None, readonly=None, deferrable=None):
+def connect(
+    socket: Optional[str] = None, authkey: Optional[bytes] = None, timeout: Optional[float] = None, *,
+    connect_timeout: float = CONNECT_TIMEOUT, autocommit: bool = False, isolation_level: object = None,
+    readonly: Optional[bool] = None, deferrable: Optional[bool] = None,
+) -> Connection:
     """Connect to a dbservice daemon and return a DB-API :class:`Connection`.
 
     *socket* and *authkey* are found as :func:`dbservice.connect` finds them

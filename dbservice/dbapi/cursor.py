@@ -15,19 +15,32 @@ cursor share: their state, and their operations as generators of jobs
 (:mod:`dbservice.dbapi.protocol`).
 """
 
-import collections
+from typing import TYPE_CHECKING, Any, Iterable, List, NamedTuple, Optional, Tuple
 
 import psycopg2.errors
 from psycopg2 import InterfaceError, NotSupportedError, ProgrammingError
 
-from ..jobs import COMMIT, FETCH_CURSOR, FETCH_MANY, ROLLBACK, FETCH_ROWCOUNT, Job
+from ..jobs import COMMIT, FETCH_CURSOR, FETCH_MANY, ROLLBACK, FETCH_ROWCOUNT, Job, Params, Row
+from .protocol import Operation, Transaction
 from .values import plain_params
 
-#: One column of cursor.description, as psycopg2 gives it: a 7-item tuple with names.
-Column = collections.namedtuple("Column", "name type_code display_size internal_size precision scale null_ok")
+if TYPE_CHECKING:
+    from .connection import Connection, ConnectionBase
 
 
-def quote_name(name):
+class Column(NamedTuple):
+    """One column of cursor.description, as psycopg2 gives it: a 7-item tuple with names."""
+
+    name: str
+    type_code: int  # the OID of the column's type
+    display_size: Optional[int]
+    internal_size: Optional[int]
+    precision: Optional[int]
+    scale: Optional[int]
+    null_ok: Optional[bool]
+
+
+def quote_name(name: object) -> str:
     """A cursor's name as an SQL identifier."""
     if not isinstance(name, str) or not name or "\x00" in name:
         raise ProgrammingError("a cursor's name must be a non-empty string, not %r" % (name,))
@@ -42,80 +55,85 @@ class CursorCore:
     #: Rows a named cursor fetches from the server at a time.
     itersize = 2000
 
-    def __init__(self, connection, name=None, withhold=False, scrollable=None):
+    def __init__(
+        self, connection: "ConnectionBase", name: Optional[str] = None, withhold: bool = False,
+        scrollable: Optional[bool] = None,
+    ) -> None:
         if scrollable:
             raise NotSupportedError("scrollable cursors are not supported: fetch the rows forward only")
         self.connection = connection
         self.name = name
         self.withhold = withhold
         self.rowcount = -1
-        self.statusmessage = None
-        self.lastrowid = None  # PostgreSQL tables have no row ids: use RETURNING
+        self.statusmessage: Optional[str] = None
+        self.lastrowid: None = None  # PostgreSQL tables have no row ids: use RETURNING
         self.closed = False
         self._session = connection._session
-        self._description = None  # as the daemon sent it; description makes Columns of it
-        self._columns = None
-        self._rows = None  # the rows in hand; None: the statement returned none
+        self._description: Optional[List[Tuple[Any, ...]]] = None  # as the daemon sent it; description makes Columns of it
+        self._columns: Optional[Tuple[Column, ...]] = None
+        # The rows in hand; None: the statement returned none. Read only after
+        # _check_results(), which raises then.
+        self._rows: List[Row] = None  # type: ignore[assignment]
         self._next = 0  # the next of them to fetch
         self._more = False  # a named cursor has rows left on the server
         self._quoted = None if name is None else quote_name(name)
-        self._tx = None  # the transaction a named cursor was declared in
+        self._tx: Transaction = None  # type: ignore[assignment]  # the transaction a named cursor was declared in
         self._owns_tx = False  # ... one of its own, which it ends
 
     @property
-    def description(self):
+    def description(self) -> Optional[Tuple[Column, ...]]:
         """A Column (name, type_code: the type's OID, ...) per column; None without a result."""
         if self._columns is None and self._description is not None:
             self._columns = tuple(map(Column._make, self._description))
         return self._columns
 
     @property
-    def rownumber(self):
+    def rownumber(self) -> Optional[int]:
         """The index of the next row in the result, or None without one."""
         return None if self._rows is None else self._next
 
-    def setinputsizes(self, sizes):
+    def setinputsizes(self, sizes: object) -> None:
         """Nothing to do: psycopg2 on the daemon sizes the parameters."""
 
-    def setoutputsize(self, size, column=None):
+    def setoutputsize(self, size: int, column: Optional[int] = None) -> None:
         """Nothing to do: the rows come whole."""
 
     # -- the result in hand -----------------------------------------------------
 
-    def _check_open(self):
+    def _check_open(self) -> None:
         if self.closed:
             raise InterfaceError("cursor already closed")
         if self._session.closed:
             raise InterfaceError("connection already closed")
 
-    def _check_results(self):
+    def _check_results(self) -> None:
         self._check_open()
         if self._rows is None:
             raise ProgrammingError(
                 "no results to fetch: execute() a statement that returns rows first"
             )
 
-    def _received(self, result):
+    def _received(self, result: Tuple[Any, int, Any, Optional[str]]) -> None:
         """Take a statement's reply: (description, rowcount, rows, status message)."""
         self._description, self.rowcount, self._rows, self.statusmessage = result
         self._columns = None
         self._next = 0
 
-    def _wants(self, count):
+    def _wants(self, count: int) -> bool:
         """True if a named cursor must fetch before *count* rows are in hand."""
         return self._more and len(self._rows) - self._next < count
 
-    def _missing(self, count):
+    def _missing(self, count: int) -> int:
         return count - (len(self._rows) - self._next)
 
-    def _one(self):
+    def _one(self) -> Optional[Row]:
         rows, index = self._rows, self._next
         if index < len(rows):
             self._next = index + 1
             return rows[index]
         return None
 
-    def _take(self, count=None):
+    def _take(self, count: Optional[int] = None) -> List[Row]:
         start = self._next
         rows = self._rows[start:] if count is None else self._rows[start : start + count]
         self._next = start + len(rows)
@@ -123,13 +141,13 @@ class CursorCore:
 
     # -- operations: generators of jobs -----------------------------------------
 
-    def _execute_op(self, operation, parameters):
+    def _execute_op(self, operation: str, parameters: Params) -> Operation[None]:
         if self._quoted is not None:
             yield from self._declare(operation, parameters)
         else:
             self._received((yield from self._session.statement(operation, parameters, FETCH_CURSOR)))
 
-    def _executemany_op(self, operation, seq_of_parameters):
+    def _executemany_op(self, operation: str, seq_of_parameters: Iterable[Params]) -> Operation[None]:
         if self._quoted is not None:
             raise ProgrammingError("can't call .executemany() on named cursors")
         seq_of_parameters = list(seq_of_parameters)
@@ -138,7 +156,7 @@ class CursorCore:
             rowcount = yield from self._session.statement(operation, seq_of_parameters, FETCH_MANY)
         self._received((None, rowcount, None, None))
 
-    def _declare(self, operation, parameters):
+    def _declare(self, operation: str, parameters: Params) -> Operation[None]:
         if self._tx is not None:
             raise ProgrammingError("can't call .execute() on named cursors more than once")
         session = self._session
@@ -168,7 +186,7 @@ class CursorCore:
             yield from self._end_own_tx(ROLLBACK, quietly=True)
             raise
 
-    def _fetch_op(self, count):
+    def _fetch_op(self, count: int) -> Operation[None]:
         """Fetch the next *count* rows of a named cursor into hand."""
         tx = self._tx
         if tx.lost is not None:
@@ -191,7 +209,7 @@ class CursorCore:
             self._more = False
             yield from self._end_own_tx(COMMIT)
 
-    def _close_op(self):
+    def _close_op(self) -> Operation[None]:
         """End what a named cursor holds on the server, before its last row if need be."""
         if not self._more:
             return
@@ -205,7 +223,7 @@ class CursorCore:
             except psycopg2.errors.InFailedSqlTransaction:
                 pass  # the transaction failed, and the cursor with it
 
-    def _end_own_tx(self, fetch, quietly=False):
+    def _end_own_tx(self, fetch: str, quietly: bool = False) -> Operation[None]:
         """COMMIT or ROLLBACK the named cursor's own transaction, if it has one.
 
         *quietly* when the cursor is done with it either way (closed early,
@@ -227,36 +245,38 @@ class Cursor(CursorCore):
     Not thread-safe, as psycopg2's are not: each thread its own cursor.
     """
 
-    def execute(self, operation, parameters=None):
+    connection: "Connection"
+
+    def execute(self, operation: str, parameters: Params = None) -> None:
         """Run *operation*, binding *parameters* (``%s`` or ``%(name)s``) on the daemon."""
         self._check_open()
         self.connection._run(self._execute_op(operation, parameters))
 
-    def executemany(self, operation, seq_of_parameters):
+    def executemany(self, operation: str, seq_of_parameters: Iterable[Params]) -> None:
         """Run *operation* once per parameter set, all in one job; rowcount is their total."""
         self._check_open()
         self.connection._run(self._executemany_op(operation, seq_of_parameters))
 
-    def fetchone(self):
+    def fetchone(self) -> Optional[Row]:
         self._check_results()
         if self._wants(1):
             self.connection._run(self._fetch_op(self.itersize))
         return self._one()
 
-    def fetchmany(self, size=None):
+    def fetchmany(self, size: Optional[int] = None) -> List[Row]:
         self._check_results()
         size = self.arraysize if size is None else size
         while self._wants(size):
             self.connection._run(self._fetch_op(self._missing(size)))
         return self._take(size)
 
-    def fetchall(self):
+    def fetchall(self) -> List[Row]:
         self._check_results()
         while self._more:
             self.connection._run(self._fetch_op(self.itersize))
         return self._take()
 
-    def close(self):
+    def close(self) -> None:
         """Close the cursor (a named one ends what it holds on the server); closing twice is harmless."""
         if self.closed:
             return
@@ -264,17 +284,17 @@ class Cursor(CursorCore):
             self.connection._run(self._close_op())
         self.closed = True
 
-    def __iter__(self):
+    def __iter__(self) -> "Cursor":
         return self
 
-    def __next__(self):
+    def __next__(self) -> Row:
         row = self.fetchone()
         if row is None:
             raise StopIteration
         return row
 
-    def __enter__(self):
+    def __enter__(self) -> "Cursor":
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.close()

@@ -16,12 +16,18 @@ statements then raise until the application rolls back.
 """
 
 import itertools
+from typing import Any, Awaitable, Callable, Generator, Optional, Set, TypeVar
 
 from psycopg2 import ProgrammingError
 
 from ..errors import Error, ServiceUnavailable
-from ..jobs import BEGIN, COMMIT, FETCH_MANY, ROLLBACK, Job, transaction_options
+from ..jobs import BEGIN, COMMIT, FETCH_MANY, ROLLBACK, Job, Params, transaction_options
 from .values import isolation_name, plain_params
+
+_T = TypeVar("_T")
+#: An operation: a generator that yields the jobs to send, is sent each one's
+#: reply, and returns the operation's result.
+Operation = Generator[Job, Any, _T]
 
 
 class Transaction:
@@ -29,27 +35,33 @@ class Transaction:
 
     __slots__ = ("id", "begun", "lost")
 
-    def __init__(self, tx_id):
+    def __init__(self, tx_id: int) -> None:
         self.id = tx_id
         self.begun = False  # its BEGIN was answered
-        self.lost = None  # the error its statements raise once its socket is gone
+        self.lost: Optional[BaseException] = None  # the error its statements raise once its socket is gone
 
 
 class Session:
     """A DB-API connection's options and transactions, apart from any I/O."""
 
-    def __init__(self, timeout=None, autocommit=False, isolation_level=None, readonly=None, deferrable=None):
+    def __init__(
+        self, timeout: Optional[float] = None, autocommit: bool = False, isolation_level: object = None,
+        readonly: Optional[bool] = None, deferrable: Optional[bool] = None,
+    ) -> None:
         self.timeout = timeout
-        self.tx = None  # the connection's transaction, once a statement began it
+        self.tx: Optional[Transaction] = None  # the connection's transaction, once a statement began it
         self.closed = False
-        self._open = set()  # the transactions begun on the current socket
+        self._open: Set[Transaction] = set()  # the transactions begun on the current socket
         self._ids = itertools.count(1)
-        self.autocommit = self.isolation_level = self.readonly = self.deferrable = None
+        self.autocommit: bool = False
+        self.isolation_level: Optional[str] = None
+        self.readonly: Optional[bool] = None
+        self.deferrable: Optional[bool] = None
         for name, value in (("autocommit", autocommit), ("isolation_level", isolation_level),
                             ("readonly", readonly), ("deferrable", deferrable)):
             self.change(name, value)
 
-    def change(self, name, value):
+    def change(self, name: str, value: object) -> None:
         """Set one of autocommit, isolation_level, readonly, deferrable: between transactions only."""
         if self.tx is not None:
             raise ProgrammingError(
@@ -63,12 +75,12 @@ class Session:
             raise ProgrammingError("%s must be True, False or None, not %r" % (name, value))
         setattr(self, name, value)
 
-    def new_transaction(self):
+    def new_transaction(self) -> Transaction:
         return Transaction(next(self._ids))
 
     # -- operations: generators of jobs -----------------------------------------
 
-    def statement(self, sql, params, fetch):
+    def statement(self, sql: str, params: Params, fetch: str) -> Operation[Any]:
         """Run one statement (FETCH_MANY: once per parameter set, as one job).
 
         It runs in the connection's transaction, begun first if need be, or
@@ -78,7 +90,7 @@ class Session:
         tx_id = None if self.autocommit else (yield from self.current()).id
         return (yield Job(sql, params, fetch, self.timeout, tx_id))
 
-    def current(self):
+    def current(self) -> Operation[Transaction]:
         """The connection's open transaction, begun now if there is none."""
         tx = self.tx
         if tx is None:
@@ -92,7 +104,7 @@ class Session:
             raise tx.lost
         return tx
 
-    def begin(self, tx):
+    def begin(self, tx: Transaction) -> Operation[None]:
         """Send *tx*'s BEGIN, with the connection's options.
 
         Interrupted (a cancelled task) before its reply, it may have begun
@@ -107,13 +119,13 @@ class Session:
             raise
         tx.begun = True
 
-    def end(self, fetch):
+    def end(self, fetch: str) -> Operation[None]:
         """COMMIT or ROLLBACK the connection's transaction, if it has one; it is over either way."""
         tx, self.tx = self.tx, None
         if tx is not None:
             yield from self.finish(tx, fetch)
 
-    def finish(self, tx, fetch):
+    def finish(self, tx: Transaction, fetch: str) -> Operation[None]:
         """COMMIT or ROLLBACK *tx*. A lost one cannot commit: its work is gone."""
         self._open.discard(tx)
         if tx.lost is not None:
@@ -127,7 +139,7 @@ class Session:
                 raise
             # Its BEGIN never answered, so the daemon may hold nothing to roll back.
 
-    def close(self):
+    def close(self) -> Operation[None]:
         """Roll back the connection's transaction before the socket closes."""
         self.closed = True
         try:
@@ -137,7 +149,7 @@ class Session:
 
     # -- what the drivers report ------------------------------------------------
 
-    def channel_lost(self, why, spare=None):
+    def channel_lost(self, why: object, spare: Optional[int] = None) -> None:
         """The socket to the daemon is gone, and every transaction begun on it with it.
 
         *spare* is the id of a transaction whose BEGIN never left, and is
@@ -152,28 +164,30 @@ class Session:
         self._open = {tx for tx in self._open if tx.id == spare}
 
 
-def drive(operation, send):
+def drive(operation: Operation[_T], send: Callable[[Job], Any]) -> _T:
     """Run *operation*, sending each job it yields with ``send(job)``; return its result."""
-    ok, value = True, None
+    ok = True
+    value: Any = None
     while True:
         try:
             job = operation.send(value) if ok else operation.throw(value)
         except StopIteration as done:
-            return done.value
+            return done.value  # type: ignore[no-any-return]  # the operation's own
         try:
             ok, value = True, send(job)
         except BaseException as exc:  # a KeyboardInterrupt too: the operation records what it must
             ok, value = False, exc
 
 
-async def drive_async(operation, send):
+async def drive_async(operation: Operation[_T], send: Callable[[Job], Awaitable[Any]]) -> _T:
     """:func:`drive` with ``await send(job)``."""
-    ok, value = True, None
+    ok = True
+    value: Any = None
     while True:
         try:
             job = operation.send(value) if ok else operation.throw(value)
         except StopIteration as done:
-            return done.value
+            return done.value  # type: ignore[no-any-return]  # the operation's own
         try:
             ok, value = True, await send(job)
         except BaseException as exc:  # a cancelled task too: the operation records what it must

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import decimal
 import enum
 import uuid
+from typing import Any, Optional
 
 from psycopg2 import ProgrammingError
 
@@ -30,7 +31,7 @@ _LEVEL_NUMBERS = {1: "READ COMMITTED", 2: "REPEATABLE READ", 3: "SERIALIZABLE", 
 ISOLATION_LEVELS = frozenset(_LEVEL_NUMBERS.values())
 
 
-def plain_params(params, many):
+def plain_params(params: Any, many: bool) -> Any:
     """*params* (a parameter set, or with *many* a sequence of them) in plain values."""
     if params is None:
         return None
@@ -57,7 +58,7 @@ def plain_params(params, many):
         return params  # not a sequence: the daemon says what parameters may be
 
 
-def plain(value):
+def plain(value: Any) -> Any:
     """*value* as the plain type it subclasses, inside lists, tuples and dicts too."""
     kind = type(value)
     if kind in _PLAIN:
@@ -80,7 +81,7 @@ def plain(value):
     return value
 
 
-def _plain_datetime(value):
+def _plain_datetime(value: datetime.datetime) -> datetime.datetime:
     zone = value.tzinfo
     if type(value) is datetime.datetime and (zone is None or type(zone) is datetime.timezone):
         return value
@@ -91,7 +92,7 @@ def _plain_datetime(value):
     )
 
 
-def isolation_name(level):
+def isolation_name(level: object) -> Optional[str]:
     """An isolation level as its SQL name ("REPEATABLE READ"), or None for the server's default.
 
     It may be given by name (any case, ``_`` for spaces), by psycopg2's
