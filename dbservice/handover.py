@@ -6,16 +6,16 @@ proves it holds the secret and asks it to hand over. The old daemon passes
 its listening sockets (the Unix socket, and the metrics port) over that
 connection as file descriptors (``SCM_RIGHTS``): the listening socket is
 never closed, so a client connecting meanwhile waits in its backlog, never
-refused, whichever daemon accepts it. Once the new daemon serves, the old
-one stops accepting and hands over each client connection itself, socket
-and all, at a job boundary: when it has no job in the daemon and no
-transaction open, and its replies are sent. What the client sent since and
-the old daemon had not yet cut into jobs travels with it. The client sees
-nothing: its connection is the same, served by the new daemon from its
-next job on. A client in a transaction is served by the old daemon until
-the transaction ends; a new job it sends meanwhile stays unread, for the
-new daemon. The old daemon exits once it has no client left, or after
-``stop_timeout``, which then ends what is left as a stop does.
+refused: the old daemon accepts no more once it passed the socket on, the
+new one from when it serves. Then the old one hands over each client
+connection itself, socket and all, at a job boundary: when it has no job in
+the daemon and no transaction open, and its replies are sent. What the
+client sent since and the old daemon had not yet cut into jobs travels with
+it. The client sees nothing: its connection is the same, served by the new
+daemon from its next job on. A client in a transaction is served by the old
+daemon until the transaction ends; a new job it sends meanwhile stays
+unread, for the new daemon. The old daemon exits once it has no client left,
+or after ``stop_timeout``, which then ends what is left as a stop does.
 
 Why not the other known designs: a re-exec with the socket inherited
 (gunicorn's USR2) gives the new daemon the old one's environment, not the
@@ -205,6 +205,7 @@ class Predecessor:
         self.channel = None
         self._kept = None  # our copy of the listening socket, until the successor is done with us
         self._deadline = None
+        self._draining = False  # the successor serves: our clients go to it
         self._done = False
         self._stopping = None  # the task that stops this daemon once the last frames have left
 
@@ -225,7 +226,11 @@ class Predecessor:
         self.channel = FdChannel(sock, self._on_frame, self._on_closed)
         self.handover.cluster_adopted = bool(request.get("adopts_cluster"))
         logger.info("handing over to the daemon with pid %d: its listeners first", pid)
-        listeners = [self.intake.listening_socket]
+        # Accept no more: a client connecting from now on waits in the
+        # backlog for the new daemon. One accepted later would reach us after
+        # we looked for clients to hand over, and be dropped as we exit.
+        self._kept = self.intake.stop_accepting()
+        listeners = [self._kept]
         if self.metrics is not None:
             listeners.append(self.metrics.socket)
         self.intake.path_handed_over = True
@@ -248,11 +253,11 @@ class Predecessor:
             self._drain()
 
     def _drain(self):
-        """The successor serves: accept no more, and hand each client over as it comes to rest."""
-        self._kept = self.intake.stop_accepting()
+        """The successor serves: hand each client over as it comes to rest."""
+        self._draining = True
         if self.metrics is not None:
             self.metrics.close()
-        clients = self.intake.drain(self._hand_over)
+        clients = self.intake.drain(self._hand_over, self._check_done)
         logger.info("the new daemon serves; handing over %d clients as their jobs end", clients)
         timeout = self.engine.settings.stop_timeout
         self._deadline = asyncio.get_running_loop().call_later(timeout, self._finish, "handed over late")
@@ -296,15 +301,16 @@ class Predecessor:
         self.intake.path_handed_over = False
         self.handover.cluster_adopted = False
         self.channel = None
-        if self._kept is not None:
+        draining, self._draining = self._draining, False
+        if draining:
             self.handover.pidfile.take_over()
             self.intake.drain(None)
-            asyncio.ensure_future(self._serve_again())
+        asyncio.ensure_future(self._serve_again(metrics_closed=draining))
 
-    async def _serve_again(self):
+    async def _serve_again(self, metrics_closed):
         kept, self._kept = self._kept, None
         await self.intake.start(sock=kept)
-        if self.metrics is not None:
+        if self.metrics is not None and metrics_closed:
             await self.metrics.start()
 
 

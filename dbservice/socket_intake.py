@@ -63,6 +63,7 @@ class SocketIntake:
         #: handover.Predecessor.begin, to hand this daemon over to a new one; None: refused
         self.on_handover = None
         self.path_handed_over = False  # the listener went to a new daemon: its path is not ours to remove
+        self._client_gone = None  # while handing the clients over: told of each that disconnects
 
     async def start(self, sock=None):
         """Listen on our path, or on *sock*, the listening socket a daemon handed over to us."""
@@ -111,8 +112,12 @@ class SocketIntake:
             except FileNotFoundError:
                 pass
 
-    def drain(self, hand_over):
-        """Give each client to ``hand_over(client)`` once it is at a job boundary (None: keep them); how many."""
+    def drain(self, hand_over, client_gone=None):
+        """Give each client to ``hand_over(client)`` once it is at a job boundary (None: keep them); how many.
+
+        ``client_gone()`` is called meanwhile for each client that disconnects.
+        """
+        self._client_gone = client_gone
         for client in list(self._clients):
             client.drain(hand_over)
         return len(self._clients)
@@ -243,6 +248,8 @@ class _ClientProtocol(asyncio.Protocol):
         for pending in list(self.in_flight.values()):
             self.engine.cancel(pending, JobCancelled("the client went away"))
         self.engine.transactions.abandon(self)
+        if self.intake._client_gone is not None:
+            self.intake._client_gone()
 
     # More than max_client_buffer bytes of replies wait: the client is backed
     # up, and is given client_stall_timeout to read them.
