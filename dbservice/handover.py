@@ -269,7 +269,7 @@ class Predecessor:
         self._check_done()
 
     def _check_done(self):
-        if not self.intake.clients and not self._done:
+        if self.intake.drained and not self._done:
             self.channel.send(MSG_DONE)
             self._finish("handed over")
 
@@ -329,7 +329,6 @@ class Successor:
         self.metrics_socket = None
         self.done = self._loop.create_future()  # set once the old daemon has no client left
         self._adopt = None
-        self._adopting = set()
 
     @classmethod
     async def ask(cls, path, authkey, request):
@@ -347,7 +346,7 @@ class Successor:
     def serving(self, adopt):
         """We accept on the listener: let the old daemon stop, and give each client it hands over to *adopt*.
 
-        ``adopt(sock, unread, skipping)`` is a coroutine (SocketIntake.adopt).
+        ``adopt(sock, unread, skipping)``: SocketIntake.adopt.
         """
         self._adopt = adopt
         self.channel.send(MSG_SERVING)
@@ -363,9 +362,7 @@ class Successor:
             self._first.set_exception(_refused(loads_reply(payload)))
         elif kind == MSG_CLIENT:
             (skipping,) = _SKIPPING.unpack_from(payload)
-            task = self._loop.create_task(self._adopt(socket.socket(fileno=fds[0]), payload[_SKIPPING.size:], skipping))
-            self._adopting.add(task)
-            task.add_done_callback(self._adopting.discard)
+            self._adopt(socket.socket(fileno=fds[0]), payload[_SKIPPING.size:], skipping)
         elif kind == MSG_DONE:
             self.channel.close()
             self.done.set_result(None)

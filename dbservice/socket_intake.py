@@ -9,6 +9,7 @@ one that does not read its replies only holds what backpressure.py allows.
 """
 
 import asyncio
+import errno
 import functools
 import logging
 import os
@@ -43,6 +44,9 @@ logger = logging.getLogger("dbservice.socket")
 
 #: Replies of this many bytes or more are written without joining them to their header.
 LARGE_REPLY = 65536
+#: Clients accepted in one turn of the loop at most, and seconds before accepting again when out of descriptors.
+ACCEPTS_PER_TURN = 100
+ACCEPT_RETRY_DELAY = 1.0
 
 
 class SocketIntake:
@@ -63,46 +67,91 @@ class SocketIntake:
         #: handover.Predecessor.begin, to hand this daemon over to a new one; None: refused
         self.on_handover = None
         self.path_handed_over = False  # the listener went to a new daemon: its path is not ours to remove
-        self._client_gone = None  # while handing the clients over: told of each that disconnects
+        self._hand_over = None  # while handing the clients over: what each one is given to
+        self._client_gone = None  # and what is told of each that disconnects
+        self.connecting = 0  # accepted (or handed over to us), their connection_made not yet run
+        self._connecting_tasks = set()
 
     async def start(self, sock=None):
-        """Listen on our path, or on *sock*, the listening socket a daemon handed over to us."""
-        loop = asyncio.get_running_loop()
-        # A backlog for a burst of max_clients connecting at once (the
-        # kernel caps it at net.core.somaxconn); asyncio's default is 100.
-        if sock is not None:
-            self._listener = await loop.create_unix_server(
-                lambda: _ClientProtocol(self), sock=sock, backlog=self.settings.max_clients
-            )
+        """Listen on our path, or on *sock*, the listening socket a daemon handed over to us.
+
+        We accept ourselves rather than through ``loop.create_unix_server``:
+        an asyncio server closed to stop accepting drops the connections it
+        accepted in the same turn, before their protocol was made, and a
+        restart (handover.py) must stop accepting without dropping any.
+        """
+        if sock is None:
+            check_socket_dir(os.path.dirname(self.path))
+            remove_stale_socket(self.path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old_umask = os.umask(0o177)  # the socket itself: owner only
+            try:
+                sock.bind(self.path)
+            except BaseException:
+                sock.close()
+                raise
+            finally:
+                os.umask(old_umask)
+            # A backlog for a burst of max_clients connecting at once (the
+            # kernel caps it at net.core.somaxconn).
+            sock.listen(self.settings.max_clients)
+            logger.info("serving jobs on %s", self.path)
+        else:
             logger.info("serving jobs on %s, handed over", self.path)
-            return
-        check_socket_dir(os.path.dirname(self.path))
-        remove_stale_socket(self.path)
-        old_umask = os.umask(0o177)  # the socket itself: owner only
-        try:
-            self._listener = await loop.create_unix_server(
-                lambda: _ClientProtocol(self), self.path, backlog=self.settings.max_clients
-            )
-        finally:
-            os.umask(old_umask)
-        logger.info("serving jobs on %s", self.path)
+        sock.setblocking(False)
+        self._listener = sock
+        self._accept_again()
+
+    def _accept_again(self):
+        if self._listener is not None:
+            asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept)
+
+    def _accept(self):
+        loop = asyncio.get_running_loop()
+        for _ in range(ACCEPTS_PER_TURN):
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:  # out of descriptors or memory: as asyncio does, try again in a while
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                logger.error("cannot accept a client (%s); trying again in %.0f s", exc, ACCEPT_RETRY_DELAY)
+                loop.remove_reader(self._listener.fileno())
+                loop.call_later(ACCEPT_RETRY_DELAY, self._accept_again)
+                return
+            self._connect(conn, lambda: _ClientProtocol(self))
+
+    def _connect(self, sock, protocol_factory):
+        """Serve *sock*, accepted: its protocol is made in a turn to come, counted meanwhile as connecting."""
+        self.connecting += 1
+        task = asyncio.get_running_loop().create_task(
+            asyncio.get_running_loop().connect_accepted_socket(protocol_factory, sock)
+        )
+        self._connecting_tasks.add(task)
+        task.add_done_callback(self._connected)
+
+    def _connected(self, task):
+        self._connecting_tasks.discard(task)
+        self.connecting -= 1
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("could not serve a client that connected: %s", task.exception())
+        if self._client_gone is not None:
+            self._client_gone()
 
     @property
     def listening_socket(self):
-        return self._listener.sockets[0]
+        return self._listener
 
     def stop_accepting(self):
-        """Accept no more clients, leaving the path to the daemon we handed the listener to; our copy of it."""
-        kept = self.listening_socket.dup()
-        self._listener.close()
-        self._listener = None
-        return kept
+        """Accept no more clients, leaving the path to the daemon we handed the listener to; the listener."""
+        asyncio.get_running_loop().remove_reader(self._listener.fileno())
+        return self._listener
 
     async def stop_listening(self):
         """Accept no more clients; those connected keep getting their replies."""
         if self._listener is not None:
-            # Not wait_closed(): since Python 3.12 it also waits for every
-            # client to disconnect, and those still await their replies.
+            asyncio.get_running_loop().remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
             if self.path_handed_over:
@@ -115,17 +164,23 @@ class SocketIntake:
     def drain(self, hand_over, client_gone=None):
         """Give each client to ``hand_over(client)`` once it is at a job boundary (None: keep them); how many.
 
+        Those accepted and not yet connected are given too, once they are.
         ``client_gone()`` is called meanwhile for each client that disconnects.
         """
+        self._hand_over = hand_over
         self._client_gone = client_gone
         for client in list(self._clients):
             client.drain(hand_over)
-        return len(self._clients)
+        return len(self._clients) + self.connecting
 
-    async def adopt(self, sock, unread, skipping):
+    @property
+    def drained(self):
+        """No client is left, nor accepted on its way to connection_made."""
+        return not self._clients and not self.connecting
+
+    def adopt(self, sock, unread, skipping):
         """Serve a client connection a daemon handed over to us, authenticated already, from where it stands."""
-        loop = asyncio.get_running_loop()
-        await loop.connect_accepted_socket(lambda: _ClientProtocol(self, adopted=(unread, skipping)), sock)
+        self._connect(sock, lambda: _ClientProtocol(self, adopted=(unread, skipping)))
 
     async def close(self):
         """Stop accepting and close every client connection, once replies are flushed."""
@@ -186,12 +241,17 @@ class _ClientProtocol(asyncio.Protocol):
         if self._adopted is not None:
             self._trust()
             self.frames.take_over(*self._adopted)
-            self._cut_frames()
+            if self.intake._hand_over is not None:  # we hand our clients over already
+                self.drain(self.intake._hand_over)
+            else:
+                self._cut_frames()
             return
         self._challenge = new_challenge()
         transport.write(encode_frame(0, MSG_AUTH, self._challenge))
         loop = asyncio.get_running_loop()
         self._auth_timer = loop.call_later(self.settings.auth_timeout, self._auth_timed_out)
+        if self.intake._hand_over is not None:  # accepted before we stopped accepting
+            self.drain(self.intake._hand_over)
 
     def data_received(self, data):
         self.intake.bytes_received += len(data)

@@ -28,15 +28,18 @@ class Load:
     with twenty jobs in flight at all times, and jobs that outlast a handover.
     """
 
-    def __init__(self, state_dir):
+    def __init__(self, state_dir, workers=None):
         self.socket = StateDir(str(state_dir)).socket
         self.client = client_of(state_dir)
         self.done = 0
         self.failures = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        workers = [self._plain, self._plain, self._new_client_each_time, self._dbapi_transactions,
-                   self._asyncio, self._slow]
+        if workers is None:
+            workers = [self._plain, self._plain, self._new_client_each_time, self._dbapi_transactions,
+                       self._asyncio, self._slow]
+        else:
+            workers = [getattr(self, "_" + name) for name in workers]
         self._threads = [threading.Thread(target=self._run, args=(worker,)) for worker in workers]
         for thread in self._threads:
             thread.start()
@@ -143,6 +146,21 @@ def test_restarts_under_load_fail_no_job_and_apply_the_new_settings(dsn, daemon_
         failures = load.stop()
     assert failures == []
     assert all(wait_for_exit(pid, 0) for pid in pids[:-1])
+
+
+def test_clients_that_connect_for_each_job_lose_none_across_restarts(dsn, daemon_dir):
+    """No client stays connected: at each handover, some are connecting, in the old daemon's backlog or just
+    accepted, when it looks for clients to hand over, and none of them may be dropped as it exits."""
+    ok(dbserviced(daemon_dir, "start", "--dsn", dsn))
+    load = Load(daemon_dir, workers=["new_client_each_time"] * 4)
+    try:
+        for _ in range(4):
+            done = load.done
+            wait_until(lambda: load.done > done + 50, timeout=60, message="jobs flowing")
+            ok(dbserviced(daemon_dir, "restart", "--dsn", dsn))
+    finally:
+        failures = load.stop()
+    assert failures == []
 
 
 def test_a_new_daemon_that_cannot_start_leaves_the_old_one_serving(dsn, daemon_dir):
