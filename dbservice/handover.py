@@ -302,8 +302,8 @@ class Predecessor:
         self.handover.cluster_adopted = False
         self.channel = None
         draining, self._draining = self._draining, False
+        self.handover.pidfile.take_over()  # written by the successor already, if it got that far
         if draining:
-            self.handover.pidfile.take_over()
             self.intake.drain(None)
         asyncio.ensure_future(self._serve_again(metrics_closed=draining))
 

@@ -167,9 +167,11 @@ async def _serve_metrics(
 
 
 def _take_over(handover: Handover, successor: Successor, socket_intake: SocketIntake) -> None:
-    """We serve: the old daemon may stop, the pidfile is ours, and the clients it hands over come to our socket."""
-    successor.serving(socket_intake.adopt)
+    """We serve: the pidfile is ours, the old daemon may stop, and the clients it hands over come to our socket."""
+    # The pidfile first: the old daemon, stopping, removes it if it still
+    # holds its own pid, and could otherwise remove ours as we write it.
     handover.pidfile.take_over()
+    successor.serving(socket_intake.adopt)
     handover.took_over = True
     handover.predecessor_pid = pid = successor.info["pid"]
     logger.info("took the socket over from the daemon with pid %d", pid)
