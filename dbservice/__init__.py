@@ -24,6 +24,7 @@ from .errors import (
     ServiceUnavailable,
     StatementTimeout,
 )
+from .notifications import Notification, NotificationsLost
 from .pool import AsyncConnectionPool
 from .queue_client import QueueClient
 from .service import DBService
@@ -37,6 +38,8 @@ __all__ = [
     "Error",
     "JobCancelled",
     "JobRefused",
+    "Notification",
+    "NotificationsLost",
     "QueryOutcomeUnknown",
     "QueryTimeout",
     "QueueClient",

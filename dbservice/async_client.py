@@ -19,10 +19,12 @@ import itertools
 import socket as socketlib
 import sys
 from types import TracebackType
-from typing import Any, AsyncGenerator, AsyncIterator, Dict, Generator, NoReturn, Optional, Type, Union
+from typing import Any, AsyncGenerator, AsyncIterator, Coroutine, Dict, Generator, NoReturn, Optional, Type, Union
 
+from .copy_client import CopyMethods, copy_on_connection
 from .errors import Error, QueryTimeout, ServiceUnavailable
 from .jobs import COMMIT, ROLLBACK, STREAM_DECLARE, STREAM_FETCH, Job, Params, Row, loads_reply, transaction_options
+from .subscriptions import AsyncSubscription
 from .queries import (
     REPLY_GRACE,
     Awaiting,
@@ -50,6 +52,8 @@ class _Connection(asyncio.Protocol):
         self.ready: "asyncio.Future[None]" = loop.create_future()  # the handshake's outcome
         self.max_frame: Optional[int] = None  # the largest job the daemon takes, from the handshake
         self.replies: "Dict[int, asyncio.Future[Any]]" = {}  # job id -> the future of the job waiting for it
+        # job id -> what takes the frames of a job of many (a COPY's, a subscription's)
+        self.streams: Dict[int, Any] = {}
         self.lost: Optional[BaseException] = None  # once the connection ended: the error for every job
         self._handshake_state = ClientHandshake(authkey)
         self._frames = FrameReader(self._handshake_state.frame_limit)
@@ -106,6 +110,30 @@ class _Connection(asyncio.Protocol):
         if self._drained is not None:
             await self._drained
 
+    def open_stream(self, receiver: Any) -> int:
+        """A job id whose frames, its reply among them, go to ``receiver.frame(kind, payload)``.
+
+        ``receiver.lost(error)`` is called if the connection ends first; close it with :meth:`close_stream`.
+        """
+        job_id = next(self._ids)
+        self.streams[job_id] = receiver
+        return job_id
+
+    def close_stream(self, job_id: int) -> None:
+        self.streams.pop(job_id, None)
+
+    def write_nowait(self, job_id: int, kind: int, payload: bytes) -> None:
+        """Write one frame of job *job_id*; the transport buffers what the socket does not take yet."""
+        self.transport.write(encode_frame(job_id, kind, payload))
+
+    async def write(self, job_id: int, kind: int, payload: bytes) -> None:
+        """Write one frame of job *job_id*, then wait while the daemon reads more slowly than we write."""
+        if self.lost is not None:
+            raise self.lost
+        self.transport.write(encode_frame(job_id, kind, payload))
+        if self.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+            await self.drain()
+
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
@@ -125,8 +153,13 @@ class _Connection(asyncio.Protocol):
             self._end(loads_reply(body))
             return
         reply = self.replies.pop(job_id, None)
-        if reply is None or reply.done():
-            return  # a job given up on or cancelled here, or one nobody waits for
+        if reply is None:
+            stream = self.streams.get(job_id)
+            if stream is not None:
+                stream.frame(kind, body)
+            return  # else a job given up on or cancelled here, or one nobody waits for
+        if reply.done():
+            return
         value = loads_reply(body)
         if kind == MSG_ERROR:
             reply.set_exception(value)
@@ -143,6 +176,9 @@ class _Connection(asyncio.Protocol):
         for reply in replies.values():
             if not reply.done():
                 reply.set_exception(self.lost)
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.lost(self.lost)
         self.resume_writing()
 
 
@@ -154,7 +190,7 @@ async def _closes_with_loop(connection: _Connection) -> AsyncGenerator[None, Non
         connection.close()
 
 
-class AsyncClient(Awaiting):
+class AsyncClient(Awaiting, CopyMethods[Coroutine[Any, Any, int]]):
     """An asyncio client of a dbservice daemon; build it with :func:`connect_async`.
 
     The query methods are those of :class:`~dbservice.Client`, as coroutines:
@@ -260,6 +296,19 @@ class AsyncClient(Awaiting):
                 timer.cancel()
             connection.replies.pop(job_id, None)
 
+    async def run_copy(self, job: Job, file: Any, size: int = 8192) -> Any:
+        """Run a COPY *job*, streaming *file* (see copy_client.py); its rowcount. For layers on top of the client."""
+        return await self._copy(job, file, size)
+
+    async def _copy(self, job: Job, file: Any, size: int) -> Any:
+        """Run a COPY job on the connection, streaming *file* (see copy_client.py)."""
+        if self.closed:
+            raise Error("this dbservice client is closed")
+        self._check_loop()
+        if self._connection is None or self._connection.lost is not None:
+            await self.connect()
+        return await copy_on_connection(self._connection, job, file, size)
+
     def _send_only(self, job: Job) -> None:
         """Send *job* with nobody to wait for its reply, if the connection is still up."""
         if self._connection is not None and self._connection.lost is None:
@@ -275,6 +324,15 @@ class AsyncClient(Awaiting):
         """
         options = transaction_options(isolation_level, readonly, deferrable)
         return AsyncTransaction(self, options, self.timeout if timeout is None else timeout)
+
+    def listen(self, *channels: str, timeout: Optional[float] = None) -> AsyncSubscription:
+        """An :class:`~dbservice.subscriptions.AsyncSubscription` to *channels*: ``async for n in client.listen(...)``.
+
+        ``await`` it (or ``async with`` it) to be subscribed before going on;
+        iterating subscribes first too. *timeout* bounds each wait, ending the
+        iteration when it passes. See :meth:`dbservice.Client.listen`.
+        """
+        return AsyncSubscription(self, channels, timeout)
 
     async def iterate(
         self, sql: str, params: Params = None, *, batch: int = 1000, timeout: Optional[float] = None
@@ -312,7 +370,7 @@ class AsyncClient(Awaiting):
         await self.close()
 
 
-class AsyncTransaction(AwaitingTransactionJobs):
+class AsyncTransaction(AwaitingTransactionJobs, CopyMethods[Coroutine[Any, Any, int]]):
     """Jobs that run on one pinned connection and commit or roll back together.
 
     Get one from :meth:`AsyncClient.transaction`; its query methods are the
@@ -345,6 +403,11 @@ class AsyncTransaction(AwaitingTransactionJobs):
                 await self.rollback()
             except Error:
                 pass  # the block's own exception is the one to see
+
+    async def _copy(self, job: Job, file: Any, size: int) -> Any:
+        if self._tx is None:
+            raise Error("the transaction is not open: use it as a context manager")
+        return await self._client._copy(job, file, size)
 
     async def commit(self) -> None:
         await self._client._run(self._end_job(COMMIT))

@@ -18,11 +18,10 @@ libpq by ``PQcancel`` in a worker thread, ctypes releasing the GIL around it.
 import asyncio
 import concurrent.futures
 import ctypes
-import ctypes.util
 
 import psycopg2
-import psycopg2._psycopg  # noqa: F401 - loads the libpq we must use
 
+from . import libpq
 from .errors import QueryTimeout
 from .wait import wait_readable, wait_writable
 
@@ -33,18 +32,8 @@ _POLLING_FAILED, _POLLING_READING, _POLLING_WRITING, _POLLING_OK = 0, 1, 2, 3
 CANCEL_THREADS = 4
 
 
-def _find_libpq():
-    """The path of the libpq psycopg2 was loaded with (psycopg2-binary bundles its own)."""
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            path = line.split()[-1]
-            if "libpq" in path.rsplit("/", 1)[-1]:
-                return path
-    return ctypes.util.find_library("pq")
-
-
 def _load_libpq():
-    lib = ctypes.CDLL(_find_libpq())
+    lib = libpq.load()
     if hasattr(lib, "PQcancelCreate"):
         lib.PQcancelCreate.restype = ctypes.c_void_p
         lib.PQcancelCreate.argtypes = [ctypes.c_void_p]

@@ -1,11 +1,12 @@
 """One authenticated, blocking connection to the daemon: a sync Client thread's, or a DB-API connection's."""
 
+import contextlib
 import itertools
 import socket as socketlib
 import sys
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, Tuple
 
 import psycopg2
 
@@ -92,6 +93,63 @@ class Channel:
             raise value
         return value
 
+    @contextlib.contextmanager
+    def exchange(self, timeout: Optional[float]) -> Iterator["Link"]:
+        """The channel, held for one job that takes more than a frame each way (a COPY): its :class:`Link`.
+
+        *timeout* bounds each wait for a frame. As with :meth:`call`, an
+        exception that is not a reply leaves the stream in an unknown state,
+        and closes the channel.
+        """
+        with self._lock:
+            self._ready(timeout, unsent=True)
+            try:
+                yield Link(self, next(self._ids), timeout)
+            except BaseException as exc:
+                if not isinstance(exc, (Error, psycopg2.Error)) or isinstance(exc, ChannelLost):
+                    self.close()
+                raise
+
+    # A channel of subscriptions carries frames nobody waits for: it is read
+    # frame by frame, for whichever of its jobs each is.
+
+    def send(self, kind: int, payload: bytes) -> int:
+        """Send one frame of a new job and return its id, without waiting for anything; ChannelLost if it cannot."""
+        with self._lock:
+            self._ready(self._timeout)
+            job_id = next(self._ids)
+            try:
+                self.sock.sendall(encode_frame(job_id, kind, payload))
+            except OSError as exc:
+                self.close()
+                raise ChannelLost(ServiceUnavailable("cannot send to the dbservice daemon: %s" % exc)) from None
+            return job_id
+
+    def receive(self, timeout: Optional[float]) -> Optional[Frame]:
+        """The next frame, of any job, as (job_id, kind, payload), or None after *timeout* seconds (0: now).
+
+        ChannelLost once the daemon is gone.
+        """
+        with self._lock:
+            self._ready(timeout)
+            try:
+                return self._next_frame()
+            except (socketlib.timeout, BlockingIOError):
+                return None
+            except OSError as exc:
+                self.close()
+                raise ChannelLost(ServiceUnavailable("lost the connection to the dbservice daemon: %s" % exc)) from None
+            except ChannelLost:
+                self.close()
+                raise
+
+    def _ready(self, timeout: Optional[float], unsent: bool = False) -> None:
+        if self.closed:
+            raise ChannelLost(ServiceUnavailable("the connection to the dbservice daemon was closed"), unsent=unsent)
+        if timeout != self._timeout:
+            self.sock.settimeout(timeout)
+            self._timeout = timeout
+
     def _next_frame(self) -> Frame:
         """The next reply, read in as few receives as it takes (one, mostly)."""
         while True:
@@ -111,6 +169,42 @@ class Channel:
 
     __del__ = close  # its thread ended: hang up rather than wait for the daemon to notice
     forget = close  # in a forked child: closing our copy of the socket leaves the parent's be
+
+
+class Link:
+    """The frames of one job on a held channel (see :meth:`Channel.exchange`)."""
+
+    def __init__(self, channel: Channel, job_id: int, timeout: Optional[float]) -> None:
+        self.job_id = job_id
+        self._channel = channel
+        self._timeout = timeout
+        self._sent = False
+
+    def send(self, kind: int, payload: bytes) -> None:
+        """Send a frame of the job; ChannelLost if the daemon is gone (*unsent* if this was its first)."""
+        try:
+            self._channel.sock.sendall(encode_frame(self.job_id, kind, payload))
+        except OSError as exc:
+            raise ChannelLost(
+                ServiceUnavailable("cannot send to the dbservice daemon: %s" % exc), unsent=not self._sent
+            ) from None
+        self._sent = True
+
+    def receive(self) -> Tuple[int, bytes]:
+        """The job's next frame, as (kind, payload); ChannelLost if the daemon is gone or silent past the timeout."""
+        try:
+            while True:
+                job_id, kind, payload = self._channel._next_frame()
+                if job_id == self.job_id:
+                    return kind, payload
+                if job_id == 0 and kind == MSG_ERROR:  # the daemon dropped us
+                    raise ChannelLost(loads_reply(payload))
+        except socketlib.timeout:
+            raise ChannelLost(
+                QueryTimeout("no reply from the dbservice daemon within %.1f s" % self._timeout)
+            ) from None
+        except OSError as exc:
+            raise ChannelLost(ServiceUnavailable("lost the connection to the dbservice daemon: %s" % exc)) from None
 
 
 def _connect_unix(sock: socketlib.socket, path: str, deadline: float) -> None:

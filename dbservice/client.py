@@ -14,13 +14,15 @@ from types import TracebackType
 from typing import Any, Dict, Iterator, Optional, Type, Union, cast
 
 from .channel import Channel
+from .copy_client import CopyMethods, copy_on_channel
 from .errors import Error
 from .jobs import COMMIT, ROLLBACK, STREAM_DECLARE, STREAM_FETCH, Job, Params, Row, transaction_options
 from .queries import Blocking, BlockingTransactionJobs, ChannelLost, ThreadChannels, encode_job, resolve_address
+from .subscriptions import Subscription
 from .wire import MSG_JOB, MSG_PAUSE, MSG_RESUME, MSG_STATUS
 
 
-class Transaction(BlockingTransactionJobs):
+class Transaction(BlockingTransactionJobs, CopyMethods[int]):
     """Jobs that run on one pinned connection and commit or roll back together.
 
     Get one from :meth:`Client.transaction`; its query methods are the
@@ -40,6 +42,11 @@ class Transaction(BlockingTransactionJobs):
 
     def _call(self, job: Job) -> Any:
         return self._client._call_on(self._channel, job)
+
+    def _copy(self, job: Job, file: Any, size: int) -> Any:
+        if self._tx is None:
+            raise Error("the transaction is not open: use it as a context manager")
+        return self._client._copy_on(self._channel, job, file, size)
 
     def __exit__(
         self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
@@ -61,7 +68,7 @@ class Transaction(BlockingTransactionJobs):
         self._call(self._end_job(ROLLBACK))
 
 
-class Client(Blocking, ThreadChannels[Channel]):
+class Client(Blocking, ThreadChannels[Channel], CopyMethods[int]):
     """A thread-safe, fork-safe client of a dbservice daemon's Unix socket.
 
     Build it with :func:`connect`. Every query method takes ``timeout=``
@@ -120,6 +127,16 @@ class Client(Blocking, ThreadChannels[Channel]):
                 if len(rows) < batch:
                     return
 
+    def listen(self, *channels: str, timeout: Optional[float] = None) -> Subscription:
+        """A :class:`~dbservice.subscriptions.Subscription` to *channels*, subscribed when this returns.
+
+        Iterate over it for :class:`~dbservice.Notification` objects (and
+        :class:`~dbservice.NotificationsLost` markers where some may be
+        missing); *timeout* bounds each wait, ending the iteration when it
+        passes. It has a socket of its own; close it when done.
+        """
+        return Subscription(self.socket, self._authkey, self.connect_timeout, channels, timeout)
+
     def status(self) -> Dict[str, Any]:
         """The daemon's figures: pool, queue, jobs, latency (``dbserviced status --json``)."""
         return cast(Dict[str, Any], self._request(MSG_STATUS, b"", self.connect_timeout))
@@ -141,6 +158,30 @@ class Client(Blocking, ThreadChannels[Channel]):
             raise Error("this dbservice client is closed")
         try:
             return channel.call(encode_job(job), job.timeout)
+        except ChannelLost as lost:
+            self._drop(channel)
+            raise lost.error from None
+
+    def _copy(self, job: Job, file: Any, size: int) -> Any:
+        """Run a COPY job on this thread's connection, streaming *file* (see copy_client.py)."""
+        if self.closed:
+            raise Error("this dbservice client is closed")
+        for attempt in (1, 2):
+            channel = self._channel()
+            try:
+                return copy_on_channel(channel, job, file, size)
+            except ChannelLost as lost:
+                self._drop(channel)
+                # Never sent (the daemon restarted since our last job): nothing of the file was read.
+                if not (lost.unsent and attempt == 1):
+                    raise lost.error from None
+
+    def _copy_on(self, channel: Channel, job: Job, file: Any, size: int) -> Any:
+        """Run a COPY job on *channel*, its transaction's, and on no other."""
+        if self.closed:
+            raise Error("this dbservice client is closed")
+        try:
+            return copy_on_channel(channel, job, file, size)
         except ChannelLost as lost:
             self._drop(channel)
             raise lost.error from None

@@ -27,6 +27,7 @@ else:  # as the dependency on tomli says
 import psycopg2
 from psycopg2.extensions import parse_dsn
 
+from .health import mask_dsn
 from .session import AUTO, SESSION_RESETS
 from .supply import check_sizes
 
@@ -132,6 +133,9 @@ class Settings:
     max_result_bytes: int = setting(
         256 * 1024 * 1024, "BYTES", "the largest result sent back; a larger one is an error for that job"
     )
+    max_copies: int = setting(
+        4, "N", "COPYs running at once at most, each holding a pooled connection; more are refused as busy"
+    )
     idle_in_transaction_timeout: float = setting(
         60.0, "SECONDS", "how long a client's transaction may sit idle before it is rolled back"
     )
@@ -182,6 +186,20 @@ class Settings:
         check(self)
         if self.max_params_size is None:
             self.max_params_size = self.max_frame
+
+    def __repr__(self) -> str:
+        """Every field, but the DSN's password and the authkey masked: a repr ends up in logs and tracebacks."""
+        shown = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "dsn" and value is not None:
+                text = repr(mask_dsn(value))
+            elif field.name == "authkey" and value is not None:
+                text = "***"
+            else:
+                text = repr(value)
+            shown.append("%s=%s" % (field.name, text))
+        return "Settings(%s)" % ", ".join(shown)
 
 
 def operator_settings() -> "List[dataclasses.Field[Any]]":

@@ -156,6 +156,16 @@ class PooledConnection:
             raise
         self._busy = True
 
+    def driven_by_libpq(self):
+        """libpq's own functions run what follows, unseen by psycopg2 (a COPY: see copying.py).
+
+        Until the next :meth:`poll`, what the socket says is for whoever waits
+        on it (:meth:`when_readable`), never read by ``poll()``, which would
+        take the operation's results for its own; that ``poll()``, once the
+        operation is over, hands the connection back to psycopg2.
+        """
+        self._busy = True
+
     def release_gate(self):
         """The job on it is over: its client's turn to read a large result, if it had it, ends."""
         if self.gate is not None:

@@ -49,7 +49,7 @@ def format_status(status):
         ),
         "  connections  %s" % (connections or "none"),
         "  queue        %d queued, %d running" % (status["queue_depth"], status["jobs_running"]),
-        "  jobs         %d done, %d failed, %d timed out, %d cancelled, %d refused, %d busy"
+        "  jobs         %d done, %d failed, %d timed out (of the failed: %d cancelled, %d refused, %d busy)"
         % tuple(status["jobs_" + outcome] for outcome in ("done", "failed", "timed_out", "cancelled", "refused", "busy")),
         "  latency      p50 %s, p95 %s, p99 %s (last %d jobs)"
         % (_ms(latency["p50"]), _ms(latency["p95"]), _ms(latency["p99"]), latency["window"]),

@@ -29,6 +29,9 @@ unbounded memory. The bounds, and where each is enforced:
   ``max_client_buffer`` bytes of unsent replies, one large result read at a
   time, ``client_stall_timeout`` backed up (``backpressure``);
 - a result: ``max_result_bytes`` once pickled (``jobs.encode_reply``);
+- a COPY: a window of its data each way, ``max_copies`` at once
+  (``copying``); a client's subscriptions: their channels, and its
+  notifications within ``max_client_buffer`` (``listener``);
 - time: each job's timeout, ``pool_timeout`` for a job without one, and
   ``CLEANUP_GRACE`` for a cancel or a rollback (``runner``).
 """
@@ -162,9 +165,14 @@ class Engine:
             self.deadlines.set(pending, wait_until)
 
     def _warn_if_pool_full(self):
-        """Say, at most every FULL_POOL_WARNING_INTERVAL, that jobs wait for want of connections."""
+        """Say, at most every FULL_POOL_WARNING_INTERVAL, that jobs wait for want of connections.
+
+        Jobs that arrive together all queue before the pool has grown: they
+        wait for want of connections once more of them wait than the pool may
+        still open.
+        """
         now = self._loop.time()
-        if now < self._quiet_until or self.pool.size < self.pool.max_size:
+        if now < self._quiet_until or self.pool.waiting <= self.pool.max_size - self.pool.size:
             return
         self._quiet_until = now + self.FULL_POOL_WARNING_INTERVAL
         logger.warning(
@@ -172,6 +180,15 @@ class Engine:
             "if the database can take more, raise --max-size",
             self.pool.waiting, self.pool.max_size,
         )
+
+    def refuse(self, reply, reply_id, error):
+        """Answer with *error* a job refused before it became one (too large, or not decodable).
+
+        It never reaches :meth:`submit`, but status counts it as failed all
+        the same: an operator must see the jobs the daemon turns away.
+        """
+        self.stats.refused()
+        reply(reply_id, False, error)
 
     # -- running ---------------------------------------------------------------
 

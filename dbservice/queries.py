@@ -102,6 +102,10 @@ class QueryMethods(Generic[_Rows, _Row, _Value, _Table, _Count]):
         """Run *sql* once per parameter set, all in one transaction; return the total rowcount."""
         return self._submit(sql, list(seq_of_params), FETCH_MANY, timeout)
 
+    def notify(self, channel: str, payload: str = "", *, timeout: Optional[float] = None) -> _Count:
+        """Send *payload* on *channel* (``pg_notify()``); its listeners hear it once its transaction commits."""
+        return self._submit("SELECT pg_notify(%s, %s)", [channel, payload], FETCH_ROWCOUNT, timeout)
+
     # The fetch mode decides what comes back.
     @overload
     def _submit(self, sql: str, params: Params, fetch: Literal["all"], timeout: Optional[float]) -> _Rows: ...

@@ -172,8 +172,8 @@ class _ReplyChannel:
             parts += data
             if len(parts) > self.settings.max_frame:
                 self.part[1] = None  # its remaining parts are dropped as they come
-                self.engine.stats.count_refused()
-                self.reply(job_id, False, JobRefused(str(OversizedFrame(job_id, len(parts), self.settings.max_frame))))
+                too_large = OversizedFrame(job_id, len(parts), self.settings.max_frame)
+                self.engine.refuse(self.reply, job_id, JobRefused(str(too_large)))
                 parts = None  # refused: even if this was its last part, it is not run
         if kind == MSG_JOB:
             self.part = None
@@ -185,13 +185,11 @@ class _ReplyChannel:
             job = Job.from_wire(pickle.loads(data), self.settings.max_params_size)
         except JobRefused as exc:
             logger.warning("refused a job: %s", exc)
-            self.engine.stats.count_refused()
-            self.reply(job_id, False, exc)
+            self.engine.refuse(self.reply, job_id, exc)
             return
         except Exception as exc:
             logger.warning("refused a job that could not be decoded: %s", exc)
-            self.engine.stats.count_refused()
-            self.reply(job_id, False, JobRefused("the job could not be decoded: %s" % exc))
+            self.engine.refuse(self.reply, job_id, JobRefused("the job could not be decoded: %s" % exc))
             return
         pending = self.engine.submit(job, self.reply, job_id)
         if not pending.done:

@@ -26,6 +26,7 @@ from .errors import Error, JobRefused, QueryOutcomeUnknown, QueryTimeout, Statem
 from .jobs import (
     FETCH_ALL,
     COMMIT,
+    COPY,
     FETCH_CURSOR,
     FETCH_MANY,
     FETCH_ONE,
@@ -161,8 +162,10 @@ async def run_job(conn, job, deadline, cancel, in_transaction=False, statement=N
     reusable, or closed; *in_transaction* jobs belong to a client's
     transaction instead, which stays open (failed, after an error). A
     *statement* that handed the job over was sent already: run_job takes it
-    from where it stands.
+    from where it stands. A COPY runs itself (see copying.py).
     """
+    if job.kind == COPY:
+        return await job.run(conn, deadline, cancel, in_transaction)
     cursor = conn.pgconn.cursor() if statement is None else statement.cursor
     query = None if statement is None else statement.query
     try:

@@ -17,21 +17,29 @@ import socket
 import stat
 
 from .backpressure import ResultGate
+from .copying import ClientCopies, CopySlots
 from .errors import JobCancelled, JobRefused
 from .jobs import encode_reply, loads_job
+from .listener import Listener
 from .wire import (
     HEADER,
     MAX_AUTH_FRAME,
     MSG_AUTH,
     MSG_CANCEL,
+    MSG_COPY,
+    MSG_COPY_CREDIT,
+    MSG_COPY_DATA,
+    MSG_COPY_DONE,
     MSG_ERROR,
     MSG_HANDOVER,
     MSG_JOB,
+    MSG_LISTEN,
     MSG_PAUSE,
     MSG_REFUSED,
     MSG_RESULT,
     MSG_RESUME,
     MSG_STATUS,
+    MSG_UNLISTEN,
     FrameError,
     FrameReader,
     OversizedFrame,
@@ -47,6 +55,10 @@ LARGE_REPLY = 65536
 #: Clients accepted in one turn of the loop at most, and seconds before accepting again when out of descriptors.
 ACCEPTS_PER_TURN = 100
 ACCEPT_RETRY_DELAY = 1.0
+#: What the client sends of a COPY under way (copying.py).
+COPY_FRAMES = frozenset((MSG_COPY_DATA, MSG_COPY_DONE, MSG_COPY_CREDIT))
+#: A subscription's beginning and end (listener.py).
+SUBSCRIPTION_FRAMES = frozenset((MSG_LISTEN, MSG_UNLISTEN))
 
 
 class SocketIntake:
@@ -71,6 +83,8 @@ class SocketIntake:
         self._client_gone = None  # and what is told of each that disconnects
         self.connecting = 0  # accepted (or handed over to us), their connection_made not yet run
         self._connecting_tasks = set()
+        self.copy_slots = CopySlots(self.settings.max_copies)
+        self.listener = Listener(self.settings)
 
     async def start(self, sock=None):
         """Listen on our path, or on *sock*, the listening socket a daemon handed over to us.
@@ -185,6 +199,7 @@ class SocketIntake:
     async def close(self):
         """Stop accepting and close every client connection, once replies are flushed."""
         await self.stop_listening()
+        await self.listener.close()
         for client in list(self._clients):
             client.transport.close()  # writes what is buffered first
 
@@ -194,7 +209,8 @@ class SocketIntake:
 
     def status(self):
         """The engine's figures, and this socket's."""
-        return dict(self.engine.status(), socket=self.path, socket_clients=self.clients)
+        return dict(self.engine.status(), socket=self.path, socket_clients=self.clients,
+                    copies_running=self.copy_slots.running, **self.listener.status())
 
 
 class _ClientProtocol(asyncio.Protocol):
@@ -214,6 +230,8 @@ class _ClientProtocol(asyncio.Protocol):
         self.trusted = False
         self.in_flight = {}  # job id -> PendingJob
         self.gate = ResultGate()  # its turn to read large results, and whether it is backed up
+        self.copies = None  # its COPYs (ClientCopies), from its first
+        self.subscriptions = None  # its subscriptions (listener.ClientSubscriptions), from its first
         self._challenge = None
         self._auth_timer = None
         self._stall_timer = None  # while backed up: when to give up on it
@@ -266,13 +284,14 @@ class _ClientProtocol(asyncio.Protocol):
                 if self.gate.backed_up or len(self.in_flight) >= self.settings.max_client_jobs:
                     self._read(False)  # the rest waits, unread, until replies go out
                     return
-                if self.hand_over is not None and self.trusted and not self.engine.transactions.holds(self):
+                if self.hand_over is not None and self.trusted and not self._held_here():
                     self._read(False)  # what comes now is for the daemon we hand it to
                     return
                 try:
                     frame = self.frames.next_frame()
                 except OversizedFrame as exc:  # its payload is skipped: the client goes on
-                    self._refuse(exc.job_id, JobRefused(str(exc)))
+                    logger.warning("refused a job: %s", exc)
+                    self.engine.refuse(self.reply, exc.job_id, JobRefused(str(exc)))
                     continue
                 if frame is None:
                     self._read(True)
@@ -308,6 +327,8 @@ class _ClientProtocol(asyncio.Protocol):
         for pending in list(self.in_flight.values()):
             self.engine.cancel(pending, JobCancelled("the client went away"))
         self.engine.transactions.abandon(self)
+        if self.subscriptions is not None:
+            self.subscriptions.close()
         if self.intake._client_gone is not None:
             self.intake._client_gone()
 
@@ -323,6 +344,8 @@ class _ClientProtocol(asyncio.Protocol):
             self._stall_timer.cancel()
             self._stall_timer = None
         self.gate.set_backed_up(False)
+        if self.subscriptions is not None:
+            self.subscriptions.resumed()  # what they lost while it was backed up
         self._cut_frames()
         self._check_idle()
 
@@ -372,6 +395,17 @@ class _ClientProtocol(asyncio.Protocol):
             self.reply(job_id, True, self.engine.maintenance.resume())
         elif kind == MSG_HANDOVER and self.intake.on_handover is not None:
             self.intake.on_handover(self, job_id, payload)
+        elif kind == MSG_COPY:
+            if self.copies is None:
+                self.copies = ClientCopies(self, self.intake.copy_slots)
+            self.copies.start(job_id, payload)
+        elif kind in COPY_FRAMES:
+            if self.copies is not None:
+                self.copies.receive(job_id, kind, payload)
+        elif kind in SUBSCRIPTION_FRAMES:
+            if self.subscriptions is None:
+                self.subscriptions = self.intake.listener.client(self)
+            self.subscriptions.receive(job_id, kind, payload)
         else:
             self.reply(job_id, False, JobRefused("unknown message kind %d" % kind))
 
@@ -379,7 +413,8 @@ class _ClientProtocol(asyncio.Protocol):
         try:
             job = loads_job(payload, self.settings.max_params_size)
         except JobRefused as exc:
-            self._refuse(job_id, exc)
+            logger.warning("refused a job: %s", exc)
+            self.engine.refuse(self.reply, job_id, exc)
             return
         pending = self.engine.submit(job, self.reply, job_id, owner=self)
         if not pending.done:
@@ -392,12 +427,6 @@ class _ClientProtocol(asyncio.Protocol):
             self.reply(job_id, False, JobRefused("a pause needs its timeout in seconds, not %r" % payload[:40]))
             return
         self.engine.maintenance.pause(timeout, functools.partial(self.reply, job_id))
-
-    def _refuse(self, job_id, exc):
-        """Answer a job the engine never sees (it does not decode, or is too large) with *exc*, and count it."""
-        logger.warning("refused a job: %s", exc)
-        self.engine.stats.count_refused()
-        self.reply(job_id, False, exc)
 
     def reply(self, job_id, ok, value):
         """Send the one reply of job *job_id* back on this connection."""
@@ -432,13 +461,25 @@ class _ClientProtocol(asyncio.Protocol):
             self._check_idle()
 
     def _check_idle(self):
-        """Hand the connection over if nothing of it is left here; with a transaction open, read on."""
+        """Hand the connection over if nothing of it is left here; with a transaction or a COPY open, read on.
+
+        A connection with subscriptions is closed instead: they are this
+        daemon's, and its client subscribes again, to the new daemon, with
+        the marker of a daemon restart (subscriptions.py).
+        """
         if self.hand_over is None or self.transport.is_closing() or not self.trusted:
             return
-        if self.engine.transactions.holds(self):
-            self._cut_frames()  # its transaction's statements run here, to its end
+        if self._held_here():
+            self._cut_frames()  # its transaction's statements, its COPY's data: here, to their end
         elif not self.in_flight and not self.transport.get_write_buffer_size():
-            self.hand_over(self)
+            if self.subscriptions is not None and len(self.subscriptions):
+                self.transport.close()
+            else:
+                self.hand_over(self)
+
+    def _held_here(self):
+        """Whether it has a transaction open or a COPY under way, which go on here to their end."""
+        return self.engine.transactions.holds(self) or bool(self.copies is not None and self.copies.streams)
 
     def detach(self):
         """Take the socket away from this daemon; with it, what the client sent that is not a job yet."""

@@ -73,14 +73,17 @@ class JobStats:
         if slow_ms and seconds * 1000.0 >= slow_ms:
             logger.warning("slow job, %.0f ms (%s): %s", seconds * 1000.0, outcome, sql_for_log(job.sql))
 
-    def count_refused(self):
-        """Count a job an intake refused before the engine saw it (it could not be decoded, or was too large)."""
+    def refused(self):
+        """Count a job refused before it ran or was timed (see Engine.refuse)."""
         self.outcomes["refused"] += 1
 
     def as_dict(self):
         ordered = sorted(self._latencies)
         return {
             **{"jobs_" + outcome: count for outcome, count in self.outcomes.items()},
+            # as status always had it: every job answered with an error but a
+            # timeout; the outcomes above tell them apart (the metrics do too)
+            "jobs_failed": sum(count for outcome, count in self.outcomes.items() if outcome not in ("done", "timed_out")),
             "latency_ms": {
                 "p50": _ms(percentile(ordered, 50)),
                 "p95": _ms(percentile(ordered, 95)),

@@ -29,16 +29,30 @@ HEADER = struct.Struct("!IQB")  # payload length, job id, kind
 MSG_JOB = 1
 MSG_CANCEL = 3  # cancel the job with this id, if it is still in flight
 MSG_STATUS = 4  # answered with the daemon's figures, as `dbserviced status` shows them
-# The operator's commands (maintenance.py), answered with figures.
-MSG_PAUSE = 16  # payload: the seconds to wait for the pause to be complete, as ASCII
-MSG_RESUME = 17
-MSG_HANDOVER = 18  # from a new daemon (handover.py): the connection then carries the handover's frames
 # Message kinds, daemon to client.
 MSG_RESULT = 1
 MSG_ERROR = 2
 MSG_REFUSED = 5  # instead of a challenge: why the daemon takes no more clients, as text
 # Handshake frames carry kind MSG_AUTH and job id 0.
 MSG_AUTH = 0
+# (6 is intake (a)'s part of a job, queue_wire.MSG_JOB_PART.)
+# LISTEN/NOTIFY (listener.py, subscriptions.py): a subscription is named by the job id of its MSG_LISTEN.
+MSG_LISTEN = 16  # client to daemon: subscribe to these channels; answered once they are listened to
+MSG_UNLISTEN = 17  # client to daemon: end that subscription; not answered
+MSG_NOTIFICATION = 18  # daemon to client: a notification for that subscription
+MSG_NOTIFICATIONS_LOST = 19  # daemon to client: notifications for it were lost, and why
+# COPY (copying.py, copy_client.py): a COPY job, then its data both ways, in frames of its job id.
+MSG_COPY = 20  # client to daemon: a COPY job; its one reply is its rowcount or its error
+MSG_COPY_STARTED = 21  # daemon to client: the server copies now: direction, encoding, window
+MSG_COPY_DATA = 22  # either way: a chunk of the data
+MSG_COPY_DONE = 23  # client to daemon: the data ended
+MSG_COPY_CREDIT = 24  # either way: the receiver took this many more bytes: the sender may send as many more
+COPY_IN, COPY_OUT = "in", "out"  # a MSG_COPY_STARTED's direction: from STDIN, to STDOUT
+COPY_CREDIT = struct.Struct("!Q")  # a MSG_COPY_CREDIT's payload
+# The operator's commands (maintenance.py), answered with figures.
+MSG_PAUSE = 25  # payload: the seconds to wait for the pause to be complete, as ASCII
+MSG_RESUME = 26
+MSG_HANDOVER = 27  # from a new daemon (handover.py): the connection then carries the handover's frames
 
 PROTOCOL = b"dbservice/1"
 CHALLENGE_PREFIX = b"#CHALLENGE#" + PROTOCOL + b"#"

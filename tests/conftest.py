@@ -1,5 +1,7 @@
 """Shared fixtures: one real PostgreSQL for the whole run, and services on it."""
 
+import concurrent.futures
+import contextlib
 import os
 import time
 
@@ -110,3 +112,24 @@ def daemon_dir(dsn, state_dir):
     """A state directory whose daemon, if a test starts one, is stopped at the end."""
     yield state_dir
     ensure_stopped(state_dir)
+
+
+@contextlib.contextmanager
+def held_jobs(admin, client, count=1, lock=4700):
+    """*count* jobs of *client*, each holding a pooled connection until the block ends.
+
+    They wait on an advisory lock *admin* holds for the block, so they run as
+    long as the test needs, and no longer: no sleep to outlast. Yields their
+    futures; each job's result is 'held'.
+    """
+    marker = "held-job-%d" % lock
+    sql = "select pg_advisory_xact_lock_shared(%s)::text || 'held' /* " + marker + " */"
+    with concurrent.futures.ThreadPoolExecutor(count) as executor:
+        admin.cursor().execute("select pg_advisory_lock(%s)", [lock])
+        try:
+            jobs = [executor.submit(client.fetchval, sql, [lock]) for _ in range(count)]
+            wait_until(lambda: active(admin, marker) == count, message="%d jobs to hold their connections" % count)
+            yield jobs
+        finally:
+            admin.cursor().execute("select pg_advisory_unlock(%s)", [lock])
+        assert [job.result(timeout=30) for job in jobs] == ["held"] * count

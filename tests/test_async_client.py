@@ -1,12 +1,14 @@
 """The asyncio client: many jobs in flight on one connection, cancellation."""
 
 import asyncio
+import os
+import signal
 
 import psycopg2.errors
 import pytest
 
 import dbservice
-from conftest import active, wait_until
+from conftest import active, start_service, wait_until
 
 
 def run(coro):
@@ -108,6 +110,58 @@ def test_sync_use_is_refused(socket_service):
             with db:
                 pass
         await db.close()
+
+    run(main())
+
+
+def test_every_job_in_flight_hears_when_the_daemon_is_killed(dsn, socket_path, admin):
+    svc = start_service(dsn, socket_path, min_size=1, max_size=3)
+
+    async def main():
+        db = await dbservice.connect_async(svc.socket, svc.authkey)  # no timeout: nothing but the daemon ends them
+        jobs = [asyncio.ensure_future(db.fetchval("select pg_sleep(30) /* marker-async-kill */")) for _ in range(3)]
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            None, lambda: wait_until(lambda: active(admin, "marker-async-kill") == 3, message="the jobs to run")
+        )
+        svc.process.kill()
+        outcomes = await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), 10)
+        await db.close()
+        return outcomes
+
+    try:
+        outcomes = run(main())
+    finally:
+        svc.process.join(10)
+    assert [type(o) for o in outcomes] == [dbservice.ServiceUnavailable] * 3
+
+
+def test_a_daemon_that_stops_answering_is_a_timeout_for_async_clients(dsn, socket_path, monkeypatch):
+    """The asyncio client bounds its wait for a reply itself, as the sync one does."""
+    monkeypatch.setattr(dbservice.async_client, "REPLY_GRACE", 0.3)
+    with start_service(dsn, socket_path, min_size=1, max_size=1) as svc:
+
+        async def main():
+            async with await dbservice.connect_async(svc.socket, svc.authkey) as db:
+                assert await db.fetchval("select 1") == 1
+                os.kill(svc.process.pid, signal.SIGSTOP)
+                try:
+                    with pytest.raises(dbservice.QueryTimeout, match="no reply from the dbservice daemon within 0.5 s"):
+                        await asyncio.wait_for(db.fetchval("select 2", timeout=0.2), 10)
+                finally:
+                    os.kill(svc.process.pid, signal.SIGCONT)
+                return await db.fetchval("select 3")
+
+        assert run(main()) == 3
+
+
+def test_a_closed_async_client_runs_no_more_jobs(socket_service):
+    async def main():
+        db = await dbservice.connect_async(socket_service.socket, socket_service.authkey)
+        assert await db.fetchval("select 1") == 1
+        await db.close()
+        with pytest.raises(dbservice.Error, match="closed"):
+            await db.fetchval("select 2")
 
     run(main())
 

@@ -10,15 +10,17 @@ import threading
 import time
 import urllib.request
 
+import psycopg2
 import pytest
 from click.testing import CliRunner
 
 import dbservice
-from conftest import wait_until
+from conftest import held_jobs, wait_until
 from daemons import client_of, dbserviced, ensure_stopped, env_for, ok
 from dbservice import cli
 from dbservice.config import StateDir, load_config
 from dbservice.embedded import default_cluster_dir
+from dbservice.health import mask_dsn
 from dbservice.pidfile import read_pid, running_pid
 
 PASSWORD = "hunter2-not-in-logs"
@@ -54,6 +56,14 @@ def test_start_prints_the_pid_the_socket_and_the_database(running):
     assert "password=***" in output and PASSWORD not in output
 
 
+def test_the_daemon_is_detached_in_a_session_of_its_own(running):
+    state_dir, _, _ = running
+    pid = read_pid(StateDir(str(state_dir)).pidfile)
+    assert os.getsid(pid) != os.getsid(0)  # nothing our terminal sends reaches it
+    assert os.getsid(pid) != pid  # not a session leader, so it can never acquire a terminal
+    assert os.readlink("/proc/%d/cwd" % pid) == "/"  # it holds no directory busy
+
+
 def test_status_carries_every_figure_and_never_the_password(running):
     state_dir, _, _ = running
     with client_of(state_dir) as db:
@@ -86,6 +96,21 @@ def test_metrics_are_served_where_status_says(running):
     assert families["dbservice_pool_max_connections"].samples[0].value == 2
 
 
+def test_status_prints_the_figures_it_gives_as_json(running, admin):
+    state_dir, _, _ = running
+    with client_of(state_dir) as db:
+        assert [db.fetchval("select %s::int", [i]) for i in range(3)] == [0, 1, 2]
+        with pytest.raises(psycopg2.errors.DivisionByZero):
+            db.fetchval("select 1 / 0")
+        with held_jobs(admin, db):
+            figures = json.loads(ok(dbserviced(state_dir, "status", "--json")))
+            human = ok(dbserviced(state_dir, "status"))
+    assert figures["jobs_done"] > figures["jobs_failed"] >= 1  # so that a mix-up would show
+    jobs = "%d done, %d failed, %d timed out" % (figures["jobs_done"], figures["jobs_failed"], figures["jobs_timed_out"])
+    assert jobs in human
+    assert "0 queued, 1 running" in human
+
+
 def test_query_prints_an_aligned_table_or_json(running):
     state_dir, _, _ = running
     table = ok(dbserviced(state_dir, "query", "select %s::int * 2 as answer, %s as word", "21", "hi"))
@@ -97,6 +122,7 @@ def test_query_prints_an_aligned_table_or_json(running):
     ]
     rows = json.loads(ok(dbserviced(state_dir, "query", "--json", "select 1.5::numeric as n, null as z")))
     assert rows == {"columns": ["n", "z"], "rows": [["1.5", None]]}
+    assert ok(dbserviced(state_dir, "query", "do $$ begin end $$")).strip() == "OK (the statement returns no rows)"
 
 
 def test_query_errors_exit_1_with_the_servers_message(running):
@@ -124,6 +150,17 @@ def test_a_second_start_is_refused(running):
     ok(dbserviced(state_dir, "status"))
 
 
+def test_a_second_daemon_cannot_take_the_pidfile_of_a_running_one(running):
+    """What closes the race of two starts at once: the running daemon's lock on its pidfile."""
+    state = StateDir(str(running[0]))
+    acquire = "import sys; from dbservice.pidfile import Pidfile; Pidfile(sys.argv[1]).acquire()"
+    result = subprocess.run(
+        [sys.executable, "-c", acquire, state.pidfile], stderr=subprocess.PIPE, text=True, timeout=30
+    )
+    assert result.returncode != 0 and "AlreadyRunning" in result.stderr
+    assert "pid %d" % read_pid(state.pidfile) in result.stderr
+
+
 def test_slow_jobs_are_logged_without_the_password(running):
     state_dir, _, _ = running
     log = StateDir(str(state_dir)).log
@@ -133,6 +170,51 @@ def test_slow_jobs_are_logged_without_the_password(running):
     line = next(line for line in _read(log).splitlines() if "slow-marker" in line)
     assert "slow job" in line
     assert PASSWORD not in _read(log)
+
+
+def test_a_slow_jobs_sql_is_logged_on_one_line_cut_short_with_password_literals_masked(running):
+    state_dir, _, _ = running
+    log = StateDir(str(state_dir)).log
+    sql = (
+        "select pg_sleep(0.3) /* slow-cut-marker: alter role app password 'hunter2-in-sql' */\n"
+        + "-- a long comment line\n" * 20
+        + "/* slow-cut-tail */"
+    )
+    with client_of(state_dir) as db:
+        db.fetchval(sql)
+    wait_until(lambda: "slow-cut-marker" in _read(log), message="the slow job's log line")
+    line = next(line for line in _read(log).splitlines() if "slow-cut-marker" in line)
+    assert "password '***'" in line and "hunter2-in-sql" not in _read(log)
+    assert "*/ -- a long comment line -- a long comment line" in line  # its lines joined
+    assert line.endswith("...") and "slow-cut-tail" not in line
+
+
+def test_slow_ms_0_logs_no_job(dsn, daemon_dir):
+    ok(dbserviced(daemon_dir, "start", "--dsn", dsn, "--slow-ms", "0", "--min-size", "0"))
+    state = StateDir(str(daemon_dir))
+    with client_of(daemon_dir) as db:
+        assert db.fetchval("select pg_sleep(0.2)::text || 'unlogged-marker'") == "unlogged-marker"
+    os.kill(read_pid(state.pidfile), signal.SIGUSR1)  # logs a line after the job's, if it had one
+    wait_until(lambda: "reopened the log file" in _read(state.log), message="the daemon's next log line")
+    assert "slow job" not in _read(state.log)
+
+
+def test_reload_applies_the_log_level(running):
+    state_dir, config, _ = running
+    log = StateDir(str(state_dir)).log
+    settings = config.read_text()
+    try:
+        config.write_text(settings + 'log_level = "ERROR"\n')
+        ok(dbserviced(state_dir, "reload"))
+        with client_of(state_dir) as db:
+            db.fetchval("select pg_sleep(0.3)::text || 'quiet-marker'")  # a warning: not logged now
+    finally:
+        config.write_text(settings)
+        ok(dbserviced(state_dir, "reload"))
+    with client_of(state_dir) as db:
+        db.fetchval("select pg_sleep(0.3)::text || 'loud-marker'")
+    wait_until(lambda: "loud-marker" in _read(log), message="the slow job's log line")
+    assert "quiet-marker" not in _read(log)
 
 
 def test_reload_resizes_the_pool_while_jobs_keep_flowing(running):
@@ -164,6 +246,38 @@ def test_reload_resizes_the_pool_while_jobs_keep_flowing(running):
             stop.set()
     assert errors == []
     assert json.loads(ok(dbserviced(state_dir, "status", "--json")))["pool_max"] == 4
+
+
+def test_reload_shrinks_the_pool_idle_connections_at_once_busy_ones_as_their_jobs_end(running, admin):
+    state_dir, config, _ = running
+    settings = config.read_text()
+
+    def pool_size(db, size, jobs=0):
+        def figures():
+            status = db.status()
+            return status["pool_size"], status["jobs_running"]
+
+        wait_until(lambda: figures() == (size, jobs), message="%d connections, %d jobs running" % (size, jobs))
+
+    def reload_max_size(max_size):
+        config.write_text("max_size = %d\n" % max_size)
+        assert "pool 1-%d" % max_size in ok(dbserviced(state_dir, "reload"))
+
+    try:
+        with client_of(state_dir) as db:
+            for busy in (True, False):
+                reload_max_size(4)
+                with held_jobs(admin, db, count=4):
+                    pool_size(db, 4, jobs=4)
+                    if busy:
+                        reload_max_size(2)
+                if not busy:
+                    pool_size(db, 4)
+                    reload_max_size(2)
+                pool_size(db, 2)
+    finally:
+        config.write_text(settings)
+        ok(dbserviced(state_dir, "reload"))
 
 
 def test_a_reload_with_a_broken_config_file_keeps_the_settings(running):
@@ -255,17 +369,24 @@ def test_stop_timeout_ends_a_graceful_stop_that_takes_too_long(dsn, daemon_dir):
     assert time.monotonic() - began < 15
 
 
-def test_a_stale_pidfile_is_replaced(dsn, daemon_dir):
+@pytest.mark.parametrize("left_by", ["a dead process", "a pid another process has now"])
+def test_a_stale_pidfile_is_replaced(dsn, daemon_dir, left_by):
     state = StateDir(str(daemon_dir))
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    os.makedirs(state.path, mode=0o700, exist_ok=True)
-    with open(state.pidfile, "w") as f:
-        f.write("%d\n" % dead.pid)
-    assert dbserviced(daemon_dir, "status").returncode == cli.EXIT_NOT_RUNNING
-    ok(dbserviced(daemon_dir, "start", "--dsn", dsn))
-    assert read_pid(state.pidfile) not in (None, dead.pid)
-    ok(dbserviced(daemon_dir, "status"))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        if left_by == "a dead process":
+            other.kill()
+            other.wait()
+        os.makedirs(state.path, mode=0o700, exist_ok=True)
+        with open(state.pidfile, "w") as f:
+            f.write("%d\n" % other.pid)
+        assert dbserviced(daemon_dir, "status").returncode == cli.EXIT_NOT_RUNNING
+        ok(dbserviced(daemon_dir, "start", "--dsn", dsn))
+        assert read_pid(state.pidfile) not in (None, other.pid)
+        ok(dbserviced(daemon_dir, "status"))
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_foreground_logs_to_stderr_and_stops_on_sigterm(dsn, daemon_dir):
@@ -285,6 +406,17 @@ def test_foreground_logs_to_stderr_and_stops_on_sigterm(dsn, daemon_dir):
         process.kill()
     assert process.returncode == 0
     assert "dbservice serving" in stderr and "dbserviced stopped" in stderr
+
+
+def test_status_says_what_is_wrong_with_a_running_daemon(daemon_dir):
+    unreachable = "host=127.0.0.1 port=1 dbname=nowhere user=nobody connect_timeout=1"
+    ok(dbserviced(daemon_dir, "start", "--dsn", unreachable))
+    result = dbserviced(daemon_dir, "status")
+    assert "the database is unreachable" in result.stdout + result.stderr
+    os.unlink(StateDir(str(daemon_dir)).socket)  # the daemon lives on, but nobody can reach it
+    result = dbserviced(daemon_dir, "status")
+    assert result.returncode == cli.EXIT_UNKNOWN
+    assert "does not answer" in result.stderr
 
 
 def test_commands_without_a_daemon_say_so_with_their_exit_codes(state_dir):
@@ -365,15 +497,58 @@ def test_flags_beat_the_config_file_which_beats_the_defaults(tmp_path):
         ("min_size = 11\nmax_size = 10\n", "min_size <= max_size"),
         ("max_size = [\n", "not valid TOML"),
         ("metrics = 'localhost'\n", "metrics must be HOST:PORT"),
+        ("max_queue = -1\n", "max_queue must not be negative"),
+        ("log_level = 'loud'\n", "log_level must be one of"),
     ],
 )
-def test_a_bad_config_file_is_refused_saying_what_is_wrong(state_dir, text, complaint):
-    config = state_dir / "dbservice.toml"
+def test_a_bad_config_file_is_refused_saying_what_is_wrong(dsn, daemon_dir, text, complaint):
+    config = daemon_dir / "dbservice.toml"
     config.write_text(text)
-    result = dbserviced(state_dir, "start", "--config", str(config))
+    # With a DSN: a daemon that started after all runs on the test cluster, and is stopped.
+    result = dbserviced(daemon_dir, "start", "--config", str(config), "--dsn", dsn)
     assert result.returncode == 1
     assert complaint in result.stderr
-    assert not os.path.exists(StateDir(str(state_dir)).pidfile)
+    assert not os.path.exists(StateDir(str(daemon_dir)).pidfile)
+
+
+@pytest.mark.parametrize(
+    "dsn, still_shown",
+    [
+        ("host=db user=app password=s3cret-dsn", "host=db"),
+        ("postgresql://app:s3cret-dsn@db/app", "host=db"),
+        ("host=db password=s3cret-dsn dbname='unterminated", "does not parse"),
+    ],
+    ids=["keywords", "uri", "unparsable"],
+)
+def test_a_dsn_is_shown_without_its_password(dsn, still_shown):
+    shown = mask_dsn(dsn)
+    assert "s3cret-dsn" not in shown
+    assert still_shown in shown
+
+
+def test_settings_show_neither_the_password_nor_the_secret():
+    """A Settings in a traceback or a debug line must not carry them: its repr masks both."""
+    from dbservice.config import Settings
+
+    shown = repr(Settings(dsn="host=db user=app password=s3cret-dsn", authkey=b"s3cret-key"))
+    assert "s3cret" not in shown
+    assert "host=db" in shown and "password=***" in shown and "authkey=***" in shown
+
+
+def test_an_unreachable_database_is_named_without_its_password(socket_path):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dsn = "host=127.0.0.1 port=%d dbname=app user=app password=s3cret-dsn connect_timeout=1" % port
+    with dbservice.DBService(dsn, socket=socket_path, min_size=1, max_size=1) as svc, svc.client() as db:
+        wait_until(lambda: db.status()["database_reachable"] is False, message="the first attempt to fail")
+        with pytest.raises(dbservice.ServiceUnavailable) as unreachable:
+            db.fetchval("select 1")
+        figures = db.status()
+    assert "port=%d" % port in str(unreachable.value) and "s3cret" not in str(unreachable.value)
+    assert "password=***" in figures["dsn"] and "s3cret" not in json.dumps(figures)
 
 
 def test_every_setting_is_a_flag_a_variable_and_a_key_of_the_file(tmp_path):
@@ -410,18 +585,33 @@ def test_bin_dbserviced_runs_the_same_cli():
     assert result.returncode == 0 and "dbserviced start" in result.stdout
 
 
-def test_a_secret_others_can_read_is_refused(dsn, daemon_dir):
+@pytest.mark.parametrize("mode", [0o644, 0o640], ids=oct)
+def test_a_secret_others_can_read_is_refused(dsn, daemon_dir, mode):
     state = StateDir(str(daemon_dir))
     os.makedirs(state.path, mode=0o700, exist_ok=True)
     with open(state.secret, "w") as f:
         f.write("0123456789abcdef\n")
-    os.chmod(state.secret, 0o644)
+    os.chmod(state.secret, mode)
     result = dbserviced(daemon_dir, "start", "--dsn", dsn)
     assert result.returncode != 0
     assert "chmod 600" in result.stderr
     assert running_pid(state.pidfile) is None
     os.chmod(state.secret, 0o600)
     ok(dbserviced(daemon_dir, "start", "--dsn", dsn))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give the secret to another user")
+def test_a_secret_of_another_user_is_refused(dsn, daemon_dir):
+    state = StateDir(str(daemon_dir))
+    os.makedirs(state.path, mode=0o700, exist_ok=True)
+    with open(state.secret, "w") as f:
+        f.write("0123456789abcdef\n")
+    os.chmod(state.secret, 0o600)
+    os.chown(state.secret, 65534, 65534)
+    result = dbserviced(daemon_dir, "start", "--dsn", dsn)
+    assert result.returncode != 0
+    assert "belongs to uid 65534" in result.stderr
+    assert running_pid(state.pidfile) is None
 
 
 # -- a configuration that cannot work --------------------------------------------------

@@ -190,6 +190,8 @@ def test_stalled_network_fails_jobs_within_their_timeout_then_recovers(proxy, so
                 c.fetchval("select 2", timeout=1.0)
             # the timeout, then at most connect_timeout for the failed cancel
             assert time.monotonic() - started < 1.0 + 1.0 + 2.0
+            figures = c.status()
+            assert (figures["jobs_timed_out"], figures["jobs_failed"]) == (1, 0)  # a timeout, if an uncertain one
             proxy.resume()
             proxy.stop()  # drop the stalled connections, as a real outage ends
             proxy.start()
@@ -266,6 +268,8 @@ def test_backoff_schedule():
     bases = [min(Backoff.MAX_DELAY, Backoff.INITIAL_DELAY * 2 ** n) for n in range(12)]
     for delay, base in zip(delays, bases):
         assert base * (1 - Backoff.JITTER) <= delay <= base * (1 + Backoff.JITTER)
+    # jittered: clients that lost the database together do not retry in step
+    assert len(set(delays[-5:])) == 5
     backoff.reset()
     assert backoff.next_delay() <= Backoff.INITIAL_DELAY * (1 + Backoff.JITTER)
 

@@ -1,12 +1,14 @@
 """Jobs: transactions, errors as their psycopg2 classes, bound parameters."""
 
 import hashlib
+import time
 
 import psycopg2
 import psycopg2.errors
 import pytest
 
 import dbservice
+from conftest import start_service
 
 
 @pytest.fixture
@@ -73,10 +75,28 @@ def test_an_error_inside_a_statements_own_begin_is_reported_and_rolled_back(clie
     assert client.fetchval("select count(*) from items") == 0
 
 
-def test_a_query_larger_than_one_send_gets_its_answer(client):
-    text = "x" * (4 << 20)  # more than a socket takes at once: psycopg2 polls for writing
-    assert client.fetchval("select length(%s)", [text]) == len(text)
-    assert client.fetchval("select md5(%s)", [text]) == hashlib.md5(text.encode()).hexdigest()
+def test_a_query_larger_than_one_send_gets_its_answer(postgresql, socket_path):
+    # On the server's Unix socket: loopback TCP may buffer the whole query at once.
+    dsn = postgresql.dsn(host=postgresql.socket_dir)
+    text = "x" * (4 << 20)  # more than the socket takes at once: psycopg2 polls for writing
+    with start_service(dsn, socket_path, min_size=1, max_size=1) as svc, svc.client(timeout=30) as client:
+        started = time.monotonic()
+        assert client.fetchval("select length(%s)", [text]) == len(text)
+        assert client.fetchval("select md5(%s)", [text]) == hashlib.md5(text.encode()).hexdigest()
+        # sent as the socket drains, not left unsent until the jobs' deadline lets them go on
+        assert time.monotonic() - started < 20
+
+
+def test_a_failed_job_is_rolled_back_on_its_connection_which_serves_on(dsn, socket_path, table):
+    """Rolled back, not closed: a connection is not worth less for a job's error."""
+    with start_service(dsn, socket_path, min_size=1, max_size=1) as svc, svc.client(timeout=30) as client:
+        pid = client.fetchval("select pg_backend_pid()")
+        with pytest.raises(psycopg2.errors.UniqueViolation):
+            client.executemany("insert into items values (%s, %s)", [(1, "a"), (1, "again")])
+        with pytest.raises(dbservice.Error, match="left a transaction open"):
+            client.execute("begin; insert into items values (2, 'b')")
+        assert client.fetchval("select pg_backend_pid()") == pid
+        assert client.status()["connections_num"] == 1
 
 
 def test_parameters_are_bound_never_interpolated(client, table, admin):

@@ -122,25 +122,39 @@ def test_grows_on_demand_up_to_max_size_and_no_further(dsn):
 
 
 @pytest.mark.parametrize("trickle", [False, True], ids=["no-load", "one-job-at-a-time"])
-def test_closes_idle_connections_above_min_size(dsn, trickle):
+def test_closes_idle_connections_above_min_size(dsn, admin, trickle):
     """With *trickle*, the jobs keep coming, one at a time: the connections they do not need still close."""
 
     async def main():
         pool = AsyncConnectionPool(dsn, min_size=1, max_size=3, max_idle=0.3)
         await pool.open()
-        await asyncio.gather(*[query(pool, "select pg_sleep(0.1)") for _ in range(3)])
-        grown = pool.size
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
+        admin.cursor().execute("select pg_advisory_lock(4715)")  # three jobs wait on it together
+        try:
+            burst = asyncio.gather(*[query(pool, "select pg_advisory_xact_lock_shared(4715)") for _ in range(3)])
+            deadline = loop.time() + 10
+            while pool.size < 3 and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            grown = pool.size
+        finally:
+            admin.cursor().execute("select pg_advisory_unlock(4715)")
+        await burst
+        idle_since = loop.time()
+        first_closed = None
+        deadline = idle_since + 10
         while pool.size > 1 and loop.time() < deadline:
             if trickle:
                 await query(pool, "select 1")  # never idle for max_idle, if lent in turns
             await asyncio.sleep(0.01)
+            if first_closed is None and pool.size < grown:
+                first_closed = loop.time() - idle_since
         shrunk = pool.size
         await pool.close()
-        return grown, shrunk
+        return grown, shrunk, first_closed
 
-    assert run("epoll", main) == (3, 1)
+    grown, shrunk, first_closed = run("epoll", main)
+    assert (grown, shrunk) == (3, 1)
+    assert first_closed >= 0.3 - 0.05  # not before max_idle (less the moments the burst took to end)
 
 
 def test_getconn_times_out_when_every_connection_stays_busy(dsn):

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 import dbservice
-from conftest import start_service
+from conftest import start_service, wait_until
 from dbservice import jobs, wire
 
 
@@ -159,13 +159,43 @@ def test_daemon_that_does_not_know_the_secret_is_not_trusted(tmp_path):
         s.close()
 
 
-def test_socket_directory_open_to_others_is_refused(dsn, tmp_path):
+@pytest.mark.parametrize("mode", [0o755, 0o750, 0o701], ids=oct)
+def test_socket_directory_open_to_others_is_refused(dsn, tmp_path, mode):
     directory = tmp_path / "open"
     directory.mkdir()
-    os.chmod(directory, 0o755)
+    os.chmod(directory, mode)
     svc = dbservice.DBService(dsn, socket=str(directory / "s.sock"), min_size=0, max_size=1)
     with pytest.raises(dbservice.ServiceUnavailable, match="chmod 700"):
         svc.start()
+
+
+def test_a_file_in_the_sockets_place_is_left_alone(dsn, tmp_path):
+    os.chmod(tmp_path, 0o700)
+    path = tmp_path / "s.sock"
+    path.write_text("not a socket")
+    svc = dbservice.DBService(dsn, socket=str(path), min_size=0, max_size=1)
+    with pytest.raises(dbservice.ServiceUnavailable, match="is not a socket"):
+        svc.start()
+    assert path.read_text() == "not a socket"
+
+
+def test_a_socket_another_service_serves_is_not_taken_over(socket_service):
+    svc = dbservice.DBService(socket_service.settings.dsn, socket=socket_service.socket, min_size=0, max_size=1)
+    with pytest.raises(dbservice.ServiceUnavailable, match="already serves"):
+        svc.start()
+    with socket_service.client(timeout=10) as c:
+        assert c.fetchval("select 1") == 1
+
+
+def test_a_client_that_does_not_authenticate_in_time_is_dropped(dsn, socket_path):
+    with start_service(dsn, socket_path, min_size=0, max_size=1, auth_timeout=1.0) as svc:
+        sock = raw_connect(svc.socket)
+        assert wire.recv_frame(sock)[1] == wire.MSG_AUTH  # the challenge, which it never answers
+        with svc.client(timeout=10) as c:
+            with pytest.raises((dbservice.ServiceUnavailable, ConnectionError)):
+                wire.recv_frame(sock)  # the daemon hangs up, well within the 10 s socket timeout
+            wait_until(lambda: c.status()["socket_clients"] == 1, message="the daemon to drop it")
+        sock.close()
 
 
 def test_socket_is_owner_only(socket_service):
@@ -183,6 +213,28 @@ def test_oversized_frame_is_refused_without_buffering_it(socket_service):
     sock.close()
     with socket_service.client() as c:
         assert c.fetchval("select 1") == 1
+
+
+def _job_of(size):
+    """A job whose pickle takes exactly *size* bytes: ``select 1`` and a comment."""
+    for pad in range(size):
+        payload = jobs.dumps_job(jobs.Job("select 1 /* %s */" % ("x" * pad), None, "value"))
+        if len(payload) == size:
+            return payload
+    raise AssertionError("no job pickles to %d bytes" % size)
+
+
+def test_a_job_of_max_frame_bytes_is_served_and_one_byte_more_refused(dsn, socket_path):
+    with start_service(dsn, socket_path, min_size=1, max_size=1, max_frame=4096) as svc:
+        sock = raw_connect(svc.socket)
+        wire.client_handshake(sock, svc.authkey)
+        sock.sendall(wire.encode_frame(1, wire.MSG_JOB, _job_of(4096)))
+        assert wire.recv_frame(sock) == (1, wire.MSG_RESULT, pickle.dumps(1, jobs.PICKLE_PROTOCOL))
+        sock.sendall(wire.encode_frame(2, wire.MSG_JOB, _job_of(4097)))
+        _, kind, body = wire.recv_frame(sock)
+        message = str(pickle.loads(body))
+        assert kind == wire.MSG_ERROR and "4097 bytes" in message and "(max_frame 4096)" in message
+        sock.close()
 
 
 def test_an_oversized_job_is_skipped_and_the_connection_goes_on(dsn, socket_path):

@@ -8,7 +8,7 @@ import psycopg2.errors
 import pytest
 
 import dbservice
-from conftest import active, start_service, wait_until
+from conftest import active, held_jobs, start_service, wait_until
 
 
 def test_a_slow_job_does_not_hold_up_the_others(client):
@@ -87,12 +87,27 @@ def test_graceful_stop_lets_running_jobs_finish(dsn, socket_path, admin):
     assert sorted(results) == [str(i) for i in range(4)]
 
 
-def test_every_waiting_client_hears_when_the_service_is_killed(dsn, socket_path, admin):
-    svc = start_service(dsn, socket_path, min_size=1, max_size=3)
+def test_a_stopping_daemon_takes_no_new_job(dsn, socket_path, admin):
+    svc = start_service(dsn, socket_path, max_size=2)
+    c = svc.client(timeout=30)
+    assert c.fetchval("select 1") == 1  # this thread's connection to the daemon stays open
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        with held_jobs(admin, c):  # a job it took before: it finishes, once the block ends
+            stopping = executor.submit(svc.stop)
+            wait_until(lambda: not os.path.exists(svc.socket), message="the daemon to stop listening")
+            with pytest.raises(dbservice.ServiceUnavailable, match="stopping"):
+                c.fetchval("select 2")
+        stopping.result(timeout=60)
+
+
+@pytest.mark.parametrize("intake", ["socket", "queue"])
+def test_every_waiting_client_hears_when_the_service_is_killed(dsn, socket_path, admin, intake):
+    svc = start_service(dsn, socket_path if intake == "socket" else None, min_size=1, max_size=3)
     c = svc.client()
     with concurrent.futures.ThreadPoolExecutor(3) as executor:
-        jobs = [executor.submit(c.fetchval, "select pg_sleep(30) /* marker-kill */") for _ in range(3)]
-        wait_until(lambda: active(admin, "marker-kill") == 3, message="jobs to run")
+        marker = "marker-kill-" + intake  # the other intake's queries may still run on the server
+        jobs = [executor.submit(c.fetchval, "select pg_sleep(30) /* %s */" % marker) for _ in range(3)]
+        wait_until(lambda: active(admin, marker) == 3, message="jobs to run")
         svc.process.kill()
         for job in jobs:
             with pytest.raises(dbservice.ServiceUnavailable):
@@ -165,3 +180,11 @@ def test_a_connection_ended_after_a_timeout_is_replaced_before_a_job_gets_it(dsn
             admin.cursor().execute("select pg_terminate_backend(%s)", [pid])
             wait_until(lambda: c.status()["connections_lost"] == lost, message="the pool to notice")
             assert c.fetchval("select 1") == 1
+
+
+def test_a_closed_client_runs_no_more_jobs(socket_service):
+    c = socket_service.client(timeout=10)
+    assert c.fetchval("select 1") == 1
+    c.close()
+    with pytest.raises(dbservice.Error, match="closed"):
+        c.fetchval("select 2")

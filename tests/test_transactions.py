@@ -107,6 +107,14 @@ def test_idle_transaction_is_rolled_back_and_the_client_told(tx_service, ledger,
     assert count(admin) == 0
 
 
+def test_a_transaction_idle_right_after_begin_is_rolled_back_too(tx_service):
+    with tx_service.client(timeout=30) as db:
+        with db.transaction() as tx:
+            wait_until(lambda: db.status()["transactions_open"] == 0, message="the idle transaction's rollback")
+            tx.rollback()  # what the client meant to do anyway: no error
+        assert db.fetchval("select 'the connection is back'") == "the connection is back"
+
+
 def _open_transactions(svc):
     with svc.client() as c:
         return c.status()["transactions_open"]

@@ -6,6 +6,7 @@ call returns is typed otherwise, or as Any.
 """
 
 import datetime
+import io
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from typing_extensions import assert_type
@@ -30,6 +31,14 @@ def blocking(db: dbservice.Client) -> None:
         assert_type(tx.fetchone("select 1"), Optional[Row])
     for row in db.iterate("select id from posts", batch=100):
         assert_type(row, Row)
+    assert_type(db.copy_from(io.StringIO("1\tone\n"), "posts", columns=["id", "title"]), int)
+    assert_type(db.copy_expert("COPY posts TO STDOUT", io.BytesIO()), int)
+    assert_type(db.notify("posts", "1"), int)
+    with db.listen("posts", timeout=1) as posts:
+        for item in posts:
+            assert_type(item, Union[dbservice.Notification, dbservice.NotificationsLost])
+            if isinstance(item, dbservice.Notification):
+                assert_type(item.pid, int)
 
 
 async def awaiting() -> None:
@@ -42,6 +51,9 @@ async def awaiting() -> None:
             assert_type(await tx.fetchtable("select 1"), Tuple[List[str], List[Row]])
         async for row in db.iterate("select 1"):
             assert_type(row, Row)
+        assert_type(await db.copy_to(io.StringIO(), "posts"), int)
+        async with db.listen("posts") as posts:
+            assert_type(await posts.receive(1), Optional[Union[dbservice.Notification, dbservice.NotificationsLost]])
         assert_type(await db.run(Job("select 1", None, FETCH_ONE)), Any)
     assert_type(await dbservice.connect_async(), dbservice.AsyncClient)
 
@@ -63,6 +75,10 @@ def db_api() -> None:
         assert_type(cur.description, Optional[Tuple[dbapi.Column, ...]])
         if cur.description is not None:
             assert_type(cur.description[0].type_code, int)
+        cur.copy_from(io.StringIO("1\n"), "posts", columns=["id"])
+        conn.listen("posts")
+        assert_type(conn.poll(), int)
+        assert_type(conn.notifies, List[Any])
     assert_type(dbapi.TimestampFromTicks(0.0), datetime.datetime)
 
 

@@ -25,11 +25,12 @@ from typing import Iterable
 
 import psycopg2
 
-from .. import __version__  # noqa: F401 - the package's, as a driver module gives its own
+from .. import __version__ as _package_version
 from .aio import AsyncConnection, AsyncCursor, connect_async
 from .connection import Connection, connect
 from .cursor import Column, Cursor
 
+__version__ = _package_version  # the package's, as a driver module gives its own
 apilevel = "2.0"
 #: Threads may share the module and connections (a connection runs one operation at a time).
 threadsafety = 2

@@ -17,7 +17,9 @@ from psycopg2 import InterfaceError
 from ..async_client import AsyncClient
 from ..queries import resolve_address
 from ..errors import ServiceUnavailable
-from ..jobs import BEGIN, COMMIT, ROLLBACK, Job, Params, Row
+from ..copy_client import table_form
+from ..jobs import BEGIN, COMMIT, COPY, ROLLBACK, Job, Params, Row
+from ..wire import COPY_IN, COPY_OUT
 from .connection import CONNECT_TIMEOUT, ConnectionBase
 from .cursor import CursorCore
 from .protocol import Operation, Session, drive_async
@@ -93,14 +95,31 @@ class AsyncConnection(ConnectionBase):
             # Its transaction began on the socket that is gone, and went with it.
             if job.kind == ROLLBACK:
                 return None
-            raise ServiceUnavailable(
-                "the connection to the dbservice daemon was lost inside a transaction, which the daemon "
-                "rolled back; roll back, then run the transaction again"
-            )
+            raise ServiceUnavailable(_TRANSACTION_LOST)
         try:
             return await self._client.run(job)
         finally:
             self._socket_changed(None)
+
+    async def _copy(self, operation: Operation[None], file: Any, size: int) -> None:
+        """Run a cursor's COPY operation: its COPY job streams *file* on the client's connection."""
+        async with self._lock:
+            if self._session.closed:
+                operation.close()
+                raise InterfaceError("connection already closed")
+            send = self._send
+
+            async def send_copy(job: Job) -> Any:
+                if job.kind != COPY:
+                    return await send(job)
+                if self._socket_changed(job) and job.tx is not None:
+                    raise ServiceUnavailable(_TRANSACTION_LOST)
+                try:
+                    return await self._client.run_copy(job, file, size)
+                finally:
+                    self._socket_changed(None)
+
+            return await drive_async(operation, send_copy)
 
     def _socket_changed(self, job: Optional[Job]) -> bool:
         """True if the client's socket is no longer the one the open transactions began on.
@@ -120,6 +139,12 @@ class AsyncConnection(ConnectionBase):
         return changed
 
 
+_TRANSACTION_LOST = (
+    "the connection to the dbservice daemon was lost inside a transaction, which the daemon "
+    "rolled back; roll back, then run the transaction again"
+)
+
+
 class AsyncCursor(CursorCore):
     """A cursor of an :class:`AsyncConnection`: ``await cursor.execute(...)``, ``await cursor.fetchall()``."""
 
@@ -132,6 +157,26 @@ class AsyncCursor(CursorCore):
     async def executemany(self, operation: str, seq_of_parameters: Iterable[Params]) -> None:
         self._check_open()
         await self.connection._run(self._executemany_op(operation, seq_of_parameters))
+
+    async def copy_expert(self, sql: str, file: Any, size: int = 8192) -> None:
+        """As the blocking cursor's; the file's read() and write() may be coroutines."""
+        self._check_open()
+        await self.connection._copy(self._copy_op(sql, None), file, size)
+
+    async def copy_from(
+        self, file: Any, table: str, sep: str = "\t", null: str = "\\N", size: int = 8192,
+        columns: Optional[Iterable[str]] = None,
+    ) -> None:
+        self._check_open()
+        form = table_form(COPY_IN, file, table, sep, null, columns)
+        await self.connection._copy(self._copy_op("", form), file, size)
+
+    async def copy_to(
+        self, file: Any, table: str, sep: str = "\t", null: str = "\\N", columns: Optional[Iterable[str]] = None
+    ) -> None:
+        self._check_open()
+        form = table_form(COPY_OUT, file, table, sep, null, columns)
+        await self.connection._copy(self._copy_op("", form), file, 8192)
 
     async def fetchone(self) -> Optional[Row]:
         self._check_results()

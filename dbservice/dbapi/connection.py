@@ -17,14 +17,17 @@ import os
 import threading
 import weakref
 from types import TracebackType
-from typing import Any, Optional, Type, TypeVar
+from typing import Any, List, Optional, Type, TypeVar
 
 import psycopg2
+import psycopg2.extensions
 from psycopg2 import InterfaceError
 
 from ..channel import Channel
+from ..copy_client import copy_on_channel
 from ..queries import ChannelLost, encode_job, resolve_address
-from ..jobs import BEGIN, COMMIT, ROLLBACK, Job
+from ..jobs import BEGIN, COMMIT, COPY, ROLLBACK, Job
+from ..subscriptions import Subscription
 from .cursor import Cursor
 from .protocol import Operation, Session, drive
 
@@ -146,6 +149,9 @@ class Connection(ConnectionBase):
         self._authkey = authkey
         self._lock = threading.Lock()
         self._channel: Optional[Channel] = None
+        self._subscription: Optional[Subscription] = None  # once listen() was called
+        #: Notifications poll() read, oldest first, as psycopg2's (a list you may replace).
+        self.notifies: List[Any] = []
         _live_connections.add(self)
 
     def __repr__(self) -> str:
@@ -169,6 +175,48 @@ class Connection(ConnectionBase):
         self._run(self._session.close())
         with self._lock:
             self._hang_up()
+            self.unlisten()
+
+    # psycopg2 listens with cursor.execute("LISTEN ...") on its own session;
+    # here a LISTEN statement would be reset with its job, so listen() does it.
+
+    def listen(self, *channels: str) -> None:
+        """Listen to *channels*: from when this returns, poll() puts their notifications in :attr:`notifies`.
+
+        They travel on a socket of their own (:meth:`fileno`, for select()),
+        whatever the connection's transactions do; see
+        :class:`dbservice.subscriptions.Subscription` for what a daemon
+        restart or a slow reader costs (a NotificationsLost marker among them).
+        """
+        self._check_open()
+        if self._subscription is None:
+            self._subscription = Subscription(self.socket, self._authkey, self.connect_timeout, channels)
+        else:
+            self._subscription.add(*channels)
+
+    def unlisten(self) -> None:
+        """Listen to nothing any more."""
+        if self._subscription is not None:
+            self._subscription.close()
+            self._subscription = None
+
+    def poll(self) -> int:
+        """Put the notifications that arrived in :attr:`notifies`, without waiting; psycopg2's POLL_OK."""
+        self._check_open()
+        if self._subscription is not None:
+            while True:
+                item = self._subscription.receive(0)
+                if item is None:
+                    break
+                self.notifies.append(item)
+        return psycopg2.extensions.POLL_OK
+
+    def fileno(self) -> int:
+        """The descriptor that turns readable when a notification arrives (after listen()): select() it, then poll()."""
+        self._check_open()
+        if self._subscription is None:
+            raise InterfaceError("listen() to a channel first: notifications come on a socket of their own")
+        return self._subscription.fileno()
 
     def __enter__(self) -> "Connection":
         return self
@@ -198,6 +246,25 @@ class Connection(ConnectionBase):
                 operation.close()
                 raise InterfaceError("connection already closed")
             return drive(operation, self._send)
+
+    def _copy(self, operation: Operation[None], file: Any, size: int) -> None:
+        """Run a cursor's COPY operation: its COPY job streams *file* on this connection's socket."""
+        with self._lock:
+            if self._session.closed:
+                operation.close()
+                raise InterfaceError("connection already closed")
+            send = self._send
+            return drive(operation, lambda job: self._send_copy(job, file, size) if job.kind == COPY else send(job))
+
+    def _send_copy(self, job: Job, file: Any, size: int) -> Any:
+        if self._channel is None:
+            self._channel = Channel(self.socket, self._authkey, self.connect_timeout)
+        try:
+            return copy_on_channel(self._channel, job, file, size)
+        except ChannelLost as lost:
+            self._hang_up()
+            self._session.channel_lost(lost.error)
+            raise lost.error from None
 
     def _send(self, job: Job) -> Any:
         payload = encode_job(job)
@@ -231,6 +298,7 @@ class Connection(ConnectionBase):
             self._channel.close()  # our copy of the descriptor; the parent's stays open
             self._channel = None
         self._session.channel_lost("the process forked; the transaction belongs to the parent")
+        # (Its subscription, if any, subscribes again on its first poll(): subscriptions.py.)
 
 
 def _reset_after_fork() -> None:

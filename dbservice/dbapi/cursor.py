@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any, Iterable, List, NamedTuple, Optional, Tup
 import psycopg2.errors
 from psycopg2 import InterfaceError, NotSupportedError, ProgrammingError
 
-from ..jobs import COMMIT, FETCH_CURSOR, FETCH_MANY, ROLLBACK, FETCH_ROWCOUNT, Job, Params, Row
+from ..copy_client import table_form
+from ..jobs import COMMIT, COPY, FETCH_CURSOR, FETCH_MANY, ROLLBACK, FETCH_ROWCOUNT, Job, Params, Row
+from ..wire import COPY_IN, COPY_OUT
 from .protocol import Operation, Transaction
 from .values import plain_params
 
@@ -156,6 +158,15 @@ class CursorCore:
             rowcount = yield from self._session.statement(operation, seq_of_parameters, FETCH_MANY)
         self._received((None, rowcount, None, None))
 
+    def _copy_op(self, sql: str, form: Optional[Tuple[Any, ...]]) -> Operation[None]:
+        """A COPY, in the connection's transaction (begun first if need be) or in one of its own in autocommit."""
+        if self._quoted is not None:
+            raise ProgrammingError("can't COPY on a named cursor")
+        session = self._session
+        tx_id = None if session.autocommit else (yield from session.current()).id
+        rowcount = yield Job(sql, form, COPY, session.timeout, tx_id)
+        self._received((None, rowcount, None, "COPY %d" % rowcount))
+
     def _declare(self, operation: str, parameters: Params) -> Operation[None]:
         if self._tx is not None:
             raise ProgrammingError("can't call .execute() on named cursors more than once")
@@ -256,6 +267,28 @@ class Cursor(CursorCore):
         """Run *operation* once per parameter set, all in one job; rowcount is their total."""
         self._check_open()
         self.connection._run(self._executemany_op(operation, seq_of_parameters))
+
+    def copy_expert(self, sql: str, file: Any, size: int = 8192) -> None:
+        """Run *sql*, a ``COPY ... FROM STDIN`` reading *file* or ``COPY ... TO STDOUT`` writing it, as psycopg2's."""
+        self._check_open()
+        self.connection._copy(self._copy_op(sql, None), file, size)
+
+    def copy_from(
+        self, file: Any, table: str, sep: str = "\t", null: str = "\\N", size: int = 8192,
+        columns: Optional[Iterable[str]] = None,
+    ) -> None:
+        """Copy *file*'s lines into *table*, as psycopg2's (the name is quoted: no schema; use copy_expert())."""
+        self._check_open()
+        form = table_form(COPY_IN, file, table, sep, null, columns)
+        self.connection._copy(self._copy_op("", form), file, size)
+
+    def copy_to(
+        self, file: Any, table: str, sep: str = "\t", null: str = "\\N", columns: Optional[Iterable[str]] = None
+    ) -> None:
+        """Write *table*'s rows to *file*, as psycopg2's."""
+        self._check_open()
+        form = table_form(COPY_OUT, file, table, sep, null, columns)
+        self.connection._copy(self._copy_op("", form), file, 8192)
 
     def fetchone(self) -> Optional[Row]:
         self._check_results()
