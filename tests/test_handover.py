@@ -215,3 +215,18 @@ def test_the_old_daemon_serves_on_if_the_new_one_dies_during_the_handover(dsn, d
             restart.wait()
         assert tx.fetchval("select 'the transaction goes on'") == "the transaction goes on"
     assert status(daemon_dir)["pid"] == old
+
+
+def test_a_subscriber_across_a_restart_gets_the_marker_then_what_is_sent_after(dsn, daemon_dir):
+    """Its subscription is the old daemon's: its connection is closed, and it subscribes again to the new one."""
+    ok(dbserviced(daemon_dir, "start", "--dsn", dsn))
+    with client_of(daemon_dir) as db:
+        subscription = db.listen("across a handover")
+        db.notify("across a handover", "before")
+        assert subscription.receive(10).payload == "before"
+        ok(dbserviced(daemon_dir, "restart", "--dsn", dsn))
+        marker = subscription.receive(30)
+        assert isinstance(marker, dbservice.NotificationsLost) and marker.count is None
+        db.notify("across a handover", "after")
+        assert subscription.receive(10).payload == "after"
+        subscription.close()
