@@ -14,7 +14,7 @@ from . import config
 from .config import ConfigError, StateDir, load_config
 from .display import format_status, format_table, rows_json
 from .errors import Error
-from .pidfile import AlreadyRunning, running_pid
+from .pidfile import AlreadyRunning, running_pid, wait_for_exit
 
 #: ``dbserviced status`` exit codes, as LSB init scripts expect them.
 EXIT_NOT_RUNNING = 3
@@ -22,6 +22,8 @@ EXIT_UNKNOWN = 4
 
 #: Seconds ``dbserviced reload`` waits for the daemon to say it has reloaded.
 RELOAD_TIMEOUT = 10.0
+#: Seconds ``dbserviced pause`` waits by default for the running jobs to end.
+PAUSE_TIMEOUT = 60.0
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -170,12 +172,32 @@ def status(as_json, state_dir):
 @config_option
 @setting_options
 def restart(state_dir, config_path, **given):
-    """Stop the daemon gracefully if it runs, then start it with these settings."""
+    """Start a new daemon with these settings that takes over from the running one: no job fails.
+
+    The new daemon (new code, new settings) opens its pool, then takes the
+    socket over; the old one hands it each client at a job boundary, the
+    connection itself, and exits once it has none left (after
+    stop_timeout at most, which ends what is left as a stop does). The
+    embedded PostgreSQL, if any, passes to the new daemon without a
+    restart. If the new daemon cannot start, the old one serves on and
+    this exits 1 saying why. With no daemon running, it starts one.
+    """
     dbd = _daemon(state_dir, given, config_path)
-    pid = _stop(dbd.state, dbd.settings.stop_timeout, force=False)
-    if pid:
-        click.echo("dbserviced stopped (pid %d)" % pid)
-    _start(dbd, foreground=False)
+    old = running_pid(dbd.state.pidfile)
+    if old is None:
+        _start(dbd, foreground=False)
+        return
+    dbd.successor = True
+    try:
+        info = dbd.start_detached()
+    except daemon.StartError as exc:
+        raise click.ClickException("%s; the running daemon (pid %d) serves on" % (exc, old)) from None
+    click.echo("dbserviced restarted (pid %d): it took the socket over from pid %d" % (info["pid"], old))
+    if wait_for_exit(old, dbd.settings.stop_timeout + daemon.FAST_STOP_TIMEOUT):
+        click.echo("  the old daemon (pid %d) handed its clients over and exited" % old)
+    else:
+        click.echo("warning: the old daemon (pid %d) is still running; see the log %s" % (old, dbd.state.log),
+                   err=True)
 
 
 @main.command()
@@ -207,6 +229,52 @@ def reload(state_dir):
     click.echo(
         "dbserviced reloaded (pid %d): pool %d-%d" % (figures["pid"], figures["pool_min"], figures["pool_max"])
     )
+
+
+@main.command()
+@click.option(
+    "--timeout", type=float, default=PAUSE_TIMEOUT, show_default=True, metavar="SECONDS",
+    help="how long to wait for the jobs running and the transactions open to end",
+)
+@state_dir_option
+def pause(timeout, state_dir):
+    """Hold new jobs and close every connection to the database, for its restart or failover.
+
+    As PgBouncer's PAUSE: jobs running, and transactions open, go on to
+    their end, and their connections close; new jobs wait, each up to its
+    own timeout (pool_timeout without one), until `dbserviced resume`.
+    Exits 0 once no connection is open, and 1 if some still are after
+    --timeout: the daemon then stays paused, waiting for them.
+    """
+    state = StateDir(state_dir)
+    with _client(state) as client:
+        try:
+            figures = client.pause(timeout)
+        except Error as exc:
+            raise click.ClickException(str(exc)) from None
+    if figures["pause"] != "paused":
+        raise click.ClickException(
+            "dbserviced is pausing, but after %g s %d connections are still open (%d transactions): "
+            "the database is still in use. It goes on waiting; `dbserviced status` shows when it is "
+            "paused, and `dbserviced resume` gives up" % (timeout, figures["connections_open"], figures["transactions_open"])
+        )
+    click.echo(
+        "dbserviced paused: no connection to the database is open; new jobs wait until "
+        "`dbserviced resume` (%d waiting)" % figures["held"]
+    )
+
+
+@main.command()
+@state_dir_option
+def resume(state_dir):
+    """Release the jobs a pause held: connections open again, by the DSN anew."""
+    state = StateDir(state_dir)
+    with _client(state) as client:
+        figures = client.resume()
+    if figures["pause"] is None:
+        click.echo("dbserviced was not paused")
+    else:
+        click.echo("dbserviced resumed: %d jobs that waited go on" % figures["held"])
 
 
 @main.command()
@@ -260,7 +328,7 @@ def _start(dbd, foreground):
     if foreground:
         sys.exit(dbd.run())
     try:
-        pid = dbd.start_detached()
+        pid = dbd.start_detached()["pid"]
     except daemon.StartError as exc:
         raise click.ClickException(str(exc)) from None
     with _client(state) as client:

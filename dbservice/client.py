@@ -19,7 +19,7 @@ from .errors import Error
 from .jobs import COMMIT, ROLLBACK, STREAM_DECLARE, STREAM_FETCH, Job, Params, Row, transaction_options
 from .queries import Blocking, BlockingTransactionJobs, ChannelLost, ThreadChannels, encode_job, resolve_address
 from .subscriptions import Subscription
-from .wire import MSG_JOB, MSG_STATUS
+from .wire import MSG_JOB, MSG_PAUSE, MSG_RESUME, MSG_STATUS
 
 
 class Transaction(BlockingTransactionJobs, CopyMethods[int]):
@@ -140,6 +140,14 @@ class Client(Blocking, ThreadChannels[Channel], CopyMethods[int]):
     def status(self) -> Dict[str, Any]:
         """The daemon's figures: pool, queue, jobs, latency (``dbserviced status --json``)."""
         return cast(Dict[str, Any], self._request(MSG_STATUS, b"", self.connect_timeout))
+
+    def pause(self, timeout: float) -> Dict[str, Any]:
+        """Pause the daemon (``dbserviced pause``); its figures once no connection is open, or after *timeout*."""
+        return cast(Dict[str, Any], self._request(MSG_PAUSE, b"%r" % float(timeout), timeout))
+
+    def resume(self) -> Dict[str, Any]:
+        """Resume a paused daemon (``dbserviced resume``); its figures, with the jobs it held."""
+        return cast(Dict[str, Any], self._request(MSG_RESUME, b"", self.connect_timeout))
 
     def _run(self, job: Job) -> Any:
         return self._request(MSG_JOB, encode_job(job), job.timeout)

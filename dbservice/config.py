@@ -12,6 +12,7 @@ file (``--config``), then the defaults here.
 """
 
 import dataclasses
+import importlib.util
 import logging
 import os
 import sys
@@ -91,6 +92,13 @@ class Settings:
     max_idle: float = setting(
         300.0, "SECONDS", "how long a connection above --min-size may stay idle", reloadable=True
     )
+    max_lifetime: float = setting(
+        3600.0, "SECONDS",
+        "how long a connection may live: past it (0-5% sooner for each, so that they do not all go at once) "
+        "it is closed when next idle and replaced; this bounds a backend's memory and lets a failover or a "
+        "DNS change reach the pool. 0: no limit. A reload applies to connections opened after it",
+        reloadable=True,
+    )
     pool_timeout: float = setting(
         30.0, "SECONDS", "how long a job without a timeout may wait for a free connection", reloadable=True
     )
@@ -156,6 +164,11 @@ class Settings:
         "the event loop: auto (epoll on Linux), epoll, select, or uvloop, which costs the daemon "
         "less CPU per job (pip install 'dbservice[uvloop]')",
         choices=SELECTORS,
+    )
+    metrics: Optional[str] = setting(
+        None, "HOST:PORT",
+        "serve Prometheus metrics at http://HOST:PORT/metrics (127.0.0.1:9188; port 0: any free one, which "
+        "status shows); needs pip install 'dbservice[metrics]' [default: off]",
     )
     cluster_dir: Optional[str] = setting(
         None, "DIR",
@@ -271,6 +284,8 @@ def check(settings: Settings) -> None:
             "embedded_replicas (--replicas N) runs standbys of the embedded PostgreSQL, and a DSN is given: "
             "name the DSN's replicas with --replica DSN instead"
         )
+    if settings.metrics is not None:
+        check_metrics(settings.metrics)
 
 
 class StateDir:
@@ -339,3 +354,23 @@ def check_dsn(dsn: str) -> None:
             "the DSN does not parse (%s); give a libpq connection string (host=db dbname=app user=app) "
             "or a URI (postgresql://app@db/app)" % " ".join(str(exc).split())
         ) from None
+
+
+def parse_address(address: str) -> Tuple[str, int]:
+    """``(host, port)`` of *address*, ``HOST:PORT`` or ``[IPv6]:PORT``; ConfigError unless it is one."""
+    host, _, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            "metrics must be HOST:PORT, such as 127.0.0.1:9188 (0.0.0.0:9188 for every interface), got %r" % address
+        )
+    return host, int(port)
+
+
+def check_metrics(address: str) -> None:
+    """ConfigError unless *address* parses and the metrics' library is installed."""
+    parse_address(address)
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise ConfigError(
+            "--metrics needs the prometheus_client library: pip install 'dbservice[metrics]'"
+        )

@@ -11,6 +11,7 @@ the pool drops the connection before a job is lost on it.
 """
 
 import functools
+import math
 
 import psycopg2
 import psycopg2.extensions as ext
@@ -29,7 +30,8 @@ class PooledConnection:
     """
 
     __slots__ = (
-        "pgconn", "number", "lent", "last_used", "jobs_done", "needs_reset", "gate", "dropped", "statements",
+        "pgconn", "number", "lent", "last_used", "jobs_done", "needs_reset", "gate", "dropped", "expires_at",
+        "statements",
         "_loop", "_fd", "_watching", "_busy", "_connecting", "_on_readable", "_on_lost",
     )
 
@@ -60,6 +62,7 @@ class PooledConnection:
         #: the ResultGate of the client whose job runs on it (backpressure.py), if any
         self.gate = None
         self.dropped = False  # closed by us, not by the server
+        self.expires_at = math.inf  # on the loop's clock: when the pool retires it (max_lifetime)
         #: what it prepared on the server (prepared.ConnectionStatements)
         self.statements = ConnectionStatements(0)
         self._loop = loop

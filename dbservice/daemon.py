@@ -16,6 +16,7 @@ import sys
 from .queries import read_secret
 from .config import load_config
 from .embedded import Cluster, default_cluster_dir
+from .handover import Handover
 from .pidfile import AlreadyRunning, Pidfile, running_pid, wait_for_exit
 from .service import serve
 from .socket_intake import check_private_file, check_socket_dir
@@ -45,14 +46,16 @@ class Daemon:
 
     *given* holds the settings from flags and the environment (None: not
     given); they win over the config file at *config_path* now and on every
-    reload.
+    reload. A *successor* takes over from the daemon running with the same
+    state directory (``dbserviced restart``, see handover.py).
     """
 
-    def __init__(self, state, given, config_path=None):
+    def __init__(self, state, given, config_path=None, successor=False):
         self.state = state
         self.given = given
         self.config_path = os.path.abspath(config_path) if config_path else None
         self.settings = load_config(given, self.config_path)
+        self.successor = successor
         self.detached = False
         self.cluster = None
         self.standbys = []  # the embedded cluster's streaming standbys (embedded_replicas)
@@ -71,7 +74,7 @@ class Daemon:
     # -- starting ----------------------------------------------------------------
 
     def start_detached(self, timeout=START_TIMEOUT):
-        """Start the daemon in the background; return its pid once it accepts jobs.
+        """Start the daemon in the background; once it accepts jobs, what it says of itself (its pid...).
 
         Raises StartError with the daemon's own reason if it cannot start.
         """
@@ -98,7 +101,7 @@ class Daemon:
                 raise StartError("the daemon exited while starting; see its log %s" % self.state.log) from None
         if state != "ready":
             raise StartError(info)
-        return info["pid"]
+        return info
 
     def _detach(self):
         os.setsid()  # a session of our own: no terminal, no signals from one
@@ -121,10 +124,15 @@ class Daemon:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         pidfile = Pidfile(self.state.pidfile)
+        handover = Handover(pidfile, successor=self.successor)
         try:
-            pidfile.acquire()
-            logger.info("dbserviced starting (pid %d, state directory %s)", os.getpid(), self.state.path)
-            self._serve(ready)
+            if not self.successor:  # a successor's comes from the daemon it takes over from
+                pidfile.acquire()
+            logger.info(
+                "dbserviced starting (pid %d, state directory %s%s)", os.getpid(), self.state.path,
+                ", to take over from the daemon running" if self.successor else "",
+            )
+            self._serve(ready, handover)
         except AlreadyRunning as exc:
             logger.error("%s", exc)
             ready.send(("error", str(exc)))
@@ -138,9 +146,10 @@ class Daemon:
         logger.info("dbserviced stopped")
         return 0
 
-    def _serve(self, ready):
+    def _serve(self, ready, handover):
         if self.settings.dsn is None:
             self.cluster = self._start_cluster()
+            handover.adopts_cluster = self.cluster.adopted_pid is not None
         try:
             for number in range(1, self.settings.embedded_replicas + 1):
                 self.standbys.append(self._start_standby(number))
@@ -149,11 +158,13 @@ class Daemon:
                 ready=ready,
                 reload=self._reload,
                 reopen_log=self._reopen_log if self.detached else None,
+                handover=handover,
             )
         finally:
             for standby in self.standbys:
-                standby.stop()
-            if self.cluster is not None:
+                if not handover.cluster_adopted:  # handed over, they are the successor's
+                    standby.stop()
+            if self.cluster is not None and _owns_cluster(handover):
                 self.cluster.stop()
                 logger.info("embedded PostgreSQL stopped")
 
@@ -161,8 +172,12 @@ class Daemon:
         directory = self.settings.cluster_dir or default_cluster_dir(self.state.path)
         if not os.path.exists(os.path.join(directory, "data", "PG_VERSION")):
             logger.info("creating the embedded PostgreSQL cluster in %s", directory)
-        cluster = Cluster(directory)
-        logger.info("embedded PostgreSQL running in %s (pid %d)", directory, cluster.server_pid)
+        # Taking over, the server running is the old daemon's: ours from now on, not an orphan to stop.
+        cluster = Cluster(directory, adopt=self.successor)
+        logger.info(
+            "embedded PostgreSQL %s in %s (pid %d)",
+            "running" if cluster.adopted_pid is None else "adopted, running", directory, cluster.server_pid,
+        )
         return cluster
 
     def _start_standby(self, number):
@@ -196,6 +211,14 @@ class Daemon:
     def _reopen_log(self):
         redirect_output(self.state.log)
         logger.info("reopened the log file %s", self.state.log)
+
+
+def _owns_cluster(handover):
+    """Whether the daemon stops its embedded PostgreSQL as it stops: not if it passed to its successor,
+    nor if it adopted the server of a daemon that, in the end, did not hand over to it."""
+    if handover.cluster_adopted:
+        return False
+    return not (handover.adopts_cluster and not handover.took_over)
 
 
 class _Ready:

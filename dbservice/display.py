@@ -49,13 +49,22 @@ def format_status(status):
         ),
         "  connections  %s" % (connections or "none"),
         "  queue        %d queued, %d running" % (status["queue_depth"], status["jobs_running"]),
-        "  jobs         %d done, %d failed, %d timed out"
-        % (status["jobs_done"], status["jobs_failed"], status["jobs_timed_out"]),
+        "  jobs         %d done, %d failed, %d timed out (of the failed: %d cancelled, %d refused, %d busy)"
+        % tuple(status["jobs_" + outcome] for outcome in ("done", "failed", "timed_out", "cancelled", "refused", "busy")),
         "  latency      p50 %s, p95 %s, p99 %s (last %d jobs)"
         % (_ms(latency["p50"]), _ms(latency["p95"]), _ms(latency["p99"]), latency["window"]),
     ]
     for host in status.get("hosts", ()):
         lines.append("  %-12s %s" % (host["role"], _host(host)))
+    if status["pause"] == "paused":
+        lines.append("  PAUSED       no connection is open; %d jobs wait for `dbserviced resume`" % status["requests_waiting"])
+    elif status["pause"] == "pausing":
+        lines.append(
+            "  PAUSING      %d connections still open (running jobs, open transactions); %d jobs wait"
+            % (status["pool_size"], status["requests_waiting"])
+        )
+    if status["metrics"]:
+        lines.append("  metrics      http://%s/metrics" % status["metrics"])
     if not status["database_reachable"]:
         lines.append("  WARNING      the database is unreachable: %s" % status["last_error"])
     if status["reload_error"]:

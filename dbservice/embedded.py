@@ -50,10 +50,14 @@ class Cluster:
     *port* None listens on no TCP port, only on the Unix socket in
     ``base_dir/tmp``; a port number listens on 127.0.0.1 too. *server_settings*
     are ``postgres -c`` options (``max_connections=306``). The cluster's DSN
-    (:meth:`dsn`) names *dbname*, created if missing.
+    (:meth:`dsn`) names *dbname*, created if missing. With *adopt*, a server
+    already running on the cluster (that of a daemon handing over to us) is
+    used as it is, and stopped by our :meth:`stop`; one is started only if
+    none runs.
     """
 
-    def __init__(self, base_dir, port=None, dbname="postgres", fsync=True, temporary=False, **server_settings):
+    def __init__(self, base_dir, port=None, dbname="postgres", fsync=True, temporary=False, adopt=False,
+                 **server_settings):
         self.base_dir = os.path.abspath(base_dir)
         self.port = port
         self.dbname = dbname
@@ -63,6 +67,9 @@ class Cluster:
         self._drop = _privilege_drop()
         self._bin = _server_binaries()
         self.process = None
+        self.adopted_pid = running_postmaster(self.data_dir) if adopt else None
+        if self.adopted_pid is not None:
+            return
         if self._drop and not temporary:
             _check_reachable(self.base_dir, SERVER_USER)
         try:
@@ -115,6 +122,10 @@ class Cluster:
 
     def shut_down(self):
         """Stop the server (fast shutdown: what was in flight rolls back); its data stays."""
+        if self.adopted_pid is not None:
+            _stop_postmaster(self.adopted_pid, STOP_TIMEOUT)
+            self.adopted_pid = None
+            return
         if self.process is None or self.process.poll() is not None:
             return
         self.process.send_signal(signal.SIGINT)
@@ -148,6 +159,8 @@ class Cluster:
 
     @property
     def server_pid(self):
+        if self.adopted_pid is not None:
+            return self.adopted_pid
         return None if self.process is None else self.process.pid
 
     def dsn(self, **overrides):
@@ -272,16 +285,30 @@ def stop_orphaned_postmaster(data_dir):
     serving it is that dead daemon's, so it is stopped (fast shutdown: it
     rolls back what was in flight) before ours starts.
     """
-    pid = _postmaster_pid(data_dir)
-    if pid is None or not _serves(pid, data_dir):
+    pid = running_postmaster(data_dir)
+    if pid is None:
         return  # none, or a stale lock file PostgreSQL clears itself
     logger.warning("stopping PostgreSQL (pid %d), left running on %s by a daemon that was killed", pid, data_dir)
-    os.kill(pid, signal.SIGINT)
-    if not wait_for_exit(pid, ORPHAN_STOP_TIMEOUT):
+    if not _stop_postmaster(pid, ORPHAN_STOP_TIMEOUT):
         raise RuntimeError(
             "PostgreSQL (pid %d) left running on %s did not stop within %.0f s; stop it "
             "(`kill -INT %d`) and start again" % (pid, data_dir, ORPHAN_STOP_TIMEOUT, pid)
         )
+
+
+def running_postmaster(data_dir):
+    """The pid of the postmaster serving *data_dir*, or None if none does."""
+    pid = _postmaster_pid(data_dir)
+    return pid if pid is not None and _serves(pid, data_dir) else None
+
+
+def _stop_postmaster(pid, timeout):
+    """Fast shutdown of a postmaster that is not our child; True if it ended within *timeout*."""
+    try:
+        os.kill(pid, signal.SIGINT)
+    except ProcessLookupError:
+        return True
+    return wait_for_exit(pid, timeout)
 
 
 def _server_binaries():

@@ -47,6 +47,7 @@ from .config import reloaded
 from .deadlines import Deadlines
 from .errors import Error, JobRefused, ServiceBusy, ServiceUnavailable
 from .jobs import BEGIN
+from .maintenance import Maintenance
 from .pending import PendingJob
 from .health import mask_dsn, one_line, refused_for_good
 from .hosts import PRIMARY, REPLICA, Host, Router, safe_to_rerun
@@ -79,10 +80,12 @@ class Engine:
                 host.pid = settings.embedded_pids.get(host.dsn)
         self.stats = JobStats()
         self.transactions = TransactionTable(settings.idle_in_transaction_timeout, self.finish)
+        self.maintenance = Maintenance(self)  # dbserviced pause and resume: the primary's pool
         self.started_at = time.time()
         self.accepting = False
         self.reloads = 0
         self.reload_error = None
+        self.metrics_address = None  # HOST:PORT of the Prometheus endpoint, once it serves
         self._running = set()  # the PendingJobs on a connection
         self._tasks = set()  # the tasks of those that run in one
         self._quiet = asyncio.Event()  # set while no job waits or runs: what a stop waits for
@@ -103,6 +106,7 @@ class Engine:
             connect_timeout=settings.connect_timeout,
             session_reset=settings.session_reset,
             max_waiting=settings.max_queue,
+            max_lifetime=settings.max_lifetime,
             max_prepared=settings.max_prepared,
         )
 
@@ -335,6 +339,8 @@ class Engine:
         left waiting.
         """
         self.accepting = False
+        if self.pool.suspended:  # paused: the jobs it holds would wait for nothing
+            self.pool.fail_waiting(ServiceUnavailable("the dbservice daemon stopped while paused, before the job ran"))
         if force:
             self.hurry()
         timeout = self.settings.stop_timeout if timeout is None else timeout
@@ -393,6 +399,7 @@ class Engine:
             if (new.min_size, new.max_size) != (old.min_size, old.max_size):
                 pool.resize(new.min_size, new.max_size)
             pool.max_idle = new.max_idle
+            pool.max_lifetime = new.max_lifetime
             pool.timeout = new.pool_timeout
             pool.connect_timeout = new.connect_timeout
             pool.session_reset = new.session_reset
@@ -419,6 +426,7 @@ class Engine:
             "queue_depth": self.queue_depth,
             "jobs_running": self.running,
             "transactions_open": len(self.transactions),
+            "metrics": self.metrics_address,
         }
         status.update(self.pool.get_stats())
         status.update(self.stats.as_dict())

@@ -62,10 +62,13 @@ class Reachability:
         self.last_error: Optional[BaseException] = None  # of the latest attempt, if it failed
         self.ever_connected = False
         self.errors = 0
+        self.reconnects = 0  # connections opened after attempts that failed: the database came back
         self.backoff = Backoff()
         self._down_since: Optional[float] = None  # on the loop's clock: when attempts began to fail with nothing open
 
     def connected(self) -> None:
+        if self.last_error is not None:
+            self.reconnects += 1
         self.backoff.reset()
         self.last_error = None
         self.ever_connected = True

@@ -274,6 +274,9 @@ class ClientSubscriptions:
         subscription = self._subscriptions[job_id] = _Subscription(job_id, channels, self)
         self.listener.subscribe(subscription)
 
+    def __len__(self):
+        return len(self._subscriptions)
+
     def forget(self, subscription):
         if self._subscriptions.get(subscription.id) is subscription:
             del self._subscriptions[subscription.id]

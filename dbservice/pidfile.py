@@ -35,22 +35,38 @@ class Pidfile:
         """Write our pid, locked, atomically; raise AlreadyRunning if a live daemon holds it."""
         old = self._lock_current()
         try:
-            # Write a locked temporary file and rename it into place: readers
-            # see the old content or the new, never an empty file.
-            fd, tmp = tempfile.mkstemp(prefix=".pid-", dir=os.path.dirname(self.path))
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                os.write(fd, b"%d\n" % os.getpid())
-                os.fsync(fd)
-                os.rename(tmp, self.path)
-            except BaseException:
-                os.close(fd)
-                os.unlink(tmp)
-                raise
+            fd = self._write_locked()
         finally:
             os.close(old)
         self._fd = fd
         self.pid = os.getpid()
+
+    def take_over(self):
+        """Write our pid, locked, atomically, over the pidfile of the daemon that hands over to us.
+
+        That daemon's lock stays on the file we replace; its release finds
+        another pid in the path and leaves it. Also how a daemon takes its
+        pidfile back from a successor that died.
+        """
+        fd = self._write_locked()
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = fd
+        self.pid = os.getpid()
+
+    def _write_locked(self):
+        """Our pid in a locked temporary file renamed into place: readers see the old content or the new."""
+        fd, tmp = tempfile.mkstemp(prefix=".pid-", dir=os.path.dirname(self.path))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, b"%d\n" % os.getpid())
+            os.fsync(fd)
+            os.rename(tmp, self.path)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        return fd
 
     def _lock_current(self):
         """Lock the file now at our path (creating it); return its descriptor."""

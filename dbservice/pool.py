@@ -22,6 +22,7 @@ from .errors import QueryTimeout, ServiceBusy, ServiceUnavailable
 from .health import one_line
 from .runner import CLEANUP_GRACE
 from .session import ALWAYS, AUTO, clean, in_transaction, may_change_session
+from .stats import Histogram
 from .supply import ConnectionSupply
 
 logger = logging.getLogger("dbservice.pool")
@@ -29,6 +30,9 @@ logger = logging.getLogger("dbservice.pool")
 
 class Waiter(Protocol):
     """What waits in the pool's queue for a connection: a job, or getconn()'s borrower."""
+
+    #: on the loop's clock: when its wait began
+    arrived: float
 
     def accept(self, conn: PooledConnection) -> bool:
         """Take *conn*, or say (False) that it waits no more."""
@@ -57,12 +61,15 @@ class AsyncConnectionPool(ConnectionSupply):
         session_reset: str = AUTO,
         max_waiting: int = 0,
         max_prepared: int = 0,
+        max_lifetime: float = 0.0,
     ) -> None:
-        super().__init__(dsn, min_size, max_size, max_idle, connect_timeout, name, max_prepared)
+        super().__init__(dsn, min_size, max_size, max_idle, connect_timeout, name, max_prepared, max_lifetime)
         self.timeout = timeout
         self.session_reset = session_reset
         self.max_waiting = max_waiting
         self.requests_waits = 0
+        self.requests_immediate = 0  # lent a connection at once: a wait of 0
+        self.waits = Histogram()  # how long each waiter that queued waited, whether it got a connection or not
         self.sessions_reset = 0
         self._waiting: Deque[Waiter] = collections.deque()  # waiters for a connection, oldest first (see lend)
         self._waiting_count = 0  # of which still waiting
@@ -89,7 +96,8 @@ class AsyncConnectionPool(ConnectionSupply):
     # A waiter is anything with accept(conn), which takes the connection or
     # says it waits no more (False), and fail(error): the engine's PendingJob,
     # or getconn()'s _Borrower. A waiter that gives up withdraws, and is
-    # skipped when its turn comes.
+    # skipped when its turn comes. A waiter's wait began at its ``arrived``,
+    # on the loop's clock.
 
     def lend(self, waiter: Waiter) -> bool:
         """Lend *waiter* a connection: now if one is idle, else the next that is free.
@@ -102,6 +110,7 @@ class AsyncConnectionPool(ConnectionSupply):
         if not self._waiting_count:  # nobody ahead of it
             conn = self._pop_idle()
             if conn is not None:
+                self.requests_immediate += 1
                 if not waiter.accept(conn):
                     self._pass_on(conn)
                 return True
@@ -122,6 +131,7 @@ class AsyncConnectionPool(ConnectionSupply):
     def withdraw(self, waiter: Waiter) -> None:
         """*waiter*, queued by :meth:`lend`, waits no more (its timeout passed, it was cancelled)."""
         self._waiting_count -= 1
+        self.waits.observe(self._loop.time() - waiter.arrived)
 
     @property
     def waiting(self) -> int:
@@ -162,15 +172,19 @@ class AsyncConnectionPool(ConnectionSupply):
     def _pass_on(self, conn: PooledConnection) -> None:
         """Pass *conn* on to the first waiter that takes it, otherwise put it back among the idle."""
         conn.lent = False
-        if self._closed or not conn.usable or len(self._connections) > self.max_size:
+        if self._closed or self.suspended or not conn.usable or len(self._connections) > self.max_size:
             self._discard(conn)
             self._maybe_grow()
+            return
+        if conn.last_used >= conn.expires_at:  # back from its job past its lifetime
+            self._retire(conn)
             return
         while self._waiting:
             waiter = self._waiting.popleft()
             conn.lent = True
             if waiter.accept(conn):
                 self._waiting_count -= 1
+                self.waits.observe(self._loop.time() - waiter.arrived)
                 return
             conn.lent = False  # it gave up and withdrew already
         self._idle.append(conn)
@@ -209,6 +223,10 @@ class AsyncConnectionPool(ConnectionSupply):
 
     def wait_error(self, waited: float) -> BaseException:
         """The error for a job that waited *waited* seconds and got no connection."""
+        if self.suspended:
+            return QueryTimeout(
+                "the job waited %.2f s, its timeout, while the dbservice daemon was paused; it did not run" % waited
+            )
         return self.health.wait_error(waited) or QueryTimeout(
             "no connection of pool %r became free within %.2f s (%d of max_size %d busy)"
             % (self.name, waited, len(self._connections) - len(self._idle), self.max_size)
@@ -229,9 +247,12 @@ class AsyncConnectionPool(ConnectionSupply):
             "requests_waits": self.requests_waits,
             "connections_num": self.connections_num,
             "connections_errors": self.health.errors,
+            "reconnects": self.health.reconnects,
             "connections_lost": self.connections_lost,
+            "connections_expired": self.connections_expired,
             "sessions_reset": self.sessions_reset,
             "database_reachable": not self.unreachable,
+            "pause": ("paused" if self._emptied.done() else "pausing") if self.suspended else None,
             "last_error": one_line(self.last_error) if self.last_error else None,
             "connections": [
                 {
@@ -248,13 +269,13 @@ class AsyncConnectionPool(ConnectionSupply):
 class _Borrower:
     """getconn()'s waiter: a future the pool's connection goes to, and a timer."""
 
-    __slots__ = ("pool", "future", "timer", "since")
+    __slots__ = ("pool", "future", "timer", "arrived")
 
     def __init__(self, pool: AsyncConnectionPool, deadline: float) -> None:
         loop = pool._loop
         self.pool = pool
         self.future: "asyncio.Future[PooledConnection]" = loop.create_future()
-        self.since = loop.time()
+        self.arrived = loop.time()
         self.timer = loop.call_at(deadline, self._expire)
 
     def accept(self, conn: PooledConnection) -> bool:
@@ -270,7 +291,7 @@ class _Borrower:
             self.pool.withdraw(self)
 
     def _expire(self) -> None:
-        self.fail(self.pool.wait_error(self.pool._loop.time() - self.since))
+        self.fail(self.pool.wait_error(self.pool._loop.time() - self.arrived))
 
     async def connection(self) -> PooledConnection:
         try:

@@ -8,7 +8,7 @@ import multiprocessing.connection
 import os
 import signal
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Optional, Tuple, TypeVar, Union, cast
+from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple, TypeVar, Union, cast
 
 from . import types
 from .client import Client, connect
@@ -19,13 +19,25 @@ from .queue_client import QueueClient
 from .queue_intake import QueueIntake
 from .queue_wire import JobQueue
 from .engine import Engine
+from .handover import Handover, Predecessor, Successor
 from .socket_intake import SocketIntake
 from .loops import new_event_loop
+
+if TYPE_CHECKING:  # prometheus_client, imported only with --metrics
+    from .metrics import MetricsEndpoint
 
 logger = logging.getLogger("dbservice")
 
 _DBService = TypeVar("_DBService", bound="DBService")
 
+
+#: How the log names each way the engine stops.
+STOPS = {
+    "stop": "graceful",
+    "fast stop": "fast",
+    "handed over": "handed over to a new daemon",
+    "handed over late": "handed over to a new daemon; what is left ends as in a fast stop",
+}
 
 #: What each signal asks of the engine.
 SIGNALS = {
@@ -39,8 +51,9 @@ SIGNALS = {
 def serve(
     settings: Settings, queue: Optional[JobQueue] = None, ready: Optional[Connection] = None,
     reload: Optional[Callable[[], Settings]] = None, reopen_log: Optional[Callable[[], None]] = None,
+    handover: Optional[Handover] = None,
 ) -> None:
-    """Run the engine in this process until SIGTERM (graceful) or SIGINT (fast).
+    """Run the engine in this process until SIGTERM (graceful) or SIGINT (fast), or until handed over.
 
     Jobs come from the Unix socket ``settings.socket`` and/or *queue*, the
     service's end of a :class:`~dbservice.queue_wire.JobQueue`.
@@ -48,11 +61,13 @@ def serve(
     jobs are accepted, or ``("error", message)`` if the engine cannot start.
     On SIGHUP, ``reload()`` returns new Settings to apply; on SIGUSR1,
     ``reopen_log()`` reopens the log file. A SIGINT during a graceful stop
-    makes it a fast one.
+    makes it a fast one. With a :class:`~dbservice.handover.Handover`, the
+    socket can be handed over to a new daemon, or, as its successor, taken
+    over from the daemon running.
     """
     loop = new_event_loop(settings.selector)
     try:
-        loop.run_until_complete(_run(settings, queue, ready, reload, reopen_log))
+        loop.run_until_complete(_run(settings, queue, ready, reload, reopen_log, handover))
     finally:
         loop.close()
 
@@ -60,6 +75,7 @@ def serve(
 async def _run(
     settings: Settings, queue: Optional[JobQueue], ready: Optional[Connection],
     reload: Optional[Callable[[], Settings]], reopen_log: Optional[Callable[[], None]],
+    handover: Optional[Handover],
 ) -> None:
     loop = asyncio.get_running_loop()
     types.install_adapters()
@@ -75,16 +91,31 @@ async def _run(
     for signum, what in SIGNALS.items():
         loop.add_signal_handler(signum, on_signal, what)
 
-    socket_intake = queue_intake = None
+    socket_intake = queue_intake = metrics = successor = None
     try:
         await engine.start()
+        if handover is not None and handover.successor:
+            successor = await Successor.ask(
+                settings.socket, settings.authkey, {"pid": os.getpid(), "adopts_cluster": handover.adopts_cluster}
+            )
         if settings.socket:
             socket_intake = SocketIntake(engine, settings.socket, settings.authkey)
-            await socket_intake.start()
+        # The metrics port first: a successor that cannot listen there must
+        # fail before it accepts a client it would then drop.
+        if settings.metrics:
+            metrics = await _serve_metrics(engine, socket_intake, settings.metrics, successor)
+        if socket_intake is not None:
+            await socket_intake.start(sock=successor and successor.listener)
         if queue is not None:
             queue_intake = QueueIntake(engine, queue)
             queue_intake.start()
+        if handover is not None and successor is not None and socket_intake is not None:
+            _take_over(handover, successor, socket_intake)
+        if handover is not None and socket_intake is not None:
+            socket_intake.on_handover = Predecessor(handover, engine, socket_intake, metrics, asked.put_nowait).begin
     except Exception as exc:
+        if successor is not None:
+            successor.channel.close()  # the running daemon serves on
         if ready is not None:
             ready.send(("error", "%s: %s" % (type(exc).__name__, exc)))
         await engine.stop(force=True)
@@ -98,19 +129,53 @@ async def _run(
         os.getpid(), settings.min_size, settings.max_size, mask_dsn(settings.dsn),
     )
     if ready is not None:
-        ready.send(("ready", {"pid": os.getpid(), "socket": settings.socket}))
+        took_over_from = None if successor is None else successor.info["pid"]
+        ready.send(("ready", {"pid": os.getpid(), "socket": settings.socket, "took_over_from": took_over_from}))
         ready.close()
 
     what = await _serve_signals(asked, engine, reload, reopen_log)
-    logger.info("dbservice stopping (%s)", "fast" if what == "fast stop" else "graceful")
+    logger.info("dbservice stopping (%s)", STOPS.get(what, what))
     if socket_intake is not None:
         await socket_intake.stop_listening()
-    await engine.stop(force=what == "fast stop")
+    if metrics is not None:
+        metrics.close()
+    await engine.stop(force=what in ("fast stop", "handed over late"))
     if socket_intake is not None:
         await socket_intake.close()
     if queue_intake is not None:
         await queue_intake.close()
     logger.info("dbservice stopped")
+
+
+async def _serve_metrics(
+    engine: Engine, socket_intake: Optional[SocketIntake], address: str, successor: Optional[Successor],
+) -> "MetricsEndpoint":
+    """Serve the Prometheus endpoint at *address*; status tells where it listens.
+
+    Taking over from a daemon that served the same address, on its socket.
+    """
+    from .metrics import MetricsEndpoint, registry_for  # prometheus_client: only if asked for
+
+    endpoint = MetricsEndpoint(registry_for(engine, socket_intake), address)
+    handed = None if successor is None else successor.metrics_socket
+    if handed is not None and successor is not None and successor.info["metrics"] != address:
+        handed.close()  # the new address is ours to listen on
+        handed = None
+    await endpoint.start(sock=handed)
+    engine.metrics_address = endpoint.bound
+    return endpoint
+
+
+def _take_over(handover: Handover, successor: Successor, socket_intake: SocketIntake) -> None:
+    """We serve: the pidfile is ours, the old daemon may stop, and the clients it hands over come to our socket."""
+    # The pidfile first: the old daemon, stopping, removes it if it still
+    # holds its own pid, and could otherwise remove ours as we write it.
+    handover.pidfile.take_over()
+    successor.serving(socket_intake.adopt)
+    handover.took_over = True
+    handover.predecessor_pid = pid = successor.info["pid"]
+    logger.info("took the socket over from the daemon with pid %d", pid)
+    successor.done.add_done_callback(lambda _: logger.info("the daemon with pid %d handed its clients over", pid))
 
 
 async def _serve_signals(

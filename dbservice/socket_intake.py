@@ -9,6 +9,8 @@ one that does not read its replies only holds what backpressure.py allows.
 """
 
 import asyncio
+import errno
+import functools
 import logging
 import os
 import socket
@@ -29,10 +31,13 @@ from .wire import (
     MSG_COPY_DATA,
     MSG_COPY_DONE,
     MSG_ERROR,
+    MSG_HANDOVER,
     MSG_JOB,
     MSG_LISTEN,
+    MSG_PAUSE,
     MSG_REFUSED,
     MSG_RESULT,
+    MSG_RESUME,
     MSG_STATUS,
     MSG_UNLISTEN,
     FrameError,
@@ -47,6 +52,9 @@ logger = logging.getLogger("dbservice.socket")
 
 #: Replies of this many bytes or more are written without joining them to their header.
 LARGE_REPLY = 65536
+#: Clients accepted in one turn of the loop at most, and seconds before accepting again when out of descriptors.
+ACCEPTS_PER_TURN = 100
+ACCEPT_RETRY_DELAY = 1.0
 #: What the client sends of a COPY under way (copying.py).
 COPY_FRAMES = frozenset((MSG_COPY_DATA, MSG_COPY_DONE, MSG_COPY_CREDIT))
 #: A subscription's beginning and end (listener.py).
@@ -63,35 +71,130 @@ class SocketIntake:
         self.settings = engine.settings
         self._listener = None
         self._clients = set()  # the _ClientProtocol of every connected client
+        # Since start, for the metrics: what they read is counted where it happens.
+        self.clients_accepted = 0
+        self.clients_refused = 0  # beyond max_clients
+        self.bytes_received = 0
+        self.bytes_sent = 0  # of replies
+        #: handover.Predecessor.begin, to hand this daemon over to a new one; None: refused
+        self.on_handover = None
+        self.path_handed_over = False  # the listener went to a new daemon: its path is not ours to remove
+        self._hand_over = None  # while handing the clients over: what each one is given to
+        self._client_gone = None  # and what is told of each that disconnects
+        self.connecting = 0  # accepted (or handed over to us), their connection_made not yet run
+        self._connecting_tasks = set()
         self.copy_slots = CopySlots(self.settings.max_copies)
         self.listener = Listener(self.settings)
 
-    async def start(self):
-        check_socket_dir(os.path.dirname(self.path))
-        remove_stale_socket(self.path)
-        loop = asyncio.get_running_loop()
-        old_umask = os.umask(0o177)  # the socket itself: owner only
-        try:
+    async def start(self, sock=None):
+        """Listen on our path, or on *sock*, the listening socket a daemon handed over to us.
+
+        We accept ourselves rather than through ``loop.create_unix_server``:
+        an asyncio server closed to stop accepting drops the connections it
+        accepted in the same turn, before their protocol was made, and a
+        restart (handover.py) must stop accepting without dropping any.
+        """
+        if sock is None:
+            check_socket_dir(os.path.dirname(self.path))
+            remove_stale_socket(self.path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old_umask = os.umask(0o177)  # the socket itself: owner only
+            try:
+                sock.bind(self.path)
+            except BaseException:
+                sock.close()
+                raise
+            finally:
+                os.umask(old_umask)
             # A backlog for a burst of max_clients connecting at once (the
-            # kernel caps it at net.core.somaxconn); asyncio's default is 100.
-            self._listener = await loop.create_unix_server(
-                lambda: _ClientProtocol(self), self.path, backlog=self.settings.max_clients
-            )
-        finally:
-            os.umask(old_umask)
-        logger.info("serving jobs on %s", self.path)
+            # kernel caps it at net.core.somaxconn).
+            sock.listen(self.settings.max_clients)
+            logger.info("serving jobs on %s", self.path)
+        else:
+            logger.info("serving jobs on %s, handed over", self.path)
+        sock.setblocking(False)
+        self._listener = sock
+        self._accept_again()
+
+    def _accept_again(self):
+        if self._listener is not None:
+            asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept)
+
+    def _accept(self):
+        loop = asyncio.get_running_loop()
+        for _ in range(ACCEPTS_PER_TURN):
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:  # out of descriptors or memory: as asyncio does, try again in a while
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                logger.error("cannot accept a client (%s); trying again in %.0f s", exc, ACCEPT_RETRY_DELAY)
+                loop.remove_reader(self._listener.fileno())
+                loop.call_later(ACCEPT_RETRY_DELAY, self._accept_again)
+                return
+            self._connect(conn, lambda: _ClientProtocol(self))
+
+    def _connect(self, sock, protocol_factory):
+        """Serve *sock*, accepted: its protocol is made in a turn to come, counted meanwhile as connecting."""
+        self.connecting += 1
+        task = asyncio.get_running_loop().create_task(
+            asyncio.get_running_loop().connect_accepted_socket(protocol_factory, sock)
+        )
+        self._connecting_tasks.add(task)
+        task.add_done_callback(self._connected)
+
+    def _connected(self, task):
+        self._connecting_tasks.discard(task)
+        self.connecting -= 1
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("could not serve a client that connected: %s", task.exception())
+        if self._client_gone is not None:
+            self._client_gone()
+
+    @property
+    def listening_socket(self):
+        return self._listener
+
+    def stop_accepting(self):
+        """Accept no more clients, leaving the path to the daemon we handed the listener to; the listener."""
+        asyncio.get_running_loop().remove_reader(self._listener.fileno())
+        return self._listener
 
     async def stop_listening(self):
         """Accept no more clients; those connected keep getting their replies."""
         if self._listener is not None:
-            # Not wait_closed(): since Python 3.12 it also waits for every
-            # client to disconnect, and those still await their replies.
+            asyncio.get_running_loop().remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
+            if self.path_handed_over:
+                return
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+
+    def drain(self, hand_over, client_gone=None):
+        """Give each client to ``hand_over(client)`` once it is at a job boundary (None: keep them); how many.
+
+        Those accepted and not yet connected are given too, once they are.
+        ``client_gone()`` is called meanwhile for each client that disconnects.
+        """
+        self._hand_over = hand_over
+        self._client_gone = client_gone
+        for client in list(self._clients):
+            client.drain(hand_over)
+        return len(self._clients) + self.connecting
+
+    @property
+    def drained(self):
+        """No client is left, nor accepted on its way to connection_made."""
+        return not self._clients and not self.connecting
+
+    def adopt(self, sock, unread, skipping):
+        """Serve a client connection a daemon handed over to us, authenticated already, from where it stands."""
+        self._connect(sock, lambda: _ClientProtocol(self, adopted=(unread, skipping)))
 
     async def close(self):
         """Stop accepting and close every client connection, once replies are flushed."""
@@ -118,7 +221,7 @@ class _ClientProtocol(asyncio.Protocol):
     the dispatcher in the same turn of the loop.
     """
 
-    def __init__(self, intake):
+    def __init__(self, intake, adopted=None):
         self.intake = intake
         self.engine = intake.engine
         self.settings = intake.settings
@@ -134,6 +237,8 @@ class _ClientProtocol(asyncio.Protocol):
         self._stall_timer = None  # while backed up: when to give up on it
         self._reading = True  # the transport reads
         self._cutting = False  # inside _cut_frames: replies sent meanwhile need not call it again
+        self._adopted = adopted  # (unread, skipping) of a connection handed over to us, authenticated already
+        self.hand_over = None  # while this daemon hands its clients over: called once we are at a job boundary
 
     def connection_made(self, transport):
         self.transport = transport
@@ -141,6 +246,7 @@ class _ClientProtocol(asyncio.Protocol):
         if len(clients) >= self.settings.max_clients:
             # Said in plain text: the client reads it before any trust exists.
             logger.warning("refused a client: already %d (max_clients)", len(clients))
+            self.intake.clients_refused += 1
             transport.write(
                 encode_frame(0, MSG_REFUSED, b"the dbservice daemon has max_clients (%d) clients "
                              b"already; try again later" % self.settings.max_clients)
@@ -148,13 +254,25 @@ class _ClientProtocol(asyncio.Protocol):
             transport.close()
             return
         clients.add(self)
+        self.intake.clients_accepted += 1
         transport.set_write_buffer_limits(high=self.settings.max_client_buffer)
+        if self._adopted is not None:
+            self._trust()
+            self.frames.take_over(*self._adopted)
+            if self.intake._hand_over is not None:  # we hand our clients over already
+                self.drain(self.intake._hand_over)
+            else:
+                self._cut_frames()
+            return
         self._challenge = new_challenge()
         transport.write(encode_frame(0, MSG_AUTH, self._challenge))
         loop = asyncio.get_running_loop()
         self._auth_timer = loop.call_later(self.settings.auth_timeout, self._auth_timed_out)
+        if self.intake._hand_over is not None:  # accepted before we stopped accepting
+            self.drain(self.intake._hand_over)
 
     def data_received(self, data):
+        self.intake.bytes_received += len(data)
         self.frames.feed(data)
         self._cut_frames()
 
@@ -165,6 +283,9 @@ class _ClientProtocol(asyncio.Protocol):
             while not self.transport.is_closing():
                 if self.gate.backed_up or len(self.in_flight) >= self.settings.max_client_jobs:
                     self._read(False)  # the rest waits, unread, until replies go out
+                    return
+                if self.hand_over is not None and self.trusted and not self._held_here():
+                    self._read(False)  # what comes now is for the daemon we hand it to
                     return
                 try:
                     frame = self.frames.next_frame()
@@ -208,6 +329,8 @@ class _ClientProtocol(asyncio.Protocol):
         self.engine.transactions.abandon(self)
         if self.subscriptions is not None:
             self.subscriptions.close()
+        if self.intake._client_gone is not None:
+            self.intake._client_gone()
 
     # More than max_client_buffer bytes of replies wait: the client is backed
     # up, and is given client_stall_timeout to read them.
@@ -224,6 +347,7 @@ class _ClientProtocol(asyncio.Protocol):
         if self.subscriptions is not None:
             self.subscriptions.resumed()  # what they lost while it was backed up
         self._cut_frames()
+        self._check_idle()
 
     def _stalled(self):
         self._stall_timer = None
@@ -243,6 +367,10 @@ class _ClientProtocol(asyncio.Protocol):
             logger.warning("a client failed authentication (wrong secret); dropped")
             self.transport.close()
             return
+        self._trust()
+        self._check_idle()
+
+    def _trust(self):
         self.trusted = True
         self.frames.max_size = self.settings.max_frame
         self.frames.skip_oversized = True
@@ -261,6 +389,12 @@ class _ClientProtocol(asyncio.Protocol):
                 self.engine.cancel(pending, JobCancelled("the client cancelled the job"))
         elif kind == MSG_STATUS:
             self.reply(job_id, True, self.intake.status())
+        elif kind == MSG_PAUSE:
+            self._pause(job_id, payload)
+        elif kind == MSG_RESUME:
+            self.reply(job_id, True, self.engine.maintenance.resume())
+        elif kind == MSG_HANDOVER and self.intake.on_handover is not None:
+            self.intake.on_handover(self, job_id, payload)
         elif kind == MSG_COPY:
             if self.copies is None:
                 self.copies = ClientCopies(self, self.intake.copy_slots)
@@ -286,6 +420,14 @@ class _ClientProtocol(asyncio.Protocol):
         if not pending.done:
             self.in_flight[job_id] = pending
 
+    def _pause(self, job_id, payload):
+        try:
+            timeout = float(payload.decode("ascii"))
+        except ValueError:
+            self.reply(job_id, False, JobRefused("a pause needs its timeout in seconds, not %r" % payload[:40]))
+            return
+        self.engine.maintenance.pause(timeout, functools.partial(self.reply, job_id))
+
     def reply(self, job_id, ok, value):
         """Send the one reply of job *job_id* back on this connection."""
         full = len(self.in_flight) >= self.settings.max_client_jobs
@@ -294,6 +436,7 @@ class _ClientProtocol(asyncio.Protocol):
             return
         ok, payload = encode_reply(ok, value, self.settings.max_result_bytes)
         kind = MSG_RESULT if ok else MSG_ERROR
+        self.intake.bytes_sent += HEADER.size + len(payload)
         if len(payload) < LARGE_REPLY:
             self.transport.write(encode_frame(job_id, kind, payload))
         else:  # not one more copy of a large reply: its header, then itself
@@ -301,6 +444,51 @@ class _ClientProtocol(asyncio.Protocol):
             self.transport.write(payload)
         if full and not self._cutting:
             asyncio.get_running_loop().call_soon(self._cut_frames)  # room for one more of its jobs
+        if self.hand_over is not None:
+            asyncio.get_running_loop().call_soon(self._check_idle)  # once its transaction, if any, is gone too
+
+    # -- handing the connection over to a new daemon (handover.py) ------------------
+
+    def drain(self, hand_over):
+        """Call ``hand_over(self)`` once at a job boundary; None: serve on here."""
+        self.hand_over = hand_over
+        # Replies not sent yet hold it back: with no room in the buffer, the
+        # transport says when they are gone (resume_writing).
+        self.transport.set_write_buffer_limits(high=0 if hand_over else self.settings.max_client_buffer)
+        if hand_over is None:
+            self._cut_frames()
+        else:
+            self._check_idle()
+
+    def _check_idle(self):
+        """Hand the connection over if nothing of it is left here; with a transaction or a COPY open, read on.
+
+        A connection with subscriptions is closed instead: they are this
+        daemon's, and its client subscribes again, to the new daemon, with
+        the marker of a daemon restart (subscriptions.py).
+        """
+        if self.hand_over is None or self.transport.is_closing() or not self.trusted:
+            return
+        if self._held_here():
+            self._cut_frames()  # its transaction's statements, its COPY's data: here, to their end
+        elif not self.in_flight and not self.transport.get_write_buffer_size():
+            if self.subscriptions is not None and len(self.subscriptions):
+                self.transport.close()
+            else:
+                self.hand_over(self)
+
+    def _held_here(self):
+        """Whether it has a transaction open or a COPY under way, which go on here to their end."""
+        return self.engine.transactions.holds(self) or bool(self.copies is not None and self.copies.streams)
+
+    def detach(self):
+        """Take the socket away from this daemon; with it, what the client sent that is not a job yet."""
+        sock = socket.socket(fileno=os.dup(self.transport.get_extra_info("socket").fileno()))
+        unread = self.frames.detach()
+        self.intake._clients.discard(self)
+        self.hand_over = None
+        self.transport.abort()
+        return sock, unread
 
 
 def check_socket_dir(directory):

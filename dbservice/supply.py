@@ -3,14 +3,19 @@
 :class:`ConnectionSupply` keeps the set of open connections between
 ``min_size`` and ``max_size``: it opens one more when a job waits (or the
 set is below ``min_size``), retries with :mod:`health`'s backoff when the
-database cannot be reached, drops a connection the server ended, and closes
-the ones idle for longer than ``max_idle`` down to ``min_size``. What it
-lends and to whom is :class:`~dbservice.pool.AsyncConnectionPool`'s.
+database cannot be reached, drops a connection the server ended, closes
+the ones idle for longer than ``max_idle`` down to ``min_size``, and
+retires each connection once it is ``max_lifetime`` old (when it is next
+idle), so that a backend's memory does not grow for ever and a DNS change
+or a failover reaches the pool. What it lends and to whom is
+:class:`~dbservice.pool.AsyncConnectionPool`'s.
 """
 
 import asyncio
 import collections
 import logging
+import math
+import random
 from typing import Deque, Optional, Set
 
 from .connection import PooledConnection
@@ -27,6 +32,11 @@ class ConnectionSupply:
     returned connection on (:meth:`_pass_on`).
     """
 
+    #: A connection's lifetime is max_lifetime shortened by up to this
+    #: fraction, drawn for each (psycopg_pool's jitter): those opened together
+    #: do not all close together.
+    LIFETIME_JITTER = 0.05
+
     def __init__(
         self,
         dsn: str,
@@ -36,18 +46,21 @@ class ConnectionSupply:
         connect_timeout: float,
         name: str,
         max_prepared: int = 0,
+        max_lifetime: float = 0.0,
     ) -> None:
         check_sizes(min_size, max_size)
         self.dsn = dsn
         self.min_size = min_size
         self.max_size = max_size
         self.max_idle = max_idle
+        self.max_lifetime = max_lifetime  # 0: no limit
         self.connect_timeout = connect_timeout
         self.name = name
         self.max_prepared = max_prepared  # statements each connection keeps prepared (prepared.py)
         self.health = Reachability(mask_dsn(dsn))
         self.connections_num = 0
         self.connections_lost = 0
+        self.connections_expired = 0
         self._connections: Set[PooledConnection] = set()
         # least recently used first: lent from the right, closed from the left
         self._idle: Deque[PooledConnection] = collections.deque()
@@ -58,6 +71,9 @@ class ConnectionSupply:
         self._closed = True
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # open()'s, before any use
         self._opened: "asyncio.Future[None]" = None  # type: ignore[assignment]  # open()'s: set once the first fill succeeded or failed
+        #: paused (see suspend): no connection is lent or opened, each closes as it comes back
+        self.suspended = False
+        self._emptied: "asyncio.Future[None]" = None  # type: ignore[assignment]  # suspend()'s: done once no connection is open
 
     async def open(self, wait: bool = True) -> None:
         """Start filling the pool to ``min_size``.
@@ -88,6 +104,32 @@ class ConnectionSupply:
     def _close_all_idle(self) -> None:
         while self._idle:
             self._discard(self._idle.popleft())
+
+    def suspend(self) -> "asyncio.Future[None]":
+        """Open no connection and close every one: the idle now, the lent as they come back.
+
+        What a pause is made of (see maintenance.py): a job waits, without
+        being told the database is unreachable, until :meth:`resume`. Returns
+        a future done once no connection is open; cancelled if the pool
+        resumes first.
+        """
+        if not self.suspended:
+            self.suspended = True
+            self._emptied = self._loop.create_future()
+            self._close_all_idle()
+            self._check_emptied()
+        return self._emptied
+
+    def resume(self) -> None:
+        """Open connections again, for the jobs that waited first."""
+        if self.suspended:
+            self.suspended = False
+            self._emptied.cancel()  # a no-op once it is done
+            self._maybe_grow()
+
+    def _check_emptied(self) -> None:
+        if self.suspended and not self._connections and self._opening is None and not self._emptied.done():
+            self._emptied.set_result(None)
 
     def resize(self, min_size: int, max_size: int) -> None:
         """Change the bounds; excess idle connections close now, busy ones on return."""
@@ -120,7 +162,7 @@ class ConnectionSupply:
         See :meth:`Reachability.outage_error`; jobs turned away also make the
         pool try again soon.
         """
-        if self.health.last_error is None:  # every job asks: the usual answer, at once
+        if self.health.last_error is None or self.suspended:  # every job asks: the usual answer, at once
             return None
         error = self.health.outage_error(self._loop.time(), not self._connections, self.patience)
         if error is not None:
@@ -138,7 +180,7 @@ class ConnectionSupply:
 
     def _maybe_grow(self) -> None:
         """Open one more connection if a job waits or we are below min_size."""
-        if self._closed or self._opening or self._retry_handle is not None:
+        if self._closed or self._opening or self._retry_handle is not None or self.suspended:
             return
         size = len(self._connections)
         # Unreachable, it goes on trying even with min_size 0: that is how it
@@ -163,6 +205,7 @@ class ConnectionSupply:
         if self._closed:
             conn.close()
             return
+        conn.expires_at = self._expiry()
         self.connections_num += 1
         conn.statements.max_prepared = self.max_prepared
         self._connections.add(conn)
@@ -192,6 +235,7 @@ class ConnectionSupply:
         if not self._opened.done():
             self._opened.set_result(None)
         self._retry_handle = self._loop.call_later(delay, self._retry)
+        self._check_emptied()
 
     def _retry_soon(self) -> None:
         """Jobs are being turned away: try again within the backoff's first delay, not its longest.
@@ -209,6 +253,22 @@ class ConnectionSupply:
         self._retry_handle = None
         self._maybe_grow()
 
+    def _expiry(self) -> float:
+        """When a connection opened now has lived its max_lifetime, on the loop's clock."""
+        if not self.max_lifetime:
+            return math.inf
+        return self._loop.time() + self.max_lifetime * (1.0 - random.uniform(0.0, self.LIFETIME_JITTER))
+
+    def _retire(self, conn: PooledConnection) -> None:
+        """Close *conn*, idle and past its lifetime; a new one replaces it if the pool needs one."""
+        self.connections_expired += 1
+        self._discard(conn)
+        logger.info(
+            "closed connection #%d: it reached max_lifetime (%g s); pool %r has %d",
+            conn.number, self.max_lifetime, self.name, len(self._connections),
+        )
+        self._maybe_grow()
+
     def _discard(self, conn: PooledConnection) -> None:
         self._connections.discard(conn)
         if conn.pgconn.closed and not conn.dropped and not self._closed:
@@ -218,17 +278,25 @@ class ConnectionSupply:
                 "the network failed); replacing it", conn.number,
             )
         conn.close()
+        self._check_emptied()
 
     async def _maintain(self) -> None:
-        """Close connections idle for longer than max_idle, down to min_size."""
-        interval = max(0.05, min(self.max_idle / 4, 10.0))
+        """Close connections idle for longer than max_idle, down to min_size, and those past their lifetime."""
+        interval = max(0.05, min(self.max_idle / 4, (self.max_lifetime or math.inf) / 4, 10.0))
         while True:
             await asyncio.sleep(interval)
             try:
                 self._close_idle()
+                self._retire_expired()
                 self._maybe_grow()
             except Exception:  # a background loop logs its failure and goes on
                 logger.exception("pool maintenance failed")
+
+    def _retire_expired(self) -> None:
+        now = self._loop.time()
+        for conn in [conn for conn in self._idle if conn.expires_at <= now]:
+            self._idle.remove(conn)
+            self._retire(conn)
 
     def _close_idle(self) -> None:
         now = self._loop.time()

@@ -51,6 +51,12 @@ class TransactionTable:
     def __len__(self):
         return sum(1 for tx in self._table.values() if tx.ended is None)
 
+    def holds(self, owner):
+        """True while *owner* has a transaction open (and not rolled back by us) or beginning."""
+        return any(key[0] is owner for key in self._beginning) or any(
+            key[0] is owner and tx.ended is None for key, tx in self._table.items()
+        )
+
     def begin(self, pending):
         """*pending*, a BEGIN, arrived; JobRefused if its transaction id is open or beginning already."""
         key = (pending.owner, pending.job.tx)

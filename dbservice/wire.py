@@ -49,6 +49,10 @@ MSG_COPY_DONE = 23  # client to daemon: the data ended
 MSG_COPY_CREDIT = 24  # either way: the receiver took this many more bytes: the sender may send as many more
 COPY_IN, COPY_OUT = "in", "out"  # a MSG_COPY_STARTED's direction: from STDIN, to STDOUT
 COPY_CREDIT = struct.Struct("!Q")  # a MSG_COPY_CREDIT's payload
+# The operator's commands (maintenance.py), answered with figures.
+MSG_PAUSE = 25  # payload: the seconds to wait for the pause to be complete, as ASCII
+MSG_RESUME = 26
+MSG_HANDOVER = 27  # from a new daemon (handover.py): the connection then carries the handover's frames
 
 PROTOCOL = b"dbservice/1"
 CHALLENGE_PREFIX = b"#CHALLENGE#" + PROTOCOL + b"#"
@@ -238,6 +242,19 @@ class FrameReader:
             return self._compact()
         self._start = end
         return job_id, kind, bytes(buffer[start + HEADER.size : end])
+
+    def detach(self) -> Tuple[bytes, int]:
+        """What was fed and not yet cut into frames, and the bytes of an oversized frame still to skip.
+
+        For a reader that goes on with the same stream elsewhere (:meth:`take_over`).
+        """
+        return bytes(self._buffer[self._start:]), self._skipping
+
+    def take_over(self, unread: bytes, skipping: int) -> None:
+        """Go on with a stream another reader has :meth:`detach`-ed."""
+        self._buffer = bytearray(unread)
+        self._start = 0
+        self._skipping = skipping
 
     def _compact(self) -> None:
         if self._start:

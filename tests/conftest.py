@@ -9,6 +9,7 @@ import psycopg2
 import pytest
 
 import dbservice
+from daemons import ensure_stopped
 from dbservice.embedded import Cluster
 
 
@@ -118,6 +119,19 @@ def active(admin, marker):
         ["%" + marker + "%"],
     )
     return cur.fetchone()[0]
+
+
+@pytest.fixture
+def state_dir(tmp_path_factory):
+    # Unix socket paths are limited to ~107 bytes: keep them short.
+    return tmp_path_factory.mktemp("d")
+
+
+@pytest.fixture
+def daemon_dir(dsn, state_dir):
+    """A state directory whose daemon, if a test starts one, is stopped at the end."""
+    yield state_dir
+    ensure_stopped(state_dir)
 
 
 @contextlib.contextmanager

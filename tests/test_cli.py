@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import psycopg2
 import pytest
@@ -15,6 +16,7 @@ from click.testing import CliRunner
 
 import dbservice
 from conftest import held_jobs, wait_until
+from daemons import client_of, dbserviced, ensure_stopped, env_for, ok
 from dbservice import cli
 from dbservice.config import ConfigError, StateDir, load_config
 from dbservice.embedded import default_cluster_dir
@@ -22,54 +24,6 @@ from dbservice.health import mask_dsn
 from dbservice.pidfile import read_pid, running_pid
 
 PASSWORD = "hunter2-not-in-logs"
-
-
-def dbserviced(state_dir, *args, env=None, timeout=90):
-    """Run ``dbserviced ARGS`` with *state_dir* as DBSERVICE_HOME; the CompletedProcess."""
-    return subprocess.run(
-        [sys.executable, "-m", "dbservice.cli", *args],
-        env=_env(state_dir, env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def _env(state_dir, extra=None):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DBSERVICE_")}
-    env["DBSERVICE_HOME"] = str(state_dir)
-    env.update(extra or {})
-    return env
-
-
-def ok(result):
-    assert result.returncode == 0, "exit %d\n%s%s" % (result.returncode, result.stdout, result.stderr)
-    return result.stdout
-
-
-def client_of(state_dir, timeout=60):
-    return dbservice.connect(socket=StateDir(str(state_dir)).socket, timeout=timeout)
-
-
-@pytest.fixture
-def state_dir(tmp_path_factory):
-    # Unix socket paths are limited to ~107 bytes: keep them short.
-    return tmp_path_factory.mktemp("d")
-
-
-@pytest.fixture
-def daemon_dir(dsn, state_dir):
-    """A state directory whose daemon, if a test starts one, is stopped at the end."""
-    yield state_dir
-    _ensure_stopped(state_dir)
-
-
-def _ensure_stopped(state_dir):
-    dbserviced(state_dir, "stop", "--force")
-    pid = running_pid(StateDir(str(state_dir)).pidfile)
-    if pid is not None:  # the test broke it: do not leave it behind
-        os.kill(pid, signal.SIGKILL)
 
 
 # -- one daemon shared by the round-trip tests ------------------------------------
@@ -87,10 +41,11 @@ def running(dsn, tmp_path_factory):
         "start",
         "--dsn", "%s password=%s" % (dsn, PASSWORD),
         "--config", str(config),
+        "--metrics", "127.0.0.1:0",
         env={"DBSERVICE_MIN_SIZE": "1"},
     )
     yield state_dir, config, ok(start)
-    _ensure_stopped(state_dir)
+    ensure_stopped(state_dir)
 
 
 def test_start_prints_the_pid_the_socket_and_the_database(running):
@@ -128,6 +83,17 @@ def test_status_carries_every_figure_and_never_the_password(running):
     assert set(figures["latency_ms"]) >= {"p50", "p95", "p99"}
     human = ok(dbserviced(state_dir, "status"))
     assert "dbserviced is running (pid %d" % figures["pid"] in human and "p99" in human
+
+
+def test_metrics_are_served_where_status_says(running):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    state_dir, _, _ = running
+    address = json.loads(ok(dbserviced(state_dir, "status", "--json")))["metrics"]
+    assert "http://%s/metrics" % address in ok(dbserviced(state_dir, "status"))
+    with urllib.request.urlopen("http://%s/metrics" % address, timeout=10) as response:
+        families = {family.name: family for family in text_string_to_metric_families(response.read().decode())}
+    assert families["dbservice_pool_max_connections"].samples[0].value == 2
 
 
 def test_status_prints_the_figures_it_gives_as_json(running, admin):
@@ -426,7 +392,7 @@ def test_a_stale_pidfile_is_replaced(dsn, daemon_dir, left_by):
 def test_foreground_logs_to_stderr_and_stops_on_sigterm(dsn, daemon_dir):
     process = subprocess.Popen(
         [sys.executable, "-m", "dbservice.cli", "start", "--foreground", "--dsn", dsn],
-        env=_env(daemon_dir),
+        env=env_for(daemon_dir),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -471,10 +437,20 @@ def test_with_no_dsn_the_daemon_runs_its_own_postgresql_and_keeps_its_data(daemo
         assert "host=%s" % os.path.join(cluster, "tmp") in output
         ok(dbserviced(daemon_dir, "query", "create table kept (note text)"))
         ok(dbserviced(daemon_dir, "query", "insert into kept values (%s)", "survives a restart"))
-        ok(dbserviced(daemon_dir, "restart"))
-        assert "survives a restart" in ok(dbserviced(daemon_dir, "query", "select note from kept"))
-        # a daemon killed outright leaves its postmaster behind; the next start stops it
         postmaster = os.path.join(cluster, "data", "postmaster.pid")
+        server = read_pid(postmaster)
+        with client_of(daemon_dir) as db, db.transaction() as tx:
+            tx.execute("insert into kept values (%s)", ["committed across a restart"])
+            restart = subprocess.Popen([sys.executable, "-m", "dbservice.cli", "restart"], env=env_for(daemon_dir),
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            wait_until(lambda: "took the socket over" in _read(StateDir(str(daemon_dir)).log),
+                       message="the new daemon to take over")
+            tx.commit()  # on the old daemon, which then hands its client over and exits
+        assert restart.wait(60) == 0, restart.stderr.read()
+        # the new daemon adopted the running server: not restarted, nothing lost
+        assert read_pid(postmaster) == server
+        assert ok(dbserviced(daemon_dir, "query", "select count(*) from kept")).splitlines()[2].strip() == "2"
+        # a daemon killed outright leaves its postmaster behind; the next start stops it
         os.kill(read_pid(StateDir(str(daemon_dir)).pidfile), signal.SIGKILL)
         with open(postmaster) as f:
             orphan = int(f.readline())
@@ -487,7 +463,7 @@ def test_with_no_dsn_the_daemon_runs_its_own_postgresql_and_keeps_its_data(daemo
         # stopped with the daemon
         assert not os.path.exists(os.path.join(cluster, "data", "postmaster.pid"))
     finally:
-        _ensure_stopped(daemon_dir)
+        ensure_stopped(daemon_dir)
         subprocess.run(["rm", "-rf", cluster], check=True)
 
 
@@ -515,7 +491,7 @@ def test_replicas_n_runs_streaming_standbys_of_the_embedded_postgresql(daemon_di
         for directory in [cluster] + standbys:  # stopped with the daemon
             assert not os.path.exists(os.path.join(directory, "data", "postmaster.pid"))
     finally:
-        _ensure_stopped(daemon_dir)
+        ensure_stopped(daemon_dir)
         subprocess.run(["rm", "-rf", cluster, *standbys], check=True)
 
 
@@ -548,6 +524,7 @@ def test_flags_beat_the_config_file_which_beats_the_defaults(tmp_path):
         ("max_size = '3'\n", "must be an integer"),
         ("min_size = 11\nmax_size = 10\n", "min_size <= max_size"),
         ("max_size = [\n", "not valid TOML"),
+        ("metrics = 'localhost'\n", "metrics must be HOST:PORT"),
         ("max_queue = -1\n", "max_queue must not be negative"),
         ("log_level = 'loud'\n", "log_level must be one of"),
     ],
@@ -638,7 +615,7 @@ def test_replicas_are_a_repeated_flag_or_a_list_in_the_file(tmp_path):
     assert "--replica DSN" in result.output and "--replicas N" in result.output
 
 
-@pytest.mark.parametrize("command", ["start", "stop", "status", "restart", "reload", "query"])
+@pytest.mark.parametrize("command", ["start", "stop", "status", "restart", "reload", "pause", "resume", "query"])
 def test_every_command_explains_its_options(command):
     result = CliRunner().invoke(cli.main, [command, "--help"])
     assert result.exit_code == 0

@@ -1,7 +1,9 @@
 """The README's Python examples run as written: those of "Using it from Python", in order, on a real daemon."""
 
+import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -10,6 +12,7 @@ import psycopg2.extensions
 import pytest
 
 from conftest import start_service, write_secret
+from daemons import dbserviced, ok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = "## Using it from Python"
@@ -50,3 +53,26 @@ def test_the_examples_run_as_written_in_order(app_dsn, socket_path):
         service.stop()
     assert done.returncode == 0, done.stdout
     assert "From pandas" in done.stdout and "(1, 'Hello')" in done.stdout
+
+
+def shell_lines(section):
+    """The command lines of the ```sh blocks of the README's *section* (a ### heading), comments cut."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    start = text.index("\n%s\n" % section)
+    end = text.index("\n#", start + 1)
+    blocks = re.findall(r"```sh\n(.*?)```", text[start:end], re.S)
+    return [shlex.split(line, comments=True) for block in blocks for line in block.splitlines()]
+
+
+def test_the_operators_restart_pause_and_resume_run_as_written(dsn, daemon_dir):
+    """The database's own restart between pause and resume is test_pause's; here, dbserviced's lines."""
+    ok(dbserviced(daemon_dir, "start", "--dsn", dsn))
+    lines = shell_lines("### Restarts and upgrades that fail no job") + shell_lines(
+        "### Pausing for a database restart or failover"
+    )
+    commands = [line for line in lines if line[0] == "dbserviced"]
+    assert [line[1] for line in commands] == ["restart", "pause", "resume"]
+    outputs = [ok(dbserviced(daemon_dir, *line[1:])) for line in commands]
+    assert "took the socket over" in outputs[0] and "paused" in outputs[1]
+    assert json.loads(ok(dbserviced(daemon_dir, "status", "--json")))["pool_max"] == 30
