@@ -100,7 +100,7 @@ from .workloads import WORKLOADS
     help="Instead: a 90%% read, 10%% write load on a throwaway primary alone and with N streaming "
     "replicas, in turns (--duration, --processes, --clients, --pool-size, --rounds, --scale apply).",
 )
-@click.option("--quick", is_flag=True, help="A smoke run of every cell, in well under a minute.")
+@click.option("--quick", is_flag=True, help="A smoke run of every cell: about a minute on 2 cores.")
 @click.option(
     "--json",
     "json_path",

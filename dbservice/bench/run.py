@@ -56,7 +56,7 @@ class Plan:
         return max(self.clients_for(workload) for workload in WORKLOADS)
 
 
-#: --quick: a smoke run of every cell, well under a minute.
+#: --quick: a smoke run of every cell, about a minute on 2 cores.
 QUICK = {"duration": 0.5, "warmup": 0.25, "rows": 10_000}
 
 
