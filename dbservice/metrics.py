@@ -63,6 +63,8 @@ class DaemonCollector:
         yield _counter("reloads", "reloads asked (SIGHUP), whether or not they succeeded", engine.reloads)
         yield _gauge("last_reload_successful", "0 if the last reload failed and the settings stayed",
                      engine.reload_error is None)
+        if engine.router is not None:
+            yield from _hosts(engine.router.hosts, engine.status()["hosts"])
         if self.intake is not None:
             yield from self._clients(self.intake)
 
@@ -85,8 +87,40 @@ def _pool_figures(pool):
     yield connections
     yield _gauge("pool_min_connections", "connections the pool keeps open (min_size)", pool["pool_min"])
     yield _gauge("pool_max_connections", "connections the pool opens at most (max_size)", pool["pool_max"])
+    yield _gauge("prepared_statements", "statements prepared on the pool's connections (max_prepared each)",
+                 pool["statements_prepared"])
     for name, key, documentation in _POOL_COUNTERS:
         yield _counter(name, documentation, pool[key])
+
+
+def _hosts(hosts, figures):
+    """With replicas: each host's figures, labelled by its pool's name and its role."""
+    families = {
+        "healthy": GaugeMetricFamily("dbservice_host_healthy", "1 while the host answers its polls", labels=_HOST),
+        "lag_s": GaugeMetricFamily("dbservice_host_lag_seconds", "how far a replica's replay is behind the "
+                                   "primary (NaN until it has caught up once)", labels=_HOST),
+        "jobs_in_flight": GaugeMetricFamily("dbservice_host_jobs_in_flight", "jobs routed to the host, not yet "
+                                            "answered", labels=_HOST),
+        "jobs_done": CounterMetricFamily("dbservice_host_jobs", "jobs the host answered", labels=_HOST),
+        "jobs_rerun": CounterMetricFamily("dbservice_host_jobs_rerun", "jobs a replica refused or lost, run again "
+                                          "on the primary", labels=_HOST),
+    }
+    connections = GaugeMetricFamily("dbservice_host_pool_connections", "the host's open connections, by state",
+                                    labels=_HOST + ["state"])
+    for host, figure in zip(hosts, figures):
+        labels = [host.pool.name, figure["role"]]
+        for key, family in families.items():
+            value = figure[key]
+            family.add_metric(labels, float("nan") if value is None else float(value))
+        pool = host.pool.get_stats()
+        connections.add_metric(labels + ["idle"], pool["pool_available"])
+        connections.add_metric(labels + ["busy"], pool["pool_size"] - pool["pool_available"])
+    yield from families.values()
+    yield connections
+
+
+#: The labels of a host's figures: its pool's name ("pool" for the primary's, "replica1"...) and its role.
+_HOST = ["host", "role"]
 
 
 #: The pool's counters: (metric name, get_stats() key, help).

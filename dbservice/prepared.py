@@ -170,6 +170,10 @@ class ConnectionStatements:
         self._numbers = 0
         self._unpreparable = set()  # keys the server would not prepare on this connection
 
+    def __len__(self):
+        """How many statements are prepared on the connection."""
+        return len(self._names)
+
     def query(self, sql, params, prepare_new=True):
         """The PreparedQuery for *sql* with *params*, or None to send them as plain text.
 

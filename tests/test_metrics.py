@@ -129,6 +129,14 @@ def test_the_pool_and_its_clients_as_gauges(service):
     assert value(scraped, "process_resident_memory_bytes") > 0
 
 
+def test_the_statements_prepared_on_the_pool_are_counted(service):
+    before = value(samples(service), "dbservice_prepared_statements")
+    with service.client(timeout=10) as db:
+        for n in range(3):
+            assert db.fetchval("select %s::int + 40 as metrics_prepared", [n]) == 40 + n
+    assert value(samples(service), "dbservice_prepared_statements") == before + 1  # one connection, one statement
+
+
 def test_an_unreachable_database_and_the_reconnect_show(postgresql, socket_path):
     link = TcpProxy("127.0.0.1", postgresql.port)
     link.start()

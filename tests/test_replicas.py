@@ -4,9 +4,11 @@ import collections
 import os
 import signal
 import threading
+import urllib.request
 
 import psycopg2
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import dbservice
 from conftest import wait_until
@@ -123,6 +125,35 @@ def test_reads_spread_over_the_replicas_and_writes_go_to_the_primary(cluster, sv
         assert db.execute("insert into ryw values (-2, 1)") == 1
         assert db.fetchval("select %s from (values (1)) v(x)" % PORT, primary=True) == primary.port
         assert hosts(svc)[0]["jobs_done"] == before + 2
+
+
+def test_the_metrics_show_each_host(cluster, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("rm")
+    os.chmod(directory, 0o700)
+    service = start(*cluster, str(directory / "s.sock"), metrics="127.0.0.1:0")
+    try:
+        with service.client(timeout=10) as db:
+            for _ in range(20):
+                db.fetchval("select 1")
+            db.execute("insert into ryw values (-1, -1)")
+            status = db.status()
+        with urllib.request.urlopen("http://%s/metrics" % status["metrics"], timeout=10) as response:
+            text = response.read().decode()
+    finally:
+        service.stop()
+    scraped = {
+        (sample.name, sample.labels.get("host"), sample.labels.get("role")): sample.value
+        for family in text_string_to_metric_families(text) for sample in family.samples
+        if sample.name.startswith("dbservice_host_") and "state" not in sample.labels
+    }
+    for host, figures in zip(["pool", "replica1", "replica2"], status["hosts"]):
+        key = (host, figures["role"])
+        assert scraped[("dbservice_host_healthy",) + key] == 1
+        assert scraped[("dbservice_host_jobs_total",) + key] == figures["jobs_done"]
+        assert scraped[("dbservice_host_jobs_rerun_total",) + key] == figures["jobs_rerun"]
+        assert scraped[("dbservice_host_jobs_in_flight",) + key] == 0
+    replicas_done = [figures["jobs_done"] for figures in status["hosts"][1:]]
+    assert sum(replicas_done) > 0 and status["hosts"][0]["jobs_done"] >= 1  # reads went out, the write stayed
 
 
 def test_a_select_that_writes_is_rerun_on_the_primary(cluster, svc):
