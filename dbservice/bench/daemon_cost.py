@@ -25,6 +25,7 @@ import dbservice
 from . import pgbouncer
 from .connectors import ClientConnector, DirectConnector
 from .run import Plan, database
+from .strategies import DAEMON_SETTINGS
 from .workloads import POINT_READ
 
 PROCESSES = 8
@@ -137,6 +138,7 @@ def main(loop, seconds, rounds, dsn):
             socket=os.path.join(directory, "s.sock"),
             selector=loop,
             slow_ms=0,
+            **DAEMON_SETTINGS,
         )
         click.echo(
             "%d server connections; %d processes x %d threads of point reads" % (plan.pool_size, PROCESSES, THREADS)

@@ -21,6 +21,8 @@ import psycopg2
 import dbservice
 from dbservice.embedded import Cluster
 
+from .strategies import DAEMON_SETTINGS
+
 READ = "select balance, current_setting('port')::int from bench_replica_accounts where id = %s"
 WRITE = "update bench_replica_accounts set balance = balance + 1 where id = %s"
 WRITE_SHARE = 0.1
@@ -81,7 +83,9 @@ def _wait_streaming(standbys):
 def _turn(dsn, replicas, seconds, processes, threads, rows, pool_size):
     directory = tempfile.mkdtemp(prefix="dbsr-")
     socket = os.path.join(directory, "s.sock")
-    with dbservice.DBService(dsn, socket=socket, replicas=replicas, min_size=pool_size, max_size=pool_size) as svc:
+    with dbservice.DBService(
+        dsn, socket=socket, replicas=replicas, min_size=pool_size, max_size=pool_size, **DAEMON_SETTINGS
+    ) as svc:
         if replicas:
             _wait_polled(svc)
         with concurrent.futures.ProcessPoolExecutor(processes) as pool:

@@ -21,6 +21,11 @@ from .connectors import AsyncClientConnector, ClientConnector, DBAPIConnector, D
 LAYER_WORKLOADS = ("point-read", "single-client")
 
 
+#: What every daemon the bench starts is told besides its pool: the bench
+#: oversubscribes the pool on purpose, so the warning that jobs wait for a
+#: connection would only interleave with its report.
+DAEMON_SETTINGS = {"log_level": "ERROR"}
+
 class Strategy:
     """One way for an app's processes and threads to get their queries run."""
 
@@ -70,7 +75,7 @@ class QueuePipe(Strategy):
     @contextlib.contextmanager
     def serving(self, dsn, plan):
         with dbservice.DBService(
-            dsn, min_size=plan.pool_size, max_size=plan.pool_size, selector=plan.loop
+            dsn, min_size=plan.pool_size, max_size=plan.pool_size, selector=plan.loop, **DAEMON_SETTINGS
         ) as service:
             yield ClientConnector(service.client())
 
@@ -195,7 +200,8 @@ def _socket_service(dsn, plan, **settings):
     with tempfile.TemporaryDirectory(prefix="dbservice-bench-") as directory:
         socket = os.path.join(directory, "dbservice.sock")
         with dbservice.DBService(
-            dsn, min_size=plan.pool_size, max_size=plan.pool_size, socket=socket, selector=plan.loop, **settings
+            dsn, min_size=plan.pool_size, max_size=plan.pool_size, socket=socket, selector=plan.loop,
+            **DAEMON_SETTINGS, **settings
         ) as service:
             yield service
 
