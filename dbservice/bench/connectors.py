@@ -15,11 +15,6 @@ import psycopg2
 import dbservice
 from dbservice import dbapi
 
-try:
-    import sqlalchemy
-except ImportError:  # the SQLAlchemy strategies say they are skipped
-    sqlalchemy = None
-
 #: Seconds a query may take in the bench before it counts as an error.
 QUERY_TIMEOUT = 30.0
 #: Seconds to open one connection before it counts as an error.
@@ -191,6 +186,11 @@ class SQLAlchemyConnector:
         self._pid = None
 
     def open_thread(self):
+        # Imported here, not with the module: the daemon, a spawned child of
+        # the bench, imports the bench again, and SQLAlchemy would add a
+        # third to its memory.
+        import sqlalchemy
+
         if self._pid != os.getpid():
             options = {"creator": self.creator} if self.creator else {}
             self._engine = sqlalchemy.create_engine(
@@ -221,6 +221,8 @@ class _SQLAlchemySession:
 
     def _statement(self, sql):
         """*sql*'s %s placeholders as SQLAlchemy's named ones: p0, p1, ..."""
+        import sqlalchemy
+
         parts = sql.split("%s")
         names = ["p%d" % n for n in range(len(parts) - 1)]
         text = parts[0] + "".join(":%s%s" % (name, part) for name, part in zip(names, parts[1:]))

@@ -6,6 +6,7 @@ strategy is adding an entry to :data:`STRATEGIES`.
 """
 
 import contextlib
+import importlib.util
 import os
 import tempfile
 
@@ -169,7 +170,7 @@ class SQLAlchemyPgBouncer(Strategy):
 
 
 def _sqlalchemy_missing():
-    return None if connectors.sqlalchemy is not None else "SQLAlchemy is not installed (pip install sqlalchemy)"
+    return None if importlib.util.find_spec("sqlalchemy") else "SQLAlchemy is not installed (pip install sqlalchemy)"
 
 
 class PgBench(Strategy):
