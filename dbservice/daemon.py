@@ -161,10 +161,9 @@ class Daemon:
                 handover=handover,
             )
         finally:
-            for standby in self.standbys:
-                if not handover.cluster_adopted:  # handed over, they are the successor's
+            if self.cluster is not None and _owns_cluster(handover):  # its standbys pass over with it
+                for standby in self.standbys:
                     standby.stop()
-            if self.cluster is not None and _owns_cluster(handover):
                 self.cluster.stop()
                 logger.info("embedded PostgreSQL stopped")
 
@@ -185,8 +184,10 @@ class Daemon:
         directory = "%s-replica%d" % (self.cluster.base_dir, number)
         if not os.path.exists(os.path.join(directory, "data", "PG_VERSION")):
             logger.info("creating embedded standby %d in %s (pg_basebackup)", number, directory)
-        standby = self.cluster.standby(directory)
-        logger.info("embedded standby %d running in %s (pid %d)", number, directory, standby.server_pid)
+        # Taking over, as for the primary: the standby running is the old daemon's, ours from now on.
+        standby = self.cluster.standby(directory, adopt=self.successor)
+        logger.info("embedded standby %d %s in %s (pid %d)", number,
+                    "running" if standby.adopted_pid is None else "adopted, running", directory, standby.server_pid)
         return standby
 
     def _settings(self, settings):
