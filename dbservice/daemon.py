@@ -153,6 +153,7 @@ class Daemon:
         try:
             for number in range(1, self.settings.embedded_replicas + 1):
                 self.standbys.append(self._start_standby(number))
+            handover.adopts_standbys = len(self.standbys)
             serve(
                 self._settings(self.settings),
                 ready=ready,
@@ -161,11 +162,14 @@ class Daemon:
                 handover=handover,
             )
         finally:
-            if self.cluster is not None and _owns_cluster(handover):  # its standbys pass over with it
+            if self.cluster is not None and _owns_cluster(handover):
                 for standby in self.standbys:
                     standby.stop()
                 self.cluster.stop()
                 logger.info("embedded PostgreSQL stopped")
+            elif handover.cluster_adopted:  # the successor keeps its first standbys: the others are ours to stop
+                for standby in self.standbys[handover.standbys_adopted:]:
+                    standby.stop()
 
     def _start_cluster(self):
         directory = self.settings.cluster_dir or default_cluster_dir(self.state.path)

@@ -95,9 +95,9 @@ async def _run(
     try:
         await engine.start()
         if handover is not None and handover.successor:
-            successor = await Successor.ask(
-                settings.socket, settings.authkey, {"pid": os.getpid(), "adopts_cluster": handover.adopts_cluster}
-            )
+            successor = await Successor.ask(settings.socket, settings.authkey, {
+                "pid": os.getpid(), "adopts_cluster": handover.adopts_cluster, "adopts_standbys": handover.adopts_standbys,
+            })
         if settings.socket:
             socket_intake = SocketIntake(engine, settings.socket, settings.authkey)
         # The metrics port first: a successor that cannot listen there must

@@ -492,6 +492,11 @@ def test_replicas_n_runs_streaming_standbys_of_the_embedded_postgresql_that_a_re
         assert [host["pid"] for host in hosts()] == [host["pid"] for host in figures]
         assert "left running" not in _read(StateDir(str(daemon_dir)).log)
         assert "True" in ok(dbserviced(daemon_dir, "query", "select pg_is_in_recovery()"))
+        # one the new daemon does not keep is stopped by the old one, not left running unknown to both
+        ok(dbserviced(daemon_dir, "restart", "--replicas", "1"))
+        assert [host["pid"] for host in hosts()] == [host["pid"] for host in figures[:2]]
+        wait_until(lambda: not os.path.exists(os.path.join(standbys[1], "data", "postmaster.pid")),
+                   message="the standby no daemon keeps to stop")
         ok(dbserviced(daemon_dir, "stop"))
         for directory in [cluster] + standbys:  # stopped with the daemon
             assert not os.path.exists(os.path.join(directory, "data", "postmaster.pid"))
