@@ -104,6 +104,8 @@ async def _run(
         # fail before it accepts a client it would then drop.
         if settings.metrics:
             metrics = await _serve_metrics(engine, socket_intake, settings.metrics, successor)
+        elif successor is not None and successor.metrics_socket is not None:
+            successor.metrics_socket.close()  # the old daemon's port, which we do not serve: free once it exits
         if socket_intake is not None:
             await socket_intake.start(sock=successor and successor.listener)
         if queue is not None:
