@@ -153,6 +153,7 @@ class Daemon:
         try:
             for number in range(1, self.settings.embedded_replicas + 1):
                 self.standbys.append(self._start_standby(number))
+            handover.adopts_standbys = len(self.standbys)
             serve(
                 self._settings(self.settings),
                 ready=ready,
@@ -161,12 +162,14 @@ class Daemon:
                 handover=handover,
             )
         finally:
-            for standby in self.standbys:
-                if not handover.cluster_adopted:  # handed over, they are the successor's
-                    standby.stop()
             if self.cluster is not None and _owns_cluster(handover):
+                for standby in self.standbys:
+                    standby.stop()
                 self.cluster.stop()
                 logger.info("embedded PostgreSQL stopped")
+            elif handover.cluster_adopted:  # the successor keeps its first standbys: the others are ours to stop
+                for standby in self.standbys[handover.standbys_adopted:]:
+                    standby.stop()
 
     def _start_cluster(self):
         directory = self.settings.cluster_dir or default_cluster_dir(self.state.path)
@@ -185,8 +188,10 @@ class Daemon:
         directory = "%s-replica%d" % (self.cluster.base_dir, number)
         if not os.path.exists(os.path.join(directory, "data", "PG_VERSION")):
             logger.info("creating embedded standby %d in %s (pg_basebackup)", number, directory)
-        standby = self.cluster.standby(directory)
-        logger.info("embedded standby %d running in %s (pid %d)", number, directory, standby.server_pid)
+        # Taking over, as for the primary: the standby running is the old daemon's, ours from now on.
+        standby = self.cluster.standby(directory, adopt=self.successor)
+        logger.info("embedded standby %d %s in %s (pid %d)", number,
+                    "running" if standby.adopted_pid is None else "adopted, running", directory, standby.server_pid)
         return standby
 
     def _settings(self, settings):

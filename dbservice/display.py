@@ -54,6 +54,13 @@ def format_status(status):
         "  latency      p50 %s, p95 %s, p99 %s (last %d jobs)"
         % (_ms(latency["p50"]), _ms(latency["p95"]), _ms(latency["p99"]), latency["window"]),
     ]
+    if "subscriptions" in status:  # the socket's: LISTEN/NOTIFY and COPY need it
+        lines.append(
+            "  listen       %d subscriptions on %d channels, %d notifications delivered, %d dropped"
+            % (status["subscriptions"], status["channels_listened"], status["notifications_delivered"],
+               status["notifications_dropped"])
+        )
+        lines.append("  copy         %d running" % status["copies_running"])
     for host in status.get("hosts", ()):
         lines.append("  %-12s %s" % (host["role"], _host(host)))
     if status["pause"] == "paused":

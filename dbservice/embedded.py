@@ -85,7 +85,7 @@ class Cluster:
         return cls(tempfile.mkdtemp(prefix="dbservice-pg-"), port=_free_port(), dbname="test", fsync=False,
                    temporary=True, **server_settings)
 
-    def standby(self, base_dir=None):
+    def standby(self, base_dir=None, adopt=False):
         """A streaming standby of this cluster, made by ``pg_basebackup -R`` in *base_dir*, and started.
 
         It listens as this cluster does (a Unix socket in its own directory,
@@ -93,12 +93,13 @@ class Cluster:
         (``hot_standby``). Without *base_dir* it is a temporary one, in a
         temporary directory. PostgreSQL's defaults (``wal_level=replica``,
         ``max_wal_senders=10``, local replication trusted by initdb) are what
-        the primary needs.
+        the primary needs. With *adopt*, a standby already running there (that
+        of a daemon handing over to us) is used as it is, as by :class:`Cluster`.
         """
         temporary = base_dir is None
         base_dir = tempfile.mkdtemp(prefix="dbservice-standby-") if temporary else base_dir
         return Standby(self, base_dir, port=_free_port() if self.port else None, dbname=self.dbname,
-                       fsync=self.fsync, temporary=temporary, hot_standby="on", **self.server_settings)
+                       fsync=self.fsync, temporary=temporary, adopt=adopt, hot_standby="on", **self.server_settings)
 
     # -- lifecycle -------------------------------------------------------------
 

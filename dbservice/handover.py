@@ -82,6 +82,8 @@ class Handover:
         self.adopts_cluster = adopts_cluster  # the running daemon's embedded PostgreSQL becomes ours
         self.took_over = False  # as successor: we serve, the pidfile is ours
         self.cluster_adopted = False  # as predecessor: our successor took our embedded PostgreSQL over
+        self.adopts_standbys = 0  # as successor: the embedded standbys we keep (1 to N), the running ones adopted
+        self.standbys_adopted = 0  # as predecessor: how many of our standbys the successor took over with it
         self.predecessor_pid = None
 
 
@@ -225,6 +227,7 @@ class Predecessor:
         sock, _ = protocol.detach()
         self.channel = FdChannel(sock, self._on_frame, self._on_closed)
         self.handover.cluster_adopted = bool(request.get("adopts_cluster"))
+        self.handover.standbys_adopted = int(request.get("adopts_standbys", 0))
         logger.info("handing over to the daemon with pid %d: its listeners first", pid)
         # Accept no more: a client connecting from now on waits in the
         # backlog for the new daemon. One accepted later would reach us after

@@ -97,6 +97,8 @@ class Reachability:
         """
         if not self.down(nothing_open):
             return None
+        if self._down_since is None:  # attempts began to fail while connections were open: the outage begins now
+            self._down_since = now
         lasted = now - self._down_since
         if self.ever_connected and lasted <= patience and not refused_for_good(self.last_error):
             return None

@@ -155,9 +155,7 @@ class Router:
             poller.cancel()
         await asyncio.gather(*self._pollers, return_exceptions=True)
         for host in self.hosts:
-            if host.poll_conn is not None:
-                host.poll_conn.close()
-                host.poll_conn = None
+            self._hang_up(host)
 
     # -- choosing --------------------------------------------------------------
 
@@ -167,9 +165,10 @@ class Router:
         if job.primary or not self._reads(job):
             return self.primary
         written = self._written_at.get(self._client(pending.owner), float("-inf"))
-        # With the primary down nothing more is written: a replica that has
-        # replayed its last sample falls no further behind.
-        oldest = self._loop.time() - self.max_lag if self.primary.healthy else self._sample[0]
+        # With the primary down or paused nothing more is written: a replica
+        # that has replayed its last sample falls no further behind.
+        writable = self.primary.healthy and not self.primary.pool.paused
+        oldest = self._loop.time() - self.max_lag if writable else self._sample[0]
         best = None
         self._turn = (self._turn + 1) % len(self.replicas)  # among equals, each in turn
         for host in self.replicas[self._turn:] + self.replicas[:self._turn]:
@@ -231,6 +230,9 @@ class Router:
             await asyncio.sleep(self.POLL_INTERVAL)
 
     async def _poll(self, host):
+        if host is self.primary and host.pool.paused:
+            self._hang_up(host)  # nothing of the daemon stays connected to a paused primary (maintenance.py)
+            return
         if host is self.primary:
             sent = self._loop.time()
             position = await self._position(host, "select pg_current_wal_lsn()::text")
@@ -256,15 +258,19 @@ class Router:
             if host.role == REPLICA:  # the jobs waiting for it run on the primary instead
                 host.pool.fail_waiting(ServiceUnavailable("the replica %s is unreachable" % mask_dsn(host.dsn)))
             host.last_error = one_line(exc)
-            if host.poll_conn is not None:
-                host.poll_conn.close()
-                host.poll_conn = None
+            self._hang_up(host)
             return None
         if not host.healthy:
             logger.info("%s %s is reachable again", host.role, mask_dsn(host.dsn))
         host.healthy = True
         host.last_error = None
         return None if text is None else lsn(text)
+
+    def _hang_up(self, host):
+        """Close the poller's connection to *host*, if open; the next poll opens another."""
+        if host.poll_conn is not None:
+            host.poll_conn.close()
+            host.poll_conn = None
 
 
 def _ignore(conn):

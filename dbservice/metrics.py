@@ -76,6 +76,15 @@ class DaemonCollector:
                        intake.clients_refused)
         yield _counter("received_bytes", "bytes received from clients on the socket", intake.bytes_received)
         yield _counter("sent_bytes", "bytes of replies sent to clients on the socket", intake.bytes_sent)
+        yield _gauge("copies_running", "COPY jobs running (max_copies at most)", intake.copy_slots.running)
+        listening = intake.listener.status()
+        yield _gauge("subscriptions", "listen() subscriptions of the socket's clients", listening["subscriptions"])
+        yield _gauge("channels_listened", "channels the daemon's listening connection LISTENs to",
+                     listening["channels_listened"])
+        yield _counter("notifications_delivered", "notifications sent to subscribers",
+                       listening["notifications_delivered"])
+        yield _counter("notifications_dropped", "notifications dropped for subscribers that read too slowly",
+                       listening["notifications_dropped"])
 
 
 def _pool_figures(pool):

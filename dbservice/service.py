@@ -95,15 +95,17 @@ async def _run(
     try:
         await engine.start()
         if handover is not None and handover.successor:
-            successor = await Successor.ask(
-                settings.socket, settings.authkey, {"pid": os.getpid(), "adopts_cluster": handover.adopts_cluster}
-            )
+            successor = await Successor.ask(settings.socket, settings.authkey, {
+                "pid": os.getpid(), "adopts_cluster": handover.adopts_cluster, "adopts_standbys": handover.adopts_standbys,
+            })
         if settings.socket:
             socket_intake = SocketIntake(engine, settings.socket, settings.authkey)
         # The metrics port first: a successor that cannot listen there must
         # fail before it accepts a client it would then drop.
         if settings.metrics:
             metrics = await _serve_metrics(engine, socket_intake, settings.metrics, successor)
+        elif successor is not None and successor.metrics_socket is not None:
+            successor.metrics_socket.close()  # the old daemon's port, which we do not serve: free once it exits
         if socket_intake is not None:
             await socket_intake.start(sock=successor and successor.listener)
         if queue is not None:

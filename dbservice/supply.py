@@ -127,6 +127,11 @@ class ConnectionSupply:
             self._emptied.cancel()  # a no-op once it is done
             self._maybe_grow()
 
+    @property
+    def paused(self) -> bool:
+        """True once suspended with no connection open: the pause is complete."""
+        return self.suspended and self._emptied.done()
+
     def _check_emptied(self) -> None:
         if self.suspended and not self._connections and self._opening is None and not self._emptied.done():
             self._emptied.set_result(None)

@@ -467,7 +467,7 @@ def test_with_no_dsn_the_daemon_runs_its_own_postgresql_and_keeps_its_data(daemo
         subprocess.run(["rm", "-rf", cluster], check=True)
 
 
-def test_replicas_n_runs_streaming_standbys_of_the_embedded_postgresql(daemon_dir):
+def test_replicas_n_runs_streaming_standbys_of_the_embedded_postgresql_that_a_restart_adopts(daemon_dir):
     cluster = default_cluster_dir(str(daemon_dir))
     standbys = ["%s-replica%d" % (cluster, number) for number in (1, 2)]
 
@@ -487,6 +487,16 @@ def test_replicas_n_runs_streaming_standbys_of_the_embedded_postgresql(daemon_di
         assert "True" in ok(dbserviced(daemon_dir, "query", "select pg_is_in_recovery()"))  # read on a standby
         text = ok(dbserviced(daemon_dir, "status"))
         assert text.count("  replica ") == 2 and "pid %d" % figures[1]["pid"] in text
+        # a restart adopts the standbys as it does the primary: not restarted under the old daemon's reads
+        ok(dbserviced(daemon_dir, "restart", "--replicas", "2"))
+        assert [host["pid"] for host in hosts()] == [host["pid"] for host in figures]
+        assert "left running" not in _read(StateDir(str(daemon_dir)).log)
+        assert "True" in ok(dbserviced(daemon_dir, "query", "select pg_is_in_recovery()"))
+        # one the new daemon does not keep is stopped by the old one, not left running unknown to both
+        ok(dbserviced(daemon_dir, "restart", "--replicas", "1"))
+        assert [host["pid"] for host in hosts()] == [host["pid"] for host in figures[:2]]
+        wait_until(lambda: not os.path.exists(os.path.join(standbys[1], "data", "postmaster.pid")),
+                   message="the standby no daemon keeps to stop")
         ok(dbserviced(daemon_dir, "stop"))
         for directory in [cluster] + standbys:  # stopped with the daemon
             assert not os.path.exists(os.path.join(directory, "data", "postmaster.pid"))

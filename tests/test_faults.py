@@ -18,7 +18,7 @@ import dbservice
 import dbservice.queries
 from conftest import active, start_service, wait_until
 from dbservice.embedded import Cluster
-from dbservice.health import Backoff
+from dbservice.health import Backoff, Reachability
 from dbservice.pool import AsyncConnectionPool
 from dbservice.loops import new_event_loop
 from proxy import TcpProxy
@@ -272,6 +272,16 @@ def test_backoff_schedule():
     assert len(set(delays[-5:])) == 5
     backoff.reset()
     assert backoff.next_delay() <= Backoff.INITIAL_DELAY * (1 + Backoff.JITTER)
+
+
+def test_an_outage_that_began_with_connections_open_is_timed_from_when_the_last_one_went():
+    """Attempts failed while connections were still open (the server shutting down), then those went too."""
+    health = Reachability("db")
+    health.connected()
+    health.failed(psycopg2.OperationalError("the database system is shutting down"), 10.0, nothing_open=False)
+    assert health.outage_error(11.0, nothing_open=True, patience=5.0) is None  # a short outage: jobs wait
+    error = health.outage_error(16.5, nothing_open=True, patience=5.0)
+    assert isinstance(error, dbservice.ServiceUnavailable) and "for 5.5 s" in str(error)
 
 
 # -- races and stuck connections ----------------------------------------------

@@ -230,3 +230,23 @@ def test_a_subscriber_across_a_restart_gets_the_marker_then_what_is_sent_after(d
         db.notify("across a handover", "after")
         assert subscription.receive(10).payload == "after"
         subscription.close()
+
+
+def test_a_restart_without_metrics_frees_the_old_daemons_port(dsn, daemon_dir):
+    with socket.socket() as probe:  # a port free now
+        probe.bind(("127.0.0.1", 0))
+        address = "127.0.0.1:%d" % probe.getsockname()[1]
+    ok(dbserviced(daemon_dir, "start", "--dsn", dsn, "--metrics", address))
+    ok(dbserviced(daemon_dir, "restart", "--dsn", dsn))
+    assert status(daemon_dir)["metrics"] is None
+
+    def port_free():
+        with socket.socket() as again:
+            try:
+                again.bind(("127.0.0.1", int(address.rpartition(":")[2])))
+            except OSError:
+                return False
+            return True
+    wait_until(port_free, message="no daemon to hold the metrics port")
+    ok(dbserviced(daemon_dir, "restart", "--dsn", dsn, "--metrics", address))
+    assert status(daemon_dir)["metrics"] == address

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import dbservice
 from conftest import start_service, wait_until
+from dbservice.display import format_status
 from proxy import TcpProxy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,6 +128,21 @@ def test_the_pool_and_its_clients_as_gauges(service):
     assert value(scraped, "dbservice_client_connections") >= 1
     assert value(scraped, "dbservice_jobs_waiting") == value(scraped, "dbservice_jobs_running") == 0
     assert value(scraped, "process_resident_memory_bytes") > 0
+
+
+def test_subscriptions_notifications_and_copies_show(service):
+    with service.client(timeout=10) as db, db.listen("metrics_heard", timeout=10) as heard:
+        db.notify("metrics_heard", "1")
+        assert next(iter(heard)).payload == "1"
+        status = db.status()
+        scraped = samples(service)
+    assert value(scraped, "dbservice_subscriptions") == status["subscriptions"] == 1
+    assert value(scraped, "dbservice_channels_listened") == status["channels_listened"] == 1
+    assert value(scraped, "dbservice_notifications_delivered_total") == status["notifications_delivered"] >= 1
+    assert value(scraped, "dbservice_notifications_dropped_total") == status["notifications_dropped"] == 0
+    assert value(scraped, "dbservice_copies_running") == status["copies_running"] == 0
+    text = format_status(status)
+    assert "listen       1 subscriptions on 1 channels" in text and "copy         0 running" in text
 
 
 def test_the_statements_prepared_on_the_pool_are_counted(service):

@@ -284,6 +284,39 @@ def test_a_paused_replica_stops_getting_reads_and_rejoins(cluster, tmp_path_fact
         wait_until(lambda: paused.port in _read_ports(svc), timeout=10, message="the replica to serve reads again")
 
 
+def test_a_paused_primary_has_no_connection_of_the_daemon_and_replicas_serve_reads_on(cluster, tmp_path_factory):
+    primary, standbys = cluster
+    directory = tmp_path_factory.mktemp("pp")
+    os.chmod(directory, 0o700)
+    tagged = psycopg2.extensions.make_dsn(primary.dsn(), application_name="paused_primary")
+    replicas = tuple(standby.dsn() for standby in standbys)
+    admin = psycopg2.connect(primary.dsn())
+    admin.autocommit = True
+
+    def daemons_connections():
+        with admin.cursor() as cur:
+            cur.execute("select count(*) from pg_stat_activity where application_name = 'paused_primary'")
+            return cur.fetchone()[0]
+
+    try:
+        with dbservice.DBService(tagged, socket=str(directory / "s.sock"), replicas=replicas, max_size=4,
+                                 max_replica_lag=0.5).start() as svc:
+            wait_until(lambda: polled(svc), message="the replicas to be polled")
+            assert daemons_connections() > 0
+            with svc.client(timeout=30) as db:
+                assert db.pause(10)["pause"] == "paused"
+                wait_until(lambda: daemons_connections() == 0, timeout=3,
+                           message="nothing of the daemon connected to the paused primary")
+                # the replicas have replayed all that was written before the pause: they serve on, however long
+                wait_until(lambda: all(host["lag_s"] > 0.5 for host in hosts(svc)[1:]), timeout=5,
+                           message="the pause to outlast max_replica_lag")
+                assert db.fetchval("select %s" % PORT, timeout=5) in [standby.port for standby in standbys]
+                db.resume()
+                assert db.execute("insert into ryw values (-4, 0)") == 1
+    finally:
+        admin.close()
+
+
 def test_a_partitioned_replica_stops_getting_reads_and_rejoins(cluster, tmp_path_factory):
     primary, standbys = cluster
     directory = tmp_path_factory.mktemp("n")
