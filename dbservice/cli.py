@@ -259,7 +259,7 @@ def pause(timeout, state_dir):
             "paused, and `dbserviced resume` gives up" % (timeout, figures["connections_open"], figures["transactions_open"])
         )
     click.echo(
-        "dbserviced paused: no connection to the database is open; new jobs wait until "
+        "dbserviced paused: the pool holds no connection to the database; new jobs wait until "
         "`dbserviced resume` (%d waiting)" % figures["held"]
     )
 

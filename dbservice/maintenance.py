@@ -52,7 +52,7 @@ class Maintenance:
 
     def _paused(self, emptied):
         if not emptied.cancelled():
-            logger.info("paused: no connection to the database is open; %d jobs wait", self.pool.waiting)
+            logger.info("paused: the pool holds no connection to the database; %d jobs wait", self.pool.waiting)
 
     def resume(self):
         """Resume; return the figures as they were, with the jobs the pause held."""
