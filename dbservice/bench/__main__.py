@@ -8,7 +8,7 @@ import psycopg2.extensions
 
 from . import plot as plotting
 from . import report
-from .run import GUARD_ROUNDS, QUICK, Plan, run
+from .run import QUICK, Plan, run
 from .strategies import STRATEGIES
 from .workloads import WORKLOADS
 
@@ -80,13 +80,6 @@ from .workloads import WORKLOADS
     help="dbservice's event loop (uvloop: pip install 'dbservice[uvloop]').",
 )
 @click.option(
-    "--guard",
-    type=click.FloatRange(0),
-    metavar="RATIO",
-    help="Exit 1 if dbservice's point reads reach less than RATIO x threadpool's in this run, "
-    "the best of each strategy's cell and %d more rounds in turns: a regression guard for CI." % GUARD_ROUNDS,
-)
-@click.option(
     "--rounds",
     type=click.IntRange(1),
     metavar="N",
@@ -126,7 +119,6 @@ def main(
     strategy_names,
     workload_names,
     loop,
-    guard,
     rounds,
     replicas,
     quick,
@@ -166,22 +158,15 @@ def main(
     strategies = [s for s in STRATEGIES if not strategy_names or s.name in strategy_names]
     workloads = [w for w in WORKLOADS if not workload_names or w.name in workload_names]
     try:
-        result = run(plan, dsn, strategies, workloads, guard_rounds=GUARD_ROUNDS if guard is not None else 0)
+        result = run(plan, dsn, strategies, workloads)
     except (RuntimeError, psycopg2.Error) as exc:
         raise click.ClickException("the bench could not run: %s" % exc) from None
-    result["command"] = command(plan, dsn, strategy_names, workload_names, guard)
-    if guard is not None:
-        passed, measured = report.guard(result["results"] + result["guard_rounds"], guard)
-        result["guard"] = {"floor": guard, "passed": passed, "measured": measured}
+    result["command"] = command(plan, dsn, strategy_names, workload_names)
     click.echo(report.format_report(result), nl=False)
     if json_path:
         report.write_json(result, json_path)
     if plot_path:
         plotting.plot(result, plot_path)
-    if guard is not None:
-        if not passed:
-            raise click.ClickException("regression guard: failed: " + measured)
-        click.echo("regression guard: passed: " + measured)
 
 
 def _plan(quick, scale, **given):
@@ -192,7 +177,7 @@ def _plan(quick, scale, **given):
     return Plan(**settings)
 
 
-def command(plan, dsn, strategy_names, workload_names, guard=None):
+def command(plan, dsn, strategy_names, workload_names):
     """The command line that reruns exactly this plan (a password in the DSN left out)."""
     words = ["python", "-m", "dbservice.bench"]
     if dsn:
@@ -221,8 +206,6 @@ def command(plan, dsn, strategy_names, workload_names, guard=None):
         words += ["--strategy", name]
     for name in workload_names:
         words += ["--workload", name]
-    if guard is not None:
-        words += ["--guard", "%g" % guard]
     return shlex.join(words)
 
 

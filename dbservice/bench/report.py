@@ -110,31 +110,6 @@ TARGETS = (
 )
 
 
-#: The regression guard compares dbservice's point reads with threadpool's.
-GUARD_WORKLOAD = "point-read"
-GUARD_BASELINE = "threadpool"
-
-
-def guard(results, floor):
-    """The regression guard: (passed, what it measured), from *results* of one run.
-
-    It compares the best point-read rounds of dbservice and threadpool: a
-    cell's throughput can only be lowered by what else the machine does.
-    """
-    best, rounds = {}, {}
-    for row in results:
-        if row["workload"] == GUARD_WORKLOAD and row["qps"]:
-            best[row["strategy"]] = max(best.get(row["strategy"], 0), row["qps"])
-            rounds[row["strategy"]] = rounds.get(row["strategy"], 0) + 1
-    value = _ratio(best.get(OURS), best.get(GUARD_BASELINE))
-    if value is None:
-        return False, "it needs dbservice and threadpool point reads measured in the same run"
-    measured = "dbservice's point reads reached %.2fx threadpool's (best of %d and %d rounds; floor %.2fx)" % (
-        value, rounds[OURS], rounds[GUARD_BASELINE], floor
-    )
-    return value >= floor, measured
-
-
 def targets(results, plan):
     """Each target with the ratio measured in this run and its verdict: PASS, FAIL or N-A."""
     return [_judge(target, results, plan) for target in TARGETS]

@@ -21,12 +21,6 @@ ACCOUNTS_SQL = "accounts.sql"
 #: Server connections beyond the most clients of a workload: pools, the sampler, superusers.
 SPARE_CONNECTIONS = 50
 
-#: Rounds of the regression guard's two cells run again, in turns, after the
-#: comparison: the guard judges the best round of each, so that a moment of
-#: load from elsewhere on a shared machine (which only ever slows a cell
-#: down) does not fail CI.
-GUARD_ROUNDS = 2
-
 
 @dataclasses.dataclass
 class Plan:
@@ -60,16 +54,15 @@ class Plan:
 QUICK = {"duration": 0.5, "warmup": 0.25, "rows": 10_000}
 
 
-def run(plan, dsn=None, strategies=STRATEGIES, workloads=WORKLOADS, guard_rounds=0):
+def run(plan, dsn=None, strategies=STRATEGIES, workloads=WORKLOADS):
     """Run *strategies* on *workloads*; return the report (the ``--json`` document).
 
     Without *dsn* a throwaway PostgreSQL is started. A strategy that cannot run
     here, or a cell that could not be measured, is absent with a note. With
     ``plan.rounds`` above 1 every cell runs that many times, strategy after
     strategy, and keeps its best round: other load on the machine only ever
-    slows a cell down, so the best round is the one it disturbed least. Then
-    *guard_rounds* more rounds of the guard's cells run, in turns, for those of
-    its strategies and workload the run has. A progress bar goes to stderr.
+    slows a cell down, so the best round is the one it disturbed least. A
+    progress bar goes to stderr.
     """
     notes, runnable = [], []
     for strategy in strategies:
@@ -78,11 +71,9 @@ def run(plan, dsn=None, strategies=STRATEGIES, workloads=WORKLOADS, guard_rounds
             notes.append(_note(strategy, None, "skipped: " + reason))
         else:
             runnable.append(strategy)
-    guard_workload = next((w for w in workloads if w.name == report.GUARD_WORKLOAD), None)
-    guarded = [s for s in runnable if guard_workload and s.name in (report.GUARD_BASELINE, report.OURS)]
     cells = sum(len(_cells(s, workloads)) for s in runnable)
-    progress = Progress(plan.rounds * cells + guard_rounds * len(guarded))
-    measured, guard_results = [], []
+    progress = Progress(plan.rounds * cells)
+    measured = []
     with database(plan, dsn) as dsn:
         machine = describe_machine(dsn)
         for _ in range(plan.rounds):
@@ -90,11 +81,6 @@ def run(plan, dsn=None, strategies=STRATEGIES, workloads=WORKLOADS, guard_rounds
                 rows, strategy_notes = _run_strategy(strategy, workloads, plan, dsn, progress)
                 measured += rows
                 notes += [note for note in strategy_notes if note not in notes]
-        for _ in range(guard_rounds):
-            for strategy in guarded:
-                row, cell_notes = _guard_cell(strategy, guard_workload, plan, dsn, progress)
-                guard_results += [row] if row else []
-                notes += cell_notes
     progress.close()
     results = best_rounds(measured)
     return {
@@ -102,7 +88,6 @@ def run(plan, dsn=None, strategies=STRATEGIES, workloads=WORKLOADS, guard_rounds
         "plan": dataclasses.asdict(plan),
         "results": results,
         "rounds": measured if plan.rounds > 1 else [],
-        "guard_rounds": guard_results,
         "notes": notes,
         "ratios": report.ratios(results),
         "layers": report.layers(results),
@@ -143,18 +128,6 @@ def best_rounds(rows):
 def _cells(strategy, workloads):
     """The workloads *strategy* runs: those that run it, of those it runs."""
     return [w for w in workloads if w.runs(strategy.name) and strategy.runs(w.name)]
-
-
-def _guard_cell(strategy, workload, plan, dsn, progress):
-    """One more round of a guard's cell: its row (or None) and its notes."""
-    progress.begin("regression guard: %s" % strategy.name)
-    try:
-        with strategy.serving(dsn, plan) as target:
-            row, notes = _run_cell(strategy, target, workload, plan, dsn)
-    except (NotMeasured, Error) as exc:
-        row, notes = None, [_note(strategy, workload, "a guard round not measured: %s" % exc)]
-    progress.end()
-    return row, notes
 
 
 def _run_cell(strategy, target, workload, plan, dsn):
