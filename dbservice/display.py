@@ -36,7 +36,8 @@ def format_status(status):
         "#%d %s (%d jobs)" % (c["number"], "busy" if c["busy"] else "idle", c["jobs_done"]) for c in status["connections"]
     )
     lines = [
-        "dbserviced is running (pid %d, up %s)" % (status["pid"], _duration(status["uptime_s"])),
+        "dbserviced is running (pid %d, up %s, on %s)"
+        % (status["pid"], _duration(status["uptime_s"]), status["event_loop"]),
         "  database     %s" % status["dsn"],
         "  socket       %s (%d connected)" % (status["socket"], status["socket_clients"]),
         "  pool         %d open (min %d, max %d), %d idle, %d jobs waiting for one"

@@ -43,6 +43,7 @@ import time
 
 import psycopg2
 
+from . import loops
 from .config import reloaded
 from .deadlines import Deadlines
 from .errors import Error, JobRefused, ServiceBusy, ServiceUnavailable
@@ -421,6 +422,7 @@ class Engine:
             "pid": os.getpid(),
             "dsn": mask_dsn(self.settings.dsn),
             "uptime_s": round(time.time() - self.started_at, 3),
+            "event_loop": loops.resolve(self.settings.selector),
             "reloads": self.reloads,
             "reload_error": self.reload_error,
             "queue_depth": self.queue_depth,

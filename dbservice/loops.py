@@ -1,4 +1,4 @@
-"""The event loop the engine runs on: epoll or select from the standard library, or uvloop."""
+"""The event loop the engine runs on: uvloop where it is installed, else epoll or select from the standard library."""
 
 import asyncio
 import selectors
@@ -9,20 +9,31 @@ SELECTORS = {
 }
 
 
-def new_event_loop(selector: str = "auto") -> asyncio.AbstractEventLoop:
-    """An event loop: "auto" (epoll where there is one), "epoll", "select", or "uvloop".
+def resolve(selector: str = "auto") -> str:
+    """The loop *selector* names: "auto" is uvloop if it is installed, else epoll where there is one, else select.
 
-    uvloop (libuv; ``pip install dbservice[uvloop]``) costs the daemon less CPU
-    per job; the standard loop needs nothing beyond Python.
+    uvloop (libuv; ``pip install 'dbservice[uvloop]'``) costs the daemon 29%
+    less CPU per job than the standard loop on epoll (docs/benchmarks.md);
+    the standard loop needs nothing beyond Python.
     """
+    if selector != "auto":
+        return selector
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "epoll" if SELECTORS["epoll"] else "select"
+    return "uvloop"
+
+
+def new_event_loop(selector: str = "auto") -> asyncio.AbstractEventLoop:
+    """A new event loop of the kind *selector* names: "auto", "uvloop", "epoll" or "select" (see :func:`resolve`)."""
+    selector = resolve(selector)
     if selector == "uvloop":
         try:
             import uvloop
         except ImportError:
             raise ValueError("selector 'uvloop' needs the uvloop package: pip install 'dbservice[uvloop]'") from None
         return uvloop.new_event_loop()
-    if selector == "auto":
-        selector = "epoll" if SELECTORS["epoll"] else "select"
     try:
         selector_class = SELECTORS[selector]
     except KeyError:

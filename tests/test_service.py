@@ -21,12 +21,15 @@ def test_a_slow_job_does_not_hold_up_the_others(client):
         assert slow.result(timeout=30) == "slow"
 
 
-@pytest.mark.parametrize("selector", ["epoll", "select", "uvloop"])
+@pytest.mark.parametrize("selector", ["epoll", "select", "uvloop", "auto"])
 def test_every_event_loop_serves_concurrent_jobs(dsn, socket_path, selector):
     with start_service(dsn, socket_path, max_size=3, selector=selector) as svc, svc.client(timeout=30) as c:
         with concurrent.futures.ThreadPoolExecutor(8) as executor:
             results = list(executor.map(lambda i: c.fetchval("select %s::int * 3", [i]), range(200)))
+        running = c.status()["event_loop"]
     assert results == [i * 3 for i in range(200)]
+    # uvloop is installed with the test extras: "auto" takes it
+    assert running == ("uvloop" if selector == "auto" else selector)
 
 
 def test_timed_out_query_is_cancelled_on_the_server_and_its_connection_reused(dsn, socket_path, admin):
