@@ -227,6 +227,7 @@ DOCUMENT = {
         "postgresql": "15.18",
         "pgbouncer": None,
         "pgbench": "pgbench (PostgreSQL) 15.18",
+        "dbservice_loop": "epoll",
     },
     "plan": {
         "warmup": 1.0,
@@ -251,6 +252,7 @@ def test_the_text_report_has_the_header_table_headline_and_targets():
         and "load average 0.5 before the run" in text
         and "PostgreSQL 15.18" in text
         and "Python 3.11.7" in text
+        and "; dbservice on epoll" in text
     )
     assert "command: python -m dbservice.bench" in text
     assert "pgbench: skipped: no pgbench binary on PATH" in text
@@ -400,6 +402,8 @@ def test_the_quick_run_compares_every_strategy_and_writes_the_json(tmp_path):
     document = json.loads(path.read_text())
     assert set(document) >= {"machine", "results", "ratios", "targets", "notes"}
     assert {"cores", "cpu_model", "load_average", "postgresql", "python", "date"} <= set(document["machine"])
+    assert document["machine"]["dbservice_loop"] == "uvloop"  # "auto", with the test extras
+    assert "; dbservice on uvloop" in result.stdout
     measured = {(r["strategy"], r["workload"]) for r in document["results"]}
     skipped = {note["strategy"] for note in document["notes"] if note["note"].startswith("skipped")}
     assert {strategy for strategy, _ in measured} | skipped == STRATEGY_NAMES
@@ -424,7 +428,7 @@ def test_daemon_cost_reports_cpu_per_job_and_memory():
         timeout=110,
     )
     assert result.returncode == 0, result.stderr
-    assert re.search(r"dbservice on the auto loop: \d+ queries/s, its CPU [\d.]+ us per query", result.stdout), (
+    assert re.search(r"dbservice on uvloop: \d+ queries/s, its CPU [\d.]+ us per query", result.stdout), (
         result.stdout
     )
     if pgbouncer.skip_reason() is None:

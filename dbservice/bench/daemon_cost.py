@@ -21,6 +21,7 @@ import time
 import click
 
 import dbservice
+from dbservice import loops
 
 from . import pgbouncer
 from .connectors import ClientConnector, DirectConnector
@@ -156,7 +157,7 @@ def main(loop, seconds, rounds, dsn):
             costs = {"dbservice": [], "PgBouncer": []}
             for _ in range(rounds):  # in turns: what else the machine does weighs on both alike
                 costs["dbservice"].append(
-                    _round("dbservice on the %s loop" % loop, service.process.pid, ours, plan.rows, seconds)
+                    _round("dbservice on %s" % loops.resolve(loop), service.process.pid, ours, plan.rows, seconds)
                 )
                 if bouncer is not None:
                     costs["PgBouncer"].append(_round("PgBouncer", bouncer.pid, theirs, plan.rows, seconds))

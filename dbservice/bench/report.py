@@ -146,13 +146,14 @@ def format_report(report):
             machine["os"],
             machine["load_average"],
         ),
-        "versions: PostgreSQL %s, Python %s, psycopg2 %s%s%s"
+        "versions: PostgreSQL %s, Python %s, psycopg2 %s%s%s; dbservice on %s"
         % (
             machine["postgresql"],
             machine["python"],
             machine["psycopg2"],
             ", " + machine["pgbouncer"] if machine["pgbouncer"] else "",
             ", " + machine["pgbench"] if machine["pgbench"] else "",
+            machine["dbservice_loop"],
         ),
         "command: %s" % report["command"],
         "each cell: %g s warm-up, then %g s measured%s; %d client threads over %d processes unless the "

@@ -6,6 +6,7 @@ import importlib.resources
 
 import psycopg2
 
+from .. import loops
 from ..embedded import Cluster
 from ..errors import Error
 from . import report
@@ -76,6 +77,7 @@ def run(plan, dsn=None, strategies=STRATEGIES, workloads=WORKLOADS):
     measured = []
     with database(plan, dsn) as dsn:
         machine = describe_machine(dsn)
+        machine["dbservice_loop"] = loops.resolve(plan.loop)
         for _ in range(plan.rounds):
             for strategy in runnable:
                 rows, strategy_notes = _run_strategy(strategy, workloads, plan, dsn, progress)
