@@ -37,18 +37,17 @@ def _run_guard(slowdown):
 
 @pytest.mark.bench
 @pytest.mark.timeout(120)
-def test_the_guard_passes_the_daemon_as_it_is():
-    result = _run_guard(0)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert re.search(r"regression guard: passed: the daemon spent [\d.]+x its client's CPU", result.stdout)
-
-
-@pytest.mark.bench
-@pytest.mark.timeout(120)
-def test_the_guard_fails_a_daemon_slowed_by_a_quarter():
-    result = _run_guard(0.25)
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert re.search(r"regression guard: failed: the daemon spent [\d.]+x its client's CPU", result.stderr)
+@pytest.mark.parametrize(
+    "slowdown, exit_code, verdict, stream",
+    [(0, 0, "passed", "stdout"), (0.25, 1, "failed", "stderr")],
+    ids=["the daemon as it is passes", "a daemon slowed by a quarter fails"],
+)
+def test_the_guard(slowdown, exit_code, verdict, stream):
+    result = _run_guard(slowdown)
+    assert result.returncode == exit_code, result.stdout + result.stderr
+    assert re.search(
+        r"regression guard: %s: the daemon spent [\d.]+x its client's CPU" % verdict, getattr(result, stream)
+    ), result.stdout + result.stderr
 
 
 def test_the_guard_keeps_itself_and_what_it_starts_on_one_core():
