@@ -59,7 +59,7 @@ class Maintenance:
         reply(True, self.figures())
 
     def _paused(self, emptied):
-        if emptied.exception() is None:
+        if _complete(emptied):
             logger.info("paused: no connection to the database is open; %d jobs wait", self.pool.waiting)
 
     def resume(self):
@@ -77,7 +77,7 @@ class Maintenance:
         """None, "pausing" while connections are open, or "paused" once none is: ``status``'s ``pause``."""
         if self._emptied is None:
             return None
-        return "paused" if self._emptied.done() and self._emptied.exception() is None else "pausing"
+        return "paused" if _complete(self._emptied) else "pausing"
 
     def figures(self):
         return {
@@ -86,3 +86,8 @@ class Maintenance:
             "held": self.pool.waiting,
             "transactions_open": len(self.engine.transactions),
         }
+
+
+def _complete(emptied):
+    """True once every connection closed, *emptied* says; False while they close, or if a resume came first."""
+    return emptied.done() and not emptied.cancelled() and emptied.exception() is None
