@@ -86,7 +86,8 @@ def test_jobs_submitted_during_a_pause_run_after_resume_across_a_database_restar
     try:
         wait_until(lambda: load.done() > 50, message="jobs flowing")
         assert "dbserviced paused" in ok(dbserviced(daemon_dir, "pause"))
-        assert server_connections(database) == 0  # the listening connection's too
+        # the listening connection's too; each backend leaves pg_stat_activity a moment after its socket closed
+        wait_until(lambda: server_connections(database) == 0, timeout=3, message="the daemon's backends to exit")
         figures = status(daemon_dir)
         assert figures["pause"] == "paused" and figures["transactions_open"] == 0
         assert "PAUSED" in ok(dbserviced(daemon_dir, "status"))
