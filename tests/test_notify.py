@@ -343,3 +343,16 @@ def test_a_pause_closes_the_listening_connection_and_resume_tells_each_subscribe
                 sender.execute("select pg_notify('fence', '')")
                 assert [n.payload for n in until_fence(subscription)] == ["after"]
                 assert [n.payload for n in until_fence(made_while_paused)] == ["after"]
+
+
+def test_a_resume_before_the_pause_completed_listens_again_too(notify_service, db, sender):
+    with db.listen("resumed early") as subscription, notify_service.client(timeout=30) as operator:
+        with db.transaction() as tx:
+            tx.execute("select 1")  # holds its connection: the pause cannot complete
+            assert operator.pause(timeout=0.2)["pause"] == "pausing"
+            assert db.status()["channels_listened"] == 0  # the listening connection closed at once
+            operator.resume()
+        marker = subscription.receive(10)
+        assert isinstance(marker, dbservice.NotificationsLost) and "was paused" in marker.reason, marker
+        sender.execute("select pg_notify('resumed early', 'heard')")
+        assert subscription.receive(10).payload == "heard"
