@@ -242,9 +242,12 @@ def pause(timeout, state_dir):
 
     As PgBouncer's PAUSE: jobs running, and transactions open, go on to
     their end, and their connections close; new jobs wait, each up to its
-    own timeout (pool_timeout without one), until `dbserviced resume`.
-    Exits 0 once no connection is open, and 1 if some still are after
-    --timeout: the daemon then stays paused, waiting for them.
+    own timeout (pool_timeout without one), until `dbserviced resume`. The
+    LISTEN connection of subscribers closes too; new subscriptions are
+    answered, and at resume every subscriber gets a NotificationsLost
+    marker. With replicas, only the primary is paused. Exits 0 once no
+    connection is open, and 1 if some still are after --timeout: the daemon
+    then stays paused, waiting for them.
     """
     state = StateDir(state_dir)
     with _client(state) as client:
@@ -259,8 +262,8 @@ def pause(timeout, state_dir):
             "paused, and `dbserviced resume` gives up" % (timeout, figures["connections_open"], figures["transactions_open"])
         )
     click.echo(
-        "dbserviced paused: the pool holds no connection to the database; new jobs wait until "
-        "`dbserviced resume` (%d waiting)" % figures["held"]
+        "dbserviced paused: no connection to the database is open (the pool's and LISTEN's closed); "
+        "new jobs wait until `dbserviced resume` (%d waiting)" % figures["held"]
     )
 
 

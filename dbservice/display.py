@@ -65,7 +65,7 @@ def format_status(status):
     for host in status.get("hosts", ()):
         lines.append("  %-12s %s" % (host["role"], _host(host)))
     if status["pause"] == "paused":
-        lines.append("  PAUSED       the pool holds no connection; %d jobs wait for `dbserviced resume`" % status["requests_waiting"])
+        lines.append("  PAUSED       no connection is open (pool, LISTEN); %d jobs wait for `dbserviced resume`" % status["requests_waiting"])
     elif status["pause"] == "pausing":
         lines.append(
             "  PAUSING      %d connections still open (running jobs, open transactions); %d jobs wait"

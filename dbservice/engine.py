@@ -48,6 +48,7 @@ from .config import reloaded
 from .deadlines import Deadlines
 from .errors import Error, JobRefused, ServiceBusy, ServiceUnavailable
 from .jobs import BEGIN
+from .listener import Listener
 from .maintenance import Maintenance
 from .pending import PendingJob
 from .health import mask_dsn, one_line, refused_for_good
@@ -81,7 +82,9 @@ class Engine:
                 host.pid = settings.embedded_pids.get(host.dsn)
         self.stats = JobStats()
         self.transactions = TransactionTable(settings.idle_in_transaction_timeout, self.finish)
-        self.maintenance = Maintenance(self)  # dbserviced pause and resume: the primary's pool
+        #: LISTEN/NOTIFY's connection to the primary, outside the pool (listener.py)
+        self.listener = Listener(settings)
+        self.maintenance = Maintenance(self)  # dbserviced pause and resume: the primary's pool and listener
         self.started_at = time.time()
         self.accepting = False
         self.reloads = 0
@@ -431,6 +434,7 @@ class Engine:
             "metrics": self.metrics_address,
         }
         status.update(self.pool.get_stats())
+        status["pause"] = self.maintenance.state  # the pool's and the listener's
         status.update(self.stats.as_dict())
         if self.router is not None:
             now = self._loop.time()

@@ -28,6 +28,9 @@ What a subscriber is promised:
   subscriber a ``NotificationsLost`` marker: what was sent meanwhile was
   never heard. (A client that loses the daemon itself subscribes again and
   gives its caller such a marker of its own: ``subscriptions.py``.)
+- ``dbserviced pause`` closes the listening connection too, and resume
+  listens again as after a lost connection: every subscriber is then sent a
+  ``NotificationsLost`` marker (:meth:`Listener.pause`).
 """
 
 import asyncio
@@ -49,6 +52,10 @@ _LISTENING_LOST = (
     "the daemon's connection to the database was lost (%s): notifications sent until it listened again "
     "were never received"
 )
+_PAUSED = (
+    "the dbservice daemon was paused (dbserviced pause): notifications sent until it was resumed and "
+    "listened again were never received"
+)
 
 
 class Listener:
@@ -68,6 +75,7 @@ class Listener:
         self._down = None  # why connecting failed, while it fails
         self._backoff = Backoff()
         self._closed = False
+        self._paused = False  # dbserviced pause: no listening connection until resume
 
     def client(self, protocol):
         """The subscriptions of one client connection (a socket_intake ``_ClientProtocol``)."""
@@ -77,6 +85,9 @@ class Listener:
         """Start listening for *subscription*, which is answered once its channels are all listened to."""
         if self._closed:
             subscription.refuse(ServiceUnavailable("the dbservice daemon is stopping"))
+            return
+        if self._paused:
+            self._hold(subscription)
             return
         if self._down is not None:  # as jobs do while the database is down: at once
             subscription.refuse(ServiceUnavailable("cannot listen: the database is unreachable: %s"
@@ -106,6 +117,46 @@ class Listener:
             await asyncio.gather(self._task, return_exceptions=True)
         self._hang_up()
 
+    def pause(self):
+        """Close the listening connection and open none until :meth:`resume`; a future done once it is closed.
+
+        Subscriptions are not refused meanwhile, nor left unanswered: each is
+        answered at once, as if the daemon listened, and told at resume what
+        it missed (:meth:`_hold`).
+        """
+        self._paused = True
+        waiting, self._waiting = self._waiting, []
+        for subscription in waiting:
+            subscription.confirm()
+        self._missed(_PAUSED)
+        task = self._task  # while it runs, it holds the connection: cancelled, it closes it (_run)
+        if task is None:
+            return asyncio.gather()  # done: no connection is open
+        task.cancel()
+        return asyncio.gather(task, return_exceptions=True)
+
+    def resume(self):
+        """Listen again on every channel subscribed to, as after a lost connection: each subscriber gets a marker."""
+        if self._paused:
+            self._paused = False
+            if self._channels:
+                self._wake()
+
+    def _hold(self, subscription):
+        """A subscription made while paused: answered at once, told at resume that what came meanwhile was missed.
+
+        A client's subscribe waits for its answer only ``connect_timeout``
+        (subscriptions.py), less than a pause may last, and a subscriber that
+        could not subscribe would have to retry until resume; answered, it
+        goes on, and the marker it gets once the daemon listens again says
+        what a database restart would: notifications sent until then were
+        never received, so whatever they would have said must be read anew.
+        """
+        for channel in subscription.channels:
+            self._channels.setdefault(channel, set()).add(subscription)
+        subscription.confirm()
+        subscription.missed(_PAUSED)
+
     def status(self):
         return {
             "subscriptions": len(set().union(*self._channels.values())),
@@ -118,7 +169,7 @@ class Listener:
 
     def _wake(self):
         self._changed.set()
-        if self._task is None and not self._closed:
+        if self._task is None and not self._closed and not self._paused:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self):
@@ -141,6 +192,8 @@ class Listener:
             self._task = None
             self._down = None  # the next subscriber tries again
             self._hang_up()
+            if self._channels:  # cancelled by a pause, and resumed before it ended: listen again
+                self._wake()
 
     async def _listen(self):
         """Connect if need be, then LISTEN to the channels wanted and UNLISTEN the others."""
@@ -191,20 +244,20 @@ class Listener:
         for subscription in waiting:
             subscription.refuse(error)  # its client's ClientSubscriptions forgets it
             self.unsubscribe(subscription)
-        self._missed(one_line(exc))
+        self._missed(_LISTENING_LOST % one_line(exc))
 
     def _lost(self, conn):
         """The server ended the listening connection while it was idle (a restart): listen again."""
         if conn is self._conn:
             logger.warning("the listening connection was closed by the server; listening again")
             self._hang_up()
-            self._missed("closed by the server")
+            self._missed(_LISTENING_LOST % "closed by the server")
             self._wake()
 
     def _missed(self, why):
         for wanting in self._channels.values():
             for subscription in wanting:
-                subscription.missed(_LISTENING_LOST % why)
+                subscription.missed(why)
 
     def _hang_up(self):
         if self._conn is not None:

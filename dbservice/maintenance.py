@@ -2,13 +2,17 @@
 
 As PgBouncer's PAUSE: the pool lends no more connections, so new jobs wait
 (each up to its own timeout, or ``pool_timeout`` without one), and closes
-each connection as it comes back. Jobs running go on to their end, and so do
+each connection as it comes back; the listening connection of LISTEN/NOTIFY
+subscribers closes at once (listener.py). Jobs running go on to their end, and so do
 the transactions open: their statements are not held, since holding them
 would make the pause wait for itself; a new transaction's BEGIN is held like
 any job. Once no connection is open the daemon is *paused*: nothing of it
 touches the database, which can go down and come back, or be replaced by a
 standby behind the same DSN. ``resume`` opens connections again, by the DSN
-anew, and the held jobs run in the order they came.
+anew, and the held jobs run in the order they came; the daemon listens again
+and tells each subscriber, by a ``NotificationsLost`` marker, that what was
+sent meanwhile was missed. With replicas, only the primary is paused: the
+listening connection is the primary's.
 """
 
 import asyncio
@@ -20,11 +24,13 @@ logger = logging.getLogger("dbservice.maintenance")
 
 
 class Maintenance:
-    """The pause and resume of *engine*'s pool, as its operator asks for them."""
+    """The pause and resume of *engine*'s pool and listener, as its operator asks for them."""
 
     def __init__(self, engine):
         self.engine = engine
         self.pool = engine.pool
+        self.listener = engine.listener
+        self._emptied = None  # while paused: done once neither the pool nor the listener holds a connection
         self._answering = set()  # the tasks that answer a pause command
 
     def pause(self, timeout, reply):
@@ -33,16 +39,18 @@ class Maintenance:
         Answered early, the pause still goes on: the figures say how many
         connections its jobs and transactions still hold.
         """
-        if not self.pool.suspended:
+        if self._emptied is None:
             logger.info("pausing: new jobs wait; %d connections close as their jobs end", self.pool.size)
-            self.pool.suspend().add_done_callback(self._paused)
+            # A resume cancels the pool's future, and so fails this one with CancelledError.
+            self._emptied = asyncio.gather(self.pool.suspend(), self.listener.pause())
+            self._emptied.add_done_callback(self._paused)
         task = asyncio.ensure_future(self._answer(timeout, reply))
         self._answering.add(task)
         task.add_done_callback(self._answering.discard)
 
     async def _answer(self, timeout, reply):
         try:
-            await asyncio.wait_for(asyncio.shield(self.pool.suspend()), timeout)
+            await asyncio.wait_for(asyncio.shield(self._emptied), timeout)
         except asyncio.TimeoutError:
             pass  # still pausing: the figures say what it waits for
         except asyncio.CancelledError:
@@ -51,21 +59,35 @@ class Maintenance:
         reply(True, self.figures())
 
     def _paused(self, emptied):
-        if not emptied.cancelled():
-            logger.info("paused: the pool holds no connection to the database; %d jobs wait", self.pool.waiting)
+        if _complete(emptied):
+            logger.info("paused: no connection to the database is open; %d jobs wait", self.pool.waiting)
 
     def resume(self):
         """Resume; return the figures as they were, with the jobs the pause held."""
         figures = self.figures()
-        if self.pool.suspended:
+        if self._emptied is not None:
+            self._emptied = None
             self.pool.resume()
+            self.listener.resume()
             logger.info("resumed: %d jobs that waited go on", figures["held"])
         return figures
 
+    @property
+    def state(self):
+        """None, "pausing" while connections are open, or "paused" once none is: ``status``'s ``pause``."""
+        if self._emptied is None:
+            return None
+        return "paused" if _complete(self._emptied) else "pausing"
+
     def figures(self):
         return {
-            "pause": self.pool.get_stats()["pause"],
+            "pause": self.state,
             "connections_open": self.pool.size,
             "held": self.pool.waiting,
             "transactions_open": len(self.engine.transactions),
         }
+
+
+def _complete(emptied):
+    """True once every connection closed, *emptied* says; False while they close, or if a resume came first."""
+    return emptied.done() and not emptied.cancelled() and emptied.exception() is None

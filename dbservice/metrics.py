@@ -77,7 +77,7 @@ class DaemonCollector:
         yield _counter("received_bytes", "bytes received from clients on the socket", intake.bytes_received)
         yield _counter("sent_bytes", "bytes of replies sent to clients on the socket", intake.bytes_sent)
         yield _gauge("copies_running", "COPY jobs running (max_copies at most)", intake.copy_slots.running)
-        listening = intake.listener.status()
+        listening = intake.engine.listener.status()
         yield _gauge("subscriptions", "listen() subscriptions of the socket's clients", listening["subscriptions"])
         yield _gauge("channels_listened", "channels the daemon's listening connection LISTENs to",
                      listening["channels_listened"])

@@ -20,7 +20,6 @@ from .backpressure import ResultGate
 from .copying import ClientCopies, CopySlots
 from .errors import JobCancelled, JobRefused
 from .jobs import encode_reply, loads_job
-from .listener import Listener
 from .wire import (
     HEADER,
     MAX_AUTH_FRAME,
@@ -84,7 +83,6 @@ class SocketIntake:
         self.connecting = 0  # accepted (or handed over to us), their connection_made not yet run
         self._connecting_tasks = set()
         self.copy_slots = CopySlots(self.settings.max_copies)
-        self.listener = Listener(self.settings)
 
     async def start(self, sock=None):
         """Listen on our path, or on *sock*, the listening socket a daemon handed over to us.
@@ -199,7 +197,7 @@ class SocketIntake:
     async def close(self):
         """Stop accepting and close every client connection, once replies are flushed."""
         await self.stop_listening()
-        await self.listener.close()
+        await self.engine.listener.close()
         for client in list(self._clients):
             client.transport.close()  # writes what is buffered first
 
@@ -210,7 +208,7 @@ class SocketIntake:
     def status(self):
         """The engine's figures, and this socket's."""
         return dict(self.engine.status(), socket=self.path, socket_clients=self.clients,
-                    copies_running=self.copy_slots.running, **self.listener.status())
+                    copies_running=self.copy_slots.running, **self.engine.listener.status())
 
 
 class _ClientProtocol(asyncio.Protocol):
@@ -404,7 +402,7 @@ class _ClientProtocol(asyncio.Protocol):
                 self.copies.receive(job_id, kind, payload)
         elif kind in SUBSCRIPTION_FRAMES:
             if self.subscriptions is None:
-                self.subscriptions = self.intake.listener.client(self)
+                self.subscriptions = self.engine.listener.client(self)
             self.subscriptions.receive(job_id, kind, payload)
         else:
             self.reply(job_id, False, JobRefused("unknown message kind %d" % kind))

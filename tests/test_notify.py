@@ -306,3 +306,53 @@ def _served(db):
         return db.fetchval("select 1") == 1
     except (dbservice.ServiceUnavailable, psycopg2.OperationalError):
         return False
+
+
+# -- pauses --------------------------------------------------------------------------
+
+
+def test_a_pause_closes_the_listening_connection_and_resume_tells_each_subscriber(dsn, socket_path, admin, sender):
+    name = "notify-pause-test"
+    cur = admin.cursor()
+
+    def daemons_connections():
+        cur.execute("select count(*) from pg_stat_activity where application_name = %s", [name])
+        return cur.fetchone()[0]
+
+    with start_service(psycopg2.extensions.make_dsn(dsn, application_name=name), socket_path,
+                       min_size=1, max_size=2) as svc, svc.client(timeout=30) as db:
+        with db.listen("before the pause", "fence") as subscription:
+            assert daemons_connections() == 2  # the pool's and the listening one
+            assert db.pause(timeout=10)["pause"] == "paused"
+            # closed by the daemon: each backend leaves pg_stat_activity a moment later, as it exits
+            wait_until(lambda: daemons_connections() == 0, timeout=3, message="the daemon's backends to exit")
+            status = db.status()
+            assert (status["pause"], status["subscriptions"], status["channels_listened"]) == ("paused", 1, 0)
+            sender.execute("select pg_notify('before the pause', 'while paused')")
+            with db.listen("made while paused", "fence") as made_while_paused:  # answered, not held up
+                assert daemons_connections() == 0
+                sender.execute("select pg_notify('made while paused', 'while paused')")
+                db.resume()
+                for each in (subscription, made_while_paused):
+                    marker = each.receive(10)
+                    assert isinstance(marker, dbservice.NotificationsLost), marker
+                    assert "was paused" in marker.reason and marker.count is None
+                assert db.status()["channels_listened"] == 3  # every channel subscribed to, listened again
+                sender.execute("select pg_notify('before the pause', 'after')")
+                sender.execute("select pg_notify('made while paused', 'after')")
+                sender.execute("select pg_notify('fence', '')")
+                assert [n.payload for n in until_fence(subscription)] == ["after"]
+                assert [n.payload for n in until_fence(made_while_paused)] == ["after"]
+
+
+def test_a_resume_before_the_pause_completed_listens_again_too(notify_service, db, sender):
+    with db.listen("resumed early") as subscription, notify_service.client(timeout=30) as operator:
+        with db.transaction() as tx:
+            tx.execute("select 1")  # holds its connection: the pause cannot complete
+            assert operator.pause(timeout=0.2)["pause"] == "pausing"
+            assert db.status()["channels_listened"] == 0  # the listening connection closed at once
+            operator.resume()
+        marker = subscription.receive(10)
+        assert isinstance(marker, dbservice.NotificationsLost) and "was paused" in marker.reason, marker
+        sender.execute("select pg_notify('resumed early', 'heard')")
+        assert subscription.receive(10).payload == "heard"

@@ -81,10 +81,13 @@ def test_jobs_submitted_during_a_pause_run_after_resume_across_a_database_restar
     ok(dbserviced(daemon_dir, "start", "--dsn", make_dsn(database.dsn(), application_name=NAME),
                   "--min-size", "2", "--max-size", "2"))
     load = Load(daemon_dir)
+    subscriber = client_of(daemon_dir, timeout=60)
+    subscription = subscriber.listen("across the pause")
     try:
         wait_until(lambda: load.done() > 50, message="jobs flowing")
         assert "dbserviced paused" in ok(dbserviced(daemon_dir, "pause"))
-        assert server_connections(database) == 0
+        # the listening connection's too; each backend leaves pg_stat_activity a moment after its socket closed
+        wait_until(lambda: server_connections(database) == 0, timeout=3, message="the daemon's backends to exit")
         figures = status(daemon_dir)
         assert figures["pause"] == "paused" and figures["transactions_open"] == 0
         assert "PAUSED" in ok(dbserviced(daemon_dir, "status"))
@@ -96,7 +99,13 @@ def test_jobs_submitted_during_a_pause_run_after_resume_across_a_database_restar
         assert "4 jobs that waited go on" in ok(dbserviced(daemon_dir, "resume"))
         wait_until(lambda: load.done() > done_while_paused + 50, message="jobs flowing after the resume")
         assert status(daemon_dir)["pause"] is None
+        marker = subscription.receive(30)  # the restart ended no connection of the daemon's: the pause did
+        assert isinstance(marker, dbservice.NotificationsLost) and "was paused" in marker.reason, marker
+        subscriber.notify("across the pause", "heard again")
+        assert subscription.receive(30).payload == "heard again"
     finally:
+        subscription.close()
+        subscriber.close()
         errors = load.stop()
     assert errors == []
 

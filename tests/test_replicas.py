@@ -303,7 +303,11 @@ def test_a_paused_primary_has_no_connection_of_the_daemon_and_replicas_serve_rea
                                  max_replica_lag=0.5).start() as svc:
             wait_until(lambda: polled(svc), message="the replicas to be polled")
             assert daemons_connections() > 0
-            with svc.client(timeout=30) as db:
+            with svc.client(timeout=30) as db, db.listen("on the primary") as subscription:
+                with admin.cursor() as cur:  # the listening connection is the primary's
+                    cur.execute("select count(*) from pg_stat_activity where application_name = 'paused_primary'"
+                                " and query like 'LISTEN%%'")
+                    assert cur.fetchone()[0] == 1
                 assert db.pause(10)["pause"] == "paused"
                 wait_until(lambda: daemons_connections() == 0, timeout=3,
                            message="nothing of the daemon connected to the paused primary")
@@ -313,6 +317,9 @@ def test_a_paused_primary_has_no_connection_of_the_daemon_and_replicas_serve_rea
                 assert db.fetchval("select %s" % PORT, timeout=5) in [standby.port for standby in standbys]
                 db.resume()
                 assert db.execute("insert into ryw values (-4, 0)") == 1
+                assert isinstance(subscription.receive(10), dbservice.NotificationsLost)
+                db.notify("on the primary", "heard again")
+                assert subscription.receive(10).payload == "heard again"
     finally:
         admin.close()
 
