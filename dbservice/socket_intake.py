@@ -282,8 +282,9 @@ class _ClientProtocol(asyncio.Protocol):
         """Handle the frames that arrived, as many as the client's bounds let in (backpressure.py).
 
         An error while cutting a frame drops the connection: with the framing
-        broken, what follows cannot be tied to any job. A job the daemon fails
-        on once cut is answered on its own (:meth:`_submit`, :meth:`reply`).
+        broken, what follows cannot be tied to any job. A job (MSG_JOB) the
+        daemon fails on once it is cut is answered alone, with an
+        InternalError (:meth:`_submit`, :meth:`reply`); the connection goes on.
         """
         self._cutting = True
         try:
