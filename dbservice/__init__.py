@@ -15,6 +15,7 @@ from .client import Client, connect
 from .errors import (
     AuthenticationError,
     Error,
+    InternalError,
     JobCancelled,
     JobRefused,
     QueryOutcomeUnknown,
@@ -36,6 +37,7 @@ __all__ = [
     "Client",
     "DBService",
     "Error",
+    "InternalError",
     "JobCancelled",
     "JobRefused",
     "Notification",

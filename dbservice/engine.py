@@ -46,7 +46,7 @@ import psycopg2
 from . import loops
 from .config import reloaded
 from .deadlines import Deadlines
-from .errors import Error, JobRefused, ServiceBusy, ServiceUnavailable
+from .errors import Error, InternalError, JobRefused, ServiceBusy, ServiceUnavailable
 from .jobs import BEGIN
 from .listener import Listener
 from .maintenance import Maintenance
@@ -148,19 +148,25 @@ class Engine:
     def submit(self, job, reply, reply_id=0, owner=None):
         """Take *job*; ``reply(reply_id, ok, value)`` is called exactly once, later or now.
 
+        Should the daemon fail on it here (a bug of ours), that reply is an
+        InternalError, and the job's client goes on.
+
         *owner* identifies the client connection, which transactions need: a
         job of an open transaction skips the queue and runs on its pinned
         connection.
         """
         pending = PendingJob(self, job, reply, reply_id, owner, self._loop.time())
-        if not self.accepting:
-            self.finish(pending, False, ServiceUnavailable("the dbservice daemon is stopping"))
-        elif job.tx is not None and owner is None:
-            self.finish(pending, False, JobRefused("transactions need a connection of their own: use the socket"))
-        elif job.tx is not None and job.kind != BEGIN:
-            self._start_task(pending, self.transactions.run(pending, owner))
-        else:
-            self._queue(pending)
+        try:
+            if not self.accepting:
+                self.finish(pending, False, ServiceUnavailable("the dbservice daemon is stopping"))
+            elif job.tx is not None and owner is None:
+                self.finish(pending, False, JobRefused("transactions need a connection of their own: use the socket"))
+            elif job.tx is not None and job.kind != BEGIN:
+                self._start_task(pending, self.transactions.run(pending, owner))
+            else:
+                self._queue(pending)
+        except Exception as exc:  # a bug of ours: this job's error, not its client's lost connection
+            self.fail(pending, exc)
         return pending
 
     def _queue(self, pending):
@@ -213,12 +219,12 @@ class Engine:
         )
 
     def refuse(self, reply, reply_id, error):
-        """Answer with *error* a job refused before it became one (too large, or not decodable).
+        """Answer with *error* a job refused before it became one (too large, not decodable, or failed on).
 
         It never reaches :meth:`submit`, but status counts it as failed all
         the same: an operator must see the jobs the daemon turns away.
         """
-        self.stats.refused()
+        self.stats.turned_away(error)
         reply(reply_id, False, error)
 
     # -- running ---------------------------------------------------------------
@@ -301,7 +307,7 @@ class Engine:
             return
         if not isinstance(exc, (psycopg2.Error, Error)):
             logger.error("job %r failed inside the daemon", pending.job, exc_info=exc)
-            exc = Error("dbservice internal error: %s: %s" % (type(exc).__name__, exc))
+            exc = InternalError.of(exc)
         self.finish(pending, False, exc)
 
     def _rerun(self, pending, exc):

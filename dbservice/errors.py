@@ -70,5 +70,21 @@ class JobRefused(Error, psycopg2.ProgrammingError):
     """The daemon refused a job as malformed or unsafe; nothing was executed."""
 
 
+class InternalError(Error, psycopg2.InternalError):
+    """The daemon failed on the job: a bug of dbservice's, not the job's.
+
+    Only this job fails; the connection and its other jobs go on. The
+    daemon logged the failure once, with its traceback.
+    """
+
+    @classmethod
+    def of(cls, exc: BaseException) -> "InternalError":
+        """The error that answers a job the daemon failed on with *exc*."""
+        return cls(
+            "dbservice internal error: %s: %s; the daemon logged it with its traceback: "
+            "please report it with that log line" % (type(exc).__name__, exc)
+        )
+
+
 class AuthenticationError(Error, psycopg2.OperationalError):
     """The client and the daemon do not share the same secret."""

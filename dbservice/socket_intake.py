@@ -6,6 +6,8 @@ it holds the shared secret; until then nothing it sends is decoded. Job
 payloads are decoded by the restricted unpickler of :mod:`dbservice.jobs`.
 A client that stalls or sends garbage only loses its own connection, and
 one that does not read its replies only holds what backpressure.py allows.
+A job the daemon itself fails on, decoding it or encoding its reply, is
+answered with an InternalError; its connection goes on.
 """
 
 import asyncio
@@ -18,7 +20,7 @@ import stat
 
 from .backpressure import ResultGate
 from .copying import ClientCopies, CopySlots
-from .errors import JobCancelled, JobRefused
+from .errors import InternalError, JobCancelled, JobRefused
 from .jobs import encode_reply, loads_job
 from .wire import (
     HEADER,
@@ -275,7 +277,13 @@ class _ClientProtocol(asyncio.Protocol):
         self._cut_frames()
 
     def _cut_frames(self):
-        """Handle the frames that arrived, as many as the client's bounds let in (backpressure.py)."""
+        """Handle the frames that arrived, as many as the client's bounds let in (backpressure.py).
+
+        An error while cutting a frame drops the connection: with the framing
+        broken, what follows cannot be tied to any job. A job (MSG_JOB) the
+        daemon fails on once it is cut is answered alone, with an
+        InternalError (:meth:`_submit`, :meth:`reply`); the connection goes on.
+        """
         self._cutting = True
         try:
             while not self.transport.is_closing():
@@ -414,6 +422,10 @@ class _ClientProtocol(asyncio.Protocol):
             logger.warning("refused a job: %s", exc)
             self.engine.refuse(self.reply, job_id, exc)
             return
+        except Exception as exc:  # a bug of ours: this job's error, not its client's lost connection
+            logger.error("failed decoding job %d of a client", job_id, exc_info=True)
+            self.engine.refuse(self.reply, job_id, InternalError.of(exc))
+            return
         pending = self.engine.submit(job, self.reply, job_id, owner=self)
         if not pending.done:
             self.in_flight[job_id] = pending
@@ -427,23 +439,43 @@ class _ClientProtocol(asyncio.Protocol):
         self.engine.maintenance.pause(timeout, functools.partial(self.reply, job_id))
 
     def reply(self, job_id, ok, value):
-        """Send the one reply of job *job_id* back on this connection."""
+        """Send the one reply of job *job_id* back on this connection.
+
+        A reply the daemon fails to encode (a bug of ours) is replaced by an
+        InternalError. One it fails to write drops the connection: part of
+        it may be in the stream already, so the client could not tell where
+        the next frame begins.
+        """
         full = len(self.in_flight) >= self.settings.max_client_jobs
         self.in_flight.pop(job_id, None)
         if self.transport.is_closing():
             return
-        ok, payload = encode_reply(ok, value, self.settings.max_result_bytes)
-        kind = MSG_RESULT if ok else MSG_ERROR
-        self.intake.bytes_sent += HEADER.size + len(payload)
-        if len(payload) < LARGE_REPLY:
-            self.transport.write(encode_frame(job_id, kind, payload))
-        else:  # not one more copy of a large reply: its header, then itself
-            self.transport.write(HEADER.pack(len(payload), job_id, kind))
-            self.transport.write(payload)
+        try:
+            frames = self._reply_frames(job_id, ok, value)
+        except Exception as exc:
+            logger.error("failed encoding the reply of job %d; it is answered with an internal error",
+                         job_id, exc_info=True)
+            frames = self._reply_frames(job_id, False, InternalError.of(exc))
+        try:
+            for frame in frames:
+                self.transport.write(frame)
+        except Exception:
+            logger.exception("failed writing the reply of job %d; dropping its client", job_id)
+            self.transport.abort()
+            return
         if full and not self._cutting:
             asyncio.get_running_loop().call_soon(self._cut_frames)  # room for one more of its jobs
         if self.hand_over is not None:
             asyncio.get_running_loop().call_soon(self._check_idle)  # once its transaction, if any, is gone too
+
+    def _reply_frames(self, job_id, ok, value):
+        """What to write for a reply: one frame, or a large one's header and payload, not joined."""
+        ok, payload = encode_reply(ok, value, self.settings.max_result_bytes)
+        kind = MSG_RESULT if ok else MSG_ERROR
+        self.intake.bytes_sent += HEADER.size + len(payload)
+        if len(payload) < LARGE_REPLY:
+            return (encode_frame(job_id, kind, payload),)
+        return HEADER.pack(len(payload), job_id, kind), payload  # not one more copy of a large reply
 
     # -- handing the connection over to a new daemon (handover.py) ------------------
 

@@ -73,9 +73,9 @@ class JobStats:
         if slow_ms and seconds * 1000.0 >= slow_ms:
             logger.warning("slow job, %.0f ms (%s): %s", seconds * 1000.0, outcome, sql_for_log(job.sql))
 
-    def refused(self):
-        """Count a job refused before it ran or was timed (see Engine.refuse)."""
-        self.outcomes["refused"] += 1
+    def turned_away(self, error):
+        """Count a job answered with *error* before it ran or was timed (see Engine.refuse)."""
+        self.outcomes[outcome_of(error)] += 1
 
     def as_dict(self):
         ordered = sorted(self._latencies)

@@ -1,0 +1,60 @@
+"""A daemon that fails on purpose, as a bug of ours would, to prove one failed job costs no other.
+
+Python imports this module at start-up in every process that has this
+directory on its ``PYTHONPATH``. With ``DBSERVICE_FAULT`` set to a step, the
+daemon raises a RuntimeError in that step for the jobs whose SQL (for
+``reply``: whose result) carries the text of ``DBSERVICE_FAULT_MARKER``;
+every other job runs as it always does. The steps: ``decode`` (the job read from its frame),
+``submit`` (the job handed to the engine), ``reply`` (its reply encoded).
+"""
+
+import os
+
+_step = os.environ.get("DBSERVICE_FAULT")
+FAULT_MARKER = os.environ.get("DBSERVICE_FAULT_MARKER", "")
+
+
+def _fault():
+    raise RuntimeError("a fault injected in the %s step" % _step)
+
+
+def _faulty_decode(loads_job):
+    def decode(payload, *args):
+        job = loads_job(payload, *args)
+        if FAULT_MARKER in job.sql:
+            _fault()
+        return job
+
+    return decode
+
+
+def _faulty_queue(queue):
+    def queue_job(engine, pending):
+        if FAULT_MARKER in pending.job.sql:
+            _fault()
+        return queue(engine, pending)
+
+    return queue_job
+
+
+def _faulty_encode(encode_reply):
+    def encode(ok, value, max_bytes):
+        if FAULT_MARKER in repr(value):
+            _fault()
+        return encode_reply(ok, value, max_bytes)
+
+    return encode
+
+
+if _step == "decode":
+    from dbservice import socket_intake
+
+    socket_intake.loads_job = _faulty_decode(socket_intake.loads_job)
+elif _step == "submit":
+    from dbservice import engine
+
+    engine.Engine._queue = _faulty_queue(engine.Engine._queue)
+elif _step == "reply":
+    from dbservice import socket_intake
+
+    socket_intake.encode_reply = _faulty_encode(socket_intake.encode_reply)
