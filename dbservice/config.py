@@ -161,8 +161,9 @@ class Settings:
     )
     selector: str = setting(
         "auto", "LOOP",
-        "the event loop: auto (uvloop if installed, else epoll), epoll, select, or uvloop, which costs "
-        "the daemon 29% less CPU per job (pip install 'dbservice[uvloop]')",
+        "the event loop: auto (epoll on Linux), epoll, select, or uvloop, which costs the daemon 29% less "
+        "CPU per job but has left jobs waiting for their timeout when the database shut down "
+        "(pip install 'dbservice[uvloop]')",
         choices=SELECTORS,
     )
     metrics: Optional[str] = setting(

@@ -1,4 +1,4 @@
-"""The event loop the engine runs on: uvloop where it is installed, else epoll or select from the standard library."""
+"""The event loop the engine runs on: epoll or select from the standard library, or uvloop."""
 
 import asyncio
 import selectors
@@ -10,19 +10,16 @@ SELECTORS = {
 
 
 def resolve(selector: str = "auto") -> str:
-    """The loop *selector* names: "auto" is uvloop if it is installed, else epoll where there is one, else select.
+    """The loop *selector* names: "auto" is epoll where there is one, else select.
 
     uvloop (libuv; ``pip install 'dbservice[uvloop]'``) costs the daemon 29%
-    less CPU per job than the standard loop on epoll (docs/benchmarks.md);
-    the standard loop needs nothing beyond Python.
+    less CPU per job, but is not the default: on it, jobs that had just sent
+    their query when PostgreSQL shut down were sometimes told only at their
+    own timeout, where epoll tells them at once (docs/benchmarks.md).
     """
     if selector != "auto":
         return selector
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return "epoll" if SELECTORS["epoll"] else "select"
-    return "uvloop"
+    return "epoll" if SELECTORS["epoll"] else "select"
 
 
 def new_event_loop(selector: str = "auto") -> asyncio.AbstractEventLoop:

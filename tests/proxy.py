@@ -2,12 +2,16 @@
 
 Runs its own event loop on a thread. ``stop()`` drops every connection and
 refuses new ones (the link is down); ``start()`` brings it back on the same
-port; ``stall()`` keeps connections open but forwards nothing (packets lost in
-the network); ``resume()`` lets traffic flow again. ``accepted`` records when
+port; ``reset()`` resets every connection, as a peer that dies with data
+unread does (TCP RST, not FIN); ``stall()`` keeps connections open but
+forwards nothing (packets lost in the network); ``resume()`` lets traffic
+flow again. ``accepted`` records when
 each connection attempt arrived, to check the reconnect backoff.
 """
 
 import asyncio
+import socket
+import struct
 import threading
 import time
 
@@ -34,6 +38,9 @@ class TcpProxy:
 
     def stop(self):
         self._call(self._stop)
+
+    def reset(self):
+        self._call(self._reset)
 
     def stall(self):
         self._call(self._flowing.clear)
@@ -68,6 +75,13 @@ class TcpProxy:
             self._server.close()
             self._server = None
         for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    def _reset(self):
+        for writer in list(self._writers):
+            # A zero linger makes close() send RST: the daemon's socket errors (POLLERR).
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()
         self._writers.clear()
 

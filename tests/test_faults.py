@@ -153,6 +153,20 @@ def test_killed_backend_fails_its_job_and_is_replaced(dsn, socket_path, admin):
         wait_until(lambda: c.status()["pool_size"] == 2, message="the pool to replace the connection")
 
 
+@pytest.mark.parametrize("selector", ["epoll", "select", "uvloop"])
+def test_a_connection_reset_during_a_query_fails_its_job_at_once(proxy, socket_path, admin, selector):
+    dsn = proxy.dsn(user="postgres", dbname="test")
+    with dbservice.DBService(dsn, socket=socket_path, min_size=1, max_size=1, selector=selector) as svc, \
+            svc.client(timeout=30) as c, concurrent.futures.ThreadPoolExecutor(1) as executor:
+        marker = "marker-reset-%s" % selector  # the backends of the cases before it may sleep on
+        doomed = executor.submit(c.fetchval, "select pg_sleep(30) /* %s */" % marker, timeout=6)
+        wait_until(lambda: active(admin, marker) == 1, message="the query to run")
+        proxy.reset()  # RST, as from a server that died with our query unread
+        with pytest.raises(psycopg2.OperationalError):
+            doomed.result(timeout=3)  # at once, not at the job's timeout
+        assert c.fetchval("select 41 + 1") == 42  # on a new connection
+
+
 def test_database_down_at_start_then_served_when_it_appears(proxy, socket_path):
     proxy.stop()
     with dbservice.DBService(proxy.dsn(user="postgres", dbname="test"), socket=socket_path, min_size=1, max_size=2) as svc:
