@@ -438,9 +438,9 @@ class Engine:
             "jobs_running": self.running,
             "transactions_open": len(self.transactions),
             "metrics": self.metrics_address,
+            "pause": self.maintenance.state,  # the pool's and the listener's
         }
         status.update(self.pool.get_stats())
-        status["pause"] = self.maintenance.state  # the pool's and the listener's
         status.update(self.stats.as_dict())
         if self.router is not None:
             now = self._loop.time()

@@ -42,7 +42,7 @@ class DaemonCollector:
         engine = self.engine
         pool = engine.pool.get_stats()
         yield _gauge("database_reachable", "1 if the pool can reach its database, 0 if not", pool["database_reachable"])
-        yield _gauge("paused", "1 while paused (dbserviced pause): new jobs wait, connections close", pool["pause"] is not None)
+        yield _gauge("paused", "1 while paused (dbserviced pause): new jobs wait, connections close", engine.maintenance.state is not None)
         yield from _pool_figures(pool)
         yield _gauge("jobs_waiting", "jobs waiting for a connection", pool["requests_waiting"])
         yield _gauge("jobs_running", "jobs on a connection", engine.running)

@@ -253,7 +253,6 @@ class AsyncConnectionPool(ConnectionSupply):
             "sessions_reset": self.sessions_reset,
             "statements_prepared": sum(len(c.statements) for c in self._connections),
             "database_reachable": not self.unreachable,
-            "pause": ("paused" if self._emptied.done() else "pausing") if self.suspended else None,
             "last_error": one_line(self.last_error) if self.last_error else None,
             "connections": [
                 {

@@ -38,10 +38,15 @@ MEMORY_TARGET_MB = 100
 
 
 def cpu_seconds(pid):
-    """User plus system CPU time of process *pid*, in seconds."""
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of every thread of process *pid*, in seconds, to the nanosecond the scheduler counts."""
+    total = 0
+    for task in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/schedstat" % (pid, task)) as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that ended between the listing and the read
+    return total / 1e9
 
 
 def rss_mib(pid):

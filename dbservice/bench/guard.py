@@ -31,6 +31,7 @@ import click
 import dbservice
 from dbservice import loops
 
+from .daemon_cost import cpu_seconds
 from .run import QUICK, Plan, database
 from .strategies import DAEMON_SETTINGS
 from .workloads import POINT_READ
@@ -42,18 +43,6 @@ from .workloads import POINT_READ
 CEILING = 4.0
 ROUNDS = 5
 SECONDS = 1.5
-
-
-def cpu_seconds(pid):
-    """CPU time of every thread of process *pid*, in seconds, to the nanosecond the scheduler counts."""
-    total = 0
-    for task in os.listdir("/proc/%d/task" % pid):
-        try:
-            with open("/proc/%d/task/%s/schedstat" % (pid, task)) as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass  # a thread that ended between the listing and the read
-    return total / 1e9
 
 
 def pin_to_one_core():
