@@ -130,6 +130,18 @@ def test_the_pool_and_its_clients_as_gauges(service):
     assert value(scraped, "process_resident_memory_bytes") > 0
 
 
+def test_a_pause_shows_until_resume(service):
+    with service.client(timeout=10) as db:
+        assert value(samples(service), "dbservice_paused") == 0
+        assert db.pause(timeout=10)["pause"] == "paused"
+        try:
+            assert value(samples(service), "dbservice_paused") == 1
+        finally:
+            db.resume()
+        assert value(samples(service), "dbservice_paused") == 0
+        assert db.fetchval("select 1") == 1
+
+
 def test_subscriptions_notifications_and_copies_show(service):
     with service.client(timeout=10) as db, db.listen("metrics_heard", timeout=10) as heard:
         db.notify("metrics_heard", "1")
