@@ -17,6 +17,7 @@ import psycopg2
 import psycopg2.extensions as ext
 
 from . import types
+from .loops import unwatches_after_error
 from .prepared import ConnectionStatements
 from .wait import set_done, until, wait_writable
 
@@ -33,6 +34,7 @@ class PooledConnection:
         "pgconn", "number", "lent", "last_used", "jobs_done", "needs_reset", "gate", "dropped", "expires_at",
         "statements",
         "_loop", "_fd", "_watching", "_busy", "_connecting", "_on_readable", "_on_lost",
+        "_unwatches_after_error", "_woken",
     )
 
     @classmethod
@@ -72,6 +74,9 @@ class PooledConnection:
         self._fd = pgconn.fileno()
         self._watching = False
         self._connecting = False
+        #: the loop may have stopped watching the socket when it called us (loops.unwatches_after_error)
+        self._unwatches_after_error = unwatches_after_error(loop)
+        self._woken = False  # on such a loop: the socket spoke since the last poll()
         self._watch()
 
     def __repr__(self):
@@ -139,12 +144,17 @@ class PooledConnection:
             state = self.pgconn.poll()
         except BaseException:
             self._busy = False
+            self._woken = False
             if not self._forget_if_closed() and not self._connecting:  # a failed connect has no socket left
                 self._watch()  # again, if the error came while nobody waited
             raise
         if state == ext.POLL_OK:
             self._busy = False
             self._watch()  # again, if the reply came while nobody waited
+        if self._woken:
+            self._woken = False
+            if state == ext.POLL_READ:
+                self._rewatch()  # part of the reply came, and maybe the end of the connection with it
         return state
 
     def execute(self, cursor, sql, params=None):
@@ -182,6 +192,7 @@ class PooledConnection:
         callback = self._on_readable
         if callback is not None:
             self._on_readable = None
+            self._woken = self._unwatches_after_error
             callback()
             return
         if self._busy:
@@ -202,6 +213,8 @@ class PooledConnection:
             del self.pgconn.notifies[:]
         if self._forget_if_closed():
             self._on_lost(self)
+        elif self._unwatches_after_error:
+            self._rewatch()
 
     def _forget_if_closed(self):
         """Unregister a socket libpq has closed, before its number is reused."""
@@ -220,3 +233,9 @@ class PooledConnection:
         if self._watching:
             self._loop.remove_reader(self._fd)
             self._watching = False
+
+    def _rewatch(self):
+        """Watch the socket anew, on a loop that may have stopped without a word (loops.unwatches_after_error)."""
+        if self._watching:
+            self._unwatch()
+            self._watch()

@@ -22,6 +22,18 @@ def resolve(selector: str = "auto") -> str:
     return "epoll" if SELECTORS["epoll"] else "select"
 
 
+def unwatches_after_error(loop: asyncio.AbstractEventLoop) -> bool:
+    """True if *loop* stops watching a socket after calling its reader for an error.
+
+    uvloop does (its UVPoll's ``_fatal_error``): for an event that says both
+    readable and in error, a message and a TCP reset arriving together, it
+    calls the reader once and closes its watch on the socket, with no word to
+    the reader. A reader that took only the message and waits for more must
+    then watch the socket anew, or it waits forever.
+    """
+    return type(loop).__module__.startswith("uvloop")
+
+
 def new_event_loop(selector: str = "auto") -> asyncio.AbstractEventLoop:
     """A new event loop of the kind *selector* names: "auto", "uvloop", "epoll" or "select" (see :func:`resolve`)."""
     selector = resolve(selector)

@@ -3,7 +3,8 @@
 Runs its own event loop on a thread. ``stop()`` drops every connection and
 refuses new ones (the link is down); ``start()`` brings it back on the same
 port; ``reset()`` resets every connection, as a peer that dies with data
-unread does (TCP RST, not FIN); ``stall()`` keeps connections open but
+unread does (TCP RST, not FIN), after sending the daemon some last words if
+given; ``stall()`` keeps connections open but
 forwards nothing (packets lost in the network); ``resume()`` lets traffic
 flow again. ``accepted`` records when
 each connection attempt arrived, to check the reconnect backoff.
@@ -26,6 +27,7 @@ class TcpProxy:
         self._thread.start()
         self._server = None
         self._writers = set()
+        self._to_daemon = set()  # the writers of self._writers that face the daemon
         self._flowing = None
         self._call(self._init)
 
@@ -39,8 +41,8 @@ class TcpProxy:
     def stop(self):
         self._call(self._stop)
 
-    def reset(self):
-        self._call(self._reset)
+    def reset(self, last_words=b""):
+        self._call(lambda: self._reset(last_words))
 
     def stall(self):
         self._call(self._flowing.clear)
@@ -77,17 +79,22 @@ class TcpProxy:
         for writer in list(self._writers):
             writer.transport.abort()
         self._writers.clear()
+        self._to_daemon.clear()
 
-    def _reset(self):
+    def _reset(self, last_words):
         for writer in list(self._writers):
+            if writer in self._to_daemon and last_words:
+                writer.write(last_words)  # sent at once: the connection is idle
             # A zero linger makes close() send RST: the daemon's socket errors (POLLERR).
             writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()
         self._writers.clear()
+        self._to_daemon.clear()
 
     async def _serve(self, client_reader, client_writer):
         self.accepted.append(time.monotonic())
         self._writers.add(client_writer)
+        self._to_daemon.add(client_writer)
         try:
             server_reader, server_writer = await asyncio.open_connection(*self.upstream)
         except OSError:
@@ -98,6 +105,7 @@ class TcpProxy:
             self._pump(client_reader, server_writer), self._pump(server_reader, client_writer),
             return_exceptions=True,
         )
+        self._to_daemon.discard(client_writer)
         for writer in (client_writer, server_writer):
             self._writers.discard(writer)
             writer.transport.abort()

@@ -6,6 +6,7 @@ import concurrent.futures
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -153,18 +154,47 @@ def test_killed_backend_fails_its_job_and_is_replaced(dsn, socket_path, admin):
         wait_until(lambda: c.status()["pool_size"] == 2, message="the pool to replace the connection")
 
 
+#: A NoticeResponse: a whole message that leaves a query waiting for the rest of its reply.
+NOTICE = b"N" + struct.pack("!i", 4 + 33) + b"SNOTICE\0VNOTICE\0C00000\0Mgoodbye\0\0"
+
+
 @pytest.mark.parametrize("selector", ["epoll", "select", "uvloop"])
-def test_a_connection_reset_during_a_query_fails_its_job_at_once(proxy, socket_path, admin, selector):
+@pytest.mark.parametrize("last_words", [b"", NOTICE], ids=["rst", "notice-and-rst"])
+def test_a_connection_reset_during_a_query_fails_its_job_at_once(proxy, socket_path, admin, selector, last_words):
+    """Also when a message and the reset reach the daemon together: one event, readable and in error.
+
+    uvloop runs the reader once for such an event and then stops watching the
+    socket; a reader that read only the message must watch it anew.
+    """
     dsn = proxy.dsn(user="postgres", dbname="test")
     with dbservice.DBService(dsn, socket=socket_path, min_size=1, max_size=1, selector=selector) as svc, \
             svc.client(timeout=30) as c, concurrent.futures.ThreadPoolExecutor(1) as executor:
-        marker = "marker-reset-%s" % selector  # the backends of the cases before it may sleep on
+        marker = "marker-reset-%s-%d" % (selector, len(last_words))  # the backends of the cases before it may sleep on
         doomed = executor.submit(c.fetchval, "select pg_sleep(30) /* %s */" % marker, timeout=6)
         wait_until(lambda: active(admin, marker) == 1, message="the query to run")
-        proxy.reset()  # RST, as from a server that died with our query unread
+        os.kill(svc.process.pid, signal.SIGSTOP)  # so that the message and the RST arrive as one event
+        try:
+            proxy.reset(last_words)  # RST, as from a server that died with our query unread
+        finally:
+            os.kill(svc.process.pid, signal.SIGCONT)
         with pytest.raises(psycopg2.OperationalError):
             doomed.result(timeout=3)  # at once, not at the job's timeout
         assert c.fetchval("select 41 + 1") == 42  # on a new connection
+
+
+@pytest.mark.parametrize("selector", ["epoll", "uvloop"])
+def test_an_idle_connection_reset_after_a_notice_is_replaced_before_a_job_meets_it(proxy, socket_path, selector):
+    dsn = proxy.dsn(user="postgres", dbname="test")
+    with dbservice.DBService(dsn, socket=socket_path, min_size=1, max_size=1, selector=selector) as svc, \
+            svc.client(timeout=10) as c:
+        assert c.fetchval("select 1") == 1
+        os.kill(svc.process.pid, signal.SIGSTOP)  # the notice and the RST arrive as one event
+        try:
+            proxy.reset(NOTICE)
+        finally:
+            os.kill(svc.process.pid, signal.SIGCONT)
+        wait_until(lambda: c.status()["connections_lost"] == 1, timeout=5, message="the pool to notice")
+        assert c.fetchval("select 41 + 1") == 42
 
 
 def test_database_down_at_start_then_served_when_it_appears(proxy, socket_path):
