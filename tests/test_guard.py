@@ -22,11 +22,11 @@ def test_the_verdict_is_the_median_round_against_the_ceiling():
     assert not passed
 
 
-def _run_guard(slowdown):
+def _run_guard(slowdown, loop):
     env = dict(os.environ, DBSERVICE_SLOWDOWN=str(slowdown))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (SLOWED_DAEMON, os.environ.get("PYTHONPATH")) if p)
     return subprocess.run(
-        [sys.executable, "-m", "dbservice.bench.guard"],
+        [sys.executable, "-m", "dbservice.bench.guard", "--loop", loop],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -37,13 +37,14 @@ def _run_guard(slowdown):
 
 @pytest.mark.bench
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("loop", ["epoll", "uvloop"])
 @pytest.mark.parametrize(
     "slowdown, exit_code, verdict, stream",
     [(0, 0, "passed", "stdout"), (0.25, 1, "failed", "stderr")],
     ids=["the daemon as it is passes", "a daemon slowed by a quarter fails"],
 )
-def test_the_guard(slowdown, exit_code, verdict, stream):
-    result = _run_guard(slowdown)
+def test_the_guard(slowdown, exit_code, verdict, stream, loop):
+    result = _run_guard(slowdown, loop)
     assert result.returncode == exit_code, result.stdout + result.stderr
     assert re.search(
         r"regression guard: %s: the daemon spent [\d.]+x its client's CPU" % verdict, getattr(result, stream)
