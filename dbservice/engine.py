@@ -148,6 +148,9 @@ class Engine:
     def submit(self, job, reply, reply_id=0, owner=None):
         """Take *job*; ``reply(reply_id, ok, value)`` is called exactly once, later or now.
 
+        *reply* returns the ``(ok, value)`` it sent, which the job is counted
+        by: an InternalError if it failed to encode the reply (a bug of ours).
+
         Should the daemon fail on it here (a bug of ours), that reply is an
         InternalError, and the job's client goes on.
 
@@ -224,8 +227,8 @@ class Engine:
         It never reaches :meth:`submit`, but status counts it as failed all
         the same: an operator must see the jobs the daemon turns away.
         """
-        self.stats.turned_away(error)
-        reply(reply_id, False, error)
+        _, sent = reply(reply_id, False, error)
+        self.stats.turned_away(sent)
 
     # -- running ---------------------------------------------------------------
 
@@ -327,8 +330,9 @@ class Engine:
         return True
 
     def finish(self, pending, ok, value):
-        """Send *pending*'s one reply, count it and log it if it was slow; nothing if it was sent."""
-        if not pending.finish(ok, value):
+        """Send *pending*'s one reply, count it as it went and log it if it was slow; nothing if it was sent."""
+        sent = pending.finish(ok, value)
+        if sent is None:
             return
         if self.router is not None:
             self.router.finished(pending, pending.host, ok, value)
@@ -337,7 +341,7 @@ class Engine:
             self._quiet.set()
         if not ok and pending.job.kind == BEGIN:
             self.transactions.begun(pending)  # it opened no transaction
-        self.stats.record(pending.job, ok, value, time.perf_counter() - pending.received, self.settings.slow_ms)
+        self.stats.record(pending.job, *sent, time.perf_counter() - pending.received, self.settings.slow_ms)
 
     # -- stopping --------------------------------------------------------------
 

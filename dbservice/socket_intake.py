@@ -439,34 +439,37 @@ class _ClientProtocol(asyncio.Protocol):
         self.engine.maintenance.pause(timeout, functools.partial(self.reply, job_id))
 
     def reply(self, job_id, ok, value):
-        """Send the one reply of job *job_id* back on this connection.
+        """Send the one reply of job *job_id* back on this connection; the ``(ok, value)`` it sent.
 
         A reply the daemon fails to encode (a bug of ours) is replaced by an
-        InternalError. One it fails to write drops the connection: part of
+        InternalError, which is then what it sent: the engine counts that
+        job as failed. One it fails to write drops the connection: part of
         it may be in the stream already, so the client could not tell where
         the next frame begins.
         """
         full = len(self.in_flight) >= self.settings.max_client_jobs
         self.in_flight.pop(job_id, None)
         if self.transport.is_closing():
-            return
+            return ok, value
         try:
             frames = self._reply_frames(job_id, ok, value)
         except Exception as exc:
             logger.error("failed encoding the reply of job %d; it is answered with an internal error",
                          job_id, exc_info=True)
-            frames = self._reply_frames(job_id, False, InternalError.of(exc))
+            ok, value = False, InternalError.of(exc)
+            frames = self._reply_frames(job_id, ok, value)
         try:
             for frame in frames:
                 self.transport.write(frame)
         except Exception:
             logger.exception("failed writing the reply of job %d; dropping its client", job_id)
             self.transport.abort()
-            return
+            return ok, value
         if full and not self._cutting:
             asyncio.get_running_loop().call_soon(self._cut_frames)  # room for one more of its jobs
         if self.hand_over is not None:
             asyncio.get_running_loop().call_soon(self._check_idle)  # once its transaction, if any, is gone too
+        return ok, value
 
     def _reply_frames(self, job_id, ok, value):
         """What to write for a reply: one frame, or a large one's header and payload, not joined."""

@@ -49,11 +49,11 @@ def test_a_job_the_daemon_fails_on_gets_an_internal_error_and_the_connection_goe
     assert "report it with that log line" in str(error)
     assert other == "in flight"
     assert after == "next!"
-    if step != "reply":  # a reply failed on is counted as its job ended
-        with faulty_service.client(timeout=30) as c:
-            now = c.status()
-        assert now["jobs_failed"] == before["jobs_failed"] + 1
-        assert now["jobs_refused"] == before["jobs_refused"]
+    with faulty_service.client(timeout=30) as c:
+        now = c.status()
+    assert now["jobs_failed"] == before["jobs_failed"] + 1  # a reply failed on too: its client got an error
+    assert now["jobs_done"] == before["jobs_done"] + 2  # the other job, and the next
+    assert now["jobs_refused"] == before["jobs_refused"]
 
 
 def lock_waiters(admin):
