@@ -308,10 +308,7 @@ class Engine:
         """
         if pending.host is not None and self._rerun(pending, exc):
             return
-        if not isinstance(exc, (psycopg2.Error, Error)):
-            logger.error("job %r failed inside the daemon", pending.job, exc_info=exc)
-            exc = InternalError.of(exc)
-        self.finish(pending, False, exc)
+        self.finish(pending, False, reply_error(exc, "job %r", pending.job))
 
     def _rerun(self, pending, exc):
         """Run *pending* again on the primary if a replica refused or lost it, and time is left; True if so."""
@@ -450,3 +447,17 @@ class Engine:
             now = self._loop.time()
             status["hosts"] = [host.status(now) for host in self.router.hosts]
         return status
+
+
+def reply_error(exc, what, *args):
+    """The error to answer a job or request with that failed with *exc*; *what* names it for the log.
+
+    The database's errors and dbservice's (a JobRefused: the job's own
+    fault) are answered as they are. Anything else was raised by our own
+    code, a bug of ours: logged here, once, with its traceback, and answered
+    with an InternalError.
+    """
+    if isinstance(exc, (psycopg2.Error, Error)):
+        return exc
+    logger.error("the daemon failed on " + what, *args, exc_info=exc)
+    return InternalError.of(exc)

@@ -21,6 +21,7 @@ import stat
 
 from .backpressure import ResultGate
 from .copying import ClientCopies, CopySlots
+from .engine import reply_error
 from .errors import InternalError, JobCancelled, JobRefused
 from .jobs import encode_reply, loads_job
 from .wire import (
@@ -404,9 +405,7 @@ class _ClientProtocol(asyncio.Protocol):
         try:
             self._handle(job_id, kind, payload)
         except Exception as exc:
-            logger.error("failed handling a frame (kind %d, job %d) of a client; its connection goes on",
-                         kind, job_id, exc_info=True)
-            self._failed(job_id, kind, InternalError.of(exc))
+            self._failed(job_id, kind, reply_error(exc, "a frame (kind %d, job %d) of a client", kind, job_id))
         finally:
             self._answering = None
 

@@ -26,12 +26,24 @@ ANSWERED_KINDS = {
 @pytest.fixture
 def faulty_service(step, dsn, socket_path, monkeypatch):
     """A socket daemon that fails in *step* on the jobs carrying FAULT_MARKER (faulty_daemon/sitecustomize.py)."""
+    svc = _faulty(step, monkeypatch, dsn, socket_path)
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture
+def faulty_queue_service(step, dsn, monkeypatch):
+    """The same, serving intake (a): the app's own processes, on its job queue."""
+    svc = _faulty(step, monkeypatch, dsn)
+    yield svc
+    svc.stop()
+
+
+def _faulty(step, monkeypatch, dsn, socket=None):
     monkeypatch.setenv("DBSERVICE_FAULT", step)
     monkeypatch.setenv("DBSERVICE_FAULT_MARKER", FAULT_MARKER)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (FAULTY_DAEMON, os.environ.get("PYTHONPATH")) if p))
-    svc = start_service(dsn, socket_path, max_size=2)
-    yield svc
-    svc.stop()
+    return start_service(dsn, socket, max_size=2)
 
 
 @pytest.mark.parametrize("step", ["decode", "submit", "reply"])
@@ -63,6 +75,20 @@ def test_a_job_the_daemon_fails_on_gets_an_internal_error_and_the_connection_goe
     assert now["jobs_failed"] == before["jobs_failed"] + 1  # a reply failed on too: its client got an error
     assert now["jobs_done"] == before["jobs_done"] + 2  # the other job, and the next
     assert now["jobs_refused"] == before["jobs_refused"]
+
+
+@pytest.mark.parametrize("step", ["decode"])
+def test_a_queued_job_the_daemon_fails_on_decoding_gets_an_internal_error(step, faulty_queue_service):
+    """A well-formed job our own Job.from_wire raises on: our bug, not the client's refused job."""
+    client = faulty_queue_service.client(timeout=30)
+    before = client.status()
+    with pytest.raises(dbservice.InternalError, match="RuntimeError: a fault injected in the decode step"):
+        client.fetchval(FAULTY_SQL)
+    assert client.fetchval("select 'next'") == "next"
+    now = client.status()
+    assert now["jobs_failed"] == before["jobs_failed"] + 1
+    assert now["jobs_refused"] == before["jobs_refused"]
+    assert now["jobs_done"] == before["jobs_done"] + 1
 
 
 @pytest.mark.parametrize("step", ["handle"])

@@ -5,7 +5,7 @@ directory on its ``PYTHONPATH``. With ``DBSERVICE_FAULT`` set to a step, the
 daemon raises a RuntimeError in that step for the jobs whose SQL (for
 ``reply``: whose result; for ``handle``: whose frame) carries the text of
 ``DBSERVICE_FAULT_MARKER``; every other job runs as it always does. The
-steps: ``decode`` (the job read from its frame), ``submit`` (the job handed
+steps: ``decode`` (the job built from its frame's message), ``submit`` (the job handed
 to the engine), ``reply`` (its reply encoded), ``handle`` (a frame of any
 kind about to be handled: a status request, a LISTEN, a CANCEL...),
 ``handled`` (such a frame once handled, its reply sent if it is one sent at once).
@@ -21,14 +21,14 @@ def _fault():
     raise RuntimeError("a fault injected in the %s step" % _step)
 
 
-def _faulty_decode(loads_job):
-    def decode(payload, *args):
-        job = loads_job(payload, *args)
+def _faulty_decode(from_wire):
+    def decode(cls, message, *args):
+        job = from_wire(message, *args)
         if FAULT_MARKER in job.sql:
             _fault()
         return job
 
-    return decode
+    return classmethod(decode)
 
 
 def _faulty_queue(queue):
@@ -61,10 +61,10 @@ def _faulty_encode(encode_reply):
     return encode
 
 
-if _step == "decode":
-    from dbservice import socket_intake
+if _step == "decode":  # either intake's
+    from dbservice.jobs import Job
 
-    socket_intake.loads_job = _faulty_decode(socket_intake.loads_job)
+    Job.from_wire = _faulty_decode(Job.from_wire)
 elif _step == "submit":
     from dbservice import engine
 
