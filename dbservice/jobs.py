@@ -332,24 +332,25 @@ def dumps_reply(value: object) -> bytes:
     return pickle.dumps(value, PICKLE_PROTOCOL)
 
 
-def encode_reply(ok: bool, value: object, max_bytes: int) -> Tuple[bool, bytes]:
-    """A job's reply as (ok, payload): its pickled result, or the error that stands for it.
+def encode_reply(ok: bool, value: object, max_bytes: int) -> Tuple[bool, object, bytes]:
+    """A job's reply as (ok, value, payload): its result pickled, or the error that stands for it.
 
     A result that cannot be pickled, or takes more than *max_bytes*, is
-    replaced by an error saying so: the job still gets its one reply.
+    replaced by an error saying so: the job still gets its one reply, and
+    is counted by that error (*ok* and *value* are what was sent).
     """
     try:
         payload = dumps_reply(value)
     except Exception as exc:
-        return False, dumps_reply(JobRefused("the result could not be sent: %s" % exc))
-    if ok and len(payload) > max_bytes:
-        return False, dumps_reply(
-            ResultTooLarge(
-                "the result takes %d bytes, more than max_result_bytes (%d); select fewer rows "
-                "or stream them with iterate()" % (len(payload), max_bytes)
-            )
+        error: Exception = JobRefused("the result could not be sent: %s" % exc)
+    else:
+        if not ok or len(payload) <= max_bytes:
+            return ok, value, payload
+        error = ResultTooLarge(
+            "the result takes %d bytes, more than max_result_bytes (%d); select fewer rows "
+            "or stream them with iterate()" % (len(payload), max_bytes)
         )
-    return ok, payload
+    return False, error, dumps_reply(error)
 
 
 loads_reply = pickle.loads

@@ -197,11 +197,12 @@ class _ReplyChannel:
             self.in_flight[job_id] = pending
 
     def reply(self, job_id, ok, value):
-        """Send the one reply of job *job_id* on this channel; ``(ok, value)``, as they went."""
+        """Send the one reply of job *job_id* on this channel; the ``(ok, value)`` it sent (see encode_reply)."""
         self.in_flight.pop(job_id, None)
-        if not self.closed:
-            sent_ok, payload = encode_reply(ok, value, self.settings.max_result_bytes)
-            self._write(encode_frame(job_id, MSG_RESULT if sent_ok else MSG_ERROR, payload))
+        if self.closed:
+            return ok, value
+        ok, value, payload = encode_reply(ok, value, self.settings.max_result_bytes)
+        self._write(encode_frame(job_id, MSG_RESULT if ok else MSG_ERROR, payload))
         return ok, value
 
     def _write(self, data):

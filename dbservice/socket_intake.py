@@ -22,7 +22,7 @@ import stat
 from .backpressure import ResultGate
 from .copying import ClientCopies, CopySlots
 from .engine import reply_error
-from .errors import InternalError, JobCancelled, JobRefused
+from .errors import JobCancelled, JobRefused
 from .jobs import encode_reply, loads_job
 from .wire import (
     HEADER,
@@ -472,11 +472,12 @@ class _ClientProtocol(asyncio.Protocol):
     def reply(self, job_id, ok, value):
         """Send the one reply of job *job_id* back on this connection; the ``(ok, value)`` it sent.
 
-        A reply the daemon fails to encode (a bug of ours) is replaced by an
-        InternalError, which is then what it sent: the engine counts that
-        job as failed. One it fails to write drops the connection: part of
-        it may be in the stream already, so the client could not tell where
-        the next frame begins.
+        A result too large or that cannot be pickled is replaced by the
+        error saying so (encode_reply); a reply the daemon fails to encode
+        (a bug of ours), by an InternalError. What was sent is what the
+        engine counts the job by. A reply the daemon fails to write drops
+        the connection: part of it may be in the stream already, so the
+        client could not tell where the next frame begins.
         """
         full = len(self.in_flight) >= self.settings.max_client_jobs
         self.in_flight.pop(job_id, None)
@@ -485,12 +486,9 @@ class _ClientProtocol(asyncio.Protocol):
         if self.transport.is_closing():
             return ok, value
         try:
-            frames = self._reply_frames(job_id, ok, value)
+            ok, value, frames = self._reply_frames(job_id, ok, value)
         except Exception as exc:
-            logger.error("failed encoding the reply of job %d; it is answered with an internal error",
-                         job_id, exc_info=True)
-            ok, value = False, InternalError.of(exc)
-            frames = self._reply_frames(job_id, ok, value)
+            ok, value, frames = self._reply_frames(job_id, False, reply_error(exc, "the reply of job %d", job_id))
         try:
             for frame in frames:
                 self.transport.write(frame)
@@ -505,13 +503,16 @@ class _ClientProtocol(asyncio.Protocol):
         return ok, value
 
     def _reply_frames(self, job_id, ok, value):
-        """What to write for a reply: one frame, or a large one's header and payload, not joined."""
-        ok, payload = encode_reply(ok, value, self.settings.max_result_bytes)
+        """A reply's ``(ok, value, frames)``: as sent (see encode_reply), in one frame or, large, two.
+
+        A large reply's header and payload are not joined: that would be one more copy of it.
+        """
+        ok, value, payload = encode_reply(ok, value, self.settings.max_result_bytes)
         kind = MSG_RESULT if ok else MSG_ERROR
         self.intake.bytes_sent += HEADER.size + len(payload)
         if len(payload) < LARGE_REPLY:
-            return (encode_frame(job_id, kind, payload),)
-        return HEADER.pack(len(payload), job_id, kind), payload  # not one more copy of a large reply
+            return ok, value, (encode_frame(job_id, kind, payload),)
+        return ok, value, (HEADER.pack(len(payload), job_id, kind), payload)
 
     # -- handing the connection over to a new daemon (handover.py) ------------------
 
