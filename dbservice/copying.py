@@ -174,7 +174,7 @@ class ClientCopies:
     def _reply(self, job_id, ok, value):
         del self.streams[job_id]
         self.slots.give_back()
-        self.protocol.reply(job_id, ok, value)
+        return self.protocol.reply(job_id, ok, value)
 
 
 class CopyStream:

@@ -148,6 +148,9 @@ class Engine:
     def submit(self, job, reply, reply_id=0, owner=None):
         """Take *job*; ``reply(reply_id, ok, value)`` is called exactly once, later or now.
 
+        *reply* returns the ``(ok, value)`` it sent, which the job is counted
+        by: an InternalError if it failed to encode the reply (a bug of ours).
+
         Should the daemon fail on it here (a bug of ours), that reply is an
         InternalError, and the job's client goes on.
 
@@ -224,8 +227,8 @@ class Engine:
         It never reaches :meth:`submit`, but status counts it as failed all
         the same: an operator must see the jobs the daemon turns away.
         """
-        self.stats.turned_away(error)
-        reply(reply_id, False, error)
+        _, sent = reply(reply_id, False, error)
+        self.stats.turned_away(sent)
 
     # -- running ---------------------------------------------------------------
 
@@ -305,10 +308,7 @@ class Engine:
         """
         if pending.host is not None and self._rerun(pending, exc):
             return
-        if not isinstance(exc, (psycopg2.Error, Error)):
-            logger.error("job %r failed inside the daemon", pending.job, exc_info=exc)
-            exc = InternalError.of(exc)
-        self.finish(pending, False, exc)
+        self.finish(pending, False, reply_error(exc, "job %r", pending.job))
 
     def _rerun(self, pending, exc):
         """Run *pending* again on the primary if a replica refused or lost it, and time is left; True if so."""
@@ -327,8 +327,9 @@ class Engine:
         return True
 
     def finish(self, pending, ok, value):
-        """Send *pending*'s one reply, count it and log it if it was slow; nothing if it was sent."""
-        if not pending.finish(ok, value):
+        """Send *pending*'s one reply, count it as it went and log it if it was slow; nothing if it was sent."""
+        sent = pending.finish(ok, value)
+        if sent is None:
             return
         if self.router is not None:
             self.router.finished(pending, pending.host, ok, value)
@@ -337,7 +338,7 @@ class Engine:
             self._quiet.set()
         if not ok and pending.job.kind == BEGIN:
             self.transactions.begun(pending)  # it opened no transaction
-        self.stats.record(pending.job, ok, value, time.perf_counter() - pending.received, self.settings.slow_ms)
+        self.stats.record(pending.job, *sent, time.perf_counter() - pending.received, self.settings.slow_ms)
 
     # -- stopping --------------------------------------------------------------
 
@@ -446,3 +447,17 @@ class Engine:
             now = self._loop.time()
             status["hosts"] = [host.status(now) for host in self.router.hosts]
         return status
+
+
+def reply_error(exc, what, *args):
+    """The error to answer a job or request with that failed with *exc*; *what* names it for the log.
+
+    The database's errors and dbservice's (a JobRefused: the job's own
+    fault) are answered as they are. Anything else was raised by our own
+    code, a bug of ours: logged here, once, with its traceback, and answered
+    with an InternalError.
+    """
+    if isinstance(exc, (psycopg2.Error, Error)):
+        return exc
+    logger.error("the daemon failed on " + what, *args, exc_info=exc)
+    return InternalError.of(exc)

@@ -24,7 +24,7 @@ class PendingJob:
 
     def __init__(self, engine, job, reply, reply_id, owner, now):
         self.job = job
-        self.reply = reply  # reply(reply_id, ok, value), called once
+        self.reply = reply  # reply(reply_id, ok, value), called once; returns the (ok, value) it sent
         self.reply_id = reply_id  # the job's id for its intake
         self.owner = owner  # the client connection it came on, for transactions
         self.engine = engine
@@ -75,16 +75,15 @@ class PendingJob:
         self.rerun = True
 
     def finish(self, ok, value):
-        """Send the reply unless one was sent already; True if this one went."""
+        """Send the reply unless one was sent already: the ``(ok, value)`` that went, or None."""
         if self.state is DONE:
-            return False
+            return None
         if self.state is QUEUED:
             self.pool.withdraw(self)
         self.state = DONE
         if self.due is not None:
             self.engine.deadlines.clear(self)
-        self.reply(self.reply_id, ok, value)
-        return True
+        return self.reply(self.reply_id, ok, value)
 
     def statement_done(self, ok, value):
         self.engine.statement_done(self, ok, value)

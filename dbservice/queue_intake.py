@@ -15,17 +15,19 @@ FIFO report an error, and is dropped at once. Either way the channel's jobs
 are cancelled, as the socket intake does for a client that goes away. The
 job queue is shared only with the app's own processes, so its messages are
 trusted pickles; they go through :meth:`Job.from_wire`'s checks all the same.
+A job that does not decode is refused, saying why; one the daemon itself
+fails on, as the socket intake does, gets an InternalError.
 """
 
 import asyncio
 import errno
 import logging
 import os
-import pickle
 from typing import Any
 
+from .engine import reply_error
 from .errors import JobCancelled, JobRefused
-from .jobs import Job, encode_reply
+from .jobs import encode_reply, loads_job
 from .queue_wire import FRAME_BYTES, JOB_ID, MSG_JOB_PART, JobQueue, channel_path
 from .wire import HEADER, MSG_ERROR, MSG_JOB, MSG_RESULT, MSG_STATUS, FrameError, FrameReader, OversizedFrame, encode_frame
 
@@ -182,26 +184,26 @@ class _ReplyChannel:
 
     def _submit(self, job_id, data):
         try:
-            job = Job.from_wire(pickle.loads(data), self.settings.max_params_size)
+            job = loads_job(data, self.settings.max_params_size, trusted=True)
         except JobRefused as exc:
             logger.warning("refused a job: %s", exc)
             self.engine.refuse(self.reply, job_id, exc)
             return
-        except Exception as exc:
-            logger.warning("refused a job that could not be decoded: %s", exc)
-            self.engine.refuse(self.reply, job_id, JobRefused("the job could not be decoded: %s" % exc))
+        except Exception as exc:  # from our own code: a bug of ours, not the job's
+            self.engine.refuse(self.reply, job_id, reply_error(exc, "job %d of a queue client", job_id))
             return
         pending = self.engine.submit(job, self.reply, job_id)
         if not pending.done:
             self.in_flight[job_id] = pending
 
     def reply(self, job_id, ok, value):
-        """Send the one reply of job *job_id* on this channel."""
+        """Send the one reply of job *job_id* on this channel; the ``(ok, value)`` it sent (see encode_reply)."""
         self.in_flight.pop(job_id, None)
         if self.closed:
-            return
-        ok, payload = encode_reply(ok, value, self.settings.max_result_bytes)
+            return ok, value
+        ok, value, payload = encode_reply(ok, value, self.settings.max_result_bytes)
         self._write(encode_frame(job_id, MSG_RESULT if ok else MSG_ERROR, payload))
+        return ok, value
 
     def _write(self, data):
         if self.unsent is not None:

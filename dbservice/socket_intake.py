@@ -6,8 +6,9 @@ it holds the shared secret; until then nothing it sends is decoded. Job
 payloads are decoded by the restricted unpickler of :mod:`dbservice.jobs`.
 A client that stalls or sends garbage only loses its own connection, and
 one that does not read its replies only holds what backpressure.py allows.
-A job the daemon itself fails on, decoding it or encoding its reply, is
-answered with an InternalError; its connection goes on.
+A job or request the daemon itself fails on, decoding it, handling its
+frame or encoding its reply, is answered with an InternalError; its
+connection goes on.
 """
 
 import asyncio
@@ -20,7 +21,8 @@ import stat
 
 from .backpressure import ResultGate
 from .copying import ClientCopies, CopySlots
-from .errors import InternalError, JobCancelled, JobRefused
+from .engine import reply_error
+from .errors import JobCancelled, JobRefused
 from .jobs import encode_reply, loads_job
 from .wire import (
     HEADER,
@@ -41,6 +43,7 @@ from .wire import (
     MSG_RESUME,
     MSG_STATUS,
     MSG_UNLISTEN,
+    UNANSWERED,
     FrameError,
     FrameReader,
     OversizedFrame,
@@ -60,6 +63,8 @@ ACCEPT_RETRY_DELAY = 1.0
 COPY_FRAMES = frozenset((MSG_COPY_DATA, MSG_COPY_DONE, MSG_COPY_CREDIT))
 #: A subscription's beginning and end (listener.py).
 SUBSCRIPTION_FRAMES = frozenset((MSG_LISTEN, MSG_UNLISTEN))
+#: The frames that are jobs, counted by the engine however they end.
+JOB_FRAMES = frozenset((MSG_JOB, MSG_COPY))
 
 
 class SocketIntake:
@@ -237,6 +242,7 @@ class _ClientProtocol(asyncio.Protocol):
         self._stall_timer = None  # while backed up: when to give up on it
         self._reading = True  # the transport reads
         self._cutting = False  # inside _cut_frames: replies sent meanwhile need not call it again
+        self._answering = None  # the job id of the frame being handled, until it is answered
         self._adopted = adopted  # (unread, skipping) of a connection handed over to us, authenticated already
         self.hand_over = None  # while this daemon hands its clients over: called once we are at a job boundary
 
@@ -280,9 +286,9 @@ class _ClientProtocol(asyncio.Protocol):
         """Handle the frames that arrived, as many as the client's bounds let in (backpressure.py).
 
         An error while cutting a frame drops the connection: with the framing
-        broken, what follows cannot be tied to any job. A job (MSG_JOB) the
-        daemon fails on once it is cut is answered alone, with an
-        InternalError (:meth:`_submit`, :meth:`reply`); the connection goes on.
+        broken, what follows cannot be tied to any job. A frame the daemon
+        fails on once it is cut is answered alone, with an InternalError
+        (:meth:`_dispatch`, :meth:`reply`); the connection goes on.
         """
         self._cutting = True
         try:
@@ -303,7 +309,7 @@ class _ClientProtocol(asyncio.Protocol):
                     self._read(True)
                     return
                 if self.trusted:
-                    self._handle(*frame)
+                    self._dispatch(*frame)
                 else:
                     self._authenticate(*frame)
         except FrameError as exc:  # before the handshake: nothing of it is read
@@ -386,6 +392,35 @@ class _ClientProtocol(asyncio.Protocol):
         self._auth_timer = None
         self.transport.close()
 
+    def _dispatch(self, job_id, kind, payload):
+        """Handle a frame; should the daemon fail on it (a bug of ours), the request still gets one reply.
+
+        That reply is an InternalError, unless the frame's request had one
+        already. A job in flight under the frame's id (the frame was its
+        CANCEL or its COPY's data) ends with it, as its reply. A frame
+        that has no reply (wire.UNANSWERED) and no job in flight, such as
+        an UNLISTEN, is only logged.
+        """
+        self._answering = job_id
+        try:
+            self._handle(job_id, kind, payload)
+        except Exception as exc:
+            self._failed(job_id, kind, reply_error(exc, "a frame (kind %d, job %d) of a client", kind, job_id))
+        finally:
+            self._answering = None
+
+    def _failed(self, job_id, kind, error):
+        """Answer with *error* the frame the daemon failed on (see :meth:`_dispatch`)."""
+        pending = self.in_flight.get(job_id)
+        if pending is not None:
+            self.engine.cancel(pending, error)
+        elif self._answering != job_id or kind in UNANSWERED:
+            return  # answered already, or never
+        elif kind in JOB_FRAMES:
+            self.engine.refuse(self.reply, job_id, error)  # counted as failed, as a job
+        else:
+            self.reply(job_id, False, error)
+
     def _handle(self, job_id, kind, payload):
         if kind == MSG_JOB:
             self._submit(job_id, payload)
@@ -418,13 +453,9 @@ class _ClientProtocol(asyncio.Protocol):
     def _submit(self, job_id, payload):
         try:
             job = loads_job(payload, self.settings.max_params_size)
-        except JobRefused as exc:
+        except JobRefused as exc:  # any other exception is a bug of ours: see _dispatch
             logger.warning("refused a job: %s", exc)
             self.engine.refuse(self.reply, job_id, exc)
-            return
-        except Exception as exc:  # a bug of ours: this job's error, not its client's lost connection
-            logger.error("failed decoding job %d of a client", job_id, exc_info=True)
-            self.engine.refuse(self.reply, job_id, InternalError.of(exc))
             return
         pending = self.engine.submit(job, self.reply, job_id, owner=self)
         if not pending.done:
@@ -439,43 +470,49 @@ class _ClientProtocol(asyncio.Protocol):
         self.engine.maintenance.pause(timeout, functools.partial(self.reply, job_id))
 
     def reply(self, job_id, ok, value):
-        """Send the one reply of job *job_id* back on this connection.
+        """Send the one reply of job *job_id* back on this connection; the ``(ok, value)`` it sent.
 
-        A reply the daemon fails to encode (a bug of ours) is replaced by an
-        InternalError. One it fails to write drops the connection: part of
-        it may be in the stream already, so the client could not tell where
-        the next frame begins.
+        A result too large or that cannot be pickled is replaced by the
+        error saying so (encode_reply); a reply the daemon fails to encode
+        (a bug of ours), by an InternalError. What was sent is what the
+        engine counts the job by. A reply the daemon fails to write drops
+        the connection: part of it may be in the stream already, so the
+        client could not tell where the next frame begins.
         """
         full = len(self.in_flight) >= self.settings.max_client_jobs
         self.in_flight.pop(job_id, None)
+        if job_id == self._answering:
+            self._answering = None
         if self.transport.is_closing():
-            return
+            return ok, value
         try:
-            frames = self._reply_frames(job_id, ok, value)
+            ok, value, frames = self._reply_frames(job_id, ok, value)
         except Exception as exc:
-            logger.error("failed encoding the reply of job %d; it is answered with an internal error",
-                         job_id, exc_info=True)
-            frames = self._reply_frames(job_id, False, InternalError.of(exc))
+            ok, value, frames = self._reply_frames(job_id, False, reply_error(exc, "the reply of job %d", job_id))
         try:
             for frame in frames:
                 self.transport.write(frame)
         except Exception:
             logger.exception("failed writing the reply of job %d; dropping its client", job_id)
             self.transport.abort()
-            return
+            return ok, value
         if full and not self._cutting:
             asyncio.get_running_loop().call_soon(self._cut_frames)  # room for one more of its jobs
         if self.hand_over is not None:
             asyncio.get_running_loop().call_soon(self._check_idle)  # once its transaction, if any, is gone too
+        return ok, value
 
     def _reply_frames(self, job_id, ok, value):
-        """What to write for a reply: one frame, or a large one's header and payload, not joined."""
-        ok, payload = encode_reply(ok, value, self.settings.max_result_bytes)
+        """A reply's ``(ok, value, frames)``: as sent (see encode_reply), in one frame or, large, two.
+
+        A large reply's header and payload are not joined: that would be one more copy of it.
+        """
+        ok, value, payload = encode_reply(ok, value, self.settings.max_result_bytes)
         kind = MSG_RESULT if ok else MSG_ERROR
         self.intake.bytes_sent += HEADER.size + len(payload)
         if len(payload) < LARGE_REPLY:
-            return (encode_frame(job_id, kind, payload),)
-        return HEADER.pack(len(payload), job_id, kind), payload  # not one more copy of a large reply
+            return ok, value, (encode_frame(job_id, kind, payload),)
+        return ok, value, (HEADER.pack(len(payload), job_id, kind), payload)
 
     # -- handing the connection over to a new daemon (handover.py) ------------------
 

@@ -53,6 +53,8 @@ COPY_CREDIT = struct.Struct("!Q")  # a MSG_COPY_CREDIT's payload
 MSG_PAUSE = 25  # payload: the seconds to wait for the pause to be complete, as ASCII
 MSG_RESUME = 26
 MSG_HANDOVER = 27  # from a new daemon (handover.py): the connection then carries the handover's frames
+#: The client's frames that get no reply of their own: every other one is answered once, under its job id.
+UNANSWERED = frozenset((MSG_CANCEL, MSG_UNLISTEN, MSG_COPY_DATA, MSG_COPY_DONE, MSG_COPY_CREDIT))
 
 PROTOCOL = b"dbservice/1"
 CHALLENGE_PREFIX = b"#CHALLENGE#" + PROTOCOL + b"#"

@@ -54,8 +54,11 @@ def test_a_result_over_max_result_bytes_is_an_error_for_that_job(dsn, socket_pat
     path = socket_path if intake == "socket" else None
     with start_service(dsn, path, min_size=1, max_size=1, max_result_bytes=100_000) as svc:
         c = svc.client(timeout=30)
+        before = c.status()
         with pytest.raises(dbservice.ResultTooLarge, match="max_result_bytes"):
             c.fetchall("select repeat('x', 1000) from generate_series(1, 1000)")
+        after = c.status()  # counted as its client saw it: failed
+        assert (after["jobs_done"], after["jobs_failed"]) == (before["jobs_done"], before["jobs_failed"] + 1)
         assert len(c.fetchall("select repeat('x', 1000) from generate_series(1, 10)")) == 10
         if intake == "socket":  # the way to fetch that many rows
             rows = c.iterate("select repeat('x', 1000) from generate_series(1, 1000)", batch=50)

@@ -4,6 +4,7 @@ import concurrent.futures
 import hashlib
 import multiprocessing
 import os
+import pickle
 import signal
 import threading
 
@@ -267,6 +268,20 @@ def test_a_job_in_many_parts_and_one_over_max_frame(dsn):
 
 def _md5(text):
     return hashlib.md5(text.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("payload, says", [
+    (b"\x80\x05no pickle", r"^the job could not be decoded: "),
+    (pickle.dumps(("select 1", None)), r"^a job must be a tuple \(sql, params, kind, timeout, tx\[, primary\]\)$"),
+    (pickle.dumps(("select 1", None, "every", None, None)), r"^unknown kind of job 'every'; use one of "),
+], ids=["garbled", "short", "unknown kind"])
+def test_a_job_that_does_not_decode_is_refused_saying_why(queue_service, payload, says):
+    client = queue_service.client(timeout=30)
+    refused = client.status()["jobs_refused"]
+    with pytest.raises(dbservice.JobRefused, match=says):
+        client._request(MSG_JOB, payload, 10)
+    assert client.fetchval("select 'next'") == "next"
+    assert client.status()["jobs_refused"] == refused + 1
 
 
 def test_a_graceful_stop_answers_every_job(dsn, admin):
