@@ -63,8 +63,8 @@ def format_status(status):
         lines.append("  PAUSED       no connection is open (pool, LISTEN); %d jobs wait for `dbserviced resume`" % status["requests_waiting"])
     elif status["pause"] == "pausing":
         lines.append(
-            "  PAUSING      %d connections still open (running jobs, open transactions); %d jobs wait"
-            % (status["pool_size"], status["requests_waiting"])
+            "  PAUSING      %d connections still open (running jobs, open transactions, closing); %d jobs wait"
+            % (status["connections_open"], status["requests_waiting"])
         )
     if status["metrics"]:
         lines.append("  metrics      http://%s/metrics" % status["metrics"])

@@ -451,6 +451,7 @@ class Engine:
             "transactions_open": len(self.transactions),
             "metrics": self.metrics_address,
             "pause": self.maintenance.state,  # the pool's and the listener's
+            "connections_open": self.maintenance.connections_open,  # what a pause closes, until each is hung up
         }
         status.update(self.pool.get_stats())
         status["pools"] = self.pools_status()

@@ -6,8 +6,9 @@ each connection as it comes back; the listening connection of LISTEN/NOTIFY
 subscribers closes at once (listener.py). Jobs running go on to their end, and so do
 the transactions open: their statements are not held, since holding them
 would make the pause wait for itself; a new transaction's BEGIN is held like
-any job. Once no connection is open the daemon is *paused*: nothing of it
-touches the database, which can go down and come back, or be replaced by a
+any job. Once no connection is open, and the server has hung up each one
+(its backend has exited, see ``PooledConnection.close``), the daemon is
+*paused*: nothing of it touches the database, which can go down and come back, or be replaced by a
 standby behind the same DSN. ``resume`` opens connections again, by the DSN
 anew, and the held jobs run in the order they came; the daemon listens again
 and tells each subscriber, by a ``NotificationsLost`` marker, that what was
@@ -30,7 +31,7 @@ class Maintenance:
         self.engine = engine
         self.pool = engine.pool
         self.listener = engine.listener
-        self._emptied = None  # while paused: done once neither the pool nor the listener holds a connection
+        self._emptied = None  # while paused: done once the server has no connection of the pool's or the listener's
         self._answering = set()  # the tasks that answer a pause command
 
     def pause(self, timeout, reply):
@@ -40,7 +41,7 @@ class Maintenance:
         connections its jobs and transactions still hold.
         """
         if self._emptied is None:
-            logger.info("pausing: new jobs wait; %d connections close as their jobs end", self.pool.size)
+            logger.info("pausing: new jobs wait; %d connections close as their jobs end", self.connections_open)
             # A resume cancels the pool's future, and so fails this one with CancelledError.
             self._emptied = asyncio.gather(self.pool.suspend(), self.listener.pause())
             self._emptied.add_done_callback(self._paused)
@@ -79,10 +80,19 @@ class Maintenance:
             return None
         return "paused" if _complete(self._emptied) else "pausing"
 
+    @property
+    def connections_open(self):
+        """The connections a pause closes that the server still has: the pool's and the listener's.
+
+        Each counts from its opening until the server has hung up, its
+        backend gone: an operator who waits for 0 may restart the database.
+        """
+        return self.pool.server_connections + self.listener.server_connections
+
     def figures(self):
         return {
             "pause": self.state,
-            "connections_open": self.pool.size,
+            "connections_open": self.connections_open,
             "held": self.pool.waiting,
             "transactions_open": len(self.engine.transactions),
         }
