@@ -144,7 +144,7 @@ class Listener:
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)
         if self._gone is not None:
-            await self._gone
+            await asyncio.shield(self._gone)  # a resume gives up waiting, not the close
 
     @property
     def server_connections(self):

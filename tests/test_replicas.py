@@ -407,9 +407,10 @@ def test_a_paused_primary_has_no_connection_of_the_daemon_and_replicas_serve_rea
                     cur.execute("select count(*) from pg_stat_activity where application_name = 'paused_primary'"
                                 " and query like 'LISTEN%%'")
                     assert cur.fetchone()[0] == 1
-                assert db.pause(10)["pause"] == "paused"
-                wait_until(lambda: daemons_connections() == 0, timeout=3,
-                           message="nothing of the daemon connected to the paused primary")
+                figures = db.pause(10)
+                assert (figures["pause"], figures["connections_open"]) == ("paused", 0), figures
+                # at once: the poller's connection, the pool's and LISTEN's are all gone when it says so
+                assert daemons_connections() == 0
                 # the replicas have replayed all that was written before the pause: they serve on, however long
                 wait_until(lambda: all(host["lag_s"] > 0.5 for host in hosts(svc)[1:]), timeout=5,
                            message="the pause to outlast max_replica_lag")
