@@ -12,6 +12,8 @@ the pool drops the connection before a job is lost on it.
 
 import functools
 import math
+import os
+import socket
 
 import psycopg2
 import psycopg2.extensions as ext
@@ -19,7 +21,7 @@ import psycopg2.extensions as ext
 from . import types
 from .loops import unwatches_after_error
 from .prepared import ConnectionStatements
-from .wait import set_done, until, wait_writable
+from .wait import hung_up, set_done, until, wait_writable
 
 
 class PooledConnection:
@@ -30,9 +32,12 @@ class PooledConnection:
     find it taken.
     """
 
+    #: Seconds the server has, once a connection is closed, to hang up too (its backend exits).
+    HANG_UP_TIMEOUT = 5.0
+
     __slots__ = (
         "pgconn", "number", "lent", "last_used", "jobs_done", "needs_reset", "gate", "dropped", "expires_at",
-        "statements",
+        "statements", "_gone",
         "_loop", "_fd", "_watching", "_busy", "_connecting", "_on_readable", "_on_lost",
         "_unwatches_after_error", "_woken",
     )
@@ -67,6 +72,8 @@ class PooledConnection:
         self.expires_at = math.inf  # on the loop's clock: when the pool retires it (max_lifetime)
         #: what it prepared on the server (prepared.ConnectionStatements)
         self.statements = ConnectionStatements(0)
+        #: once closed: a future done when the server has hung up too, its backend gone (see close)
+        self._gone = None
         self._loop = loop
         self._on_readable = None  # who waits for the reply: called once, when it arrives
         self._busy = False  # an operation is under way: what comes is its reply
@@ -183,10 +190,30 @@ class PooledConnection:
             self.gate = None
 
     def close(self):
-        self.dropped = not self.pgconn.closed
-        self._unwatch()
-        self._fd = None
-        self.pgconn.close()
+        """Close it now; return a future done once the server has hung up too (and the same one ever after).
+
+        A backend keeps its socket open until its process has exited, so
+        that a client may wait for that (PostgreSQL's "synchronous close"):
+        once the future is done no backend of this connection is left, in
+        ``pg_stat_activity`` or anywhere. At most ``HANG_UP_TIMEOUT`` seconds.
+        """
+        if self._gone is None:
+            self.dropped = not self.pgconn.closed
+            self._unwatch()
+            kept = self._keep_socket()
+            self._fd = None
+            self.pgconn.close()  # libpq says goodbye (Terminate) and closes its descriptor; ours stays open
+            self._gone = hung_up(self._loop, kept, self.HANG_UP_TIMEOUT)
+        return self._gone
+
+    def _keep_socket(self):
+        """A socket of our own on the connection's, to see the server hang up; None if it is closed."""
+        if self.pgconn.closed or self._fd is None:
+            return None
+        try:
+            return socket.socket(fileno=os.dup(self._fd))
+        except OSError:  # out of descriptors: the close just cannot be waited for
+            return None
 
     def _readable(self):
         callback = self._on_readable

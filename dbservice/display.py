@@ -40,14 +40,9 @@ def format_status(status):
         % (status["pid"], _duration(status["uptime_s"]), status["event_loop"]),
         "  database     %s" % status["dsn"],
         "  socket       %s (%d connected)" % (status["socket"], status["socket_clients"]),
-        "  pool         %d open (min %d, max %d), %d idle, %d jobs waiting for one"
-        % (
-            status["pool_size"],
-            status["pool_min"],
-            status["pool_max"],
-            status["pool_available"],
-            status["requests_waiting"],
-        ),
+    ]
+    lines.extend("  %-12s %s" % (pool["name"], _pool(pool)) for pool in status["pools"])
+    lines += [
         "  connections  %s" % (connections or "none"),
         "  queue        %d queued, %d running" % (status["queue_depth"], status["jobs_running"]),
         "  jobs         %d done, %d failed, %d timed out (of the failed: %d cancelled, %d refused, %d busy)"
@@ -68,8 +63,8 @@ def format_status(status):
         lines.append("  PAUSED       no connection is open (pool, LISTEN); %d jobs wait for `dbserviced resume`" % status["requests_waiting"])
     elif status["pause"] == "pausing":
         lines.append(
-            "  PAUSING      %d connections still open (running jobs, open transactions); %d jobs wait"
-            % (status["pool_size"], status["requests_waiting"])
+            "  PAUSING      %d connections still open (running jobs, open transactions, closing); %d jobs wait"
+            % (status["connections_open"], status["requests_waiting"])
         )
     if status["metrics"]:
         lines.append("  metrics      http://%s/metrics" % status["metrics"])
@@ -78,6 +73,18 @@ def format_status(status):
     if status["reload_error"]:
         lines.append("  WARNING      the last reload failed: %s" % status["reload_error"])
     return "\n".join(lines)
+
+
+def _pool(pool):
+    """One pool (the primary's, or a replica's): its connections, its waiting jobs, whether it reaches its server."""
+    line = "%d open (min %d, max %d), %d idle, %d jobs waiting for one" % (
+        pool["pool_size"], pool["pool_min"], pool["pool_max"], pool["pool_available"], pool["requests_waiting"],
+    )
+    if pool["connections_errors"]:
+        line += ", %d attempts to connect failed" % pool["connections_errors"]
+    if not pool["database_reachable"]:
+        line += ", UNREACHABLE: %s" % pool["last_error"]
+    return line
 
 
 def _host(host):

@@ -388,6 +388,14 @@ class Engine:
             return [self.pool]
         return [host.pool for host in self.router.hosts]
 
+    def pools_status(self):
+        """Each pool's figures, the primary's first: its name, role and DSN (password masked), and its stats."""
+        roles = [PRIMARY] if self.router is None else [host.role for host in self.router.hosts]
+        return [
+            dict(name=pool.name, role=role, dsn=mask_dsn(pool.dsn), **pool.get_stats())
+            for pool, role in zip(self.pools, roles)
+        ]
+
     @property
     def queue_depth(self):
         """Jobs waiting for a connection."""
@@ -427,7 +435,11 @@ class Engine:
         self.reload_error = str(error)
 
     def status(self):
-        """What ``dbserviced status`` shows: pool, queue and job figures."""
+        """What ``dbserviced status`` shows: pool, queue and job figures.
+
+        The pool's figures at the top level are the primary's; ``pools`` has
+        every pool's, each replica's too.
+        """
         status = {
             "pid": os.getpid(),
             "dsn": mask_dsn(self.settings.dsn),
@@ -440,8 +452,10 @@ class Engine:
             "transactions_open": len(self.transactions),
             "metrics": self.metrics_address,
             "pause": self.maintenance.state,  # the pool's and the listener's
+            "connections_open": self.maintenance.connections_open,  # what a pause closes, until each is hung up
         }
         status.update(self.pool.get_stats())
+        status["pools"] = self.pools_status()
         status.update(self.stats.as_dict())
         if self.router is not None:
             now = self._loop.time()

@@ -103,6 +103,7 @@ class Host:
         self.healthy = True  # the latest poll reached it
         self.caught_up_at = float("-inf")  # loop time of the latest primary sample it has replayed
         self.poll_conn = None  # the poller's own connection to it, outside the pool
+        self.poll_gone = None  # the poller's last connection closed: done once the server hung up
         self.last_error = None
 
     def status(self, now):
@@ -141,6 +142,7 @@ class Router:
         self._turn = 0
         self._loop = None
         self._pollers = []
+        self._let_go = asyncio.Event()  # set by each poll that finds the primary paused, once it hung up
 
     @property
     def hosts(self):
@@ -156,6 +158,24 @@ class Router:
         await asyncio.gather(*self._pollers, return_exceptions=True)
         for host in self.hosts:
             self._hang_up(host)
+
+    async def let_go_of_primary(self):
+        """Once the poller, finding the primary's pause complete, has closed its connection and the server hung up.
+
+        It samples the primary until then (host_for counts on the samples
+        while open transactions may still write), and hangs up at its next poll.
+        """
+        while self.primary.poll_conn is not None:  # none opens while the primary is paused
+            self._let_go.clear()
+            await self._let_go.wait()
+        if self.primary.poll_gone is not None:
+            await self.primary.poll_gone
+
+    @property
+    def primary_connections(self):
+        """1 while the server has the poller's connection to the primary (open, or closed but not hung up), else 0."""
+        host = self.primary
+        return int(host.poll_conn is not None or (host.poll_gone is not None and not host.poll_gone.done()))
 
     # -- choosing --------------------------------------------------------------
 
@@ -232,6 +252,7 @@ class Router:
     async def _poll(self, host):
         if host is self.primary and host.pool.paused:
             self._hang_up(host)  # nothing of the daemon stays connected to a paused primary (maintenance.py)
+            self._let_go.set()
             return
         if host is self.primary:
             sent = self._loop.time()
@@ -269,7 +290,7 @@ class Router:
     def _hang_up(self, host):
         """Close the poller's connection to *host*, if open; the next poll opens another."""
         if host.poll_conn is not None:
-            host.poll_conn.close()
+            host.poll_gone = host.poll_conn.close()
             host.poll_conn = None
 
 

@@ -69,6 +69,7 @@ class Listener:
         self._channels = {}  # channel -> the subscriptions that want it
         self._waiting = []  # subscriptions not answered yet: their channels are not all listened to
         self._conn = None
+        self._gone = None  # the last listening connection closed: done once its server hung up (PooledConnection.close)
         self._listening = set()  # the channels LISTENed on _conn
         self._changed = asyncio.Event()
         self._task = None  # the one task that connects, LISTENs and UNLISTENs, while anybody subscribes
@@ -116,9 +117,13 @@ class Listener:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self._hang_up()
+        if self._gone is not None:
+            self._gone.cancel()  # stopping: its socket closes now, whether or not the server hung up
 
     def pause(self):
         """Close the listening connection and open none until :meth:`resume`; a future done once it is closed.
+
+        Closed: the server has hung up too, its backend gone (:attr:`server_connections` is 0).
 
         Subscriptions are not refused meanwhile, nor left unanswered: each is
         answered at once, as if the daemon listened, and told at resume what
@@ -130,10 +135,21 @@ class Listener:
             subscription.confirm()
         self._missed(_PAUSED)
         task = self._task  # while it runs, it holds the connection: cancelled, it closes it (_run)
-        if task is None:
-            return asyncio.gather()  # done: no connection is open
-        task.cancel()
-        return asyncio.gather(task, return_exceptions=True)
+        if task is not None:
+            task.cancel()
+        return asyncio.ensure_future(self._connection_gone(task))
+
+    async def _connection_gone(self, task):
+        """Once *task* (None: none ran) has ended, and the server has hung up the connection it closed."""
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+        if self._gone is not None:
+            await asyncio.shield(self._gone)  # a resume gives up waiting, not the close
+
+    @property
+    def server_connections(self):
+        """1 while the server has a listening connection of the daemon's (open, or closed but not hung up), else 0."""
+        return int(self._conn is not None or (self._gone is not None and not self._gone.done()))
 
     def resume(self):
         """Listen again on every channel subscribed to, as after a lost connection: each subscriber gets a marker."""
@@ -261,7 +277,7 @@ class Listener:
 
     def _hang_up(self):
         if self._conn is not None:
-            self._conn.close()
+            self._gone = self._conn.close()
             self._conn, self._listening = None, set()
 
     def deliver(self, notify):

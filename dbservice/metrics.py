@@ -40,11 +40,11 @@ class DaemonCollector:
 
     def collect(self):
         engine = self.engine
-        pool = engine.pool.get_stats()
-        yield _gauge("database_reachable", "1 if the pool can reach its database, 0 if not", pool["database_reachable"])
+        pools = engine.pools_status()  # the primary's first
+        yield _gauge("database_reachable", "1 if the primary's pool can reach its database, 0 if not",
+                     pools[0]["database_reachable"])
         yield _gauge("paused", "1 while paused (dbserviced pause): new jobs wait, connections close", engine.maintenance.state is not None)
-        yield from _pool_figures(pool)
-        yield _gauge("jobs_waiting", "jobs waiting for a connection", pool["requests_waiting"])
+        yield from _pool_figures(engine.pools, pools)
         yield _gauge("jobs_running", "jobs on a connection", engine.running)
         yield _gauge("transactions_open", "transactions that hold a connection between their jobs",
                      len(engine.transactions))
@@ -52,13 +52,10 @@ class DaemonCollector:
         for outcome in OUTCOMES:
             jobs.add_metric([outcome], engine.stats.outcomes[outcome])
         yield jobs
-        yield _histogram(
-            "job_duration_seconds", "seconds from a job's arrival to its reply, its wait for a connection included",
-            engine.stats.durations,
-        )
-        yield _histogram(
-            "pool_wait_seconds", "seconds a job waited for a connection: 0 for one lent a connection at once",
-            engine.pool.waits, zeros=engine.pool.requests_immediate,
+        yield HistogramMetricFamily(
+            "dbservice_job_duration_seconds",
+            "seconds from a job's arrival to its reply, its wait for a connection included",
+            buckets=_buckets(engine.stats.durations), sum_value=engine.stats.durations.sum,
         )
         yield _counter("reloads", "reloads asked (SIGHUP), whether or not they succeeded", engine.reloads)
         yield _gauge("last_reload_successful", "0 if the last reload failed and the settings stayed",
@@ -87,19 +84,27 @@ class DaemonCollector:
                        listening["notifications_dropped"])
 
 
-def _pool_figures(pool):
-    """The families of the pool's figures, from its get_stats()."""
+def _pool_figures(pools, figures):
+    """The families of each pool's figures (*figures*: its status entry), labelled by its name and role."""
     connections = GaugeMetricFamily("dbservice_pool_connections", "open connections to the database, by state",
-                                    labels=["state"])
-    connections.add_metric(["idle"], pool["pool_available"])
-    connections.add_metric(["busy"], pool["pool_size"] - pool["pool_available"])
+                                    labels=_POOL + ["state"])
+    gauges = [(key, GaugeMetricFamily("dbservice_" + name, documentation, labels=_POOL))
+              for name, key, documentation in _POOL_GAUGES]
+    counters = [(key, CounterMetricFamily("dbservice_" + name, documentation, labels=_POOL))
+                for name, key, documentation in _POOL_COUNTERS]
+    waits = HistogramMetricFamily("dbservice_pool_wait_seconds", "seconds a job waited for a connection: 0 for "
+                                  "one lent a connection at once", labels=_POOL)
+    for pool, figure in zip(pools, figures):
+        labels = [figure["name"], figure["role"]]
+        connections.add_metric(labels + ["idle"], figure["pool_available"])
+        connections.add_metric(labels + ["busy"], figure["pool_size"] - figure["pool_available"])
+        for key, family in gauges + counters:
+            family.add_metric(labels, figure[key])
+        waits.add_metric(labels, _buckets(pool.waits, zeros=pool.requests_immediate), pool.waits.sum)
     yield connections
-    yield _gauge("pool_min_connections", "connections the pool keeps open (min_size)", pool["pool_min"])
-    yield _gauge("pool_max_connections", "connections the pool opens at most (max_size)", pool["pool_max"])
-    yield _gauge("prepared_statements", "statements prepared on the pool's connections (max_prepared each)",
-                 pool["statements_prepared"])
-    for name, key, documentation in _POOL_COUNTERS:
-        yield _counter(name, documentation, pool[key])
+    for _, family in gauges + counters:
+        yield family
+    yield waits
 
 
 def _hosts(hosts, figures):
@@ -114,25 +119,29 @@ def _hosts(hosts, figures):
         "jobs_rerun": CounterMetricFamily("dbservice_host_jobs_rerun", "jobs a replica refused or lost, run again "
                                           "on the primary", labels=_HOST),
     }
-    connections = GaugeMetricFamily("dbservice_host_pool_connections", "the host's open connections, by state",
-                                    labels=_HOST + ["state"])
     for host, figure in zip(hosts, figures):
         labels = [host.pool.name, figure["role"]]
         for key, family in families.items():
             value = figure[key]
             family.add_metric(labels, float("nan") if value is None else float(value))
-        pool = host.pool.get_stats()
-        connections.add_metric(labels + ["idle"], pool["pool_available"])
-        connections.add_metric(labels + ["busy"], pool["pool_size"] - pool["pool_available"])
     yield from families.values()
-    yield connections
 
 
-#: The labels of a host's figures: its pool's name ("pool" for the primary's, "replica1"...) and its role.
+#: The labels of a pool's figures: its name ("pool" for the primary's, "replica1"...) and its host's role.
+_POOL = ["pool", "role"]
+
+#: The labels of a host's figures: its pool's name and its role.
 _HOST = ["host", "role"]
 
+#: A pool's gauges: (metric name, status key, help).
+_POOL_GAUGES = (
+    ("pool_min_connections", "pool_min", "connections the pool keeps open (min_size)"),
+    ("pool_max_connections", "pool_max", "connections the pool opens at most (max_size)"),
+    ("jobs_waiting", "requests_waiting", "jobs waiting for a connection of the pool"),
+    ("prepared_statements", "statements_prepared", "statements prepared on the pool's connections (max_prepared each)"),
+)
 
-#: The pool's counters: (metric name, get_stats() key, help).
+#: A pool's counters: (metric name, status key, help).
 _POOL_COUNTERS = (
     ("pool_connections_opened", "connections_num", "connections opened to the database"),
     ("pool_connection_errors", "connections_errors", "attempts to connect to the database that failed"),
@@ -151,10 +160,9 @@ def _counter(name, documentation, value):
     return CounterMetricFamily("dbservice_" + name, documentation, value=value)
 
 
-def _histogram(name, documentation, histogram, zeros=0):
-    """*histogram* (a stats.Histogram) as a family; *zeros* more observations of 0 fall in every bucket."""
-    buckets = [(_bound(bound), count + zeros) for bound, count in histogram.buckets()]
-    return HistogramMetricFamily("dbservice_" + name, documentation, buckets=buckets, sum_value=histogram.sum)
+def _buckets(histogram, zeros=0):
+    """*histogram*'s (a stats.Histogram) cumulative buckets; *zeros* more observations of 0 fall in every one."""
+    return [(_bound(bound), count + zeros) for bound, count in histogram.buckets()]
 
 
 def _bound(bound):

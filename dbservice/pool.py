@@ -88,6 +88,7 @@ class AsyncConnectionPool(ConnectionSupply):
         await asyncio.gather(*self._resets, return_exceptions=True)
         self.fail_waiting(ServiceUnavailable("the pool %r is closed" % self.name))
         self._close_all_idle()
+        self._stop_waiting_for_hang_ups()
         logger.info("pool %r closed", self.name)
 
     # -- lending ---------------------------------------------------------------

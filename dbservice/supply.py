@@ -62,6 +62,8 @@ class ConnectionSupply:
         self.connections_lost = 0
         self.connections_expired = 0
         self._connections: Set[PooledConnection] = set()
+        #: the closed connections whose server has not hung up yet (PooledConnection.close)
+        self._closing: "Set[asyncio.Future[None]]" = set()
         # least recently used first: lent from the right, closed from the left
         self._idle: Deque[PooledConnection] = collections.deque()
         self._opening: "Optional[asyncio.Task[None]]" = None  # the task opening a connection, if one is
@@ -105,12 +107,18 @@ class ConnectionSupply:
         while self._idle:
             self._discard(self._idle.popleft())
 
+    def _stop_waiting_for_hang_ups(self) -> None:
+        """The pool is closed: wait for no server to hang up (their sockets close now)."""
+        for gone in list(self._closing):
+            gone.cancel()
+
     def suspend(self) -> "asyncio.Future[None]":
         """Open no connection and close every one: the idle now, the lent as they come back.
 
         What a pause is made of (see maintenance.py): a job waits, without
         being told the database is unreachable, until :meth:`resume`. Returns
-        a future done once no connection is open; cancelled if the pool
+        a future done once no connection is open and the server has hung up
+        each one (:attr:`server_connections` is 0); cancelled if the pool
         resumes first.
         """
         if not self.suspended:
@@ -133,7 +141,7 @@ class ConnectionSupply:
         return self.suspended and self._emptied.done()
 
     def _check_emptied(self) -> None:
-        if self.suspended and not self._connections and self._opening is None and not self._emptied.done():
+        if self.suspended and not self.server_connections and self._opening is None and not self._emptied.done():
             self._emptied.set_result(None)
 
     def resize(self, min_size: int, max_size: int) -> None:
@@ -151,6 +159,11 @@ class ConnectionSupply:
     @property
     def size(self) -> int:
         return len(self._connections)
+
+    @property
+    def server_connections(self) -> int:
+        """The pool's connections the server still has: those open, and those closed it has not hung up yet."""
+        return len(self._connections) + len(self._closing)
 
     @property
     def last_error(self) -> Optional[BaseException]:
@@ -282,7 +295,14 @@ class ConnectionSupply:
                 "connection #%d was closed by the server (terminated, the server restarted, or "
                 "the network failed); replacing it", conn.number,
             )
-        conn.close()
+        gone = conn.close()
+        if not gone.done():
+            self._closing.add(gone)
+            gone.add_done_callback(self._hung_up)
+        self._check_emptied()
+
+    def _hung_up(self, gone: "asyncio.Future[None]") -> None:
+        self._closing.discard(gone)
         self._check_emptied()
 
     async def _maintain(self) -> None:

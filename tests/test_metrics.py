@@ -20,6 +20,9 @@ from proxy import TcpProxy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+#: The labels of the pool's figures: with no replica, the one pool is the primary's.
+POOL = {"pool": "pool", "role": "primary"}
+
 
 @pytest.fixture(scope="module")
 def service(dsn, tmp_path_factory):
@@ -90,10 +93,10 @@ def test_every_outcome_of_a_job_is_counted_and_timed(service):
     assert jobs - delta("dbservice_job_duration_seconds_bucket", le="0.1") >= 3
     assert delta("dbservice_job_duration_seconds_sum") > 1.2
     # every job that asked the pool for a connection; one waited about a second for it
-    waits = delta("dbservice_pool_wait_seconds_count")
+    waits = delta("dbservice_pool_wait_seconds_count", **POOL)
     assert waits >= jobs - 1  # the busy one never waited
-    assert waits - delta("dbservice_pool_wait_seconds_bucket", le="0.5") == 1
-    assert 0.5 < delta("dbservice_pool_wait_seconds_sum") < 1.5
+    assert waits - delta("dbservice_pool_wait_seconds_bucket", le="0.5", **POOL) == 1
+    assert 0.5 < delta("dbservice_pool_wait_seconds_sum", **POOL) < 1.5
     assert delta("dbservice_received_bytes_total") > 0 and delta("dbservice_sent_bytes_total") > 0
     assert delta("dbservice_client_connections_accepted_total") >= 2
 
@@ -122,11 +125,11 @@ def test_the_pool_and_its_clients_as_gauges(service):
         status = db.status()
         scraped = samples(service)
     assert value(scraped, "dbservice_database_reachable") == 1
-    assert value(scraped, "dbservice_pool_connections", state="idle") == status["pool_available"] == 1
-    assert value(scraped, "dbservice_pool_connections", state="busy") == 0
-    assert (value(scraped, "dbservice_pool_min_connections"), value(scraped, "dbservice_pool_max_connections")) == (1, 1)
+    assert value(scraped, "dbservice_pool_connections", state="idle", **POOL) == status["pool_available"] == 1
+    assert value(scraped, "dbservice_pool_connections", state="busy", **POOL) == 0
+    assert value(scraped, "dbservice_pool_min_connections", **POOL) == value(scraped, "dbservice_pool_max_connections", **POOL) == 1
     assert value(scraped, "dbservice_client_connections") >= 1
-    assert value(scraped, "dbservice_jobs_waiting") == value(scraped, "dbservice_jobs_running") == 0
+    assert value(scraped, "dbservice_jobs_waiting", **POOL) == value(scraped, "dbservice_jobs_running") == 0
     assert value(scraped, "process_resident_memory_bytes") > 0
 
 
@@ -158,11 +161,11 @@ def test_subscriptions_notifications_and_copies_show(service):
 
 
 def test_the_statements_prepared_on_the_pool_are_counted(service):
-    before = value(samples(service), "dbservice_prepared_statements")
+    before = value(samples(service), "dbservice_prepared_statements", **POOL)
     with service.client(timeout=10) as db:
         for n in range(3):
             assert db.fetchval("select %s::int + 40 as metrics_prepared", [n]) == 40 + n
-    assert value(samples(service), "dbservice_prepared_statements") == before + 1  # one connection, one statement
+    assert value(samples(service), "dbservice_prepared_statements", **POOL) == before + 1  # one connection, one statement
 
 
 def test_an_unreachable_database_and_the_reconnect_show(postgresql, socket_path):
@@ -175,12 +178,12 @@ def test_an_unreachable_database_and_the_reconnect_show(postgresql, socket_path)
         link.stop()  # the pool's connection is cut and no new one can be opened
         down = wait_until(lambda: (lambda s: s if value(s, "dbservice_database_reachable") == 0 else None)(
             samples(svc)), message="the scrape to say the database is unreachable")
-        assert value(down, "dbservice_pool_connections_lost_total") == 1
-        assert value(down, "dbservice_pool_connection_errors_total") >= 1
+        assert value(down, "dbservice_pool_connections_lost_total", **POOL) == 1
+        assert value(down, "dbservice_pool_connection_errors_total", **POOL) >= 1
         link.start()
         up = wait_until(lambda: (lambda s: s if value(s, "dbservice_database_reachable") == 1 else None)(
             samples(svc)), message="the scrape to say the database is back")
-        assert value(up, "dbservice_pool_reconnects_total") == 1
+        assert value(up, "dbservice_pool_reconnects_total", **POOL) == 1
     finally:
         svc.stop()
         link.close()

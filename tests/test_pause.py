@@ -2,6 +2,8 @@
 
 import concurrent.futures
 import json
+import os
+import signal
 import threading
 
 import psycopg2
@@ -10,6 +12,7 @@ from psycopg2.extensions import make_dsn
 
 import dbservice
 from conftest import start_service, wait_until
+from dbservice.display import format_status
 from dbservice.embedded import Cluster
 from daemons import client_of, dbserviced, ok
 
@@ -130,5 +133,36 @@ def test_a_pause_waits_for_open_transactions_and_held_jobs_keep_their_timeouts(d
                 assert db.resume()["held"] == 1
                 assert held.result(timeout=30) == "held, then run"
             assert db.status()["pause"] is None
+    finally:
+        svc.stop()
+
+
+def test_a_pause_counts_the_listening_connection_until_its_backend_is_gone(dsn, socket_path, admin):
+    """The figure an operator waits on reaches 0 only once no backend of the daemon is left, LISTEN's included."""
+    svc = start_service(make_dsn(dsn, application_name=NAME), socket_path, min_size=1, max_size=2)
+
+    def backends(query="%"):
+        cur = admin.cursor()
+        cur.execute("select pid from pg_stat_activity where application_name = %s and query like %s", [NAME, query])
+        return [pid for pid, in cur.fetchall()]
+
+    try:
+        with svc.client(timeout=30) as db, db.listen("pause_counted"):
+            [listening] = backends("LISTEN%")
+            os.kill(listening, signal.SIGSTOP)  # it reads the daemon's goodbye, and exits, only once continued
+            try:
+                figures = db.pause(timeout=0.5)
+                assert (figures["pause"], figures["connections_open"]) == ("pausing", 1), figures
+                status = db.status()
+                assert status["connections_open"] == 1 and status["pool_size"] == 0
+                assert "PAUSING      1 connections still open" in format_status(status)
+                assert backends() == [listening]
+            finally:
+                os.kill(listening, signal.SIGCONT)
+            figures = db.pause(timeout=10)
+            assert (figures["pause"], figures["connections_open"]) == ("paused", 0), figures
+            assert backends() == []  # at once: no backend of the daemon is left when it says so
+            db.resume()
+            assert db.fetchval("select 1") == 1
     finally:
         svc.stop()

@@ -1,6 +1,7 @@
 """Streaming replicas: reads to the least-loaded replica, read-your-writes, and faults, on real standbys."""
 
 import collections
+import concurrent.futures
 import os
 import signal
 import threading
@@ -12,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import dbservice
 from conftest import wait_until
+from dbservice.display import format_status
 from dbservice.embedded import Cluster
 from dbservice.hosts import reads_only
 from proxy import TcpProxy
@@ -23,6 +25,11 @@ PORT = "current_setting('port')::int"
 def hosts(svc):
     with svc.client(timeout=10) as db:
         return db.status()["hosts"]
+
+
+def pools(svc):
+    with svc.client(timeout=10) as db:
+        return db.status()["pools"]
 
 
 def polled(svc):
@@ -56,9 +63,26 @@ def cluster(replicated):
 def svc(cluster, tmp_path_factory):
     directory = tmp_path_factory.mktemp("r")
     os.chmod(directory, 0o700)
-    service = start(*cluster, str(directory / "s.sock"))
+    service = start(*cluster, str(directory / "s.sock"), metrics="127.0.0.1:0")
     yield service
     service.stop()
+
+
+def scrape(svc):
+    """Every sample of a scrape of *svc*'s metrics: {(name, (label, value) pairs): value}."""
+    with svc.client(timeout=10) as db:
+        address = db.status()["metrics"]
+    with urllib.request.urlopen("http://%s/metrics" % address, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text) for sample in family.samples
+    }
+
+
+def pool_sample(scraped, name, pool, **labels):
+    role = "primary" if pool == "pool" else "replica"
+    return scraped[(name, tuple(sorted(dict(labels, pool=pool, role=role).items())))]
 
 
 @pytest.mark.parametrize("sql", [
@@ -156,6 +180,56 @@ def test_the_metrics_show_each_host(cluster, tmp_path_factory):
     assert sum(replicas_done) > 0 and status["hosts"][0]["jobs_done"] >= 1  # reads went out, the write stayed
 
 
+def test_status_and_the_metrics_show_each_replicas_pool(cluster, svc):
+    """Reads held on both replicas: each one's pool, in status and in a scrape, shows them busy and waiting."""
+    primary, standbys = cluster
+    locks = [psycopg2.connect(standby.dsn()) for standby in standbys]  # advisory locks work on a standby
+    held = "select 'held' from pg_advisory_xact_lock_shared(4711)"  # a read: it goes to a replica
+    with concurrent.futures.ThreadPoolExecutor(12) as executor:
+        try:
+            for conn in locks:
+                conn.autocommit = True
+                conn.cursor().execute("select pg_advisory_lock(4711)")
+            # 6 on each replica: 4 on its connections (max_size), 2 waiting for one
+            reads = [executor.submit(_fetchval, svc, held) for _ in range(12)]
+
+            def each_replica_full():
+                return all(p["pool_size"] - p["pool_available"] == 4 and p["requests_waiting"] == 2
+                           for p in pools(svc)[1:])
+
+            wait_until(each_replica_full, message="4 reads on each replica's connections, 2 waiting")
+            with svc.client(timeout=10) as db:
+                status = db.status()
+            scraped = scrape(svc)
+        finally:
+            for conn in locks:
+                conn.close()  # the held reads go on
+    assert [read.result() for read in reads] == ["held"] * 12
+    text = format_status(status)
+    figures = status["pools"]
+    assert [(p["name"], p["role"]) for p in figures] == [("pool", "primary"), ("replica1", "replica"),
+                                                       ("replica2", "replica")]
+    assert [p["dsn"] for p in figures] == [host["dsn"] for host in status["hosts"]]
+    assert {key: figures[0][key] for key in figures[0] if key not in ("name", "role", "dsn")} == {
+        key: status[key] for key in figures[0] if key not in ("name", "role", "dsn")
+    }  # the top-level figures are the primary's, as ever
+    for pool in figures[1:]:
+        name = pool["name"]
+        assert pool["database_reachable"] is True and pool["connections_num"] >= 4
+        assert pool_sample(scraped, "dbservice_pool_connections", name, state="busy") == 4
+        assert pool_sample(scraped, "dbservice_jobs_waiting", name) == 2
+        assert pool_sample(scraped, "dbservice_pool_connections_opened_total", name) == pool["connections_num"]
+        assert pool_sample(scraped, "dbservice_pool_max_connections", name) == 4
+        assert pool_sample(scraped, "dbservice_pool_wait_seconds_count", name) >= 2
+        assert "\n  %-12s %d open (min 2, max 4), 0 idle, 2 jobs waiting for one\n" % (name, pool["pool_size"]) in text
+    assert pool_sample(scraped, "dbservice_jobs_waiting", "pool") == figures[0]["requests_waiting"]
+
+
+def _fetchval(svc, sql):
+    with svc.client(timeout=30) as db:
+        return db.fetchval(sql)
+
+
 def test_a_select_that_writes_is_rerun_on_the_primary(cluster, svc):
     with svc.client(timeout=30) as db:
         rerun = sum(host["jobs_rerun"] for host in hosts(svc))
@@ -244,10 +318,35 @@ def test_a_killed_replica_stops_getting_reads_and_rejoins(cluster, svc):
         assert answers == ["answered"] * 12  # those on the killed replica ran again, on the primary
         wait_until(lambda: not hosts(svc)[1]["healthy"], timeout=3, message="the killed replica to be seen down")
         assert victim.port not in _read_ports(svc)
+        _shows_unreachable(svc, "replica1")
     finally:
         wait_until(_restarted(victim), timeout=30, message="the replica to restart")
     wait_until(lambda: hosts(svc)[1]["healthy"] and victim.port in _read_ports(svc), timeout=15,
                message="the replica to serve reads again")
+
+
+def _shows_unreachable(svc, name):
+    """*name*'s pool shows in status, its text and a scrape as unreachable, with its failed attempts."""
+    def down():
+        with svc.client(timeout=10) as db:
+            status = db.status()
+        return None if _named(status, name)["database_reachable"] else status
+
+    status = wait_until(down, timeout=5, message="%s's pool to say it is unreachable" % name)
+    pool = _named(status, name)
+    assert pool["pool_size"] == 0 and pool["connections_errors"] >= 1 and pool["last_error"]
+    assert status["database_reachable"] is True  # the primary's
+    scraped = scrape(svc)
+    assert pool_sample(scraped, "dbservice_pool_connection_errors_total", name) >= 1
+    assert pool_sample(scraped, "dbservice_pool_connections_lost_total", name) >= 1
+    assert pool_sample(scraped, "dbservice_pool_connections", name, state="idle") == 0
+    assert scraped[("dbservice_host_healthy", (("host", name), ("role", "replica")))] == 0
+    assert "\n  %-12s 0 open (min 2, max 4), 0 idle" % name in format_status(status)
+    assert "UNREACHABLE" in [line for line in format_status(status).splitlines() if line.startswith("  " + name)][0]
+
+
+def _named(status, name):
+    return [pool for pool in status["pools"] if pool["name"] == name][0]
 
 
 def _restarted(standby):
@@ -308,9 +407,10 @@ def test_a_paused_primary_has_no_connection_of_the_daemon_and_replicas_serve_rea
                     cur.execute("select count(*) from pg_stat_activity where application_name = 'paused_primary'"
                                 " and query like 'LISTEN%%'")
                     assert cur.fetchone()[0] == 1
-                assert db.pause(10)["pause"] == "paused"
-                wait_until(lambda: daemons_connections() == 0, timeout=3,
-                           message="nothing of the daemon connected to the paused primary")
+                figures = db.pause(10)
+                assert (figures["pause"], figures["connections_open"]) == ("paused", 0), figures
+                # at once: the poller's connection, the pool's and LISTEN's are all gone when it says so
+                assert daemons_connections() == 0
                 # the replicas have replayed all that was written before the pause: they serve on, however long
                 wait_until(lambda: all(host["lag_s"] > 0.5 for host in hosts(svc)[1:]), timeout=5,
                            message="the pause to outlast max_replica_lag")
