@@ -17,7 +17,7 @@ import psycopg2
 import psycopg2.extensions as ext
 
 from . import types
-from .loops import unwatches_after_error
+from .loops import at_its_end, unwatches_after_error
 from .prepared import ConnectionStatements
 from .wait import set_done, until, wait_writable
 
@@ -76,7 +76,7 @@ class PooledConnection:
         self._connecting = False
         #: the loop may have stopped watching the socket when it called us (loops.unwatches_after_error)
         self._unwatches_after_error = unwatches_after_error(loop)
-        self._woken = False  # on such a loop: the socket spoke since the last poll()
+        self._woken = False  # on such a loop: the socket spoke in error since the last poll()
         self._watch()
 
     def __repr__(self):
@@ -140,21 +140,23 @@ class PooledConnection:
             self._watch()
 
     def poll(self):
+        woken, self._woken = self._woken, False
         try:
             state = self.pgconn.poll()
         except BaseException:
             self._busy = False
-            self._woken = False
             if not self._forget_if_closed() and not self._connecting:  # a failed connect has no socket left
                 self._watch()  # again, if the error came while nobody waited
+                if woken:
+                    self._rewatch()
             raise
         if state == ext.POLL_OK:
             self._busy = False
             self._watch()  # again, if the reply came while nobody waited
-        if self._woken:
-            self._woken = False
-            if state == ext.POLL_READ:
-                self._rewatch()  # part of the reply came, and maybe the end of the connection with it
+        if woken:
+            # Whatever it read (part of a reply, all of it), the socket, open
+            # still, must be watched for what follows: the end of the connection.
+            self._rewatch()
         return state
 
     def execute(self, cursor, sql, params=None):
@@ -192,7 +194,7 @@ class PooledConnection:
         callback = self._on_readable
         if callback is not None:
             self._on_readable = None
-            self._woken = self._unwatches_after_error
+            self._woken = self._unwatches_after_error and at_its_end(self._fd)
             callback()
             return
         if self._busy:

@@ -197,6 +197,42 @@ def test_an_idle_connection_reset_after_a_notice_is_replaced_before_a_job_meets_
         assert c.fetchval("select 41 + 1") == 42
 
 
+def _message(kind, body):
+    return kind + struct.pack("!i", 4 + len(body)) + body
+
+
+#: The whole reply to a one-column query, as the server sends it: the row 7, then ready for the next query.
+REPLY_OF_7 = (
+    _message(b"T", struct.pack("!h", 1) + b"x\0" + struct.pack("!ihihih", 0, 0, 23, 4, -1, 0))
+    + _message(b"D", struct.pack("!hi", 1, 1) + b"7")
+    + _message(b"C", b"SELECT 1\0")
+    + _message(b"Z", b"I")
+)
+
+
+@pytest.mark.parametrize("selector", ["epoll", "uvloop"])
+def test_a_connection_reset_as_its_reply_arrives_is_replaced_before_a_job_meets_it(proxy, socket_path, admin, selector):
+    """The whole reply and the reset in one event: the job is answered, and the connection, idle, still watched.
+
+    uvloop stops watching the socket after such an event; the poll that
+    finishes the job must not leave it so.
+    """
+    dsn = proxy.dsn(user="postgres", dbname="test")
+    with dbservice.DBService(dsn, socket=socket_path, min_size=1, max_size=1, selector=selector) as svc, \
+            svc.client(timeout=10) as c, concurrent.futures.ThreadPoolExecutor(1) as executor:
+        marker = "marker-reply-and-reset-%s" % selector
+        answered = executor.submit(c.fetchval, "select 1 from pg_sleep(30) /* %s */" % marker, timeout=6)
+        wait_until(lambda: active(admin, marker) == 1, message="the query to run")
+        os.kill(svc.process.pid, signal.SIGSTOP)  # so that the reply and the RST arrive as one event
+        try:
+            proxy.reset(REPLY_OF_7)
+        finally:
+            os.kill(svc.process.pid, signal.SIGCONT)
+        assert answered.result(timeout=3) == 7
+        wait_until(lambda: c.status()["connections_lost"] == 1, timeout=5, message="the pool to notice")
+        assert c.fetchval("select 41 + 1") == 42
+
+
 def test_database_down_at_start_then_served_when_it_appears(proxy, socket_path):
     proxy.stop()
     with dbservice.DBService(proxy.dsn(user="postgres", dbname="test"), socket=socket_path, min_size=1, max_size=2) as svc:
