@@ -158,8 +158,30 @@ def test_killed_backend_fails_its_job_and_is_replaced(dsn, socket_path, admin):
 NOTICE = b"N" + struct.pack("!i", 4 + 33) + b"SNOTICE\0VNOTICE\0C00000\0Mgoodbye\0\0"
 
 
+def _message(kind, body):
+    return kind + struct.pack("!i", 4 + len(body)) + body
+
+
+#: The whole reply to a one-column query, as the server sends it: the row 7, then ready for the next query.
+REPLY_OF_7 = (
+    _message(b"T", struct.pack("!h", 1) + b"x\0" + struct.pack("!ihihih", 0, 0, 23, 4, -1, 0))
+    + _message(b"D", struct.pack("!hi", 1, 1) + b"7")
+    + _message(b"C", b"SELECT 1\0")
+    + _message(b"Z", b"I")
+)
+
+
+#: The first 64 kB of a large result: more than one read, and still not all of it.
+PART_OF_A_LARGE_RESULT = (
+    _message(b"T", struct.pack("!h", 1) + b"x\0" + struct.pack("!ihihih", 0, 0, 25, -1, -1, 0))
+    + _message(b"D", struct.pack("!hi", 1, 1000) + b"x" * 1000) * 64
+)
+
+
 @pytest.mark.parametrize("selector", ["epoll", "select", "uvloop"])
-@pytest.mark.parametrize("last_words", [b"", NOTICE], ids=["rst", "notice-and-rst"])
+@pytest.mark.parametrize(
+    "last_words", [b"", NOTICE, PART_OF_A_LARGE_RESULT], ids=["rst", "notice-and-rst", "part-of-a-result-and-rst"]
+)
 def test_a_connection_reset_during_a_query_fails_its_job_at_once(proxy, socket_path, admin, selector, last_words):
     """Also when a message and the reset reach the daemon together: one event, readable and in error.
 
@@ -195,19 +217,6 @@ def test_an_idle_connection_reset_after_a_notice_is_replaced_before_a_job_meets_
             os.kill(svc.process.pid, signal.SIGCONT)
         wait_until(lambda: c.status()["connections_lost"] == 1, timeout=5, message="the pool to notice")
         assert c.fetchval("select 41 + 1") == 42
-
-
-def _message(kind, body):
-    return kind + struct.pack("!i", 4 + len(body)) + body
-
-
-#: The whole reply to a one-column query, as the server sends it: the row 7, then ready for the next query.
-REPLY_OF_7 = (
-    _message(b"T", struct.pack("!h", 1) + b"x\0" + struct.pack("!ihihih", 0, 0, 23, 4, -1, 0))
-    + _message(b"D", struct.pack("!hi", 1, 1) + b"7")
-    + _message(b"C", b"SELECT 1\0")
-    + _message(b"Z", b"I")
-)
 
 
 @pytest.mark.parametrize("selector", ["epoll", "uvloop"])
