@@ -201,7 +201,11 @@ class _ReplyChannel:
         self.in_flight.pop(job_id, None)
         if self.closed:
             return ok, value
-        ok, value, payload = encode_reply(ok, value, self.settings.max_result_bytes)
+        try:
+            ok, value, payload = encode_reply(ok, value, self.settings.max_result_bytes)
+        except Exception as exc:  # a bug of ours: the job still gets its one reply, as on the socket
+            error = reply_error(exc, "the reply of job %d of a queue client", job_id)
+            ok, value, payload = encode_reply(False, error, self.settings.max_result_bytes)
         self._write(encode_frame(job_id, MSG_RESULT if ok else MSG_ERROR, payload))
         return ok, value
 

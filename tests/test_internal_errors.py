@@ -77,12 +77,12 @@ def test_a_job_the_daemon_fails_on_gets_an_internal_error_and_the_connection_goe
     assert now["jobs_refused"] == before["jobs_refused"]
 
 
-@pytest.mark.parametrize("step", ["decode"])
-def test_a_queued_job_the_daemon_fails_on_decoding_gets_an_internal_error(step, faulty_queue_service):
-    """A well-formed job our own Job.from_wire raises on: our bug, not the client's refused job."""
-    client = faulty_queue_service.client(timeout=30)
+@pytest.mark.parametrize("step", ["decode", "reply"])
+def test_a_queued_job_the_daemon_fails_on_gets_an_internal_error(step, faulty_queue_service):
+    """A well-formed job our own code raises on, decoding it or encoding its reply: our bug, not the client's refused job."""
+    client = faulty_queue_service.client(timeout=10)
     before = client.status()
-    with pytest.raises(dbservice.InternalError, match="RuntimeError: a fault injected in the decode step"):
+    with pytest.raises(dbservice.InternalError, match="RuntimeError: a fault injected in the %s step" % step):
         client.fetchval(FAULTY_SQL)
     assert client.fetchval("select 'next'") == "next"
     now = client.status()

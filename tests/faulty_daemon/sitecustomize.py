@@ -69,10 +69,11 @@ elif _step == "submit":
     from dbservice import engine
 
     engine.Engine._queue = _faulty_queue(engine.Engine._queue)
-elif _step == "reply":
-    from dbservice import socket_intake
+elif _step == "reply":  # either intake's
+    from dbservice import queue_intake, socket_intake
 
     socket_intake.encode_reply = _faulty_encode(socket_intake.encode_reply)
+    queue_intake.encode_reply = _faulty_encode(queue_intake.encode_reply)
 elif _step in ("handle", "handled"):
     from dbservice import socket_intake
 
