@@ -76,7 +76,7 @@ class PooledConnection:
         self._connecting = False
         #: the loop may have stopped watching the socket when it called us (loops.unwatches_after_error)
         self._unwatches_after_error = unwatches_after_error(loop)
-        self._woken = False  # on such a loop: the socket spoke in error since the last poll()
+        self._woken = False  # on such a loop: the socket spoke in error since the last poll() or wait
         self._watch()
 
     def __repr__(self):
@@ -137,6 +137,9 @@ class PooledConnection:
         """
         self._on_readable = callback
         if callback is not None:
+            if self._woken:  # what read since did not poll(): libpq's own functions, a COPY's
+                self._woken = False
+                self._rewatch()
             self._watch()
 
     def poll(self):

@@ -3,6 +3,7 @@
 import asyncio
 import collections
 import concurrent.futures
+import io
 import os
 import random
 import signal
@@ -217,6 +218,26 @@ def test_an_idle_connection_reset_after_a_notice_is_replaced_before_a_job_meets_
             os.kill(svc.process.pid, signal.SIGCONT)
         wait_until(lambda: c.status()["connections_lost"] == 1, timeout=5, message="the pool to notice")
         assert c.fetchval("select 41 + 1") == 42
+
+
+@pytest.mark.parametrize("selector", ["epoll", "uvloop"])
+def test_a_connection_reset_during_a_copy_fails_it_at_once(proxy, socket_path, admin, selector):
+    """A COPY reads with libpq's own functions, not poll(): after a message and the reset, it must watch anew too."""
+    dsn = proxy.dsn(user="postgres", dbname="test")
+    with dbservice.DBService(dsn, socket=socket_path, min_size=1, max_size=1, selector=selector) as svc, \
+            svc.client(timeout=30) as c, concurrent.futures.ThreadPoolExecutor(1) as executor:
+        marker = "marker-copy-reset-%s" % selector
+        sql = "copy (select pg_sleep(30) /* %s */) to stdout" % marker
+        doomed = executor.submit(c.copy_expert, sql, io.StringIO(), timeout=6)
+        wait_until(lambda: active(admin, marker) == 1, message="the COPY to run")
+        os.kill(svc.process.pid, signal.SIGSTOP)  # so that the message and the RST arrive as one event
+        try:
+            proxy.reset(NOTICE)
+        finally:
+            os.kill(svc.process.pid, signal.SIGCONT)
+        with pytest.raises(psycopg2.OperationalError):
+            doomed.result(timeout=3)  # at once, not at the job's timeout
+        assert c.fetchval("select 41 + 1") == 42  # on a new connection
 
 
 @pytest.mark.parametrize("selector", ["epoll", "uvloop"])
