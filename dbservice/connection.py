@@ -218,8 +218,8 @@ class PooledConnection:
             del self.pgconn.notifies[:]
         if self._forget_if_closed():
             self._on_lost(self)
-        elif self._unwatches_after_error:
-            self._rewatch()
+        elif self._unwatches_after_error and at_its_end(self._fd):
+            self._rewatch()  # the end of the connection came with what it read: to be read next
 
     def _forget_if_closed(self):
         """Unregister a socket libpq has closed, before its number is reused."""
