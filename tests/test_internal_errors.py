@@ -77,9 +77,9 @@ def test_a_job_the_daemon_fails_on_gets_an_internal_error_and_the_connection_goe
     assert now["jobs_refused"] == before["jobs_refused"]
 
 
-@pytest.mark.parametrize("step", ["decode", "reply"])
+@pytest.mark.parametrize("step", ["decode", "handle", "reply"])
 def test_a_queued_job_the_daemon_fails_on_gets_an_internal_error(step, faulty_queue_service):
-    """A well-formed job our own code raises on, decoding it or encoding its reply: our bug, not the client's refused job."""
+    """A well-formed job our own code raises on, decoding it, handling its frame or encoding its reply: our bug."""
     client = faulty_queue_service.client(timeout=10)
     before = client.status()
     with pytest.raises(dbservice.InternalError, match="RuntimeError: a fault injected in the %s step" % step):
