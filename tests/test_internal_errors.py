@@ -146,6 +146,20 @@ def test_a_request_answered_before_the_daemon_failed_on_it_gets_no_second_reply(
     sock.close()
 
 
+@pytest.mark.parametrize("step", ["handled"])
+def test_a_request_to_be_answered_later_the_daemon_failed_on_gets_one_reply(step, faulty_service):
+    """A LISTEN, answered once the daemon listens: failed on after it was taken in, one reply all the same."""
+    sock = raw_connect(faulty_service.socket)
+    wire.client_handshake(sock, faulty_service.authkey)
+    sock.sendall(wire.encode_frame(1, wire.MSG_LISTEN, pickle.dumps([FAULT_MARKER])))
+    [(job_id, kind, error)] = _replies(sock, 1)
+    assert (job_id, kind) == (1, wire.MSG_ERROR) and isinstance(error, dbservice.InternalError)
+    # Subscriptions are answered in the order they came: a second answer to the first would come before this one's.
+    sock.sendall(wire.encode_frame(2, wire.MSG_LISTEN, pickle.dumps(["after-the-fault"])))
+    assert [reply[:2] for reply in _replies(sock, 1)] == [(2, wire.MSG_RESULT)]
+    sock.close()
+
+
 def _status(sock, request_id):
     """The daemon's figures, asked for on the raw connection *sock*, whose next reply must be theirs."""
     sock.sendall(wire.encode_frame(request_id, wire.MSG_STATUS, b""))
