@@ -118,7 +118,8 @@ def test_a_frame_of_no_reply_the_daemon_fails_on_ends_the_job_it_is_for(step, fa
     sock = raw_connect(faulty_service.socket)
     wire.client_handshake(sock, faulty_service.authkey)
     sock.sendall(wire.encode_frame(1, wire.MSG_UNLISTEN, marked))
-    assert _status(sock, 2)["socket_clients"] == 1  # its reply came first: the UNLISTEN got none
+    before = _status(sock, 2)
+    assert before["socket_clients"] == 1  # its reply came first: the UNLISTEN got none
     admin.cursor().execute("select pg_advisory_lock(%s)", [LOCK])
     try:
         held = Job("select 'held' from (select pg_advisory_xact_lock(%s)) held", [LOCK], FETCH_VALUE)
@@ -133,6 +134,8 @@ def test_a_frame_of_no_reply_the_daemon_fails_on_ends_the_job_it_is_for(step, fa
     assert "a fault injected in the handle step" in str(error)
     sock.sendall(wire.encode_frame(4, wire.MSG_JOB, dumps_job(Job("select 'next'", None, FETCH_VALUE))))
     assert _replies(sock, 1) == [(4, wire.MSG_RESULT, "next")]
+    figures = _status(sock, 5)
+    assert (figures["jobs_failed"], figures["jobs_done"]) == (before["jobs_failed"] + 1, before["jobs_done"] + 1)
     sock.close()
 
 
