@@ -19,7 +19,7 @@ import psycopg2
 import psycopg2.extensions as ext
 
 from . import types
-from .loops import unwatches_after_error
+from .loops import at_its_end, unwatches_after_error
 from .prepared import ConnectionStatements
 from .wait import hung_up, set_done, until, wait_writable
 
@@ -83,7 +83,7 @@ class PooledConnection:
         self._connecting = False
         #: the loop may have stopped watching the socket when it called us (loops.unwatches_after_error)
         self._unwatches_after_error = unwatches_after_error(loop)
-        self._woken = False  # on such a loop: the socket spoke since the last poll()
+        self._woken = False  # on such a loop: the socket spoke in error since the last poll() or wait
         self._watch()
 
     def __repr__(self):
@@ -144,24 +144,29 @@ class PooledConnection:
         """
         self._on_readable = callback
         if callback is not None:
+            if self._woken:  # what read since did not poll(): libpq's own functions, a COPY's
+                self._woken = False
+                self._rewatch()
             self._watch()
 
     def poll(self):
+        woken, self._woken = self._woken, False
         try:
             state = self.pgconn.poll()
         except BaseException:
             self._busy = False
-            self._woken = False
             if not self._forget_if_closed() and not self._connecting:  # a failed connect has no socket left
                 self._watch()  # again, if the error came while nobody waited
+                if woken:
+                    self._rewatch()
             raise
         if state == ext.POLL_OK:
             self._busy = False
             self._watch()  # again, if the reply came while nobody waited
-        if self._woken:
-            self._woken = False
-            if state == ext.POLL_READ:
-                self._rewatch()  # part of the reply came, and maybe the end of the connection with it
+        if woken:
+            # Whatever it read (part of a reply, all of it), the socket, open
+            # still, must be watched for what follows: the end of the connection.
+            self._rewatch()
         return state
 
     def execute(self, cursor, sql, params=None):
@@ -219,7 +224,7 @@ class PooledConnection:
         callback = self._on_readable
         if callback is not None:
             self._on_readable = None
-            self._woken = self._unwatches_after_error
+            self._woken = self._unwatches_after_error and at_its_end(self._fd)
             callback()
             return
         if self._busy:
@@ -240,8 +245,8 @@ class PooledConnection:
             del self.pgconn.notifies[:]
         if self._forget_if_closed():
             self._on_lost(self)
-        elif self._unwatches_after_error:
-            self._rewatch()
+        elif self._unwatches_after_error and at_its_end(self._fd):
+            self._rewatch()  # the end of the connection came with what it read: to be read next
 
     def _forget_if_closed(self):
         """Unregister a socket libpq has closed, before its number is reused."""

@@ -145,10 +145,10 @@ class ClientCopies:
             job = CopyJob.from_wire(loads_message(payload))
         except JobRefused as exc:
             logger.warning("refused a COPY: %s", exc)
-            protocol.reply(job_id, False, exc)
+            protocol.engine.refuse(protocol.reply, job_id, exc)
             return
         if not self.slots.take():
-            protocol.reply(job_id, False, ServiceBusy(
+            protocol.engine.refuse(protocol.reply, job_id, ServiceBusy(
                 "%d COPYs run already (max_copies): try again later, or raise --max-copies" % self.slots.limit
             ))
             return

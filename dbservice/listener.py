@@ -343,6 +343,15 @@ class ClientSubscriptions:
         subscription = self._subscriptions[job_id] = _Subscription(job_id, channels, self)
         self.listener.subscribe(subscription)
 
+    def fail(self, job_id, error):
+        """Refuse with *error* subscription *job_id* if it still waits for its answer; True if it did."""
+        subscription = self._subscriptions.get(job_id)
+        if subscription is None or subscription.active:
+            return False
+        subscription.refuse(error)
+        self.listener.unsubscribe(subscription)
+        return True
+
     def __len__(self):
         return len(self._subscriptions)
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import importlib.util
+import select
 import selectors
 
 SELECTORS = {
@@ -33,6 +34,17 @@ def unwatches_after_error(loop: asyncio.AbstractEventLoop) -> bool:
     then watch the socket anew, or it waits forever.
     """
     return type(loop).__module__.startswith("uvloop")
+
+
+def at_its_end(fd: int) -> bool:
+    """True if the socket *fd* is in error or hung up (a TCP reset, say), leaving the error to whoever reads it.
+
+    Asked from a reader the loop just called, it tells whether the event was
+    one after which the loop may have stopped watching (:func:`unwatches_after_error`).
+    """
+    probe = select.poll()
+    probe.register(fd, 0)  # no event asked: only POLLERR, POLLHUP and POLLNVAL are told
+    return bool(probe.poll(0))
 
 
 def new_event_loop(selector: str = "auto") -> asyncio.AbstractEventLoop:

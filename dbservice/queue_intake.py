@@ -134,7 +134,7 @@ class _ReplyChannel:
 
     __slots__ = (
         "intake", "engine", "settings", "loop", "id", "fd", "in_flight", "part", "unsent", "closed",
-        "_progress_at", "_stall_timer", "_drained",
+        "_progress_at", "_stall_timer", "_drained", "_answering",
     )
 
     def __init__(self, intake, channel_id, fd):
@@ -151,11 +151,41 @@ class _ReplyChannel:
         self._progress_at = 0.0
         self._stall_timer = None
         self._drained = None  # a future close() waits on
+        self._answering = None  # the job id of the frame being handled, until it is answered
         # The writing end of a FIFO reports an error once no reader is left.
         self.loop.add_reader(fd, self._drop, JobCancelled("the client went away"))
 
     def receive(self, kind, payload):
+        """Handle a frame; should the daemon fail on it (a bug of ours), its job or request still gets one reply.
+
+        That reply is an InternalError, as on the socket (socket_intake's
+        ``_dispatch``), unless it had one already; a job in flight under the
+        frame's id ends with it. Either way the frames after it are handled:
+        they may be other clients' jobs.
+        """
         (job_id,) = JOB_ID.unpack_from(payload)
+        self._answering = job_id
+        try:
+            self._receive(job_id, kind, payload)
+        except Exception as exc:
+            self._failed(job_id, kind, reply_error(exc, "a frame (kind %d, job %d) of a queue client", kind, job_id))
+        finally:
+            self._answering = None
+
+    def _failed(self, job_id, kind, error):
+        pending = self.in_flight.get(job_id)
+        if pending is not None:
+            self.engine.cancel(pending, error)
+        elif self._answering != job_id:
+            return  # answered already
+        elif kind == MSG_STATUS:
+            self.reply(job_id, False, error)
+        else:
+            if kind == MSG_JOB_PART:
+                self.part = [job_id, None]  # its remaining parts are dropped as they come
+            self.engine.refuse(self.reply, job_id, error)  # counted as failed, as a job
+
+    def _receive(self, job_id, kind, payload):
         if kind == MSG_JOB and self.part is None:  # a job in one frame: the common case
             self._submit(job_id, memoryview(payload)[JOB_ID.size :])
         elif kind == MSG_JOB or kind == MSG_JOB_PART:
@@ -199,9 +229,15 @@ class _ReplyChannel:
     def reply(self, job_id, ok, value):
         """Send the one reply of job *job_id* on this channel; the ``(ok, value)`` it sent (see encode_reply)."""
         self.in_flight.pop(job_id, None)
+        if job_id == self._answering:
+            self._answering = None
         if self.closed:
             return ok, value
-        ok, value, payload = encode_reply(ok, value, self.settings.max_result_bytes)
+        try:
+            ok, value, payload = encode_reply(ok, value, self.settings.max_result_bytes)
+        except Exception as exc:  # a bug of ours: the job still gets its one reply, as on the socket
+            error = reply_error(exc, "the reply of job %d of a queue client", job_id)
+            ok, value, payload = encode_reply(False, error, self.settings.max_result_bytes)
         self._write(encode_frame(job_id, MSG_RESULT if ok else MSG_ERROR, payload))
         return ok, value
 

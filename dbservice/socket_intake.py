@@ -397,7 +397,8 @@ class _ClientProtocol(asyncio.Protocol):
 
         That reply is an InternalError, unless the frame's request had one
         already. A job in flight under the frame's id (the frame was its
-        CANCEL or its COPY's data) ends with it, as its reply. A frame
+        CANCEL or its COPY's data), or a LISTEN not answered yet, ends with
+        it, as its reply. A frame
         that has no reply (wire.UNANSWERED) and no job in flight, such as
         an UNLISTEN, is only logged.
         """
@@ -414,6 +415,8 @@ class _ClientProtocol(asyncio.Protocol):
         pending = self.in_flight.get(job_id)
         if pending is not None:
             self.engine.cancel(pending, error)
+        elif self.subscriptions is not None and self.subscriptions.fail(job_id, error):
+            pass  # a LISTEN taken in, answered with the error instead of later
         elif self._answering != job_id or kind in UNANSWERED:
             return  # answered already, or never
         elif kind in JOB_FRAMES:

@@ -251,8 +251,10 @@ def test_copies_are_bounded_and_hold_a_pooled_connection(dsn, socket_path):
         try:
             assert source.started.wait(30)
             other = svc.client(timeout=60)
+            failed = db.status()["jobs_failed"]
             with pytest.raises(dbservice.ServiceBusy, match="max_copies"):
                 other.copy_from(io.StringIO("2\tno room\n"), "held")
+            assert db.status()["jobs_failed"] == failed + 1  # turned away, and counted so, as any job
             # the pool's one connection is the COPY's: a job waits for it
             waiting = threading.Thread(target=other.fetchval, args=("select 1",))
             waiting.start()

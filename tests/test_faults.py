@@ -3,6 +3,7 @@
 import asyncio
 import collections
 import concurrent.futures
+import io
 import os
 import random
 import signal
@@ -158,8 +159,30 @@ def test_killed_backend_fails_its_job_and_is_replaced(dsn, socket_path, admin):
 NOTICE = b"N" + struct.pack("!i", 4 + 33) + b"SNOTICE\0VNOTICE\0C00000\0Mgoodbye\0\0"
 
 
+def _message(kind, body):
+    return kind + struct.pack("!i", 4 + len(body)) + body
+
+
+#: The whole reply to a one-column query, as the server sends it: the row 7, then ready for the next query.
+REPLY_OF_7 = (
+    _message(b"T", struct.pack("!h", 1) + b"x\0" + struct.pack("!ihihih", 0, 0, 23, 4, -1, 0))
+    + _message(b"D", struct.pack("!hi", 1, 1) + b"7")
+    + _message(b"C", b"SELECT 1\0")
+    + _message(b"Z", b"I")
+)
+
+
+#: The first 64 kB of a large result: more than one read, and still not all of it.
+PART_OF_A_LARGE_RESULT = (
+    _message(b"T", struct.pack("!h", 1) + b"x\0" + struct.pack("!ihihih", 0, 0, 25, -1, -1, 0))
+    + _message(b"D", struct.pack("!hi", 1, 1000) + b"x" * 1000) * 64
+)
+
+
 @pytest.mark.parametrize("selector", ["epoll", "select", "uvloop"])
-@pytest.mark.parametrize("last_words", [b"", NOTICE], ids=["rst", "notice-and-rst"])
+@pytest.mark.parametrize(
+    "last_words", [b"", NOTICE, PART_OF_A_LARGE_RESULT], ids=["rst", "notice-and-rst", "part-of-a-result-and-rst"]
+)
 def test_a_connection_reset_during_a_query_fails_its_job_at_once(proxy, socket_path, admin, selector, last_words):
     """Also when a message and the reset reach the daemon together: one event, readable and in error.
 
@@ -193,6 +216,49 @@ def test_an_idle_connection_reset_after_a_notice_is_replaced_before_a_job_meets_
             proxy.reset(NOTICE)
         finally:
             os.kill(svc.process.pid, signal.SIGCONT)
+        wait_until(lambda: c.status()["connections_lost"] == 1, timeout=5, message="the pool to notice")
+        assert c.fetchval("select 41 + 1") == 42
+
+
+@pytest.mark.parametrize("selector", ["epoll", "uvloop"])
+def test_a_connection_reset_during_a_copy_fails_it_at_once(proxy, socket_path, admin, selector):
+    """A COPY reads with libpq's own functions, not poll(): after a message and the reset, it must watch anew too."""
+    dsn = proxy.dsn(user="postgres", dbname="test")
+    with dbservice.DBService(dsn, socket=socket_path, min_size=1, max_size=1, selector=selector) as svc, \
+            svc.client(timeout=30) as c, concurrent.futures.ThreadPoolExecutor(1) as executor:
+        marker = "marker-copy-reset-%s" % selector
+        sql = "copy (select pg_sleep(30) /* %s */) to stdout" % marker
+        doomed = executor.submit(c.copy_expert, sql, io.StringIO(), timeout=6)
+        wait_until(lambda: active(admin, marker) == 1, message="the COPY to run")
+        os.kill(svc.process.pid, signal.SIGSTOP)  # so that the message and the RST arrive as one event
+        try:
+            proxy.reset(NOTICE)
+        finally:
+            os.kill(svc.process.pid, signal.SIGCONT)
+        with pytest.raises(psycopg2.OperationalError):
+            doomed.result(timeout=3)  # at once, not at the job's timeout
+        assert c.fetchval("select 41 + 1") == 42  # on a new connection
+
+
+@pytest.mark.parametrize("selector", ["epoll", "uvloop"])
+def test_a_connection_reset_as_its_reply_arrives_is_replaced_before_a_job_meets_it(proxy, socket_path, admin, selector):
+    """The whole reply and the reset in one event: the job is answered, and the connection, idle, still watched.
+
+    uvloop stops watching the socket after such an event; the poll that
+    finishes the job must not leave it so.
+    """
+    dsn = proxy.dsn(user="postgres", dbname="test")
+    with dbservice.DBService(dsn, socket=socket_path, min_size=1, max_size=1, selector=selector) as svc, \
+            svc.client(timeout=10) as c, concurrent.futures.ThreadPoolExecutor(1) as executor:
+        marker = "marker-reply-and-reset-%s" % selector
+        answered = executor.submit(c.fetchval, "select 1 from pg_sleep(30) /* %s */" % marker, timeout=6)
+        wait_until(lambda: active(admin, marker) == 1, message="the query to run")
+        os.kill(svc.process.pid, signal.SIGSTOP)  # so that the reply and the RST arrive as one event
+        try:
+            proxy.reset(REPLY_OF_7)
+        finally:
+            os.kill(svc.process.pid, signal.SIGCONT)
+        assert answered.result(timeout=3) == 7
         wait_until(lambda: c.status()["connections_lost"] == 1, timeout=5, message="the pool to notice")
         assert c.fetchval("select 41 + 1") == 42
 

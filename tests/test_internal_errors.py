@@ -77,12 +77,12 @@ def test_a_job_the_daemon_fails_on_gets_an_internal_error_and_the_connection_goe
     assert now["jobs_refused"] == before["jobs_refused"]
 
 
-@pytest.mark.parametrize("step", ["decode"])
-def test_a_queued_job_the_daemon_fails_on_decoding_gets_an_internal_error(step, faulty_queue_service):
-    """A well-formed job our own Job.from_wire raises on: our bug, not the client's refused job."""
-    client = faulty_queue_service.client(timeout=30)
+@pytest.mark.parametrize("step", ["decode", "handle", "reply"])
+def test_a_queued_job_the_daemon_fails_on_gets_an_internal_error(step, faulty_queue_service):
+    """A well-formed job our own code raises on, decoding it, handling its frame or encoding its reply: our bug."""
+    client = faulty_queue_service.client(timeout=10)
     before = client.status()
-    with pytest.raises(dbservice.InternalError, match="RuntimeError: a fault injected in the decode step"):
+    with pytest.raises(dbservice.InternalError, match="RuntimeError: a fault injected in the %s step" % step):
         client.fetchval(FAULTY_SQL)
     assert client.fetchval("select 'next'") == "next"
     now = client.status()
@@ -118,7 +118,8 @@ def test_a_frame_of_no_reply_the_daemon_fails_on_ends_the_job_it_is_for(step, fa
     sock = raw_connect(faulty_service.socket)
     wire.client_handshake(sock, faulty_service.authkey)
     sock.sendall(wire.encode_frame(1, wire.MSG_UNLISTEN, marked))
-    assert _status(sock, 2)["socket_clients"] == 1  # its reply came first: the UNLISTEN got none
+    before = _status(sock, 2)
+    assert before["socket_clients"] == 1  # its reply came first: the UNLISTEN got none
     admin.cursor().execute("select pg_advisory_lock(%s)", [LOCK])
     try:
         held = Job("select 'held' from (select pg_advisory_xact_lock(%s)) held", [LOCK], FETCH_VALUE)
@@ -133,6 +134,8 @@ def test_a_frame_of_no_reply_the_daemon_fails_on_ends_the_job_it_is_for(step, fa
     assert "a fault injected in the handle step" in str(error)
     sock.sendall(wire.encode_frame(4, wire.MSG_JOB, dumps_job(Job("select 'next'", None, FETCH_VALUE))))
     assert _replies(sock, 1) == [(4, wire.MSG_RESULT, "next")]
+    figures = _status(sock, 5)
+    assert (figures["jobs_failed"], figures["jobs_done"]) == (before["jobs_failed"] + 1, before["jobs_done"] + 1)
     sock.close()
 
 
@@ -143,6 +146,20 @@ def test_a_request_answered_before_the_daemon_failed_on_it_gets_no_second_reply(
     sock.sendall(wire.encode_frame(1, wire.MSG_STATUS, FAULT_MARKER.encode()))  # answered, then failed on
     sock.sendall(wire.encode_frame(2, wire.MSG_STATUS, b""))
     assert [reply[:2] for reply in _replies(sock, 2)] == [(1, wire.MSG_RESULT), (2, wire.MSG_RESULT)]
+    sock.close()
+
+
+@pytest.mark.parametrize("step", ["handled"])
+def test_a_request_to_be_answered_later_the_daemon_failed_on_gets_one_reply(step, faulty_service):
+    """A LISTEN, answered once the daemon listens: failed on after it was taken in, one reply all the same."""
+    sock = raw_connect(faulty_service.socket)
+    wire.client_handshake(sock, faulty_service.authkey)
+    sock.sendall(wire.encode_frame(1, wire.MSG_LISTEN, pickle.dumps([FAULT_MARKER])))
+    [(job_id, kind, error)] = _replies(sock, 1)
+    assert (job_id, kind) == (1, wire.MSG_ERROR) and isinstance(error, dbservice.InternalError)
+    # Subscriptions are answered in the order they came: a second answer to the first would come before this one's.
+    sock.sendall(wire.encode_frame(2, wire.MSG_LISTEN, pickle.dumps(["after-the-fault"])))
+    assert [reply[:2] for reply in _replies(sock, 1)] == [(2, wire.MSG_RESULT)]
     sock.close()
 
 

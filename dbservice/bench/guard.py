@@ -40,7 +40,8 @@ from .workloads import POINT_READ
 #: each event loop the guard was measured on, from healthy runs and runs of a
 #: daemon slowed by a quarter, with and without other load on the machine.
 #: epoll, 2026-12-01: healthy 3.42-3.57, slowed 4.70-4.91. uvloop, 2026-12-01
-#: and 12-02 (after its unwatch workaround): healthy 2.50-2.76, slowed 3.59-4.07.
+#: and 12-02 (after its unwatch workaround, and its probe of each event: 2.72-2.83
+#: and 4.10-4.12 then): healthy 2.50-2.83, slowed 3.59-4.12.
 CEILINGS = {"epoll": 4.0, "uvloop": 3.2}
 ROUNDS = 5
 SECONDS = 1.5

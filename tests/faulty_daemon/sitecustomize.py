@@ -69,11 +69,13 @@ elif _step == "submit":
     from dbservice import engine
 
     engine.Engine._queue = _faulty_queue(engine.Engine._queue)
-elif _step == "reply":
-    from dbservice import socket_intake
+elif _step == "reply":  # either intake's
+    from dbservice import queue_intake, socket_intake
 
     socket_intake.encode_reply = _faulty_encode(socket_intake.encode_reply)
-elif _step in ("handle", "handled"):
-    from dbservice import socket_intake
+    queue_intake.encode_reply = _faulty_encode(queue_intake.encode_reply)
+elif _step in ("handle", "handled"):  # either intake's
+    from dbservice import queue_intake, socket_intake
 
     socket_intake._ClientProtocol._handle = _faulty_handle(socket_intake._ClientProtocol._handle, _step == "handled")
+    queue_intake._ReplyChannel._receive = _faulty_handle(queue_intake._ReplyChannel._receive, _step == "handled")
