@@ -163,7 +163,7 @@ class PooledConnection:
         if state == ext.POLL_OK:
             self._busy = False
             self._watch()  # again, if the reply came while nobody waited
-        if woken:
+        if woken and not self._connecting:  # connecting, wait() watches each step's socket anew anyway
             # Whatever it read (part of a reply, all of it), the socket, open
             # still, must be watched for what follows: the end of the connection.
             self._rewatch()
