@@ -162,7 +162,7 @@ class Settings:
     selector: str = setting(
         "auto", "LOOP",
         "the event loop: auto (uvloop where it is installed, else epoll on Linux), epoll, select, or uvloop, "
-        "which costs the daemon 29% less CPU per job than epoll (pip install 'dbservice[uvloop]')",
+        "which costs the daemon about a quarter less CPU per job than epoll (pip install 'dbservice[uvloop]')",
         choices=SELECTORS,
     )
     metrics: Optional[str] = setting(

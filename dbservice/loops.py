@@ -15,7 +15,7 @@ def resolve(selector: str = "auto") -> str:
     """The loop *selector* names: "auto" is uvloop where it is installed, else epoll where there is one, else select.
 
     uvloop (libuv; ``pip install 'dbservice[uvloop]'``) costs the daemon about
-    29% less CPU per job than epoll (docs/benchmarks.md).
+    a quarter less CPU per job than epoll (docs/benchmarks.md).
     """
     if selector != "auto":
         return selector
