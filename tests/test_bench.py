@@ -402,8 +402,8 @@ def test_the_quick_run_compares_every_strategy_and_writes_the_json(tmp_path):
     document = json.loads(path.read_text())
     assert set(document) >= {"machine", "results", "ratios", "targets", "notes"}
     assert {"cores", "cpu_model", "load_average", "postgresql", "python", "date"} <= set(document["machine"])
-    assert document["machine"]["dbservice_loop"] == "epoll"  # "auto"
-    assert "; dbservice on epoll" in result.stdout
+    assert document["machine"]["dbservice_loop"] == "uvloop"  # "auto", with the test extra's uvloop
+    assert "; dbservice on uvloop" in result.stdout
     measured = {(r["strategy"], r["workload"]) for r in document["results"]}
     skipped = {note["strategy"] for note in document["notes"] if note["note"].startswith("skipped")}
     assert {strategy for strategy, _ in measured} | skipped == STRATEGY_NAMES
@@ -428,7 +428,7 @@ def test_daemon_cost_reports_cpu_per_job_and_memory():
         timeout=110,
     )
     assert result.returncode == 0, result.stderr
-    assert re.search(r"dbservice on epoll: \d+ queries/s, its CPU [\d.]+ us per query", result.stdout), (
+    assert re.search(r"dbservice on uvloop: \d+ queries/s, its CPU [\d.]+ us per query", result.stdout), (
         result.stdout
     )
     if pgbouncer.skip_reason() is None:
