@@ -41,12 +41,11 @@ import logging
 import os
 import time
 
-import psycopg2
-
 from . import loops
+from .answering import reply_error
 from .config import reloaded
 from .deadlines import Deadlines
-from .errors import Error, InternalError, JobRefused, ServiceBusy, ServiceUnavailable
+from .errors import JobRefused, ServiceBusy, ServiceUnavailable
 from .jobs import BEGIN
 from .listener import Listener
 from .maintenance import Maintenance
@@ -461,17 +460,3 @@ class Engine:
             now = self._loop.time()
             status["hosts"] = [host.status(now) for host in self.router.hosts]
         return status
-
-
-def reply_error(exc, what, *args):
-    """The error to answer a job or request with that failed with *exc*; *what* names it for the log.
-
-    The database's errors and dbservice's (a JobRefused: the job's own
-    fault) are answered as they are. Anything else was raised by our own
-    code, a bug of ours: logged here, once, with its traceback, and answered
-    with an InternalError.
-    """
-    if isinstance(exc, (psycopg2.Error, Error)):
-        return exc
-    logger.error("the daemon failed on " + what, *args, exc_info=exc)
-    return InternalError.of(exc)

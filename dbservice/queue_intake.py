@@ -25,7 +25,7 @@ import logging
 import os
 from typing import Any
 
-from .engine import reply_error
+from .answering import FrameAnswers, reply_error
 from .errors import JobCancelled, JobRefused
 from .jobs import encode_reply, loads_job
 from .queue_wire import FRAME_BYTES, JOB_ID, MSG_JOB_PART, JobQueue, channel_path
@@ -129,7 +129,7 @@ class QueueIntake:
         return channel
 
 
-class _ReplyChannel:
+class _ReplyChannel(FrameAnswers):
     """The daemon's end of one client thread's reply channel: its jobs in flight, its unsent replies."""
 
     __slots__ = (
@@ -158,25 +158,19 @@ class _ReplyChannel:
     def receive(self, kind, payload):
         """Handle a frame; should the daemon fail on it (a bug of ours), its job or request still gets one reply.
 
-        That reply is an InternalError, as on the socket (socket_intake's
-        ``_dispatch``), unless it had one already; a job in flight under the
-        frame's id ends with it. Either way the frames after it are handled:
+        That reply is an InternalError, as on the socket (answering.py),
+        unless it had one already; a job in flight under the frame's id ends
+        with it. Either way the frames after it are handled:
         they may be other clients' jobs.
         """
         (job_id,) = JOB_ID.unpack_from(payload)
-        self._answering = job_id
-        try:
-            self._receive(job_id, kind, payload)
-        except Exception as exc:
-            self._failed(job_id, kind, reply_error(exc, "a frame (kind %d, job %d) of a queue client", kind, job_id))
-        finally:
-            self._answering = None
+        self.answer(job_id, kind, payload, self._receive, "a queue client")
 
     def _failed(self, job_id, kind, error):
         pending = self.in_flight.get(job_id)
         if pending is not None:
             self.engine.cancel(pending, error)
-        elif self._answering != job_id:
+        elif not self.unanswered(job_id):
             return  # answered already
         elif kind == MSG_STATUS:
             self.reply(job_id, False, error)
@@ -229,8 +223,7 @@ class _ReplyChannel:
     def reply(self, job_id, ok, value):
         """Send the one reply of job *job_id* on this channel; the ``(ok, value)`` it sent (see encode_reply)."""
         self.in_flight.pop(job_id, None)
-        if job_id == self._answering:
-            self._answering = None
+        self.answered(job_id)
         if self.closed:
             return ok, value
         try:

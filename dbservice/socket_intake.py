@@ -21,7 +21,7 @@ import stat
 
 from .backpressure import ResultGate
 from .copying import ClientCopies, CopySlots
-from .engine import reply_error
+from .answering import FrameAnswers, reply_error
 from .errors import JobCancelled, JobRefused
 from .jobs import encode_reply, loads_job
 from .wire import (
@@ -218,7 +218,7 @@ class SocketIntake:
                     copies_running=self.copy_slots.running, **self.engine.listener.status())
 
 
-class _ClientProtocol(asyncio.Protocol):
+class _ClientProtocol(FrameAnswers, asyncio.Protocol):
     """One client connection: the handshake, then its jobs and their replies.
 
     Frames are cut from what arrives in :meth:`data_received` and handled at
@@ -395,20 +395,14 @@ class _ClientProtocol(asyncio.Protocol):
     def _dispatch(self, job_id, kind, payload):
         """Handle a frame; should the daemon fail on it (a bug of ours), the request still gets one reply.
 
-        That reply is an InternalError, unless the frame's request had one
-        already. A job in flight under the frame's id (the frame was its
-        CANCEL or its COPY's data), or a LISTEN not answered yet, ends with
-        it, as its reply. A frame
-        that has no reply (wire.UNANSWERED) and no job in flight, such as
-        an UNLISTEN, is only logged.
+        That reply is an InternalError (answering.py), unless the frame's
+        request had one already. A job in flight under the frame's id (the
+        frame was its CANCEL or its COPY's data), or a LISTEN not answered
+        yet, ends with it, as its reply. A frame that has no reply
+        (wire.UNANSWERED) and no job in flight, such as an UNLISTEN, is only
+        logged.
         """
-        self._answering = job_id
-        try:
-            self._handle(job_id, kind, payload)
-        except Exception as exc:
-            self._failed(job_id, kind, reply_error(exc, "a frame (kind %d, job %d) of a client", kind, job_id))
-        finally:
-            self._answering = None
+        self.answer(job_id, kind, payload, self._handle, "a client")
 
     def _failed(self, job_id, kind, error):
         """Answer with *error* the frame the daemon failed on (see :meth:`_dispatch`)."""
@@ -417,7 +411,7 @@ class _ClientProtocol(asyncio.Protocol):
             self.engine.cancel(pending, error)
         elif self.subscriptions is not None and self.subscriptions.fail(job_id, error):
             pass  # a LISTEN taken in, answered with the error instead of later
-        elif self._answering != job_id or kind in UNANSWERED:
+        elif not self.unanswered(job_id) or kind in UNANSWERED:
             return  # answered already, or never
         elif kind in JOB_FRAMES:
             self.engine.refuse(self.reply, job_id, error)  # counted as failed, as a job
@@ -484,8 +478,7 @@ class _ClientProtocol(asyncio.Protocol):
         """
         full = len(self.in_flight) >= self.settings.max_client_jobs
         self.in_flight.pop(job_id, None)
-        if job_id == self._answering:
-            self._answering = None
+        self.answered(job_id)
         if self.transport.is_closing():
             return ok, value
         try:

@@ -155,6 +155,19 @@ def test_killed_backend_fails_its_job_and_is_replaced(dsn, socket_path, admin):
         wait_until(lambda: c.status()["pool_size"] == 2, message="the pool to replace the connection")
 
 
+def reset_as_one_event(svc, proxy, last_words):
+    """The proxy sends the daemon *last_words*, then RST, as a server that died with our query unread.
+
+    The daemon is stopped meanwhile (SIGSTOP), so that both reach it as one
+    event: readable and in error at once.
+    """
+    os.kill(svc.process.pid, signal.SIGSTOP)
+    try:
+        proxy.reset(last_words)
+    finally:
+        os.kill(svc.process.pid, signal.SIGCONT)
+
+
 #: A NoticeResponse: a whole message that leaves a query waiting for the rest of its reply.
 NOTICE = b"N" + struct.pack("!i", 4 + 33) + b"SNOTICE\0VNOTICE\0C00000\0Mgoodbye\0\0"
 
@@ -195,11 +208,7 @@ def test_a_connection_reset_during_a_query_fails_its_job_at_once(proxy, socket_p
         marker = "marker-reset-%s-%d" % (selector, len(last_words))  # the backends of the cases before it may sleep on
         doomed = executor.submit(c.fetchval, "select pg_sleep(30) /* %s */" % marker, timeout=6)
         wait_until(lambda: active(admin, marker) == 1, message="the query to run")
-        os.kill(svc.process.pid, signal.SIGSTOP)  # so that the message and the RST arrive as one event
-        try:
-            proxy.reset(last_words)  # RST, as from a server that died with our query unread
-        finally:
-            os.kill(svc.process.pid, signal.SIGCONT)
+        reset_as_one_event(svc, proxy, last_words)
         with pytest.raises(psycopg2.OperationalError):
             doomed.result(timeout=3)  # at once, not at the job's timeout
         assert c.fetchval("select 41 + 1") == 42  # on a new connection
@@ -211,11 +220,7 @@ def test_an_idle_connection_reset_after_a_notice_is_replaced_before_a_job_meets_
     with dbservice.DBService(dsn, socket=socket_path, min_size=1, max_size=1, selector=selector) as svc, \
             svc.client(timeout=10) as c:
         assert c.fetchval("select 1") == 1
-        os.kill(svc.process.pid, signal.SIGSTOP)  # the notice and the RST arrive as one event
-        try:
-            proxy.reset(NOTICE)
-        finally:
-            os.kill(svc.process.pid, signal.SIGCONT)
+        reset_as_one_event(svc, proxy, NOTICE)
         wait_until(lambda: c.status()["connections_lost"] == 1, timeout=5, message="the pool to notice")
         assert c.fetchval("select 41 + 1") == 42
 
@@ -230,11 +235,7 @@ def test_a_connection_reset_during_a_copy_fails_it_at_once(proxy, socket_path, a
         sql = "copy (select pg_sleep(30) /* %s */) to stdout" % marker
         doomed = executor.submit(c.copy_expert, sql, io.StringIO(), timeout=6)
         wait_until(lambda: active(admin, marker) == 1, message="the COPY to run")
-        os.kill(svc.process.pid, signal.SIGSTOP)  # so that the message and the RST arrive as one event
-        try:
-            proxy.reset(NOTICE)
-        finally:
-            os.kill(svc.process.pid, signal.SIGCONT)
+        reset_as_one_event(svc, proxy, NOTICE)
         with pytest.raises(psycopg2.OperationalError):
             doomed.result(timeout=3)  # at once, not at the job's timeout
         assert c.fetchval("select 41 + 1") == 42  # on a new connection
@@ -253,11 +254,7 @@ def test_a_connection_reset_as_its_reply_arrives_is_replaced_before_a_job_meets_
         marker = "marker-reply-and-reset-%s" % selector
         answered = executor.submit(c.fetchval, "select 1 from pg_sleep(30) /* %s */" % marker, timeout=6)
         wait_until(lambda: active(admin, marker) == 1, message="the query to run")
-        os.kill(svc.process.pid, signal.SIGSTOP)  # so that the reply and the RST arrive as one event
-        try:
-            proxy.reset(REPLY_OF_7)
-        finally:
-            os.kill(svc.process.pid, signal.SIGCONT)
+        reset_as_one_event(svc, proxy, REPLY_OF_7)
         assert answered.result(timeout=3) == 7
         wait_until(lambda: c.status()["connections_lost"] == 1, timeout=5, message="the pool to notice")
         assert c.fetchval("select 41 + 1") == 42
