@@ -168,6 +168,15 @@ def reset_as_one_event(svc, proxy, last_words):
         os.kill(svc.process.pid, signal.SIGCONT)
 
 
+def _fails_at_once_when_reset(svc, c, proxy, admin, marker, doomed, last_words):
+    """Once the job *marker* names runs, reset as one event: *doomed* fails at once, and *c* goes on."""
+    wait_until(lambda: active(admin, marker) == 1, message="the job to run")
+    reset_as_one_event(svc, proxy, last_words)
+    with pytest.raises(psycopg2.OperationalError):
+        doomed.result(timeout=3)  # at once, not at the job's timeout
+    assert c.fetchval("select 41 + 1") == 42  # on a new connection
+
+
 #: A NoticeResponse: a whole message that leaves a query waiting for the rest of its reply.
 NOTICE = b"N" + struct.pack("!i", 4 + 33) + b"SNOTICE\0VNOTICE\0C00000\0Mgoodbye\0\0"
 
@@ -207,11 +216,7 @@ def test_a_connection_reset_during_a_query_fails_its_job_at_once(proxy, socket_p
             svc.client(timeout=30) as c, concurrent.futures.ThreadPoolExecutor(1) as executor:
         marker = "marker-reset-%s-%d" % (selector, len(last_words))  # the backends of the cases before it may sleep on
         doomed = executor.submit(c.fetchval, "select pg_sleep(30) /* %s */" % marker, timeout=6)
-        wait_until(lambda: active(admin, marker) == 1, message="the query to run")
-        reset_as_one_event(svc, proxy, last_words)
-        with pytest.raises(psycopg2.OperationalError):
-            doomed.result(timeout=3)  # at once, not at the job's timeout
-        assert c.fetchval("select 41 + 1") == 42  # on a new connection
+        _fails_at_once_when_reset(svc, c, proxy, admin, marker, doomed, last_words)
 
 
 @pytest.mark.parametrize("selector", ["epoll", "uvloop"])
@@ -234,11 +239,7 @@ def test_a_connection_reset_during_a_copy_fails_it_at_once(proxy, socket_path, a
         marker = "marker-copy-reset-%s" % selector
         sql = "copy (select pg_sleep(30) /* %s */) to stdout" % marker
         doomed = executor.submit(c.copy_expert, sql, io.StringIO(), timeout=6)
-        wait_until(lambda: active(admin, marker) == 1, message="the COPY to run")
-        reset_as_one_event(svc, proxy, NOTICE)
-        with pytest.raises(psycopg2.OperationalError):
-            doomed.result(timeout=3)  # at once, not at the job's timeout
-        assert c.fetchval("select 41 + 1") == 42  # on a new connection
+        _fails_at_once_when_reset(svc, c, proxy, admin, marker, doomed, NOTICE)
 
 
 @pytest.mark.parametrize("selector", ["epoll", "uvloop"])
