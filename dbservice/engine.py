@@ -453,8 +453,9 @@ class Engine:
             "pause": self.maintenance.state,  # the pool's and the listener's
             "connections_open": self.maintenance.connections_open,  # what a pause closes, until each is hung up
         }
-        status.update(self.pool.get_stats())
-        status["pools"] = self.pools_status()
+        pools = self.pools_status()
+        status.update((key, value) for key, value in pools[0].items() if key not in ("name", "role", "dsn"))
+        status["pools"] = pools
         status.update(self.stats.as_dict())
         if self.router is not None:
             now = self._loop.time()
